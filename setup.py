@@ -1,0 +1,70 @@
+"""Build hecate and its extension hecate._C.
+
+The C++ (ATen) kernels are always built. The CUDA kernels are added when the
+installed torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME);
+set HECATE_NO_CUDA=1 to force a CPU-only build.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    import torch
+
+    if os.environ.get("HECATE_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
+    cxx_flags = ["-O3", "-std=c++20"]
+    define_macros = []
+    if _want_cuda():
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        define_macros.append(("HECATE_WITH_CUDA", "1"))
+        return cpp_extension.CUDAExtension(
+            "hecate._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
+                         "-gencode=arch=compute_80,code=sm_80",
+                         "-gencode=arch=compute_90,code=sm_90"],
+            },
+        )
+    return cpp_extension.CppExtension(
+        "hecate._C",
+        cpu_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="hecate",
+    version="0.1.0",
+    description="Fully sharded sparse data parallelism (FSSDP) for Mixture-of-Experts training",
+    packages=find_packages(include=["hecate", "hecate.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "rich", "safetensors"],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "matplotlib"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "megatron": ["megatron-core"],
+        "wandb": ["wandb"],
+        "apex": [],  # nvidia-apex is built from source on GPU machines; see docs/build.md
+    },
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["hecate=hecate.cli:main"]},
+)
