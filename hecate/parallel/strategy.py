@@ -1,0 +1,46 @@
+"""The interface every expert-parallel strategy implements.
+
+A MoE layer's forward is route -> capacity -> dispatch -> experts -> combine.
+Routing and capacity are decided locally on each rank (for its own group of
+tokens); a strategy owns the rest: where the expert parameters live, how
+tokens reach them and how the weighted outputs come back. `local` (all experts
+on this process) is the oracle every other strategy must match.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hecate.moe.layer import MoELayer
+    from hecate.moe.routing import Routing
+
+
+class ExpertStrategy:
+    """How the experts of MoE layers are parallelized.
+
+    Life cycle: `attach(layer)` once per MoE layer (may re-home or shard the
+    layer's expert parameters); `forward(layer, x_TD, routing)` each step;
+    `finish_backward(layers)` after loss.backward() and before the optimizer
+    step, to bring expert gradients to where the optimizer expects them.
+    """
+
+    name = "abstract"
+
+    def attach(self, layer: "MoELayer") -> None:
+        pass
+
+    def forward(self, layer: "MoELayer", x_TD: torch.Tensor, routing: "Routing") -> torch.Tensor:
+        """Return sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every local token t.
+
+        Entries with indices < 0 (dropped by capacity) contribute nothing.
+        """
+        raise NotImplementedError
+
+    def finish_backward(self, layers: Iterable["MoELayer"]) -> None:
+        pass
+
+    def expert_parameters(self, layer: "MoELayer") -> list[torch.nn.Parameter]:
+        """The expert parameters this rank's optimizer steps."""
+        return list(layer.experts.parameters())
