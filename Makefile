@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 # Rebuild hecate/_C*.so in place when a C++/CUDA source changes (ninja keeps objects in build/).
 hecate/.built: $(VENV)/.installed $(CSRC)
-	$(PY) setup.py -q build_ext --inplace
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 build: hecate/.built
