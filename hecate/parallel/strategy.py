@@ -44,3 +44,10 @@ class ExpertStrategy:
     def expert_parameters(self, layer: "MoELayer") -> list[torch.nn.Parameter]:
         """The expert parameters this rank's optimizer steps."""
         return list(layer.experts.parameters())
+
+    def gather_experts(self, layer: "MoELayer", grads: bool = False) -> dict[str, torch.Tensor]:
+        """Full stacked expert weights (or their gradients) {name: [E, ...]} on every rank.
+
+        Collective for sharded strategies; used by checkpoints, export and tests.
+        """
+        return {n: (p.grad if grads else p.detach()).clone() for n, p in layer.experts.named_parameters()}

@@ -1,0 +1,116 @@
+// Chunk row copies of the sparse collectives: pack (gather into a send buffer), unpack
+// (scatter received chunks into place) and scatter_add (accumulate received gradients).
+//
+// unpack and scatter_add give each thread one column (vector) of the chunk and walk the
+// received rows i = 0..n-1 in order, so repeated chunk ids are handled without atomics and
+// deterministically: unpack keeps the last copy, scatter_add adds in order of i exactly like
+// the CPU kernel. Chunks are expert parameter buffers (S is large), so the columns give
+// plenty of parallelism.
+#include "common.cuh"
+#include "row_copy.cuh"
+
+namespace hecate::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr unsigned kMaxGridY = 65535;
+
+__device__ __forceinline__ bool valid_chunk(int64_t c, int64_t C) { return c >= 0 && c < C; }
+
+#define HECATE_COLUMNS(v, count)                                                        \
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < (count); \
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// grid.y walks the packed rows, grid.x the vectors of one row.
+template <typename V>
+__global__ void pack_kernel(const V* __restrict__ buffer, int64_t C, const int64_t* __restrict__ ids,
+                            int64_t n, int64_t row_vecs, V* __restrict__ out) {
+  for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
+    const int64_t c = ids[i];
+    if (!valid_chunk(c, C)) continue;
+    HECATE_COLUMNS(v, row_vecs) out[i * row_vecs + v] = buffer[c * row_vecs + v];
+  }
+}
+
+template <typename V>
+__global__ void unpack_kernel(const V* __restrict__ recv, const int64_t* __restrict__ ids, int64_t n,
+                              int64_t row_vecs, V* __restrict__ out, int64_t C) {
+  HECATE_COLUMNS(v, row_vecs) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = ids[i];
+      if (valid_chunk(c, C)) out[c * row_vecs + v] = recv[i * row_vecs + v];
+    }
+  }
+}
+
+template <typename T, int N>
+__global__ void scatter_add_kernel(const T* __restrict__ recv, const int64_t* __restrict__ ids, int64_t n,
+                                   int64_t row_vecs, T* __restrict__ out, int64_t C) {
+  using Row = Vec<T, N>;
+  const Row* recv_rows = reinterpret_cast<const Row*>(recv);
+  Row* out_rows = reinterpret_cast<Row*>(out);
+  HECATE_COLUMNS(v, row_vecs) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = ids[i];
+      if (!valid_chunk(c, C)) continue;
+      Row acc = out_rows[c * row_vecs + v];  // this thread alone touches column v
+      const Row add = recv_rows[i * row_vecs + v];
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc.v[j] = from_acc<T>(to_acc(acc.v[j]) + to_acc(add.v[j]));
+      out_rows[c * row_vecs + v] = acc;
+    }
+  }
+}
+
+unsigned column_blocks(int64_t row_vecs) { return grid_for(row_vecs, kThreads, 1 << 16); }
+
+}  // namespace
+}  // namespace hecate::cuda
+
+extern "C" cudaError_t hecate_pack_chunks(const void* buffer_CS, int64_t C, int64_t row_bytes,
+                                          const int64_t* chunk_ids_n, int64_t n, void* out_nS,
+                                          cudaStream_t stream) {
+  using namespace hecate::cuda;
+  if (C < 0 || row_bytes < 0 || n < 0) return cudaErrorInvalidValue;
+  if (n == 0 || row_bytes == 0) return cudaSuccess;
+  return dispatch_row_vector(row_bytes, buffer_CS, out_nS, [&](auto vec) {
+    using V = decltype(vec);
+    const int64_t row_vecs = row_bytes / static_cast<int64_t>(sizeof(V));
+    const dim3 grid(column_blocks(row_vecs), static_cast<unsigned>(n < kMaxGridY ? n : kMaxGridY));
+    pack_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<const V*>(buffer_CS), C, chunk_ids_n, n,
+                                                  row_vecs, static_cast<V*>(out_nS));
+    return cudaGetLastError();
+  });
+}
+
+extern "C" cudaError_t hecate_unpack_chunks(const void* recv_nS, const int64_t* chunk_ids_n, int64_t n,
+                                            int64_t row_bytes, void* out_CS, int64_t C,
+                                            cudaStream_t stream) {
+  using namespace hecate::cuda;
+  if (C < 0 || row_bytes < 0 || n < 0) return cudaErrorInvalidValue;
+  if (n == 0 || row_bytes == 0) return cudaSuccess;
+  return dispatch_row_vector(row_bytes, recv_nS, out_CS, [&](auto vec) {
+    using V = decltype(vec);
+    const int64_t row_vecs = row_bytes / static_cast<int64_t>(sizeof(V));
+    unpack_kernel<V><<<column_blocks(row_vecs), kThreads, 0, stream>>>(
+        static_cast<const V*>(recv_nS), chunk_ids_n, n, row_vecs, static_cast<V*>(out_CS), C);
+    return cudaGetLastError();
+  });
+}
+
+extern "C" cudaError_t hecate_scatter_add_chunks(const void* recv_nS, hecate_dtype dtype,
+                                                 const int64_t* chunk_ids_n, int64_t n, int64_t S,
+                                                 void* out_CS, int64_t C, cudaStream_t stream) {
+  using namespace hecate::cuda;
+  if (C < 0 || S < 0 || n < 0) return cudaErrorInvalidValue;
+  if (n == 0 || S == 0) return cudaSuccess;
+  return HECATE_DISPATCH_ALL(dtype, [&] {
+    const void* ptrs[] = {recv_nS, out_CS};
+    return dispatch_vec<scalar_t>(S, ptrs, 2, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      scatter_add_kernel<scalar_t, N><<<column_blocks(S / N), kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(recv_nS), chunk_ids_n, n, S / N, static_cast<scalar_t*>(out_CS), C);
+      return cudaGetLastError();
+    });
+  });
+}

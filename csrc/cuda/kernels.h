@@ -1,0 +1,107 @@
+// C interface of the CUDA kernels of hecate._C.
+//
+// Why a C interface: the .cu files include only CUDA headers (no torch), so
+// `nvcc -c` compiles them on a machine with a CUDA toolkit but a CPU-only torch
+// (see tools/cuda_check.sh and docs/build.md). csrc/cuda/cuda_ops.cpp is the
+// torch side: it checks inputs, allocates outputs and workspaces, and calls
+// these launchers on the current stream.
+//
+// Conventions: every pointer is a device pointer to contiguous row-major data;
+// every launcher only enqueues work on `stream` and returns the launch status
+// (cudaSuccess or the first error). Sizes are element counts unless they say
+// bytes. Semantics are those of docs/ops.md.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element type of a data tensor. The float kernels take F32 / F16 / BF16 / F64; only
+// scatter_add_chunks also takes the integer types (copies are dtype-agnostic byte copies).
+// "Math type" below means fp64 for F64 data and fp32 for the other float types.
+typedef enum {
+  HECATE_F32 = 0,
+  HECATE_F16 = 1,
+  HECATE_BF16 = 2,
+  HECATE_F64 = 3,
+  HECATE_U8 = 4,
+  HECATE_I8 = 5,
+  HECATE_I16 = 6,
+  HECATE_I32 = 7,
+  HECATE_I64 = 8,
+} hecate_dtype;
+
+typedef enum {
+  HECATE_SCORE_SOFTMAX = 0,
+  HECATE_SCORE_SIGMOID = 1,
+} hecate_score_func;
+
+// topk_gating: logits_TE (dtype) -> weights_TK, indices_TK i64, scores_TE. bias_E, weights_TK
+// and scores_TE are in the math type; bias_E may be NULL. Requires 1 <= K <= E.
+// Renormalization divides by max(sum, 1e-20), like the CPU kernel and the reference.
+cudaError_t hecate_topk_gating(const void* logits_TE, hecate_dtype dtype, const void* bias_E,
+                               int64_t T, int64_t E, int64_t K, hecate_score_func score_func,
+                               int renormalize, void* weights_TK, int64_t* indices_TK,
+                               void* scores_TE, cudaStream_t stream);
+
+// expert_histogram: counts_B[b] = #{i : indices_n[i] == b}; entries outside [0, B) are ignored.
+cudaError_t hecate_expert_histogram(const int64_t* indices_n, int64_t n, int64_t B,
+                                    int64_t* counts_B, cudaStream_t stream);
+
+// permute, step 1 (routing only, no data): fills row_map_TK and counts_B (kept rows per bin).
+// capacity < 0 is dropless; priority_TK (f64) selects by priority, NULL by GShard position.
+// Bins outside [0, B) are treated as unrouted (the torch wrapper rejects bins >= B).
+// The workspace must hold hecate_permute_workspace_bytes(...) bytes. Requires T*K < 2^31.
+size_t hecate_permute_workspace_bytes(int64_t T, int64_t K, int64_t B, int64_t capacity,
+                                      int has_priority);
+cudaError_t hecate_permute_plan(const int64_t* bins_TK, int64_t T, int64_t K, int64_t B,
+                                int64_t capacity, const double* priority_TK, int64_t* row_map_TK,
+                                int64_t* counts_B, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream);
+
+// permute, step 2: x_ND[row_map[t, k]] = x_TD[t] for every kept entry. Rows are copied as
+// bytes (row_bytes = D * element size), so any dtype works.
+cudaError_t hecate_gather_rows(const void* x_TD, const int64_t* row_map_TK, int64_t T, int64_t K,
+                               int64_t row_bytes, void* x_ND, cudaStream_t stream);
+
+// unpermute: out_TD[t] = sum_k weights[t, k] * y_ND[row_map[t, k]] over kept k, accumulated in
+// the math type. weights_TK is in the math type, or NULL (= 1). Rows outside [0, N) count as
+// dropped (the Python face rejects them before the call).
+cudaError_t hecate_unpermute(const void* y_ND, hecate_dtype dtype, int64_t N,
+                             const int64_t* row_map_TK, const void* weights_TK, int64_t T,
+                             int64_t K, int64_t D, void* out_TD, cudaStream_t stream);
+
+// unpermute_backward: grad_y_ND[row_map[t, k]] = weights[t, k] * grad_TD[t] (the caller zeroes
+// grad_y_ND first: rows no entry maps to stay 0); grad_weights_TK[t, k] = <grad[t], y[row]>
+// (0 when dropped). weights_TK and grad_weights_TK are in the math type; weights_TK NULL
+// means 1; grad_weights_TK NULL means not wanted. row_map must not map two entries to one
+// row (permute never does; the rows are written in parallel).
+cudaError_t hecate_unpermute_backward(const void* grad_TD, const void* y_ND, hecate_dtype dtype,
+                                      int64_t N, const int64_t* row_map_TK,
+                                      const void* weights_TK, int64_t T, int64_t K, int64_t D,
+                                      void* grad_y_ND, void* grad_weights_TK, cudaStream_t stream);
+
+// pack_chunks: out_nS[i] = buffer_CS[chunk_ids[i]] (byte copy of row_bytes per chunk).
+// Ids outside [0, C) are skipped (the Python face validates them).
+cudaError_t hecate_pack_chunks(const void* buffer_CS, int64_t C, int64_t row_bytes,
+                               const int64_t* chunk_ids_n, int64_t n, void* out_nS,
+                               cudaStream_t stream);
+
+// unpack_chunks: out_CS[chunk_ids[i]] = recv_nS[i], in place; for a repeated id the last
+// i wins (each thread walks i in order, so the result is deterministic).
+cudaError_t hecate_unpack_chunks(const void* recv_nS, const int64_t* chunk_ids_n, int64_t n,
+                                 int64_t row_bytes, void* out_CS, int64_t C, cudaStream_t stream);
+
+// scatter_add_chunks: out_CS[chunk_ids[i]] += recv_nS[i], in place, in order of i (each
+// thread owns a column and walks i in order: deterministic, no atomics).
+cudaError_t hecate_scatter_add_chunks(const void* recv_nS, hecate_dtype dtype,
+                                      const int64_t* chunk_ids_n, int64_t n, int64_t S,
+                                      void* out_CS, int64_t C, cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

@@ -1,0 +1,114 @@
+"""all_to_all_v: each rank sends a different number of rows to every other rank.
+
+The transport is `all_to_all_single` with uneven split sizes (gloo and NCCL
+both support it; the list form `all_to_all` fails on gloo with uneven sizes).
+The backward pass is the mirror exchange: gradients travel back along the
+same routes with send and receive splits swapped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from hecate.comm.stats import CommStats
+
+
+def group_rank_and_size(group) -> tuple[int, int]:
+    """(rank inside `group`, size of `group`); `group` None is the world."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def comm_device(group) -> torch.device:
+    """Where small control tensors must live for `group`'s backend (NCCL wants CUDA)."""
+    backend = dist.get_backend(group)
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_splits(splits, world_size: int, arg: str) -> list[int]:
+    if isinstance(splits, torch.Tensor):
+        if splits.dim() != 1 or splits.dtype.is_floating_point or splits.dtype == torch.bool:
+            raise ValueError(f"{arg} must be a 1-D integer tensor or a list of ints, "
+                             f"got {splits.dtype} tensor of shape {tuple(splits.shape)}")
+        values = [int(v) for v in splits.tolist()]
+    else:
+        values = [int(v) for v in splits]
+    if len(values) != world_size:
+        raise ValueError(f"{arg} has {len(values)} entries; it needs one per rank of the group "
+                         f"({world_size})")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{arg} = {values} has a negative entry; row counts must be >= 0")
+    return values
+
+
+def exchange_splits(send_splits: list[int], group=None) -> list[int]:
+    """Tell every rank how many rows it will receive from each peer (a small all_to_all)."""
+    send = torch.tensor(send_splits, dtype=torch.int64, device=comm_device(group))
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return [int(v) for v in recv.tolist()]
+
+
+def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                           group=group)
+    return out
+
+
+def _record(stats: CommStats | None, name: str, x: torch.Tensor, send_splits: list[int],
+            recv_splits: list[int], rank: int) -> None:
+    if stats is None:
+        return
+    row_bytes = x.element_size() * math.prod(x.shape[1:])
+    sent = sum(n for r, n in enumerate(send_splits) if r != rank) * row_bytes
+    received = sum(n for r, n in enumerate(recv_splits) if r != rank) * row_bytes
+    stats.record(name, sent, received)
+
+
+class _AllToAllV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group, stats, name):
+        ctx.splits = (send_splits, recv_splits)
+        ctx.group, ctx.stats, ctx.name = group, stats, name
+        rank = dist.get_rank(group)
+        _record(stats, name, x, send_splits, recv_splits, rank)
+        return _exchange(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        send_splits, recv_splits = ctx.splits
+        rank = dist.get_rank(ctx.group)
+        _record(ctx.stats, ctx.name + ".backward", grad_out, recv_splits, send_splits, rank)
+        return _exchange(grad_out, recv_splits, send_splits, ctx.group), None, None, None, None, None
+
+
+def all_to_all_v(x: torch.Tensor, send_splits: Sequence[int] | torch.Tensor,
+                 recv_splits: Sequence[int] | torch.Tensor | None = None, group=None,
+                 stats: CommStats | None = None, name: str = "all_to_all_v") -> torch.Tensor:
+    """Send rows `x[offset_r : offset_r + send_splits[r]]` to rank r of `group`; return what arrives.
+
+    The result holds the rows received from rank 0, then rank 1, ... (`recv_splits[r]`
+    rows from rank r). When `recv_splits` is None it is learned with a small
+    all_to_all of the split sizes. Any split may be 0, a rank may send or receive
+    nothing. Differentiable: the gradient flows back through the mirror exchange.
+    Bytes crossing ranks are counted in `stats` under `name` (and `name + ".backward"`).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor with a leading row dimension, got {type(x).__name__} "
+                         f"of shape {tuple(getattr(x, 'shape', ()))}")
+    rank, world_size = group_rank_and_size(group)
+    send = _as_splits(send_splits, world_size, "send_splits")
+    if sum(send) != x.shape[0]:
+        raise ValueError(f"send_splits = {send} sums to {sum(send)} but x has {x.shape[0]} rows "
+                         f"(x.shape = {tuple(x.shape)}); the splits must cover x exactly")
+    if recv_splits is None:
+        recv = exchange_splits(send, group)
+    else:
+        recv = _as_splits(recv_splits, world_size, "recv_splits")
+    return _AllToAllV.apply(x, send, recv, group, stats, name)

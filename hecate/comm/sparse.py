@@ -1,0 +1,300 @@
+"""SparseAllGather (spAG) and SparseReduceScatter (spRS) of expert chunks.
+
+Placement vocabulary (DESIGN.md): owner_C says which rank owns each chunk (P0);
+holders_WC[r, c] says whether rank r holds chunk c this iteration (P1, P0 a subset).
+
+- spAG copies each chunk from its owner to every other holder. A rank passes the
+  rows of the chunks it owns (ascending chunk id) and gets back the rows of every
+  chunk it holds (ascending chunk id).
+- spRS is its adjoint: every holder's gradient of a chunk is summed into the owner
+  (the owner's own contribution first, then the other holders by ascending rank).
+
+Each is the autograd backward of the other. The split planning and packing run
+in hecate.ops (C++ kernels); the transport is one `all_to_all_single` with uneven
+splits on the group. Two issuers exist: "python" (hecate.ops + torch.distributed)
+and "cpp" (the whole collective in one call into hecate._C on the c10d
+ProcessGroup, GIL released while it waits); see docs/comm.md for which is default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hecate import ops
+from hecate.comm.agreement import AgreementError, check_agreement
+from hecate.comm.all_to_all import group_rank_and_size
+from hecate.comm.stats import CommStats
+
+__all__ = ["SparsePlan", "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter",
+           "cpp_issuer_available", "DEFAULT_ISSUER"]
+
+# Chosen from benchmarks/collectives.py (docs/comm.md); "python" where hecate._C lacks the binding.
+DEFAULT_ISSUER = "cpp"
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """One rank's side of spAG(owner_C -> holders_WC); spRS uses it with directions swapped.
+
+    Row maps turn chunk ids into row indices of the buffers the caller holds:
+    `send_rows` index owned_OS, `recv_rows` / `owned_rows_M` index materialized_MS.
+    """
+
+    rank: int
+    world_size: int
+    num_chunks: int
+    send_counts: list[int]       # chunks sent to each rank by spAG (received by spRS)
+    recv_counts: list[int]       # chunks received from each rank by spAG (sent by spRS)
+    send_ids: torch.Tensor       # chunk ids, destinations ascending then ids ascending
+    recv_ids: torch.Tensor       # chunk ids, sources ascending then ids ascending
+    owned_ids: torch.Tensor      # chunks this rank owns, ascending (rows of owned_OS)
+    held_ids: torch.Tensor       # chunks this rank holds, ascending (rows of materialized_MS)
+    send_rows: torch.Tensor      # owned_OS row of each send_ids entry
+    recv_rows: torch.Tensor      # materialized_MS row of each recv_ids entry
+    owned_rows_M: torch.Tensor   # materialized_MS row of each owned chunk
+
+
+def cpp_issuer_available() -> bool:
+    """Whether hecate._C has the c10d (ProcessGroup) issuer of spAG / spRS."""
+    from hecate import _extension
+
+    if not _extension.load():
+        return False
+    import hecate._C as _C
+
+    return hasattr(_C, "sparse_all_gather_pg") and hasattr(_C, "sparse_reduce_scatter_pg")
+
+
+def _validate_placement(owner_C, holders_WC, world_size: int) -> None:
+    if not isinstance(holders_WC, torch.Tensor) or holders_WC.dim() != 2 or holders_WC.dtype != torch.bool:
+        raise ValueError(f"holders_WC must be a bool tensor of shape [W, C], got "
+                         f"{getattr(holders_WC, 'dtype', type(holders_WC).__name__)} of shape "
+                         f"{tuple(getattr(holders_WC, 'shape', ()))}")
+    if holders_WC.shape[0] != world_size:
+        raise ValueError(f"holders_WC has {holders_WC.shape[0]} rows but the group has {world_size} "
+                         f"ranks; holders_WC must be [W={world_size}, C]")
+    C = holders_WC.shape[1]
+    if (not isinstance(owner_C, torch.Tensor) or owner_C.dim() != 1 or owner_C.dtype.is_floating_point
+            or owner_C.dtype == torch.bool):
+        raise ValueError(f"owner_C must be a 1-D integer tensor of shape [C={C}], got "
+                         f"{getattr(owner_C, 'dtype', type(owner_C).__name__)} of shape "
+                         f"{tuple(getattr(owner_C, 'shape', ()))}")
+    if owner_C.shape[0] != C:
+        raise ValueError(f"owner_C has {owner_C.shape[0]} entries but holders_WC has C={C} chunk "
+                         "columns; give one owner per chunk")
+
+
+def plan_sparse(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int) -> SparsePlan:
+    """Plan this rank's spAG / spRS exchange (pure function of the placement, same on every rank)."""
+    _validate_placement(owner_C, holders_WC, holders_WC.shape[0] if isinstance(holders_WC, torch.Tensor)
+                        and holders_WC.dim() == 2 else -1)
+    W, C = holders_WC.shape
+    owner_C = owner_C.to(torch.int64)
+    send_ids, send_counts, recv_ids, recv_counts = ops.plan_sparse_collective(owner_C, holders_WC, rank)
+    owned_mask = owner_C == rank
+    held_mask = holders_WC[rank]
+    # Row of each chunk inside owned_OS / materialized_MS (cumulative count of owned / held chunks).
+    owned_row_C = torch.cumsum(owned_mask.to(torch.int64), 0) - 1
+    held_row_C = torch.cumsum(held_mask.to(torch.int64), 0) - 1
+    owned_ids = owned_mask.nonzero().view(-1)
+    return SparsePlan(
+        rank=rank, world_size=W, num_chunks=C,
+        send_counts=[int(v) for v in send_counts.tolist()],
+        recv_counts=[int(v) for v in recv_counts.tolist()],
+        send_ids=send_ids, recv_ids=recv_ids, owned_ids=owned_ids,
+        held_ids=held_mask.nonzero().view(-1),
+        send_rows=owned_row_C[send_ids], recv_rows=held_row_C[recv_ids],
+        owned_rows_M=held_row_C[owned_ids],
+    )
+
+
+def _resolve_group(group):
+    return dist.group.WORLD if group is None else group
+
+
+def _record(stats: CommStats | None, name: str, sent_rows: int, recv_rows: int, row_bytes: int) -> None:
+    if stats is not None:
+        stats.record(name, sent_rows * row_bytes, recv_rows * row_bytes)
+
+
+def _pick_issuer(issuer: str | None, device: torch.device) -> str:
+    issuer = DEFAULT_ISSUER if issuer is None else issuer
+    if issuer not in ("python", "cpp"):
+        raise ValueError(f"issuer must be 'python', 'cpp' or None (default), got {issuer!r}")
+    if issuer == "cpp" and not cpp_issuer_available():
+        return "python"
+    return issuer
+
+
+# --- the two transports, without autograd -------------------------------------------------------
+
+def _spag_python(owned_OS, plan: SparsePlan, group) -> torch.Tensor:
+    S = owned_OS.shape[1]
+    send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(owned_OS.device))
+    recv_nS = owned_OS.new_empty((sum(plan.recv_counts), S))
+    dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.recv_counts,
+                           input_split_sizes=plan.send_counts, group=group)
+    out_MS = owned_OS.new_empty((plan.held_ids.numel(), S))
+    ops.unpack_chunks(owned_OS, plan.owned_rows_M.to(owned_OS.device), out_MS)
+    ops.unpack_chunks(recv_nS, plan.recv_rows.to(owned_OS.device), out_MS)
+    return out_MS
+
+
+def _sprs_python(grads_MS, plan: SparsePlan, group) -> torch.Tensor:
+    S = grads_MS.shape[1]
+    device = grads_MS.device
+    send_nS = ops.pack_chunks(grads_MS, plan.recv_rows.to(device))
+    recv_nS = grads_MS.new_empty((sum(plan.send_counts), S))
+    dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.send_counts,
+                           input_split_sizes=plan.recv_counts, group=group)
+    out_OS = ops.pack_chunks(grads_MS, plan.owned_rows_M.to(device))  # own contribution first
+    ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), out_OS)
+    return out_OS
+
+
+def _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
+    row_bytes = owned_OS.shape[1] * owned_OS.element_size()
+    if issuer == "cpp":
+        import hecate._C as _C
+
+        out_MS, held_ids, sent, received = _C.sparse_all_gather_pg(
+            _resolve_group(group), owned_OS, owner_C, holders_WC, rank)
+        _record(stats, name, sent, received, row_bytes)
+        return out_MS, held_ids
+    plan = plan_sparse(owner_C, holders_WC, rank)
+    _record(stats, name, sum(plan.send_counts), sum(plan.recv_counts), row_bytes)
+    return _spag_python(owned_OS, plan, group), plan.held_ids
+
+
+def _sprs(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name):
+    row_bytes = grads_MS.shape[1] * grads_MS.element_size()
+    if issuer == "cpp":
+        import hecate._C as _C
+
+        out_OS, sent, received = _C.sparse_reduce_scatter_pg(
+            _resolve_group(group), grads_MS, owner_C, holders_WC, rank)
+        _record(stats, name, sent, received, row_bytes)
+        return out_OS
+    plan = plan_sparse(owner_C, holders_WC, rank)
+    _record(stats, name, sum(plan.recv_counts), sum(plan.send_counts), row_bytes)
+    return _sprs_python(grads_MS, plan, group)
+
+
+class _SparseAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
+        ctx.saved = (owner_C, holders_WC, rank, group, issuer, stats, name)
+        out_MS, held_ids = _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name)
+        ctx.mark_non_differentiable(held_ids)
+        return out_MS, held_ids
+
+    @staticmethod
+    def backward(ctx, grad_MS, _grad_ids):
+        owner_C, holders_WC, rank, group, issuer, stats, name = ctx.saved
+        grad_OS = _sprs(grad_MS.contiguous(), owner_C, holders_WC, rank, group, issuer, stats,
+                        name + ".backward")
+        return grad_OS, None, None, None, None, None, None, None
+
+
+class _SparseReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name):
+        ctx.saved = (owner_C, holders_WC, rank, group, issuer, stats, name)
+        return _sprs(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name)
+
+    @staticmethod
+    def backward(ctx, grad_OS):
+        owner_C, holders_WC, rank, group, issuer, stats, name = ctx.saved
+        grad_MS, _ = _spag(grad_OS.contiguous(), owner_C, holders_WC, rank, group, issuer, stats,
+                           name + ".backward")
+        return grad_MS, None, None, None, None, None, None, None
+
+
+def _validate_owners(owner_C, holders_WC) -> None:
+    W, C = holders_WC.shape
+    if C and (int(owner_C.min()) < 0 or int(owner_C.max()) >= W):
+        c = int(((owner_C < 0) | (owner_C >= W)).nonzero()[0])
+        raise ValueError(f"owner_C[{c}] = {int(owner_C[c])} is out of range [0, {W}); "
+                         "every chunk needs one owner rank of the group")
+    owner_holds = holders_WC[owner_C.clamp(0, max(W - 1, 0)), torch.arange(C, device=owner_C.device)]
+    if not bool(owner_holds.all()):
+        c = int((~owner_holds).nonzero()[0])
+        raise ValueError(f"the owner {int(owner_C[c])} of chunk {c} does not hold it "
+                         f"(holders_WC[{int(owner_C[c])}, {c}] is False): P0 must be a subset of P1")
+
+
+def _prepare(buf, buf_name, rows_expected, rows_what, owner_C, holders_WC, group, check, name):
+    """Validate arguments (ValueError naming the problem) and, when `check`, agree on the placement.
+
+    A rank whose own arguments are bad still takes part in the agreement (with a marker
+    value), so its peers fail at once with an AgreementError naming it instead of
+    waiting in the exchange until the collective timeout.
+    """
+    rank, world_size = group_rank_and_size(group)
+    problem = None
+    try:
+        _validate_placement(owner_C, holders_WC, world_size)
+        if not isinstance(buf, torch.Tensor) or buf.dim() != 2:
+            raise ValueError(f"{buf_name} must be a 2-D tensor [rows, S] (one flat chunk per row), got "
+                             f"{type(buf).__name__} of shape {tuple(getattr(buf, 'shape', ()))}")
+        owner_C = owner_C.to(device=buf.device, dtype=torch.int64).contiguous()
+        holders_WC = holders_WC.to(buf.device).contiguous()
+        _validate_owners(owner_C, holders_WC)
+        n_rows = int(rows_expected(owner_C, holders_WC, rank))
+        if buf.shape[0] != n_rows:
+            raise ValueError(f"{buf_name} has {buf.shape[0]} rows but rank {rank} {rows_what} {n_rows} "
+                             f"chunks; pass one row per such chunk in ascending chunk id")
+    except ValueError as exc:
+        problem = exc
+    if check:
+        # Everyone must agree on the placement, the chunk size and the dtype, or the
+        # exchange would hang or mix up buffers: fail loudly on every rank instead.
+        value = ("invalid arguments" if problem is not None
+                 else [owner_C, holders_WC, int(buf.shape[1]), str(buf.dtype)])
+        try:
+            check_agreement(name, value, group)
+        except AgreementError:
+            if problem is not None:
+                raise problem from None
+            raise
+    if problem is not None:
+        raise problem
+    return rank, owner_C, holders_WC, buf.contiguous()
+
+
+def sparse_all_gather(owned_OS: torch.Tensor, owner_C: torch.Tensor, holders_WC: torch.Tensor,
+                      group=None, stats: CommStats | None = None, *, check: bool = True,
+                      issuer: str | None = None, name: str = "spAG"):
+    """spAG: materialize every chunk this rank holds. Returns (materialized_MS, materialized_ids_M).
+
+    owned_OS: the rows of the chunks this rank owns (`owner_C == rank`), ascending chunk id.
+    owner_C: [C] owner rank (in `group`) of each chunk. holders_WC: [W, C] bool, rank r holds
+    chunk c this iteration; every owner must hold its chunks. Every rank of `group` calls this
+    with the same owner_C / holders_WC, chunk size S and dtype (checked with one tiny
+    all-gather when `check`). Differentiable: the backward is spRS. `issuer` picks "python"
+    or "cpp" (None: DEFAULT_ISSUER). Bytes are counted in `stats` under `name`.
+    """
+    rank, owner_C, holders_WC, owned_OS = _prepare(
+        owned_OS, "owned_OS", lambda o, h, r: (o == r).sum(), "owns", owner_C, holders_WC,
+        group, check, name)
+    issuer = _pick_issuer(issuer, owned_OS.device)
+    return _SparseAllGather.apply(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name)
+
+
+def sparse_reduce_scatter(grads_MS: torch.Tensor, owner_C: torch.Tensor, holders_WC: torch.Tensor,
+                          group=None, stats: CommStats | None = None, *, check: bool = True,
+                          issuer: str | None = None, name: str = "spRS") -> torch.Tensor:
+    """spRS: sum every holder's gradient of a chunk into its owner. Returns owned_grads_OS.
+
+    grads_MS: this rank's gradient of every chunk it holds (`holders_WC[rank]`), ascending
+    chunk id (the layout sparse_all_gather returns). The result has one row per owned chunk,
+    ascending: the owner's own gradient plus the other holders' in ascending rank order.
+    Differentiable: the backward is spAG. Same arguments and checks as sparse_all_gather.
+    """
+    rank, owner_C, holders_WC, grads_MS = _prepare(
+        grads_MS, "grads_MS", lambda o, h, r: h[r].sum(), "holds", owner_C, holders_WC,
+        group, check, name)
+    issuer = _pick_issuer(issuer, grads_MS.device)
+    return _SparseReduceScatter.apply(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name)

@@ -1,0 +1,160 @@
+"""MoELayer: route -> apply_capacity -> strategy (dispatch, experts, combine) -> dense parts.
+
+Each stage is a method so a subclass or a strategy can replace one of them. Aux losses
+and stats are returned as values (MoEOutput), never stored in global lists.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from hecate.moe import losses
+from hecate.moe.capacity import apply_capacity, check_group_sizes
+from hecate.moe.config import MoEConfig
+from hecate.moe.experts import GroupedExperts, ResidualMix, SharedExperts
+from hecate.moe.metrics import MoEStats
+from hecate.moe.routers import build_router
+from hecate.moe.routing import Routing
+
+
+class MoEOutput(NamedTuple):
+    y: torch.Tensor                       # same shape as the input
+    aux_loss: torch.Tensor                # scalar: sum of the weighted aux terms (add to the LM loss)
+    aux_losses: Dict[str, torch.Tensor]   # each weighted term, with grad
+    stats: MoEStats
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN block.
+
+    forward(x, *, top_k=None, capacity_factor=None, group_sizes=None): x is [B, S, D] or [T, D].
+    top_k / capacity_factor override the config for this call (capacity_factor=math.inf
+    means dropless). group_sizes splits the tokens into groups (one per rank, in order):
+    capacity and aux losses are computed per group and the losses averaged, which equals
+    the mean of what each rank computes alone.
+    """
+
+    def __init__(self, config: MoEConfig, strategy=None):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        self.router = build_router(c)
+        self.experts = GroupedExperts(c.num_experts, c.hidden_size, c.ffn_hidden_size, c.activation)
+        self.shared_experts = None
+        if c.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                c.hidden_size, c.shared_expert_hidden_size or c.ffn_hidden_size,
+                c.num_shared_experts, c.activation)
+        self.residual = ResidualMix(c.hidden_size, c.ffn_hidden_size, c.activation) if c.use_residual else None
+        # Load seen since the last update_bias() (aux-free balancing); a distributed trainer
+        # all-reduces it before calling update_bias so every rank moves the bias alike.
+        self.register_buffer("load_since_update_E", torch.zeros(c.num_experts, dtype=torch.int64),
+                             persistent=False)
+        if strategy is None:
+            from hecate.parallel.local import LocalStrategy
+            strategy = LocalStrategy()
+        self.strategy = strategy
+        strategy.attach(self)
+
+    # ---- knobs -----------------------------------------------------------------------------
+    def resolve_top_k(self, top_k: Optional[int]) -> int:
+        k = self.config.top_k if top_k is None else top_k
+        if not isinstance(k, int) or not 1 <= k <= self.config.num_experts:
+            raise ValueError(f"top_k={top_k!r} must be an int in [1, num_experts={self.config.num_experts}]")
+        return k
+
+    def resolve_capacity_factor(self, capacity_factor: Optional[float]) -> Optional[float]:
+        """None -> the config's (eval_capacity_factor in eval mode); inf -> dropless (None)."""
+        if capacity_factor is None:
+            return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 (math.inf = dropless)")
+        return None if math.isinf(capacity_factor) else float(capacity_factor)
+
+    # ---- stages ------------------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor, *, top_k: int, capacity_factor: Optional[float],
+              group_sizes: Sequence[int], seq_len: Optional[int] = None) -> Routing:
+        """Router decision for every token plus the weighted aux losses."""
+        routing = self.router(x_TD, top_k=top_k, capacity_factor=capacity_factor, group_sizes=group_sizes)
+        return routing.replace(aux_losses=self.aux_losses(routing, group_sizes, seq_len),
+                               group_sizes=list(group_sizes))
+
+    def aux_losses(self, routing: Routing, group_sizes: Sequence[int],
+                   seq_len: Optional[int]) -> Dict[str, torch.Tensor]:
+        """Each enabled loss times its coefficient, computed per group and averaged over groups."""
+        c = self.config
+        probs_TE = losses.normalized_probs(routing.scores_TE, c.score_func)
+        terms = {
+            "aux_loss": (c.aux_loss_coeff, lambda p, i, l, s: losses.switch_aux_loss(p, i)),
+            "z_loss": (c.z_loss_coeff, lambda p, i, l, s: losses.z_loss(l)),
+            "seq_aux_loss": (c.seq_aux_loss_coeff, lambda p, i, l, s: losses.seq_aux_loss(p, i, s)),
+            "expert_balance_loss": (c.expert_balance_coeff, lambda p, i, l, s: losses.expert_balance_loss(p, i)),
+            "device_balance_loss": (c.device_balance_coeff,
+                                    lambda p, i, l, s: losses.device_balance_loss(p, i, c.num_devices)),
+        }
+        out = {}
+        for name, (coeff, fn) in terms.items():
+            if not coeff:
+                continue
+            per_group, start = [], 0
+            for size in group_sizes:
+                sl = slice(start, start + size)
+                s = seq_len or max(size, 1)
+                if seq_len and size % seq_len:
+                    raise ValueError(f"group_sizes entry {size} is not a multiple of the sequence "
+                                     f"length {seq_len}; groups must hold whole sequences")
+                per_group.append(fn(probs_TE[sl], routing.indices_TK[sl], routing.logits_TE[sl], s))
+                start += size
+            out[name] = coeff * torch.stack(per_group).mean()
+        return out
+
+    def apply_capacity(self, routing: Routing, capacity_factor: Optional[float],
+                       group_sizes: Sequence[int]) -> Routing:
+        """Drop over-capacity entries (see hecate.moe.capacity); expert choice is already capped."""
+        if capacity_factor is None or self.config.router == "expert_choice":
+            return routing
+        return apply_capacity(routing, capacity_factor, self.config.min_capacity,
+                              self.config.drop_policy, group_sizes)
+
+    def combine_dense(self, x_TD: torch.Tensor, moe_TD: torch.Tensor) -> torch.Tensor:
+        """Residual mix (DeepSpeed) then shared experts (summed)."""
+        y_TD = moe_TD if self.residual is None else self.residual(x_TD, moe_TD)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *, top_k: Optional[int] = None,
+                capacity_factor: Optional[float] = None,
+                group_sizes: Optional[Sequence[int]] = None) -> MoEOutput:
+        d = self.config.hidden_size
+        if x.dim() not in (2, 3) or x.shape[-1] != d:
+            raise ValueError(f"x must be [B, S, {d}] or [T, {d}] (hidden_size={d}), got {tuple(x.shape)}")
+        seq_len = x.shape[1] if x.dim() == 3 else None
+        x_TD = x.reshape(-1, d)
+        sizes = check_group_sizes(group_sizes, x_TD.shape[0])
+        k = self.resolve_top_k(top_k)
+        cf = self.resolve_capacity_factor(capacity_factor)
+        routing = self.route(x_TD, top_k=k, capacity_factor=cf, group_sizes=sizes, seq_len=seq_len)
+        routing = self.apply_capacity(routing, cf, sizes)
+        y_TD = self.strategy.forward(self, x_TD, routing)
+        y_TD = self.combine_dense(x_TD, y_TD)
+        if self.training and self.config.aux_free_bias:
+            self.load_since_update_E += routing.tokens_per_expert_E.to(self.load_since_update_E.device)
+        aux = routing.aux_losses
+        aux_loss = torch.stack(list(aux.values())).sum() if aux else x.new_zeros((), dtype=torch.float32)
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=aux_loss, aux_losses=aux,
+                         stats=MoEStats.from_routing(routing))
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: Optional[torch.Tensor] = None) -> None:
+        """Aux-free balancing step: move the router bias toward underloaded experts using the
+        given load, or the load accumulated by training forwards since the last call."""
+        if not self.config.aux_free_bias:
+            raise ValueError("update_bias needs MoEConfig.aux_free_bias=True")
+        load = self.load_since_update_E if tokens_per_expert_E is None else tokens_per_expert_E
+        self.router.update_bias(load)
+        self.load_since_update_E.zero_()

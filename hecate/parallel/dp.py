@@ -1,0 +1,40 @@
+"""`dp`: every rank holds every expert; expert gradients are averaged over the world."""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from hecate.parallel.chunks import mark_expert
+from hecate.parallel.local import LocalStrategy
+
+
+class DataParallel(LocalStrategy):
+    name = "dp"
+
+    def __init__(self, topology):
+        self.topology = topology
+
+    def attach(self, layer) -> None:
+        for p in layer.experts.parameters():
+            mark_expert(p)
+
+    def finish_backward(self, layers) -> None:
+        import torch
+
+        world = self.topology.world_size
+        grads = []
+        for layer in layers:
+            for p in layer.experts.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        if not grads or world == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        n = flat.numel() * flat.element_size()
+        self.topology.stats.record("dp.all_reduce", 2 * (world - 1) * n // world, 2 * (world - 1) * n // world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -1,0 +1,86 @@
+"""`ep`: expert parallelism (DeepSpeed-MoE style).
+
+The experts are split over an expert-parallel (EP) group of `ep_size`
+consecutive ranks: rank i of the group holds experts [i*E/ep, (i+1)*E/ep).
+Tokens travel to their expert's rank with an all-to-all-v and back with the
+mirror exchange. When the world is larger than ep_size, the EP groups are
+replicated over expert-data-parallel (EDP) groups that average the expert
+gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate import ops
+from hecate.comm.all_to_all import all_to_all_v, comm_device
+from hecate.parallel.chunks import ChunkLayout, mark_expert
+from hecate.parallel.expert_compute import experts_on_received
+from hecate.parallel.strategy import ExpertStrategy
+
+
+class ExpertParallel(ExpertStrategy):
+    name = "ep"
+
+    def __init__(self, topology, ep_size: int | None = None):
+        self.topology = topology
+        self.ep_size = topology.world_size if ep_size is None else ep_size
+        self.groups = topology.expert_groups(self.ep_size)  # validates ep_size against the world
+
+    def attach(self, layer) -> None:
+        E = layer.config.num_experts
+        if E % self.ep_size:
+            raise ValueError(f"moe.num_experts={E} must be divisible by parallel.ep_size={self.ep_size} "
+                             "(each EP rank holds the same number of experts)")
+        local = E // self.ep_size
+        first = self.groups.ep_rank * local
+        layout = ChunkLayout.of(layer.experts)
+        for n in layout.names:
+            full = getattr(layer.experts, n)
+            setattr(layer.experts, n, mark_expert(nn.Parameter(full.detach()[first:first + local].clone())))
+        layer.experts.num_experts = local
+        layer.expert_slice = (first, local)
+
+    def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
+        E = layer.config.num_experts
+        ep, local = self.ep_size, E // self.ep_size
+        group, stats = self.groups.ep_group, self.topology.stats
+        x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, E, -1)
+        # Each peer learns how many rows it gets for each of its experts.
+        send_counts = counts_E.to(comm_device(group))
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        recv_counts_PG = recv_counts.cpu().view(ep, local)
+        send_splits = counts_E.view(ep, local).sum(1).tolist()
+        recv_splits = recv_counts_PG.sum(1).tolist()
+        x_recv = all_to_all_v(x_ND, send_splits, recv_splits, group=group, stats=stats, name="ep.dispatch")
+        weights = {n: getattr(layer.experts, n) for n in ChunkLayout.of(layer.experts).names}
+        y_recv = experts_on_received(layer, x_recv, recv_counts_PG, weights)
+        y_ND = all_to_all_v(y_recv, recv_splits, send_splits, group=group, stats=stats, name="ep.combine")
+        return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
+
+    def finish_backward(self, layers) -> None:
+        """Expert grads hold the sum over every rank's tokens; average them like dense DP grads."""
+        world = self.topology.world_size
+        edp = self.groups.edp_group
+        for layer in layers:
+            for p in layer.experts.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if len(self.groups.edp_ranks) > 1:
+                    dist.all_reduce(p.grad, group=edp)
+                    n = p.grad.numel() * p.grad.element_size()
+                    k = len(self.groups.edp_ranks)
+                    self.topology.stats.record("ep.edp_all_reduce", 2 * (k - 1) * n // k, 2 * (k - 1) * n // k)
+                p.grad /= world
+
+    def gather_experts(self, layer, grads: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in ChunkLayout.of(layer.experts).names:
+            p = getattr(layer.experts, n)
+            src = (p.grad if grads else p.detach()).contiguous()
+            parts = [torch.empty_like(src) for _ in range(self.ep_size)]
+            dist.all_gather(parts, src, group=self.groups.ep_group)
+            out[n] = torch.cat(parts)
+        return out

@@ -1,0 +1,76 @@
+"""Input validation shared by the planner modules.
+
+The planners work on small numpy arrays internally (64 experts x 32 ranks is a
+few thousand entries) and take / return torch tensors at the API boundary.
+Every check raises ValueError (or TypeError) naming the argument.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_numpy(x, name: str, *, ndim: int, dtype=np.int64, shape=None) -> np.ndarray:
+    """Convert a tensor / array-like to numpy with `ndim` dims, checking shape and values."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
+        arr = x.detach().cpu().numpy()
+    elif isinstance(x, (np.ndarray, list, tuple)):
+        arr = np.asarray(x)
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(arr.shape)}")
+    if shape is not None:
+        for axis, (got, want) in enumerate(zip(arr.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(
+                    f"{name} has shape {tuple(arr.shape)} but dim {axis} must be {want} "
+                    f"(expected {tuple('*' if s is None else s for s in shape)})"
+                )
+    if dtype == np.bool_:
+        if arr.dtype != np.bool_:
+            raise TypeError(f"{name} must be a bool tensor, got dtype {arr.dtype}")
+        return arr.astype(np.bool_, copy=True)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if dtype == np.int64 and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer tensor (int64), got dtype {arr.dtype}")
+    out = arr.astype(dtype, copy=True)
+    if dtype == np.float64 and not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    return out
+
+
+def check_nonnegative(arr: np.ndarray, name: str) -> None:
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative, found {arr.min()}")
+
+
+def check_owner(owner_E: np.ndarray, world_size: int, name: str = "owner_E") -> None:
+    if owner_E.size and (owner_E.min() < 0 or owner_E.max() >= world_size):
+        raise ValueError(
+            f"{name} entries must be ranks in [0, {world_size}), found "
+            f"{owner_E.min()}..{owner_E.max()}"
+        )
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def node_array(node_of_W, name: str = "node_of_W") -> np.ndarray:
+    """Validate the rank -> node map: int64 [W], values 0..N-1, every node used."""
+    nodes = to_numpy(node_of_W, name, ndim=1)
+    if nodes.size == 0:
+        raise ValueError(f"{name} must name the node of at least one rank, got an empty tensor")
+    check_nonnegative(nodes, name)
+    used = np.unique(nodes)
+    if used[-1] != len(used) - 1:
+        raise ValueError(f"{name} must number nodes 0..N-1 without gaps, found nodes {used.tolist()}")
+    return nodes

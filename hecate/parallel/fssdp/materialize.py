@@ -1,0 +1,249 @@
+"""Materialization policies: decide P1 (which ranks hold a usable copy of each expert).
+
+Every policy has one interface:
+
+    policy.plan(predicted_load_E, owner_E, node_of_W, capacity_m, counts_WE=None)
+        -> holders_WE (bool [W, E]), always a superset of the owner placement P0
+
+`capacity_m` is the memory budget: how many chunks of this layer each rank may
+materialize beyond the ones it owns. `counts_WE` is the current batch's
+per-rank token counts, used by policies that look at the real routing.
+
+* HecatePolicy: the paper's Algorithm 1 on the predicted load, with an
+  optional calibration on the current batch.
+* ShadowingPolicy: FasterMoE-style shadowing from the current batch only.
+* NoReplicationPolicy: P1 = P0 (pure expert parallelism over the shards).
+All are deterministic: ties are broken by expert index, then rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hecate.parallel.fssdp._checks import (
+    check_nonnegative,
+    check_owner,
+    check_positive_int,
+    node_array,
+    to_numpy,
+)
+from hecate.parallel.fssdp.cost import CostModel
+from hecate.parallel.fssdp.routes import _routes_np
+
+
+def owner_holders(owner_E: np.ndarray, world_size: int) -> np.ndarray:
+    """P0 as a bool [W, E] mask."""
+    holders = np.zeros((world_size, len(owner_E)), dtype=np.bool_)
+    holders[owner_E, np.arange(len(owner_E))] = True
+    return holders
+
+
+def hottest(load_E: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k most loaded experts with load > 0 (ties: lower index first)."""
+    order = np.lexsort((np.arange(len(load_E)), -load_E))
+    order = order[load_E[order] > 0]
+    return order[:k]
+
+
+def proportional_quota(load_E: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """Split `total` integer slots among experts in proportion to load, at most `cap` each.
+
+    Water-filling: experts whose share would exceed the cap get the cap and the
+    rest is re-shared among the others; the final shares are rounded by the
+    largest-remainder method (ties: lower expert index). Zero-load experts get 0.
+    """
+    E = len(load_E)
+    quota = np.zeros(E, dtype=np.int64)
+    active = load_E > 0
+    remaining = min(int(total), cap * int(active.sum()))
+    while remaining > 0 and active.any():
+        share = np.zeros(E)
+        share[active] = remaining * load_E[active] / load_E[active].sum()
+        over = active & (share >= cap)
+        if over.any():
+            quota[over] = cap
+            remaining -= cap * int(over.sum())
+            active &= ~over
+            continue
+        base = np.floor(share).astype(np.int64)
+        leftover = remaining - int(base[active].sum())
+        frac = np.where(active, share - base, -1.0)
+        order = np.lexsort((np.arange(E), -frac))
+        base[order[:leftover]] += 1
+        quota[active] = base[active]
+        break
+    return quota
+
+
+class MaterializationPolicy:
+    """Base class: validates inputs, then calls `_plan(...)` on numpy arrays."""
+
+    name = "abstract"
+
+    def plan(self, predicted_load_E, owner_E, node_of_W, capacity_m: int,
+             counts_WE=None) -> torch.Tensor:
+        """Return holders_WE (bool [W, E]) with holders_WE[owner_E[e], e] True for every e."""
+        load = to_numpy(predicted_load_E, "predicted_load_E", ndim=1, dtype=np.float64)
+        E = load.shape[0]
+        check_nonnegative(load, "predicted_load_E")
+        owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
+        nodes = node_array(node_of_W)
+        W = nodes.shape[0]
+        check_owner(owner, W)
+        m = check_positive_int(capacity_m, "capacity_m")
+        counts = None
+        if counts_WE is not None:
+            counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E))
+            check_nonnegative(counts, "counts_WE")
+        holders = self._plan(load, owner, nodes, m, counts)
+        return torch.from_numpy(holders)
+
+    def _plan(self, load_E, owner_E, node_of_W, m, counts_WE) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NoReplicationPolicy(MaterializationPolicy):
+    """P1 = P0: every expert lives only at its owner (expert parallelism over the shards)."""
+
+    name = "none"
+
+    def _plan(self, load_E, owner_E, node_of_W, m, counts_WE):
+        return owner_holders(owner_E, len(node_of_W))
+
+
+class HecatePolicy(MaterializationPolicy):
+    """Algorithm 1 of the paper: replicate by predicted load within the overlap and memory budgets.
+
+    t = overlap degree from the cost model (or `overlap_degree` if given).
+    If t <= m, the top-t experts are replicated on every rank. Otherwise the
+    W * m slots are shared among experts in proportion to load (at most W - 1
+    extra copies each); each extra copy goes to a rank with a free slot,
+    preferring nodes that lack the expert, then the rank with the least
+    expected token load, then fewer used slots, then the lower rank.
+
+    With `calibrate=True` and the current batch's counts, the plan is rerun on
+    the real load; the result is kept only if the cost model says it is faster
+    even with its extra gather fully exposed. `last_calibrated` records whether
+    the last call switched.
+    """
+
+    name = "hecate"
+
+    def __init__(self, cost_model: CostModel | None = None, *, overlap_degree: int | None = None,
+                 calibrate: bool = False):
+        if cost_model is None and overlap_degree is None:
+            raise ValueError("HecatePolicy needs cost_model or overlap_degree to know t")
+        if overlap_degree is not None:
+            if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) \
+                    or overlap_degree < 0:
+                raise ValueError(f"overlap_degree must be an int >= 0, got {overlap_degree!r}")
+        if calibrate and cost_model is None:
+            raise ValueError("HecatePolicy(calibrate=True) needs a cost_model to compare plans")
+        self.cost_model = cost_model
+        self.fixed_t = overlap_degree
+        self.calibrate = calibrate
+        self.last_calibrated = False
+
+    def overlap_degree(self, node_of_W: np.ndarray) -> int:
+        if self.fixed_t is not None:
+            return self.fixed_t
+        multi_node = bool(np.any(node_of_W != node_of_W[0]))
+        return self.cost_model.overlap_degree(multi_node)
+
+    def _plan(self, load_E, owner_E, node_of_W, m, counts_WE):
+        t = self.overlap_degree(node_of_W)
+        holders = self.place(load_E, owner_E, node_of_W, m, t)
+        self.last_calibrated = False
+        if self.calibrate and counts_WE is not None:
+            real = self.place(counts_WE.sum(axis=0).astype(np.float64), owner_E, node_of_W, m, t)
+            if not np.array_equal(real, holders) and self._faster(holders, real, owner_E,
+                                                                  node_of_W, counts_WE):
+                self.last_calibrated = True
+                return real
+        return holders
+
+    @staticmethod
+    def place(load_E, owner_E, node_of_W, m, t) -> np.ndarray:
+        """Algorithm 1 proper on numpy inputs (public for the simulator and tests)."""
+        W, E = len(node_of_W), len(load_E)
+        holders = owner_holders(owner_E, W)
+        if t <= m:
+            holders[:, hottest(load_E, t)] = True
+            return holders
+        quota_E = proportional_quota(load_E, W * m, cap=W - 1)
+        share_E = load_E / (quota_E + 1)  # expected tokens per copy
+        dev_load_W = np.zeros(W)
+        np.add.at(dev_load_W, owner_E, share_E)
+        used_W = np.zeros(W, dtype=np.int64)
+        num_nodes = int(node_of_W.max()) + 1
+        node_has_NE = np.zeros((num_nodes, E), dtype=np.bool_)
+        node_has_NE[node_of_W[owner_E], np.arange(E)] = True
+        ranks = np.arange(W)
+        for e in np.lexsort((np.arange(E), -load_E, -quota_E)):
+            for _ in range(int(quota_E[e])):
+                free = ~holders[:, e] & (used_W < m)
+                if not free.any():
+                    break
+                node_lacks = ~node_has_NE[node_of_W, e]
+                # lexsort: last key is primary. Non-candidates sort last.
+                order = np.lexsort((ranks, used_W, dev_load_W, ~node_lacks, ~free))
+                d = order[0]
+                holders[d, e] = True
+                used_W[d] += 1
+                dev_load_W[d] += share_E[e]
+                node_has_NE[node_of_W[d], e] = True
+        return holders
+
+    def _faster(self, predicted, real, owner_E, node_of_W, counts_WE) -> bool:
+        cm = self.cost_model
+        own = owner_holders(owner_E, len(node_of_W))
+        # The predicted plan's gather already ran (overlapped); the switch adds an exposed gather.
+        base_W = np.maximum(cm.gather_time_W(predicted & ~own, owner_E, node_of_W) - cm.t_non_moe, 0)
+        r_pred = _routes_np(predicted, counts_WE, node_of_W)
+        r_real = _routes_np(real, counts_WE, node_of_W)
+        t_pred = (cm.compute_time_W(r_pred) + cm.all_to_all_time_W(r_pred, node_of_W)
+                  + base_W).max()
+        extra_W = cm.gather_time_W(real & ~predicted, owner_E, node_of_W)
+        t_real = (cm.compute_time_W(r_real) + cm.all_to_all_time_W(r_real, node_of_W)
+                  + base_W + extra_W).max()
+        return bool(t_real < t_pred)
+
+
+class ShadowingPolicy(MaterializationPolicy):
+    """FasterMoE-style shadowing decided from the current batch (counts_WE is required).
+
+    Experts are considered hottest first; an expert is shadowed (copied to
+    every rank) while doing so lowers the cost model's estimate, i.e. while
+    the saved all-to-all and compute imbalance outweigh its broadcast, which
+    is exposed (hidden_s = 0) because it can only start after routing. At most
+    `capacity_m` experts are shadowed. `predicted_load_E` is ignored.
+    """
+
+    name = "shadowing"
+
+    def __init__(self, cost_model: CostModel):
+        if not isinstance(cost_model, CostModel):
+            raise TypeError(f"ShadowingPolicy needs a CostModel, got {type(cost_model).__name__}")
+        self.cost_model = cost_model
+
+    def _plan(self, load_E, owner_E, node_of_W, m, counts_WE):
+        if counts_WE is None:
+            raise ValueError("ShadowingPolicy.plan needs counts_WE (the current batch's counts)")
+        cm = self.cost_model
+        W = len(node_of_W)
+        own = owner_holders(owner_E, W)
+        holders = own.copy()
+
+        def estimate(h):
+            return cm.plan_time(h, owner_E, _routes_np(h, counts_WE, node_of_W), node_of_W,
+                                hidden_s=0.0, gathered_WE=h & ~own)
+
+        best = estimate(holders)
+        for e in hottest(counts_WE.sum(axis=0).astype(np.float64), m):
+            trial = holders.copy()
+            trial[:, e] = True
+            cost = estimate(trial)
+            if not cost < best:
+                break
+            holders, best = trial, cost
+        return holders

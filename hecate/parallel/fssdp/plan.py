@@ -1,0 +1,85 @@
+"""The per-layer, per-iteration plan: P0, P1, token routes and split sizes.
+
+A plan is a pure function of all-gathered inputs, so every rank computes the
+same one; `digest()` hashes its placement tensors so the runtime can
+all-gather the digests and fail loudly (naming the ranks) on a disagreement
+instead of hanging in a collective with mismatched splits.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hecate.parallel.fssdp.materialize import MaterializationPolicy
+from hecate.parallel.fssdp.routes import rank_splits, token_routes
+
+_DIGEST_TAG = b"hecate-fssdp-plan-v1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """owner_E int64 [E] (P0), holders_WE bool [W, E] (P1), routes_WEW int64 [W_src, E, W_dst]."""
+
+    owner_E: torch.Tensor
+    holders_WE: torch.Tensor
+    routes_WEW: torch.Tensor
+
+    @property
+    def world_size(self) -> int:
+        return self.holders_WE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.holders_WE.shape[1]
+
+    @property
+    def gather_WE(self) -> torch.Tensor:
+        """bool [W, E]: chunks each rank must receive by spAG (held, not owned)."""
+        gather = self.holders_WE.clone()
+        gather[self.owner_E, torch.arange(self.num_experts)] = False
+        return gather
+
+    @property
+    def tokens_WW(self) -> torch.Tensor:
+        """int64 [W_src, W_dst]: all-to-all split sizes of every rank (row = its send splits)."""
+        return self.routes_WEW.sum(dim=1)
+
+    def send_splits(self, rank: int) -> list[int]:
+        """Tokens `rank` sends to each rank in the dispatch all-to-all."""
+        return rank_splits(self.routes_WEW, rank)[0].sum(dim=1).tolist()
+
+    def recv_splits(self, rank: int) -> list[int]:
+        """Tokens `rank` receives from each rank in the dispatch all-to-all."""
+        return rank_splits(self.routes_WEW, rank)[1].sum(dim=1).tolist()
+
+    def rank_splits(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(send_WE, recv_WE) of `rank`, per peer and expert; see routes.rank_splits."""
+        return rank_splits(self.routes_WEW, rank)
+
+    def digest(self) -> str:
+        """Stable sha256 hex of (owner, holders, routes): equal plans give equal digests anywhere."""
+        h = hashlib.sha256(_DIGEST_TAG)
+        for t in (self.owner_E, self.holders_WE.to(torch.int64), self.routes_WEW):
+            arr = np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<i8")
+            h.update(np.asarray(arr.shape, dtype="<i8").tobytes())
+            h.update(arr.tobytes())
+        return h.hexdigest()
+
+    def digest_words(self) -> torch.Tensor:
+        """The digest as int64 [4], ready for an all_gather to compare plans across ranks."""
+        raw = bytes.fromhex(self.digest())
+        return torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64))
+
+
+def build_plan(policy: MaterializationPolicy, predicted_load_E, owner_E, counts_WE, node_of_W,
+               capacity_m: int) -> Plan:
+    """Plan one layer's iteration: P1 from `policy`, then routes for the batch's counts_WE."""
+    if not isinstance(policy, MaterializationPolicy):
+        raise TypeError(f"policy must be a MaterializationPolicy, got {type(policy).__name__}")
+    holders = policy.plan(predicted_load_E, owner_E, node_of_W, capacity_m, counts_WE=counts_WE)
+    routes = token_routes(holders, counts_WE, node_of_W)
+    owner = torch.as_tensor(owner_E, dtype=torch.int64).clone()
+    return Plan(owner_E=owner, holders_WE=holders, routes_WEW=routes)

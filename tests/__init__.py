@@ -1,0 +1,1 @@
+# Makes tests/ a package so that worker processes of hecate.testing.pool can import test functions.

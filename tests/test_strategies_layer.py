@@ -1,0 +1,111 @@
+"""Every strategy at W = 2, 3, 4 computes what one process with all experts local computes.
+
+Objective: rank r's loss is <y_r, g_r> + aux_r; dense gradients are averaged over ranks
+and expert gradients averaged by the strategy, so the distributed run optimizes
+(1/W) * sum_r loss_r. The single-process oracle runs the concatenated tokens with
+group_sizes = the per-rank token counts (capacity and aux losses per group).
+"""
+import copy
+
+import pytest
+import torch
+
+from hecate.comm.topology import Topology
+from hecate.moe.config import MoEConfig
+from hecate.moe.layer import MoELayer
+from hecate.parallel import build_strategy, parallelize
+from hecate.parallel.dense import all_reduce_dense_gradients
+from hecate.testing import run_distributed
+
+HIDDEN, FFN, EXPERTS = 16, 24, 12
+
+
+def _config(k, capacity_factor, activation="gelu"):
+    return MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=EXPERTS, top_k=k,
+                     capacity_factor=capacity_factor, min_capacity=1, activation=activation,
+                     aux_loss_coeff=0.01, z_loss_coeff=0.001)
+
+
+def _inputs(world, counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, HIDDEN, generator=g, dtype=torch.float64).float() for n in counts[:world]]
+    gs = [torch.randn(n, HIDDEN, generator=g) for n in counts[:world]]
+    return xs, gs
+
+
+def _oracle(layer, xs, gs):
+    x_all = torch.cat(xs).requires_grad_(True)
+    out = layer(x_all, group_sizes=[x.shape[0] for x in xs])
+    loss = (out.y * torch.cat(gs)).sum() / len(xs) + out.aux_loss
+    loss.backward()
+    return out, x_all.grad
+
+
+def strategy_case(rank, world, strategy, k, capacity_factor, counts, seed, options):
+    torch.manual_seed(seed)
+    base = MoELayer(_config(k, capacity_factor, options.pop("activation", "gelu")))
+    ref = copy.deepcopy(base)
+    xs, gs = _inputs(world, counts, seed + 1)
+    ref_out, ref_xgrad = _oracle(ref, xs, gs)
+
+    topo = Topology()
+    layer = parallelize(copy.deepcopy(base), build_strategy(strategy, topo, **options))
+    layer = layer if isinstance(layer, MoELayer) else layer
+    x = xs[rank].clone().requires_grad_(True)
+    out = layer(x)
+    ((out.y * gs[rank]).sum() + out.aux_loss).backward()
+    all_reduce_dense_gradients(layer)
+    layer.strategy.finish_backward([layer])
+
+    start = sum(counts[:rank])
+    sl = slice(start, start + counts[rank])
+    ref_experts = {n: p.grad for n, p in ref.experts.named_parameters()}
+    got_experts = layer.strategy.gather_experts(layer, grads=True)
+    return {
+        "y": (out.y, ref_out.y[sl]),
+        "x_grad": (x.grad / world, ref_xgrad[sl]),
+        "router_grad": ([p.grad for p in layer.router.parameters()], [p.grad for p in ref.router.parameters()]),
+        "expert_grads": (got_experts, ref_experts),
+        "aux": (out.aux_loss, None),
+        "ref_aux": ref_out.aux_loss,
+    }
+
+
+def _check(results, world):
+    aux = torch.stack([r["aux"][0] for r in results]).mean()
+    torch.testing.assert_close(aux, results[0]["ref_aux"], rtol=1e-5, atol=1e-6)
+    for r in results:
+        for key in ("y", "x_grad"):
+            torch.testing.assert_close(*r[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        for got, want in zip(*r["router_grad"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        got, want = r["expert_grads"]
+        assert set(got) == set(want)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+# Uneven token counts, and one rank with none at all.
+COUNTS = [13, 0, 21, 7]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("strategy", ["dp", "ep", "fsdp", "fssdp"])
+@pytest.mark.parametrize("k,capacity_factor", [(1, None), (2, None), (1, 1.0), (2, 0.5)])
+def test_strategy_matches_single_process(world, strategy, k, capacity_factor):
+    counts = COUNTS if world != 2 else [COUNTS[0], COUNTS[2]]
+    results = run_distributed(strategy_case, world, strategy, k, capacity_factor, counts, 7, {})
+    _check(results, world)
+
+
+@pytest.mark.parametrize("strategy,options", [("ep", {"ep_size": 2, "activation": "swiglu"}),
+                                              ("fsdp", {"activation": "swiglu"}),
+                                              ("fssdp", {"activation": "swiglu"})])
+def test_strategy_swiglu_and_expert_data_parallel(strategy, options):
+    results = run_distributed(strategy_case, 4, strategy, 2, None, COUNTS, 11, options)
+    _check(results, 4)
+
+
+def test_ep_size_must_divide_world():
+    with pytest.raises(Exception, match="ep_size"):
+        run_distributed(strategy_case, 3, "ep", 1, None, COUNTS, 1, {"ep_size": 2})
