@@ -391,3 +391,20 @@ def test_node_of_ranks():
     assert node_of_ranks(6, 3).tolist() == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="ranks_per_node"):
         node_of_ranks(6, 4)
+
+
+# ---------------------------------------------------------------- simulator
+def test_simulator_ranks_replication_above_ep_under_skew():
+    from hecate.sim.fssdp import Workload, simulate
+
+    cm = cost_model(intra_node_bw=50e9, inter_node_bw=10e9, chunk_bytes=4 * 10**6,
+                    t_non_moe=2e-3, token_compute_s=2e-7, token_bytes=2048)
+    wl = Workload(num_layers=1, num_experts=16, tokens_per_rank=2048, zipf_skew=1.5, seed=1)
+    out = simulate(cm, wl, num_ranks=8, ranks_per_node=4, capacity_m=4, steps=4, reshard_every=2)
+    assert out["overlap_degree"] == 5
+    assert out["speedup_vs_ep"]["ep"] == 1.0
+    assert out["speedup_vs_ep"]["hecate"] > 1.0
+    assert out == simulate(cm, wl, num_ranks=8, ranks_per_node=4, capacity_m=4, steps=4,
+                           reshard_every=2)  # deterministic
+    with pytest.raises(ValueError, match="policies"):
+        simulate(cm, wl, num_ranks=8, ranks_per_node=4, capacity_m=4, policies=("zero",))

@@ -109,3 +109,33 @@ def test_strategy_swiglu_and_expert_data_parallel(strategy, options):
 def test_ep_size_must_divide_world():
     with pytest.raises(Exception, match="ep_size"):
         run_distributed(strategy_case, 3, "ep", 1, None, COUNTS, 1, {"ep_size": 2})
+
+
+FSSDP_OPTIONS = [
+    {"overlap_degree": 3},                                  # Algorithm 1, t <= m: top-3 everywhere
+    {"overlap_degree": 12, "memory_slots": 2},              # Algorithm 1, t > m: proportional slots
+    {"overlap_degree": 3, "rematerialize": False},
+    {"policy": "shadowing"},
+    {"policy": "none"},
+]
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("options", FSSDP_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fssdp_with_replicas_matches_single_process(world, options):
+    results = run_distributed(strategy_case, world, "fssdp", 2, None, COUNTS, 5, dict(options))
+    _check(results, world)
+
+
+def fssdp_replicas_case(rank, world, options):
+    """The plan really replicates: some rank holds a chunk it does not own."""
+    torch.manual_seed(0)
+    layer = parallelize(MoELayer(_config(2, None)), build_strategy("fssdp", Topology(), **options))
+    layer(torch.randn(32, HIDDEN))
+    plan = layer.fssdp_state.last_plan
+    return int(plan.holders_WE.sum()), int(plan.owner_E.numel())
+
+
+def test_fssdp_plan_replicates_hot_experts():
+    held, chunks = run_distributed(fssdp_replicas_case, 4, {"overlap_degree": 3})[0]
+    assert held == chunks + 3 * 3  # top-3 experts gain a copy on each of the 3 non-owners

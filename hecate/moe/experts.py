@@ -108,13 +108,13 @@ def grouped_mlp(x_ND: torch.Tensor, counts_G: torch.Tensor, w1_GFD: torch.Tensor
     if impl == "auto":
         want = PREFERRED_IMPL.get((x_ND.device.type, x_ND.dtype), "loop")
         impl = "grouped_mm" if want == "grouped_mm" and _grouped_mm_ok(x_ND, *weights) else "loop"
-        if impl == "grouped_mm":
+        if impl == "grouped_mm" and x_ND.shape[0] > 0:
             try:
                 return _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
             except RuntimeError:  # unsupported on this build/device: remember, use the loop
                 _GROUPED_MM_BROKEN.add((x_ND.device.type, x_ND.dtype))
                 impl = "loop"
-    if impl == "grouped_mm":
+    if impl == "grouped_mm" and x_ND.shape[0] > 0:  # (its backward rejects empty stride-0 grads)
         return _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
     return _mlp_loop(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
 

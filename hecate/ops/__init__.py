@@ -24,6 +24,8 @@ __all__ = [
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
 
+extension_available()  # registers torch.ops.hecate.* when hecate._C is built
+
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,274 @@
+// CUDA implementations of the torch.ops.hecate operators: the torch side of csrc/cuda/.
+// Each function checks its inputs the way the CPU kernel does (csrc/cpu/), allocates outputs
+// and workspaces with the caching allocator, and calls the C launchers of kernels.h on the
+// current stream of the input's device. Data-dependent range checks that would need a
+// device-to-host sync (ids / rows out of range) are left to the Python face (hecate.ops);
+// the kernels skip such entries instead of touching memory out of bounds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace hecate::cuda {
+namespace {
+
+using at::Tensor;
+
+hecate_dtype dtype_code(const Tensor& t, const char* name, bool allow_integers = false) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return HECATE_F32;
+    case at::kHalf: return HECATE_F16;
+    case at::kBFloat16: return HECATE_BF16;
+    case at::kDouble: return HECATE_F64;
+    default: break;
+  }
+  if (allow_integers) {
+    switch (t.scalar_type()) {
+      case at::kByte: return HECATE_U8;
+      case at::kChar: return HECATE_I8;
+      case at::kShort: return HECATE_I16;
+      case at::kInt: return HECATE_I32;
+      case at::kLong: return HECATE_I64;
+      default: break;
+    }
+  }
+  TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
+                   "; the CUDA kernel takes float32, float16, bfloat16 or float64",
+                   allow_integers ? " (or an integer type)" : "");
+}
+
+// fp32 math for every float dtype, fp64 for fp64 (as the CPU kernels).
+at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_device(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but ", like_name,
+                    " is on ", like.device(), "; move them to one device");
+}
+
+// Chunk ids may come from the host: copy them to the data's device.
+Tensor ids_on(const Tensor& chunk_ids_n, const Tensor& data) {
+  TORCH_CHECK_VALUE(chunk_ids_n.dim() == 1 && chunk_ids_n.scalar_type() == at::kLong,
+                    "chunk_ids_n must be a 1-D int64 tensor, got ", chunk_ids_n.sizes(), " ",
+                    chunk_ids_n.scalar_type());
+  return chunk_ids_n.to(data.device()).contiguous();
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Optional weights as a contiguous math-type tensor (or undefined).
+Tensor weights_as(const std::optional<Tensor>& weights_TK, const Tensor& row_map_TK, at::ScalarType math) {
+  if (!weights_TK.has_value() || !weights_TK->defined()) return {};
+  TORCH_CHECK_VALUE(weights_TK->sizes() == row_map_TK.sizes(), "weights_TK must have shape ",
+                    row_map_TK.sizes(), ", got ", weights_TK->sizes());
+  check_device(*weights_TK, "weights_TK", row_map_TK, "row_map_TK");
+  return weights_TK->to(math).contiguous();
+}
+
+void check_row_map(const Tensor& row_map_TK, const Tensor& y_ND) {
+  TORCH_CHECK_VALUE(row_map_TK.dim() == 2 && row_map_TK.scalar_type() == at::kLong,
+                    "row_map_TK must be a 2-D int64 tensor, got ", row_map_TK.sizes(), " ",
+                    row_map_TK.scalar_type());
+  check_device(row_map_TK, "row_map_TK", y_ND, "y_ND");
+}
+
+std::tuple<Tensor, Tensor, Tensor> topk_gating(const Tensor& logits_TE, int64_t k,
+                                               c10::string_view score_func, bool renormalize,
+                                               const std::optional<Tensor>& bias_E) {
+  TORCH_CHECK_VALUE(logits_TE.dim() == 2, "logits_TE must be 2-D (tokens, experts), got ",
+                    logits_TE.sizes());
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= E, "k must be in [1, E = ", E, "], got ", k);
+  TORCH_CHECK_VALUE(E <= INT_MAX, "logits_TE has ", E, " experts; the CUDA kernel takes at most ", INT_MAX);
+  const bool softmax = score_func == "softmax";
+  TORCH_CHECK_VALUE(softmax || score_func == "sigmoid",
+                    "score_func must be 'softmax' or 'sigmoid', got '", std::string(score_func), "'");
+  const c10::cuda::CUDAGuard guard(logits_TE.device());
+  auto logits = logits_TE.contiguous();
+  const hecate_dtype dtype = dtype_code(logits, "logits_TE");
+  const auto options = logits.options().dtype(math_dtype(logits.scalar_type()));
+  auto weights_TK = at::empty({T, k}, options);
+  auto indices_TK = at::empty({T, k}, logits.options().dtype(at::kLong));
+  auto scores_TE = at::empty({T, E}, options);
+  Tensor bias;
+  if (bias_E.has_value() && bias_E->defined()) {
+    TORCH_CHECK_VALUE(bias_E->dim() == 1 && bias_E->size(0) == E, "bias_E must have shape (", E,
+                      "), got ", bias_E->sizes());
+    check_device(*bias_E, "bias_E", logits_TE, "logits_TE");
+    bias = bias_E->to(options.dtype()).contiguous();
+  }
+  C10_CUDA_CHECK(hecate_topk_gating(logits.const_data_ptr(), dtype,
+                                    bias.defined() ? bias.const_data_ptr() : nullptr, T, E, k,
+                                    softmax ? HECATE_SCORE_SOFTMAX : HECATE_SCORE_SIGMOID,
+                                    renormalize, weights_TK.mutable_data_ptr(),
+                                    indices_TK.mutable_data_ptr<int64_t>(),
+                                    scores_TE.mutable_data_ptr(), current_stream()));
+  return {weights_TK, indices_TK, scores_TE};
+}
+
+Tensor expert_histogram(const Tensor& indices_TK, int64_t num_bins) {
+  TORCH_CHECK_VALUE(indices_TK.scalar_type() == at::kLong, "indices_TK must be int64, got ",
+                    indices_TK.scalar_type());
+  TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
+  const c10::cuda::CUDAGuard guard(indices_TK.device());
+  auto indices = indices_TK.contiguous();
+  auto counts_B = at::empty({num_bins}, indices.options());
+  C10_CUDA_CHECK(hecate_expert_histogram(indices.const_data_ptr<int64_t>(), indices.numel(), num_bins,
+                                         counts_B.mutable_data_ptr<int64_t>(), current_stream()));
+  return counts_B;
+}
+
+std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& x_TD, const Tensor& bins_TK, int64_t num_bins,
+                                           int64_t capacity, const std::optional<Tensor>& priority_TK) {
+  TORCH_CHECK_VALUE(x_TD.dim() == 2, "x_TD must be 2-D, got ", x_TD.sizes());
+  TORCH_CHECK_VALUE(bins_TK.dim() == 2 && bins_TK.size(0) == x_TD.size(0),
+                    "bins_TK must have shape (", x_TD.size(0), ", K), got ", bins_TK.sizes());
+  TORCH_CHECK_VALUE(bins_TK.scalar_type() == at::kLong, "bins_TK must be int64");
+  TORCH_CHECK_VALUE(num_bins >= 1 && num_bins < INT_MAX, "num_bins must be in [1, ", INT_MAX, "), got ",
+                    num_bins);
+  check_device(bins_TK, "bins_TK", x_TD, "x_TD");
+  const int64_t T = bins_TK.size(0), K = bins_TK.size(1), D = x_TD.size(1), n = T * K;
+  TORCH_CHECK_VALUE(n < INT_MAX, "bins_TK has ", n, " entries; the CUDA permute takes fewer than ", INT_MAX);
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const cudaStream_t stream = current_stream();
+  auto x = x_TD.contiguous();
+  auto bins = bins_TK.contiguous();
+  Tensor priority;
+  if (capacity >= 0 && priority_TK.has_value() && priority_TK->defined()) {
+    TORCH_CHECK_VALUE(priority_TK->sizes() == bins_TK.sizes(), "priority_TK must have shape ",
+                      bins_TK.sizes(), ", got ", priority_TK->sizes());
+    check_device(*priority_TK, "priority_TK", x_TD, "x_TD");
+    priority = priority_TK->to(at::kDouble).contiguous();  // the CPU kernel ranks in fp64 too
+  }
+  auto row_map_TK = at::empty({T, K}, bins.options());
+  auto counts_B = at::empty({num_bins}, bins.options());
+  const size_t ws_bytes = hecate_permute_workspace_bytes(T, K, num_bins, capacity, priority.defined());
+  auto workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  C10_CUDA_CHECK(hecate_permute_plan(bins.const_data_ptr<int64_t>(), T, K, num_bins, capacity,
+                                     priority.defined() ? priority.const_data_ptr<double>() : nullptr,
+                                     row_map_TK.mutable_data_ptr<int64_t>(),
+                                     counts_B.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(),
+                                     ws_bytes, stream));
+  // The one host sync of permute: x_ND's row count, with the largest bin for the range check.
+  auto largest = n > 0 ? bins.max() : at::full({}, -1, bins.options());
+  auto stats = at::stack({counts_B.sum(), largest}).cpu();
+  const int64_t N = stats[0].item<int64_t>(), max_bin = stats[1].item<int64_t>();
+  TORCH_CHECK_VALUE(max_bin < num_bins, "bins_TK contains ", max_bin, ", out of range for num_bins = ",
+                    num_bins);
+  auto x_ND = at::empty({N, D}, x.options());
+  if (N > 0)
+    C10_CUDA_CHECK(hecate_gather_rows(x.const_data_ptr(), row_map_TK.const_data_ptr<int64_t>(), T, K,
+                                      D * x.element_size(), x_ND.mutable_data_ptr(), stream));
+  return {x_ND, row_map_TK, counts_B};
+}
+
+Tensor unpermute(const Tensor& y_ND, const Tensor& row_map_TK, const std::optional<Tensor>& weights_TK) {
+  TORCH_CHECK_VALUE(y_ND.dim() == 2, "y_ND must be 2-D, got ", y_ND.sizes());
+  check_row_map(row_map_TK, y_ND);
+  const c10::cuda::CUDAGuard guard(y_ND.device());
+  auto y = y_ND.contiguous();
+  auto row_map = row_map_TK.contiguous();
+  const int64_t T = row_map.size(0), K = row_map.size(1), N = y.size(0), D = y.size(1);
+  const hecate_dtype dtype = dtype_code(y, "y_ND");
+  auto weights = weights_as(weights_TK, row_map, math_dtype(y.scalar_type()));
+  auto out_TD = at::empty({T, D}, y.options());
+  C10_CUDA_CHECK(hecate_unpermute(y.const_data_ptr(), dtype, N, row_map.const_data_ptr<int64_t>(),
+                                  weights.defined() ? weights.const_data_ptr() : nullptr, T, K, D,
+                                  out_TD.mutable_data_ptr(), current_stream()));
+  return out_TD;
+}
+
+std::tuple<Tensor, Tensor> unpermute_backward(const Tensor& grad_TD, const Tensor& y_ND,
+                                              const Tensor& row_map_TK,
+                                              const std::optional<Tensor>& weights_TK,
+                                              bool need_grad_weights) {
+  TORCH_CHECK_VALUE(y_ND.dim() == 2, "y_ND must be 2-D, got ", y_ND.sizes());
+  check_row_map(row_map_TK, y_ND);
+  const int64_t T = row_map_TK.size(0), K = row_map_TK.size(1), N = y_ND.size(0), D = y_ND.size(1);
+  TORCH_CHECK_VALUE(grad_TD.dim() == 2 && grad_TD.size(0) == T && grad_TD.size(1) == D,
+                    "grad_TD must have shape (", T, ", ", D, "), got ", grad_TD.sizes());
+  check_device(grad_TD, "grad_TD", y_ND, "y_ND");
+  const c10::cuda::CUDAGuard guard(y_ND.device());
+  auto y = y_ND.contiguous();
+  auto row_map = row_map_TK.contiguous();
+  auto grad = grad_TD.to(y.scalar_type()).contiguous();
+  const hecate_dtype dtype = dtype_code(y, "y_ND");
+  const auto math = math_dtype(y.scalar_type());
+  auto weights = weights_as(weights_TK, row_map, math);
+  auto grad_y_ND = at::zeros({N, D}, y.options());  // rows no entry maps to get zero gradient
+  Tensor grad_weights;
+  const bool want_weights = need_grad_weights && weights.defined();
+  if (want_weights) grad_weights = at::empty({T, K}, y.options().dtype(math));
+  C10_CUDA_CHECK(hecate_unpermute_backward(
+      grad.const_data_ptr(), y.const_data_ptr(), dtype, N, row_map.const_data_ptr<int64_t>(),
+      weights.defined() ? weights.const_data_ptr() : nullptr, T, K, D, grad_y_ND.mutable_data_ptr(),
+      want_weights ? grad_weights.mutable_data_ptr() : nullptr, current_stream()));
+  if (want_weights) grad_weights = grad_weights.to(weights_TK->scalar_type());
+  return {grad_y_ND, grad_weights};
+}
+
+void check_recv(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& out_CS) {
+  TORCH_CHECK_VALUE(out_CS.dim() == 2 && out_CS.is_contiguous(), "out_CS must be a contiguous 2-D tensor");
+  TORCH_CHECK_VALUE(recv_nS.dim() == 2 && recv_nS.size(0) == chunk_ids_n.numel() &&
+                        recv_nS.size(1) == out_CS.size(1),
+                    "recv_nS must have shape (", chunk_ids_n.numel(), ", ", out_CS.size(1), "), got ",
+                    recv_nS.sizes());
+  TORCH_CHECK_VALUE(recv_nS.scalar_type() == out_CS.scalar_type(), "recv_nS dtype ", recv_nS.scalar_type(),
+                    " differs from out_CS dtype ", out_CS.scalar_type());
+  check_device(recv_nS, "recv_nS", out_CS, "out_CS");
+}
+
+Tensor pack_chunks(const Tensor& buffer_CS, const Tensor& chunk_ids_n) {
+  TORCH_CHECK_VALUE(buffer_CS.dim() == 2, "buffer_CS must be 2-D, got ", buffer_CS.sizes());
+  const c10::cuda::CUDAGuard guard(buffer_CS.device());
+  auto buffer = buffer_CS.contiguous();
+  auto ids = ids_on(chunk_ids_n, buffer);
+  const int64_t n = ids.numel(), C = buffer.size(0), S = buffer.size(1);
+  auto out_nS = at::empty({n, S}, buffer.options());
+  C10_CUDA_CHECK(hecate_pack_chunks(buffer.const_data_ptr(), C, S * buffer.element_size(),
+                                    ids.const_data_ptr<int64_t>(), n, out_nS.mutable_data_ptr(),
+                                    current_stream()));
+  return out_nS;
+}
+
+void unpack_chunks(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& out_CS) {
+  check_recv(recv_nS, chunk_ids_n, out_CS);
+  const c10::cuda::CUDAGuard guard(out_CS.device());
+  auto ids = ids_on(chunk_ids_n, out_CS);
+  auto recv = recv_nS.contiguous();
+  C10_CUDA_CHECK(hecate_unpack_chunks(recv.const_data_ptr(), ids.const_data_ptr<int64_t>(), ids.numel(),
+                                      out_CS.size(1) * out_CS.element_size(), out_CS.mutable_data_ptr(),
+                                      out_CS.size(0), current_stream()));
+}
+
+void scatter_add_chunks(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& out_CS) {
+  check_recv(recv_nS, chunk_ids_n, out_CS);
+  const c10::cuda::CUDAGuard guard(out_CS.device());
+  const hecate_dtype dtype = dtype_code(out_CS, "out_CS", /*allow_integers=*/true);
+  auto ids = ids_on(chunk_ids_n, out_CS);
+  auto recv = recv_nS.contiguous();
+  C10_CUDA_CHECK(hecate_scatter_add_chunks(recv.const_data_ptr(), dtype, ids.const_data_ptr<int64_t>(),
+                                           ids.numel(), out_CS.size(1), out_CS.mutable_data_ptr(),
+                                           out_CS.size(0), current_stream()));
+}
+
+}  // namespace
+}  // namespace hecate::cuda
+
+TORCH_LIBRARY_IMPL(hecate, CUDA, m) {
+  m.impl("topk_gating", &hecate::cuda::topk_gating);
+  m.impl("expert_histogram", &hecate::cuda::expert_histogram);
+  m.impl("permute", &hecate::cuda::permute);
+  m.impl("unpermute", &hecate::cuda::unpermute);
+  m.impl("unpermute_backward", &hecate::cuda::unpermute_backward);
+  m.impl("pack_chunks", &hecate::cuda::pack_chunks);
+  m.impl("unpack_chunks", &hecate::cuda::unpack_chunks);
+  m.impl("scatter_add_chunks", &hecate::cuda::scatter_add_chunks);
+}

@@ -1,0 +1,104 @@
+"""The autograd function that runs one FSSDP MoE layer's experts.
+
+Everything that communicates inside the expert part of a layer lives in ONE
+autograd node, so the order of collectives in the backward is fixed by code,
+not by the autograd engine's scheduling (two independent collectives in one
+graph may run in a different order on different ranks, for example on a rank
+that received no tokens, and deadlock):
+
+    forward:  spAG(P0 -> P1)  ->  dispatch all-to-all  ->  experts  ->  combine all-to-all
+    backward: combine^T all-to-all -> [re-materialize: spAG again] -> experts backward
+              -> dispatch^T all-to-all -> spRS(P1 -> P0)
+
+Re-materialization (RM) frees the materialized chunks right after the forward
+(their storage is resized to zero while the autograd graph keeps its views) and
+gathers them again at the start of the backward, so at most one layer's
+materialized experts are alive at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+from hecate.comm.all_to_all import all_to_all_v
+from hecate.comm.sparse import sparse_all_gather, sparse_reduce_scatter
+from hecate.parallel.expert_compute import experts_on_received
+
+
+class ExchangeSpec:
+    """What one layer's exchange needs besides tensors (plan, layer, options)."""
+
+    def __init__(self, layer, owner_E, holders_WE, send_splits, recv_splits, recv_WE, slot_of_E,
+                 group, stats, rematerialize: bool):
+        self.layer = layer
+        self.owner_E, self.holders_WE = owner_E, holders_WE
+        self.send_splits, self.recv_splits = send_splits, recv_splits
+        self.recv_WE, self.slot_of_E = recv_WE, slot_of_E
+        self.group, self.stats = group, stats
+        self.rematerialize = rematerialize
+
+    def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
+        materialized, _ = sparse_all_gather(owned_OS, self.owner_E, self.holders_WE, group=self.group,
+                                            stats=self.stats, check=False, name="fssdp.spAG")
+        return materialized
+
+    def expert_graph(self, x_recv: torch.Tensor, materialized_MS: torch.Tensor):
+        """Build the expert computation on leaf inputs so its backward can be run on demand."""
+        x_leaf = x_recv.detach().requires_grad_(True)
+        m_leaf = materialized_MS.detach().requires_grad_(True)
+        with torch.enable_grad():
+            weights = self.layer.expert_layout.unflatten(m_leaf)
+            y = experts_on_received(self.layer, x_leaf, self.recv_WE, weights, self.slot_of_E)
+        return x_leaf, m_leaf, y
+
+
+class FssdpExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, owned_OS, spec: ExchangeSpec):
+        with torch.no_grad():
+            materialized = spec.gather(owned_OS)
+        x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.group,
+                              stats=spec.stats, name="fssdp.dispatch")
+        x_leaf, m_leaf, y_recv = spec.expert_graph(x_recv, materialized)
+        with torch.no_grad():
+            y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.group,
+                                stats=spec.stats, name="fssdp.combine")
+        if spec.rematerialize:
+            # Free the chunks now; the graph's views of m_leaf come back to life in backward.
+            m_leaf.data.untyped_storage().resize_(0)
+        ctx.spec = spec
+        ctx.graph = (x_leaf, m_leaf, y_recv)
+        ctx.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_y_ND):
+        spec = ctx.spec
+        x_leaf, m_leaf, y_recv = ctx.graph
+        grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
+                                   group=spec.group, stats=spec.stats, name="fssdp.combine.backward")
+        if spec.rematerialize:
+            owned = ctx.saved_owned
+            regathered = spec.gather(owned)
+            storage = m_leaf.data.untyped_storage()
+            storage.resize_(regathered.numel() * regathered.element_size())
+            m_leaf.data.copy_(regathered)  # .data: no version bump, the graph's views stay valid
+            del regathered
+        if y_recv.requires_grad and y_recv.numel():
+            grad_x, grad_m = torch.autograd.grad(y_recv, (x_leaf, m_leaf), grad_y_recv, allow_unused=True)
+        else:
+            grad_x = grad_m = None
+        grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
+        grad_m = torch.zeros_like(m_leaf) if grad_m is None else grad_m
+        if spec.rematerialize:
+            m_leaf.data.untyped_storage().resize_(0)
+        ctx.graph = None
+        grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.group,
+                                 stats=spec.stats, name="fssdp.dispatch.backward")
+        grad_owned = sparse_reduce_scatter(grad_m, spec.owner_E, spec.holders_WE, group=spec.group,
+                                           stats=spec.stats, check=False, name="fssdp.spRS")
+        return grad_x_ND, grad_owned, None
+
+
+def fssdp_experts(x_ND: torch.Tensor, owned_OS: torch.Tensor, spec: ExchangeSpec) -> torch.Tensor:
+    """Rows of x_ND (ordered by destination rank, then expert) -> expert outputs in the same order."""
+    return FssdpExperts.apply(x_ND, owned_OS, spec)

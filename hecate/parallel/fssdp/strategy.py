@@ -1,0 +1,308 @@
+"""`fssdp`: fully sharded sparse data parallelism (the Hecate paper).
+
+Each MoE layer's experts are chunks (one flat row per expert) with exactly one
+owner rank (P0), which keeps the fp32 master row, its gradient and its
+optimizer state; nobody else keeps any of it. Every iteration:
+
+1. the router's counts are all-gathered (one small message that also carries
+   each rank's measured non-MoE time and a digest of its placement state);
+2. every rank computes the same plan: P1 from the policy (Algorithm 1 by
+   default) on the predicted load, token routes among replicas for this
+   batch's counts (local first, then same node, then across nodes);
+3. one autograd node (expert_exchange.FssdpExperts) gathers the planned
+   chunks (spAG), dispatches, runs the experts, combines, and in backward
+   re-materializes, reverses the exchanges and reduces the chunk gradients
+   into their owners (spRS);
+4. every `reshard_interval` iterations the owners are re-placed from the
+   observed load (Algorithm 2), moving parameters and optimizer state together.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate import ops
+from hecate.comm.agreement import AgreementError
+from hecate.comm.sparse import sparse_all_gather
+from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
+from hecate.parallel.fssdp.cost import CostModel
+from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
+from hecate.parallel.fssdp.load import LoadPredictor
+from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
+from hecate.parallel.fssdp.plan import build_plan
+from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
+from hecate.parallel.strategy import ExpertStrategy
+
+POLICIES = ("hecate", "shadowing", "none")
+# Default link speeds (bytes/s) when the user gives none: NVLink / 100 Gbps IB for NCCL,
+# loopback TCP for gloo. They only set the overlap degree t of Algorithm 1.
+DEFAULT_BANDWIDTH = {"nccl": (150e9, 12.5e9), "gloo": (2e9, 1e9)}
+_DIGEST_WORDS = 4
+
+
+@dataclass
+class LayerState:
+    owner_E: torch.Tensor
+    predictor: LoadPredictor
+    non_moe_us: int = 0
+    last_plan: object = None
+    observed_E: torch.Tensor = field(default=None)
+
+
+def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.int64)[:_DIGEST_WORDS].clone()
+
+
+class FullyShardedSparse(ExpertStrategy):
+    """Options (config keys under `parallel.fssdp`):
+
+    policy: "hecate" (Algorithm 1), "shadowing" (FasterMoE-style, current batch) or "none".
+    window: iterations in the load predictor's sliding window (paper: 5).
+    memory_slots: m, chunks a rank may materialize beyond those it owns (default ceil(E / W)).
+    overlap_degree: t; None derives it from the measured non-MoE time and the bandwidth.
+    bandwidth: (intra_node, inter_node) bytes/s; None picks a default for the backend.
+    rematerialize: free materialized chunks after forward and gather them again in backward.
+    reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
+    calibrate: Algorithm 1's optional calibration on the current batch's routing.
+    """
+
+    name = "fssdp"
+
+    def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
+                 overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
+                 reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7):
+        if policy not in POLICIES:
+            raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
+        if window < 1:
+            raise ValueError(f"parallel.fssdp.window must be >= 1, got {window}")
+        if memory_slots is not None and memory_slots < 1:
+            raise ValueError(f"parallel.fssdp.memory_slots must be >= 1, got {memory_slots}")
+        if overlap_degree is not None and overlap_degree < 0:
+            raise ValueError(f"parallel.fssdp.overlap_degree must be >= 0, got {overlap_degree}")
+        if reshard_interval < 0:
+            raise ValueError(f"parallel.fssdp.reshard_interval must be >= 0, got {reshard_interval}")
+        self.topology = topology
+        self.policy_name, self.window, self.memory_slots = policy, window, memory_slots
+        self.overlap_degree, self.rematerialize = overlap_degree, rematerialize
+        self.reshard_interval, self.calibrate = reshard_interval, calibrate
+        self.token_compute_s = token_compute_s
+        backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
+        self.bandwidth = tuple(bandwidth) if bandwidth is not None else DEFAULT_BANDWIDTH.get(
+            backend, DEFAULT_BANDWIDTH["gloo"])
+        self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
+        self.iteration = 0
+        self.reshards = 0
+        self._last_exit = None
+
+    # ---- sharding -----------------------------------------------------------------------------
+    def attach(self, layer) -> None:
+        W, rank = self.topology.world_size, self.topology.rank
+        layout = ChunkLayout.of(layer.experts)
+        chunks_ES = layout.flatten(take_expert_parameters(layer)).float()
+        owner_E = even_sharding(layout.num_experts, W)
+        layer.expert_layout = layout
+        layer.expert_chunks = mark_expert(nn.Parameter(chunks_ES[owner_E == rank].clone()))
+        layer.fssdp_state = LayerState(owner_E, LoadPredictor(layout.num_experts, self.window))
+
+    def expert_parameters(self, layer):
+        return [layer.expert_chunks]
+
+    def capacity_m(self, num_experts: int) -> int:
+        if self.memory_slots is not None:
+            return self.memory_slots
+        return math.ceil(num_experts / self.topology.world_size)
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _policy(self, layout: ChunkLayout, non_moe_s: float, multi_node: bool):
+        if self.policy_name == "none":
+            return NoReplicationPolicy()
+        intra, inter = self.bandwidth
+        cost = CostModel(intra_node_bw=intra, inter_node_bw=inter,
+                         chunk_bytes=layout.chunk_numel * 4, t_non_moe=non_moe_s,
+                         token_compute_s=self.token_compute_s, token_bytes=layout.shapes[0][-1] * 4)
+        if self.policy_name == "shadowing":
+            return ShadowingPolicy(cost)
+        if self.overlap_degree is not None:
+            return HecatePolicy(cost if self.calibrate else None, overlap_degree=self.overlap_degree,
+                                calibrate=self.calibrate)
+        return HecatePolicy(cost, calibrate=self.calibrate)
+
+    def _agree_on_counts(self, layer, counts_E: torch.Tensor):
+        """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ."""
+        state = layer.fssdp_state
+        digest = _digest_words(state.owner_E, state.predictor.predict())
+        mine = torch.cat([counts_E.cpu(), torch.tensor([state.non_moe_us]), digest])
+        from hecate.comm.all_to_all import comm_device
+
+        dev = comm_device(None)
+        gathered = torch.empty(self.topology.world_size * mine.numel(), dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(gathered, mine.to(dev))
+        gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
+        E = counts_E.numel()
+        digests = gathered[:, E + 1:]
+        bad = [r for r in range(gathered.shape[0]) if not torch.equal(digests[r], digests[0])]
+        if bad:
+            good = [r for r in range(gathered.shape[0]) if r not in bad]
+            raise AgreementError(
+                f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
+                f"placement/load state than ranks {good}; every rank must load the same checkpoint "
+                "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
+        return gathered[:, :E], int(gathered[:, E].max())
+
+    def plan(self, layer, counts_E: torch.Tensor):
+        state = layer.fssdp_state
+        counts_WE, non_moe_us = self._agree_on_counts(layer, counts_E)
+        multi_node = self.topology.num_nodes > 1
+        policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, multi_node)
+        plan = build_plan(policy, state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
+                          self.capacity_m(layer.expert_layout.num_experts))
+        state.predictor.update_from_rank_counts(counts_WE)
+        state.observed_E = counts_WE.sum(0)
+        state.last_plan = plan
+        return plan
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
+        start = time.perf_counter()
+        if self._last_exit is not None and self.training_step_time_known(start):
+            layer.fssdp_state.non_moe_us = int((start - self._last_exit) * 1e6)
+        E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
+        indices_TK = routing.indices_TK
+        counts_E = ops.expert_histogram(indices_TK, E)
+        plan = self.plan(layer, counts_E)
+        send_WE, recv_WE = plan.rank_splits(rank)
+        bins_TK = self._destination_bins(indices_TK, counts_E, send_WE)
+        x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
+        held = plan.holders_WE[rank].nonzero().flatten()
+        slot_of_E = torch.zeros(E, dtype=torch.int64)
+        slot_of_E[held] = torch.arange(held.numel())
+        spec = ExchangeSpec(layer, plan.owner_E, plan.holders_WE, send_WE.sum(1).tolist(),
+                            recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
+                            self.rematerialize)
+        y_ND = fssdp_experts(x_ND, layer.expert_chunks.to(x_ND.dtype) if x_ND.dtype != torch.float32
+                             else layer.expert_chunks, spec)
+        out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
+        self._last_exit = time.perf_counter()
+        return out
+
+    def training_step_time_known(self, now: float) -> bool:
+        # A gap longer than a second spans an optimizer step or data loading, not attention.
+        return now - self._last_exit < 1.0
+
+    @staticmethod
+    def _destination_bins(indices_TK, counts_E, send_WE) -> torch.Tensor:
+        """bin = dst * E + e for each routed entry: entries of expert e, in token order, fill
+        the destinations' shares (send_WE[:, e]) in rank order."""
+        E = counts_E.numel()
+        flat = indices_TK.reshape(-1)
+        valid = flat >= 0
+        key = torch.where(valid, flat, torch.full_like(flat, E))
+        order = torch.sort(key, stable=True).indices
+        sorted_e = key[order]
+        starts = torch.cumsum(counts_E, 0) - counts_E
+        starts = torch.cat([starts, starts.new_zeros(1)])
+        pos = torch.arange(flat.numel()) - starts[sorted_e]
+        ends_EW = torch.cat([send_WE.T.cumsum(1), torch.zeros(1, send_WE.shape[0], dtype=torch.int64)])
+        dst_sorted = (pos.unsqueeze(1) >= ends_EW[sorted_e]).sum(1)
+        dst = torch.empty_like(flat)
+        dst[order] = dst_sorted
+        return torch.where(valid, dst * E + flat, torch.full_like(flat, -1)).view_as(indices_TK)
+
+    # ---- backward / optimizer ---------------------------------------------------------------
+    def finish_backward(self, layers) -> None:
+        """spRS summed every rank's contribution into the owners; average like dense DP grads."""
+        for layer in layers:
+            p = layer.expert_chunks
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad /= self.topology.world_size
+
+    def gather_experts(self, layer, grads: bool = False) -> dict[str, torch.Tensor]:
+        src = layer.expert_chunks.grad if grads else layer.expert_chunks.detach()
+        owner = layer.fssdp_state.owner_E
+        everyone = torch.ones(self.topology.world_size, owner.numel(), dtype=torch.bool)
+        full, _ = sparse_all_gather(src, owner, everyone, check=False, name="fssdp.gather_experts")
+        return {n: t.clone() for n, t in layer.expert_layout.unflatten(full).items()}
+
+    # ---- heterogeneous sharding (Algorithm 2) ------------------------------------------------
+    def step_end(self, layers, optimizer=None) -> bool:
+        """Call after each optimizer step; re-shards every `reshard_interval` iterations."""
+        self.iteration += 1
+        if self.reshard_interval and self.iteration % self.reshard_interval == 0:
+            return self.reshard(layers, optimizer)
+        return False
+
+    def reshard(self, layers, optimizer=None, owner_LE: torch.Tensor | None = None) -> bool:
+        """Re-place the owners of every layer's chunks (collective). Returns whether anything moved.
+
+        owner_LE None: Algorithm 2 on the predicted loads; the result is identical on every
+        rank because the loads come from all-gathered counts.
+        """
+        layers = list(layers)
+        old = torch.stack([layer.fssdp_state.owner_E for layer in layers])
+        if owner_LE is None:
+            loads = torch.stack([layer.fssdp_state.predictor.predict() for layer in layers])
+            t = [self._overlap_t(layer) for layer in layers]
+            owner_LE = heterogeneous_sharding(loads, self.topology.world_size,
+                                              self.topology.ranks_per_node, t)
+        if torch.equal(owner_LE, old):
+            return False
+        for layer, new_owner in zip(layers, owner_LE):
+            self._move_layer(layer, new_owner.clone(), optimizer)
+        self.reshards += 1
+        return True
+
+    def _overlap_t(self, layer) -> int:
+        plan = layer.fssdp_state.last_plan
+        if plan is None or self.policy_name != "hecate":
+            return 0
+        # Only experts replicated everywhere are "set aside" by Algorithm 2.
+        everywhere = plan.holders_WE.all(0).sum().item()
+        return int(everywhere)
+
+    def _move_rows(self, rows_OS: torch.Tensor, old_owner, new_owner) -> torch.Tensor:
+        W, rank = self.topology.world_size, self.topology.rank
+        E = old_owner.numel()
+        holders = torch.zeros(W, E, dtype=torch.bool)
+        holders[old_owner, torch.arange(E)] = True
+        holders[new_owner, torch.arange(E)] = True
+        with torch.no_grad():
+            held, ids = sparse_all_gather(rows_OS.detach(), old_owner, holders, check=False,
+                                          stats=self.topology.stats, name="fssdp.reshard")
+        return held[new_owner[ids] == rank].clone()
+
+    def _move_layer(self, layer, new_owner: torch.Tensor, optimizer) -> None:
+        state, p = layer.fssdp_state, layer.expert_chunks
+        old_owner = state.owner_E
+        old_shape = p.shape
+        if optimizer is not None and p in optimizer.state:
+            opt_state = optimizer.state[p]
+            for key, value in list(opt_state.items()):
+                if torch.is_tensor(value) and value.shape == old_shape:
+                    opt_state[key] = self._move_rows(value, old_owner, new_owner)
+        p.data = self._move_rows(p.data, old_owner, new_owner)
+        if p.grad is not None:
+            p.grad = None
+        state.owner_E = new_owner
+
+    def persistent_bytes(self, layer, optimizer=None) -> int:
+        """Bytes this rank keeps for the layer's experts: rows + grads + optimizer state."""
+        p = layer.expert_chunks
+        total = p.numel() * p.element_size()
+        if p.grad is not None:
+            total += p.grad.numel() * p.grad.element_size()
+        if optimizer is not None:
+            for v in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    total += v.numel() * v.element_size()
+        return total
