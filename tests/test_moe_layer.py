@@ -246,3 +246,30 @@ def test_bad_config_names_the_field(kw, field):
         MoEConfig(**base).validate()
     with pytest.raises(ValueError, match=field):
         MoELayer(MoEConfig(**base))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(t=st.integers(1, 9), e=st.integers(1, 5), k=st.integers(1, 3), cf=st.sampled_from([None, 0.5, 1.0]),
+       policy=st.sampled_from(["position", "probability"]), act=st.sampled_from(["gelu", "swiglu"]),
+       seed=st.integers(0, 99))
+def test_local_matches_oracle_property(t, e, k, cf, policy, act, seed):
+    k = min(k, e)
+    layer = make_layer(seed=seed, num_experts=e, top_k=k, capacity_factor=cf, drop_policy=policy,
+                       activation=act)
+    x = torch.randn(t, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.allclose(layer(x).y, oracle(layer, x, k, cf), atol=1e-5)
+
+
+def test_explicit_seq_len_for_flat_input():
+    layer = make_layer(seq_aux_loss_coeff=1.0)
+    x = torch.randn(2, 3, 8)
+    a = layer(x).aux_losses["seq_aux_loss"]
+    b = layer(x.reshape(6, 8), seq_len=3).aux_losses["seq_aux_loss"]
+    assert torch.allclose(a, b)
+    assert not torch.allclose(a, layer(x.reshape(6, 8)).aux_losses["seq_aux_loss"])
+    with pytest.raises(ValueError, match="seq_len"):
+        layer(x.reshape(6, 8), seq_len=4)

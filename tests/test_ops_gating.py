@@ -132,3 +132,10 @@ def test_bad_input_raises_value_error(args, match):
 def test_kernel_rejects_bad_k_with_value_error():
     with pytest.raises(ValueError, match="k must be in"):
         kernel("topk_gating")(torch.randn(4, 3), 4, "softmax", True, None)
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="k must be an int"):
+        ops.topk_gating(torch.randn(4, 8), 2.0)
+    with pytest.raises(TypeError, match="logits_TE must be a torch.Tensor"):
+        ops.topk_gating([[0.0, 1.0]], 1)

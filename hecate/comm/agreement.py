@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from hecate.comm.all_to_all import comm_device
+from hecate.comm.all_to_all import all_gather_flat, comm_device
 
 
 class AgreementError(RuntimeError):
@@ -23,6 +23,9 @@ class AgreementError(RuntimeError):
         self.name = name
         self.minority_ranks = minority_ranks
         self.majority_ranks = majority_ranks
+
+    def __reduce__(self):  # picklable, so it can cross process boundaries intact
+        return type(self), (self.args[0], self.name, self.minority_ranks, self.majority_ranks)
 
 
 def _feed(h, value) -> None:
@@ -66,7 +69,7 @@ def check_agreement(name: str, value, group=None) -> None:
     if world_size == 1:
         return
     gathered = torch.empty(world_size, dtype=torch.int64, device=mine.device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather_flat(gathered, mine, group=group)
     hashes = gathered.tolist()
     if len(set(hashes)) == 1:
         return

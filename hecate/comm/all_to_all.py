@@ -45,6 +45,12 @@ def _as_splits(splits, world_size: int, arg: str) -> list[int]:
     return values
 
 
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
+    """Concatenate every rank's equal-sized `x` into `out` (all_gather_single where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
 def exchange_splits(send_splits: list[int], group=None) -> list[int]:
     """Tell every rank how many rows it will receive from each peer (a small all_to_all)."""
     send = torch.tensor(send_splits, dtype=torch.int64, device=comm_device(group))

@@ -30,7 +30,9 @@ class MoEOutput(NamedTuple):
 class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN block.
 
-    forward(x, *, top_k=None, capacity_factor=None, group_sizes=None): x is [B, S, D] or [T, D].
+    forward(x, *, top_k=None, capacity_factor=None, group_sizes=None, seq_len=None): x is
+    [B, S, D] or [T, D] (flat input: seq_len tells the sequence-wise aux loss where sequences
+    end; default one sequence per group).
     top_k / capacity_factor override the config for this call (capacity_factor=math.inf
     means dropless). group_sizes splits the tokens into groups (one per rank, in order):
     capacity and aux losses are computed per group and the losses averaged, which equals
@@ -129,12 +131,16 @@ class MoELayer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, top_k: Optional[int] = None,
                 capacity_factor: Optional[float] = None,
-                group_sizes: Optional[Sequence[int]] = None) -> MoEOutput:
+                group_sizes: Optional[Sequence[int]] = None,
+                seq_len: Optional[int] = None) -> MoEOutput:
         d = self.config.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != d:
             raise ValueError(f"x must be [B, S, {d}] or [T, {d}] (hidden_size={d}), got {tuple(x.shape)}")
-        seq_len = x.shape[1] if x.dim() == 3 else None
+        if x.dim() == 3:
+            seq_len = x.shape[1] or None  # [B, 0, D]: no tokens, no sequences
         x_TD = x.reshape(-1, d)
+        if seq_len is not None and (seq_len <= 0 or x_TD.shape[0] % seq_len):
+            raise ValueError(f"seq_len={seq_len} must be positive and divide the {x_TD.shape[0]} tokens")
         sizes = check_group_sizes(group_sizes, x_TD.shape[0])
         k = self.resolve_top_k(top_k)
         cf = self.resolve_capacity_factor(capacity_factor)

@@ -146,8 +146,9 @@ def _check_chunk_ids(chunk_ids_n: torch.Tensor, num_chunks: int) -> None:
 def pack_chunks(buffer_CS: torch.Tensor, chunk_ids_n: torch.Tensor) -> torch.Tensor:
     """Gather rows buffer_CS[chunk_ids_n[i]] into one contiguous (n, S) send buffer."""
     check.tensor("buffer_CS", buffer_CS, 2)
-    _check_chunk_ids(chunk_ids_n, buffer_CS.shape[0])
+    check.tensor("chunk_ids_n", chunk_ids_n, 1, integer=True)
     check.same_device(buffer_CS=buffer_CS, chunk_ids_n=chunk_ids_n)
+    _check_chunk_ids(chunk_ids_n, buffer_CS.shape[0])
     if not use_extension("pack_chunks", buffer_CS.device):
         return reference.pack_chunks(buffer_CS, chunk_ids_n)
     return op("pack_chunks")(buffer_CS, chunk_ids_n)
@@ -156,7 +157,7 @@ def pack_chunks(buffer_CS: torch.Tensor, chunk_ids_n: torch.Tensor) -> torch.Ten
 def _check_unpack_args(recv_nS, chunk_ids_n, out_CS):
     check.tensor("recv_nS", recv_nS, 2)
     check.tensor("out_CS", out_CS, 2)
-    _check_chunk_ids(chunk_ids_n, out_CS.shape[0])
+    check.tensor("chunk_ids_n", chunk_ids_n, 1, integer=True)
     check.shape("recv_nS", recv_nS, (chunk_ids_n.shape[0], out_CS.shape[1]),
                 "(len(chunk_ids_n), chunk size of out_CS)")
     if recv_nS.dtype != out_CS.dtype:
@@ -164,6 +165,7 @@ def _check_unpack_args(recv_nS, chunk_ids_n, out_CS):
     if not out_CS.is_contiguous():
         raise ValueError("out_CS must be contiguous (it is written in place)")
     check.same_device(out_CS=out_CS, recv_nS=recv_nS, chunk_ids_n=chunk_ids_n)
+    _check_chunk_ids(chunk_ids_n, out_CS.shape[0])
 
 
 def unpack_chunks(recv_nS: torch.Tensor, chunk_ids_n: torch.Tensor, out_CS: torch.Tensor) -> None:

@@ -34,7 +34,8 @@ def all_reduce_dense_gradients(model: nn.Module, group=None, stats=None) -> None
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)
     if stats is not None:
-        stats.record_all_reduce("dense_all_reduce", flat.numel() * flat.element_size(), dist.get_world_size(group))
+        w, n = dist.get_world_size(group), flat.numel() * flat.element_size()
+        stats.record("dense.all_reduce", 2 * (w - 1) * n // w, 2 * (w - 1) * n // w)  # ring all-reduce
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()

@@ -17,6 +17,9 @@ class DataParallel(LocalStrategy):
         for p in layer.experts.parameters():
             mark_expert(p)
 
+    def expert_replication(self) -> int:
+        return self.topology.world_size
+
     def finish_backward(self, layers) -> None:
         import torch
 

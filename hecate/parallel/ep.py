@@ -60,6 +60,9 @@ class ExpertParallel(ExpertStrategy):
         y_ND = all_to_all_v(y_recv, recv_splits, send_splits, group=group, stats=stats, name="ep.combine")
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 
+    def expert_replication(self) -> int:
+        return len(self.groups.edp_ranks)
+
     def finish_backward(self, layers) -> None:
         """Expert grads hold the sum over every rank's tokens; average them like dense DP grads."""
         world = self.topology.world_size

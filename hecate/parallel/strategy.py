@@ -27,6 +27,10 @@ class ExpertStrategy:
     """
 
     name = "abstract"
+    # How many ranks hold an identical copy of each expert gradient after finish_backward
+    # (dp: the world; ep: the expert-data-parallel group; sharded strategies: 1).
+    def expert_replication(self) -> int:
+        return 1
 
     def attach(self, layer: "MoELayer") -> None:
         pass

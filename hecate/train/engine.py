@@ -1,0 +1,70 @@
+"""One training step under any strategy: backward, gradient sync, global clipping, AdamW.
+
+The same engine drives the trainer, the benchmarks and the equivalence tests, so
+what the tests prove is what users run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate.parallel import moe_layers
+from hecate.parallel.dense import all_reduce_dense_gradients, dense_parameters
+
+
+class Engine:
+    def __init__(self, model: nn.Module, strategy, topology=None, *, lr: float = 1e-3,
+                 weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
+                 max_grad_norm: float | None = None):
+        self.model, self.strategy, self.topology = model, strategy, topology
+        self.layers = moe_layers(model)
+        self.max_grad_norm = max_grad_norm
+        # Every rank steps the dense parameters (replicated) and only the expert rows it keeps.
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
+                                           eps=eps, foreach=False)
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized() and self.topology is not None and self.topology.world_size > 1
+
+    def sync_gradients(self) -> None:
+        if self.distributed:
+            all_reduce_dense_gradients(self.model, stats=self.topology.stats)
+        self.strategy.finish_backward(self.layers)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm over dense and expert gradients, every shard of every rank counted once."""
+        dense_sq = sum(float(p.grad.float().pow(2).sum()) for p in dense_parameters(self.model)
+                       if p.grad is not None)
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        for layer in self.layers:
+            for p in self.strategy.expert_parameters(layer):
+                if p.grad is not None:
+                    expert_sq += p.grad.double().pow(2).sum()
+        expert_sq /= self.strategy.expert_replication()
+        if self.distributed:
+            dist.all_reduce(expert_sq)
+        return math.sqrt(dense_sq + float(expert_sq))
+
+    def clip(self) -> float:
+        norm = self.grad_norm()
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            scale = self.max_grad_norm / (norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    def step(self) -> float:
+        """Sync gradients, clip, step the optimizer, zero grads, let the strategy re-shard."""
+        self.sync_gradients()
+        norm = self.clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.strategy, "step_end"):
+            self.strategy.step_end(self.layers, self.optimizer)
+        return norm

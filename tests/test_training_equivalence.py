@@ -1,0 +1,38 @@
+"""A small MoE transformer trained for several steps under each strategy equals a single
+process with all experts local, step by step (losses) and at the end (every parameter)."""
+import pytest
+
+from hecate.testing import run_distributed
+from tests.training_cases import check_training, train_case
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fssdp_trains_like_single_process(world):
+    results = run_distributed(train_case, world, "fssdp", {"overlap_degree": 2}, 6)
+    check_training(results)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("strategy", ["dp", "ep", "fsdp"])
+def test_baselines_train_like_single_process(world, strategy):
+    results = run_distributed(train_case, world, strategy, {}, 5)
+    check_training(results)
+
+
+def test_fssdp_reshard_in_the_middle_changes_nothing():
+    results = run_distributed(train_case, 4, "fssdp", {"overlap_degree": 1, "reshard_interval": 3}, 7,
+                              skew=True, timeout=240)
+    assert results[0]["reshards"] >= 1, "the skewed load should have moved some owners"
+    check_training(results)
+
+
+@pytest.mark.parametrize("rematerialize", [True, False])
+def test_fssdp_rematerialization_on_and_off(rematerialize):
+    results = run_distributed(train_case, 3, "fssdp",
+                              {"overlap_degree": 2, "rematerialize": rematerialize}, 5, skew=True)
+    check_training(results)
+
+
+def test_fssdp_with_capacity_drops():
+    results = run_distributed(train_case, 2, "fssdp", {"overlap_degree": 2}, 5, capacity_factor=1.0)
+    check_training(results)
