@@ -187,3 +187,18 @@ def _bad_input_task(rank, world_size, case):
 def test_bad_input(case, error, match):
     with pytest.raises(error, match=match):
         run_distributed(_bad_input_task, 2, case, timeout=60)
+
+
+def _nccl_task(rank, world_size):
+    device = torch.device("cuda", torch.cuda.current_device())
+    owner_C, holders_WC = random_placement(world_size, 6)
+    values_CS = chunk_values(owner_C.numel(), 6).to(device)
+    out_MS, ids_M = sparse_all_gather(values_CS[(owner_C == rank).to(device)], owner_C.to(device),
+                                      holders_WC.to(device))
+    return torch.equal(out_MS.cpu(), values_CS.cpu()[ids_M.cpu()])
+
+
+@pytest.mark.gpu
+def test_nccl_on_cuda():
+    world_size = min(torch.cuda.device_count(), 2)
+    assert run_distributed(_nccl_task, world_size, backend="nccl") == [True] * world_size

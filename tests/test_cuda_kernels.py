@@ -212,8 +212,10 @@ def test_unpermute_backward_zeroes_unreferenced_rows():
 def test_pack_unpack_scatter_add(dtype, S):
     g = torch.Generator().manual_seed(S)
     C = 9
-    make = (lambda *shape: torch.randint(0, 50, shape, generator=g).to(dtype)) if not dtype.is_floating_point \
-        else (lambda *shape: torch.randn(*shape, generator=g).to(dtype))
+    def make(*shape):
+        if dtype.is_floating_point:
+            return torch.randn(*shape, generator=g).to(dtype)
+        return torch.randint(0, 50, shape, generator=g).to(dtype)
     buffer = make(C, S)
     ids = torch.tensor([4, 0, 8, 4, 2, 4])  # repeats: accumulate in order / last copy wins
     packed = hecate_op("pack_chunks")(buffer.to(CUDA), ids.to(CUDA))
@@ -247,3 +249,22 @@ def test_chunk_ops_empty_and_errors():
         hecate_op("scatter_add_chunks")(torch.zeros(2, 5, device=CUDA), none, buffer)
     with pytest.raises(ValueError, match="dtype"):
         hecate_op("unpack_chunks")(torch.zeros(0, 5, device=CUDA, dtype=torch.float64), none, buffer)
+
+
+def test_bad_arguments_name_themselves():
+    rows = torch.zeros(2, 1, dtype=torch.long, device=CUDA)
+    with pytest.raises(ValueError, match="x_TD is on cpu"):
+        hecate_op("permute")(torch.zeros(2, 4), rows, 4, -1, None)
+    with pytest.raises(ValueError, match="weights_TK is on cpu"):
+        hecate_op("unpermute")(torch.zeros(2, 4, device=CUDA), rows, torch.ones(2, 1))
+    with pytest.raises(ValueError, match="weights_TK must have shape"):
+        hecate_op("unpermute")(torch.zeros(2, 4, device=CUDA), rows, torch.ones(2, 3, device=CUDA))
+    with pytest.raises(ValueError, match="grad_TD must have shape"):
+        hecate_op("unpermute_backward")(torch.zeros(3, 4, device=CUDA), torch.zeros(2, 4, device=CUDA),
+                                        rows, None, False)
+    with pytest.raises(ValueError, match="priority_TK must have shape"):
+        hecate_op("permute")(torch.zeros(2, 4, device=CUDA), rows, 4, 1, torch.ones(2, 2, device=CUDA))
+    with pytest.raises(ValueError, match="num_bins must be"):
+        hecate_op("expert_histogram")(rows, 0)
+    with pytest.raises(TypeError, match="y_ND has dtype"):
+        hecate_op("unpermute")(torch.zeros(2, 4, dtype=torch.int32, device=CUDA), rows, None)

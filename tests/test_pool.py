@@ -62,3 +62,26 @@ def test_rejects_local_function():
 
     with pytest.raises(ValueError, match="module-level"):
         run_distributed(local, 2)
+
+
+def _destroy_group(rank, world_size):
+    dist.destroy_process_group()
+    return rank
+
+
+def test_task_that_destroys_the_group_retires_the_pool():
+    pids = run_distributed(_pid, 2)
+    assert run_distributed(_destroy_group, 2) == [0, 1]
+    assert set(run_distributed(_pid, 2)).isdisjoint(pids)
+
+
+def _draw(rank, world_size):
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # must not leak into the next task
+    return grad_mode, torch.rand(2).tolist()
+
+
+def test_each_task_starts_from_the_same_rng_state():
+    first = run_distributed(_draw, 2)
+    assert run_distributed(_draw, 2) == first
+    assert all(grad_mode for grad_mode, _ in first)

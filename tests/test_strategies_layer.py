@@ -139,3 +139,19 @@ def fssdp_replicas_case(rank, world, options):
 def test_fssdp_plan_replicates_hot_experts():
     held, chunks = run_distributed(fssdp_replicas_case, 4, {"overlap_degree": 3})[0]
     assert held == chunks + 3 * 3  # top-3 experts gain a copy on each of the 3 non-owners
+
+
+def load_experts_case(rank, world, strategy):
+    torch.manual_seed(3)
+    layer = parallelize(MoELayer(_config(2, None)), build_strategy(strategy, Topology()))
+    g = torch.Generator().manual_seed(9)
+    full = {n: torch.randn(EXPERTS, *shape, generator=g)
+            for n, shape in [("w1_EFD", (FFN, HIDDEN)), ("w2_EDF", (HIDDEN, FFN))]}
+    layer.strategy.load_experts(layer, full)
+    back = layer.strategy.gather_experts(layer)
+    return all(torch.equal(back[n], full[n]) for n in full)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "ep", "fsdp", "fssdp"])
+def test_load_then_gather_experts_round_trips(strategy):
+    assert all(run_distributed(load_experts_case, 3, strategy))

@@ -43,7 +43,11 @@ if grep -nE '#include *[<"](torch|ATen|c10)/' csrc/cuda/*.cu csrc/cuda/*.cuh csr
   exit 1
 fi
 
+# setup.py's nvcc flags plus those torch's BuildExtension adds (COMMON_NVCC_FLAGS, -fPIC), so
+# that code relying on implicit half / bf16 conversions fails here as it would there.
 NVCC_FLAGS=(-std=c++20 -O3 --expt-relaxed-constexpr -Icsrc -Icsrc/cuda -Werror all-warnings
+            -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+            -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -Xcompiler=-fPIC
             -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90)
 
 compile() {  # compile <file.cu>: object and log in $TMP
@@ -63,7 +67,8 @@ wrapper_check() {  # syntax-check the torch wrapper against the installed torch 
   [[ -z "$py" && -x "$ROOT/.venv/bin/python" ]] && py="$ROOT/.venv/bin/python"
   py=${py:-python3}
   local includes
-  if ! includes=$("$py" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))' 2>/dev/null); then
+  local query='from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))'
+  if ! includes=$("$py" -c "$query" 2>/dev/null); then
     echo "  skipped csrc/cuda/cuda_ops.cpp: torch is not importable with $py"
     return 0
   fi
@@ -73,7 +78,9 @@ wrapper_check() {  # syntax-check the torch wrapper against the installed torch 
   # build skip it with this macro (it only sets C10_CUDA_BUILD_SHARED_LIBS, unused on Linux).
   flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
   if "${CXX:-g++}" "${flags[@]}" csrc/cuda/cuda_ops.cpp >"$TMP/cuda_ops.log" 2>&1; then
-    echo "  ok      csrc/cuda/cuda_ops.cpp (syntax, torch $("$py" -c 'import torch; print(torch.__version__)'))"
+    local version
+    version=$("$py" -c 'import torch; print(torch.__version__)')
+    echo "  ok      csrc/cuda/cuda_ops.cpp (syntax, torch $version)"
   else
     echo "  FAILED  csrc/cuda/cuda_ops.cpp"
     sed 's/^/    /' "$TMP/cuda_ops.log"
@@ -98,7 +105,8 @@ cat "$TMP/wrapper.out"
 # Every launcher of kernels.h must be defined (a missing one would only show as an import
 # error of hecate._C on a GPU machine).
 if [[ $status -eq 0 ]]; then
-  declared=$(grep -oE '^(cudaError_t|size_t) +hecate_[a-z_]+' csrc/cuda/kernels.h | awk '{print $2}' | sort -u)
+  declared=$(grep -oE '^(cudaError_t|size_t) +hecate_[a-z_]+' csrc/cuda/kernels.h |
+             awk '{print $2}' | sort -u)
   defined=$(nm -g --defined-only "$TMP"/*.o | awk '{print $3}' | grep '^hecate_' | sort -u)
   missing=$(comm -23 <(echo "$declared") <(echo "$defined"))
   if [[ -n "$missing" ]]; then

@@ -38,8 +38,8 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Largest element count per vector (8 elements and 16-byte accesses at most) that divides the row length
-// and keeps every row start aligned, given the base pointers' alignment.
+// Largest element count per vector (at most 8 elements and 16 bytes) that divides the row
+// length and keeps every row start aligned, given the base pointers' alignment.
 template <typename T>
 inline int vec_width(int64_t row_len, const void* const* ptrs, int num_ptrs) {
   constexpr int kMax = 16 / sizeof(T) < 8 ? static_cast<int>(16 / sizeof(T)) : 8;

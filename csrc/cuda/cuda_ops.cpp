@@ -48,6 +48,12 @@ hecate_dtype dtype_code(const Tensor& t, const char* name, bool allow_integers =
 // fp32 math for every float dtype, fp64 for fp64 (as the CPU kernels).
 at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dispatcher picks this kernel when any argument is on CUDA; the main one must be.
+void require_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " is on ", t.device(),
+                    " but another argument is on CUDA; move them to one device");
+}
+
 void check_device(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
   TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but ", like_name,
                     " is on ", like.device(), "; move them to one device");
@@ -82,6 +88,7 @@ void check_row_map(const Tensor& row_map_TK, const Tensor& y_ND) {
 std::tuple<Tensor, Tensor, Tensor> topk_gating(const Tensor& logits_TE, int64_t k,
                                                c10::string_view score_func, bool renormalize,
                                                const std::optional<Tensor>& bias_E) {
+  require_cuda(logits_TE, "logits_TE");
   TORCH_CHECK_VALUE(logits_TE.dim() == 2, "logits_TE must be 2-D (tokens, experts), got ",
                     logits_TE.sizes());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
@@ -114,6 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_gating(const Tensor& logits_TE, int64_t 
 }
 
 Tensor expert_histogram(const Tensor& indices_TK, int64_t num_bins) {
+  require_cuda(indices_TK, "indices_TK");
   TORCH_CHECK_VALUE(indices_TK.scalar_type() == at::kLong, "indices_TK must be int64, got ",
                     indices_TK.scalar_type());
   TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
@@ -127,6 +135,7 @@ Tensor expert_histogram(const Tensor& indices_TK, int64_t num_bins) {
 
 std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& x_TD, const Tensor& bins_TK, int64_t num_bins,
                                            int64_t capacity, const std::optional<Tensor>& priority_TK) {
+  require_cuda(x_TD, "x_TD");
   TORCH_CHECK_VALUE(x_TD.dim() == 2, "x_TD must be 2-D, got ", x_TD.sizes());
   TORCH_CHECK_VALUE(bins_TK.dim() == 2 && bins_TK.size(0) == x_TD.size(0),
                     "bins_TK must have shape (", x_TD.size(0), ", K), got ", bins_TK.sizes());
@@ -170,6 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& x_TD, const Tensor& bin
 }
 
 Tensor unpermute(const Tensor& y_ND, const Tensor& row_map_TK, const std::optional<Tensor>& weights_TK) {
+  require_cuda(y_ND, "y_ND");
   TORCH_CHECK_VALUE(y_ND.dim() == 2, "y_ND must be 2-D, got ", y_ND.sizes());
   check_row_map(row_map_TK, y_ND);
   const c10::cuda::CUDAGuard guard(y_ND.device());
@@ -189,6 +199,7 @@ std::tuple<Tensor, Tensor> unpermute_backward(const Tensor& grad_TD, const Tenso
                                               const Tensor& row_map_TK,
                                               const std::optional<Tensor>& weights_TK,
                                               bool need_grad_weights) {
+  require_cuda(y_ND, "y_ND");
   TORCH_CHECK_VALUE(y_ND.dim() == 2, "y_ND must be 2-D, got ", y_ND.sizes());
   check_row_map(row_map_TK, y_ND);
   const int64_t T = row_map_TK.size(0), K = row_map_TK.size(1), N = y_ND.size(0), D = y_ND.size(1);
@@ -215,6 +226,7 @@ std::tuple<Tensor, Tensor> unpermute_backward(const Tensor& grad_TD, const Tenso
 }
 
 void check_recv(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& out_CS) {
+  require_cuda(out_CS, "out_CS");
   TORCH_CHECK_VALUE(out_CS.dim() == 2 && out_CS.is_contiguous(), "out_CS must be a contiguous 2-D tensor");
   TORCH_CHECK_VALUE(recv_nS.dim() == 2 && recv_nS.size(0) == chunk_ids_n.numel() &&
                         recv_nS.size(1) == out_CS.size(1),
@@ -226,6 +238,7 @@ void check_recv(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& 
 }
 
 Tensor pack_chunks(const Tensor& buffer_CS, const Tensor& chunk_ids_n) {
+  require_cuda(buffer_CS, "buffer_CS");
   TORCH_CHECK_VALUE(buffer_CS.dim() == 2, "buffer_CS must be 2-D, got ", buffer_CS.sizes());
   const c10::cuda::CUDAGuard guard(buffer_CS.device());
   auto buffer = buffer_CS.contiguous();

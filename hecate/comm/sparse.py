@@ -88,8 +88,10 @@ def _validate_placement(owner_C, holders_WC, world_size: int) -> None:
 
 def plan_sparse(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int) -> SparsePlan:
     """Plan this rank's spAG / spRS exchange (pure function of the placement, same on every rank)."""
-    _validate_placement(owner_C, holders_WC, holders_WC.shape[0] if isinstance(holders_WC, torch.Tensor)
-                        and holders_WC.dim() == 2 else -1)
+    if not isinstance(holders_WC, torch.Tensor) or holders_WC.dim() != 2:
+        raise ValueError(f"holders_WC must be a bool tensor of shape [W, C], got "
+                         f"{type(holders_WC).__name__} of shape {tuple(getattr(holders_WC, 'shape', ()))}")
+    _validate_placement(owner_C, holders_WC, holders_WC.shape[0])
     W, C = holders_WC.shape
     owner_C = owner_C.to(torch.int64)
     send_ids, send_counts, recv_ids, recv_counts = ops.plan_sparse_collective(owner_C, holders_WC, rank)
@@ -119,7 +121,7 @@ def _record(stats: CommStats | None, name: str, sent_rows: int, recv_rows: int, 
         stats.record(name, sent_rows * row_bytes, recv_rows * row_bytes)
 
 
-def _pick_issuer(issuer: str | None, device: torch.device) -> str:
+def _pick_issuer(issuer: str | None) -> str:
     issuer = DEFAULT_ISSUER if issuer is None else issuer
     if issuer not in ("python", "cpp"):
         raise ValueError(f"issuer must be 'python', 'cpp' or None (default), got {issuer!r}")
@@ -276,10 +278,10 @@ def sparse_all_gather(owned_OS: torch.Tensor, owner_C: torch.Tensor, holders_WC:
     all-gather when `check`). Differentiable: the backward is spRS. `issuer` picks "python"
     or "cpp" (None: DEFAULT_ISSUER). Bytes are counted in `stats` under `name`.
     """
+    issuer = _pick_issuer(issuer)
     rank, owner_C, holders_WC, owned_OS = _prepare(
         owned_OS, "owned_OS", lambda o, h, r: (o == r).sum(), "owns", owner_C, holders_WC,
         group, check, name)
-    issuer = _pick_issuer(issuer, owned_OS.device)
     return _SparseAllGather.apply(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name)
 
 
@@ -293,8 +295,8 @@ def sparse_reduce_scatter(grads_MS: torch.Tensor, owner_C: torch.Tensor, holders
     ascending: the owner's own gradient plus the other holders' in ascending rank order.
     Differentiable: the backward is spAG. Same arguments and checks as sparse_all_gather.
     """
+    issuer = _pick_issuer(issuer)
     rank, owner_C, holders_WC, grads_MS = _prepare(
         grads_MS, "grads_MS", lambda o, h, r: h[r].sum(), "holds", owner_C, holders_WC,
         group, check, name)
-    issuer = _pick_issuer(issuer, grads_MS.device)
     return _SparseReduceScatter.apply(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name)

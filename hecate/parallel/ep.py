@@ -87,3 +87,9 @@ class ExpertParallel(ExpertStrategy):
             dist.all_gather(parts, src, group=self.groups.ep_group)
             out[n] = torch.cat(parts)
         return out
+
+    @torch.no_grad()
+    def load_experts(self, layer, full: dict[str, torch.Tensor]) -> None:
+        first, local = layer.expert_slice
+        for n in ChunkLayout.of(layer.experts).names:
+            getattr(layer.experts, n).copy_(full[n][first:first + local])

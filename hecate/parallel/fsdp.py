@@ -82,3 +82,10 @@ class FullySharded(ExpertStrategy):
         full = _gather(src, self.topology.world_size, None)
         E, S = layer.expert_layout.num_experts, layer.expert_layout.chunk_numel
         return {n: t.clone() for n, t in layer.expert_layout.unflatten(full[:E * S].view(E, S)).items()}
+
+    @torch.no_grad()
+    def load_experts(self, layer, full: dict[str, torch.Tensor]) -> None:
+        flat = layer.expert_layout.flatten(full).reshape(-1)
+        n = layer.expert_shard.numel()
+        flat = torch.cat([flat, flat.new_zeros(n * self.topology.world_size - flat.numel())])
+        layer.expert_shard.copy_(flat[self.topology.rank * n:(self.topology.rank + 1) * n])

@@ -55,3 +55,10 @@ class ExpertStrategy:
         Collective for sharded strategies; used by checkpoints, export and tests.
         """
         return {n: (p.grad if grads else p.detach()).clone() for n, p in layer.experts.named_parameters()}
+
+    @torch.no_grad()
+    def load_experts(self, layer: "MoELayer", full: dict[str, torch.Tensor]) -> None:
+        """Set the layer's experts from full stacked weights {name: [E, ...]} (same on every rank);
+        each strategy keeps only its part. Used by checkpoint loading and import."""
+        for n, p in layer.experts.named_parameters():
+            p.copy_(full[n])

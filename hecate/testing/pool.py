@@ -50,11 +50,18 @@ class DistributedTaskError(RuntimeError):
 def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
                  collective_timeout: float, conn) -> None:
     """Body of one worker: join the process group, then run tasks until told to stop."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads OpenMP
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    seed = torch.initial_seed()
+
+    def reset_state() -> None:
+        # Each task starts as in a fresh process: same RNG seed, grad mode, default dtype.
+        torch.manual_seed(seed)
+        torch.set_grad_enabled(True)
+        torch.set_default_dtype(torch.float32)
     timeout = datetime.timedelta(seconds=collective_timeout)
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     if backend == "nccl":  # one device per rank on a CUDA machine
@@ -78,9 +85,11 @@ def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
                 conn.send_bytes(pickle.dumps(("err", (None, traceback.format_exc()))))
             continue
         try:
+            reset_state()
             fn, args, kwargs = pickle.loads(payload)
             result = fn(rank, world_size, *args, **kwargs)
-            conn.send_bytes(pickle.dumps(("ok", result)))
+            # The second field tells the parent this worker retires (the task destroyed the group).
+            conn.send_bytes(pickle.dumps(("ok", (result, not dist.is_initialized()))))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
             text = traceback.format_exc()
             try:
@@ -89,6 +98,8 @@ def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
             except Exception:  # noqa: BLE001 - unpicklable exception: send the text only
                 blob = None
             conn.send_bytes(pickle.dumps(("err", (blob, text))))
+        if not dist.is_initialized():  # the task destroyed the group: retire this pool
+            break
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
@@ -179,7 +190,9 @@ class _Pool:
                                 grace=_ERROR_GRACE)
         failed = sorted(r for r, (kind, _) in replies.items() if kind != "ok")
         if not failed:
-            return [replies[r][1] for r in range(self.world_size)]
+            if any(replies[r][1][1] for r in range(self.world_size)):
+                self.close()  # a task tore down the process group: start afresh next time
+            return [replies[r][1][0] for r in range(self.world_size)]
         # Some rank failed: the group is only reusable if every rank returned and the
         # ranks still agree on the collective sequence (a short all_reduce proves it).
         if len(replies) < self.world_size or not self._healthy():

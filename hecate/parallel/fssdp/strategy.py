@@ -103,13 +103,17 @@ class FullyShardedSparse(ExpertStrategy):
         self.iteration = 0
         self.reshards = 0
         self._last_exit = None
+        self._chunks_attached = 0
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
         W, rank = self.topology.world_size, self.topology.rank
         layout = ChunkLayout.of(layer.experts)
         chunks_ES = layout.flatten(take_expert_parameters(layer)).float()
-        owner_E = even_sharding(layout.num_experts, W)
+        # Rotate each layer's even sharding by the chunks placed so far, so the remainders
+        # of all layers spread round-robin: every rank owns the world's mean within one chunk.
+        owner_E = (even_sharding(layout.num_experts, W) + self._chunks_attached) % W
+        self._chunks_attached += layout.num_experts
         layer.expert_layout = layout
         layer.expert_chunks = mark_expert(nn.Parameter(chunks_ES[owner_E == rank].clone()))
         layer.fssdp_state = LayerState(owner_E, LoadPredictor(layout.num_experts, self.window))
@@ -234,6 +238,11 @@ class FullyShardedSparse(ExpertStrategy):
         full, _ = sparse_all_gather(src, owner, everyone, check=False, name="fssdp.gather_experts")
         return {n: t.clone() for n, t in layer.expert_layout.unflatten(full).items()}
 
+    @torch.no_grad()
+    def load_experts(self, layer, full: dict[str, torch.Tensor]) -> None:
+        rows = layer.expert_layout.flatten(full)
+        layer.expert_chunks.copy_(rows[layer.fssdp_state.owner_E == self.topology.rank])
+
     # ---- heterogeneous sharding (Algorithm 2) ------------------------------------------------
     def step_end(self, layers, optimizer=None) -> bool:
         """Call after each optimizer step; re-shards every `reshard_interval` iterations."""
@@ -282,17 +291,23 @@ class FullyShardedSparse(ExpertStrategy):
         return held[new_owner[ids] == rank].clone()
 
     def _move_layer(self, layer, new_owner: torch.Tensor, optimizer) -> None:
+        """Move one layer's rows and their optimizer state to the new owners.
+
+        The parameter is replaced by a new object rather than resized in place: autograd
+        caches a leaf's gradient accumulator together with its shape.
+        """
         state, p = layer.fssdp_state, layer.expert_chunks
         old_owner = state.owner_E
-        old_shape = p.shape
-        if optimizer is not None and p in optimizer.state:
-            opt_state = optimizer.state[p]
-            for key, value in list(opt_state.items()):
-                if torch.is_tensor(value) and value.shape == old_shape:
-                    opt_state[key] = self._move_rows(value, old_owner, new_owner)
-        p.data = self._move_rows(p.data, old_owner, new_owner)
-        if p.grad is not None:
-            p.grad = None
+        new_p = mark_expert(nn.Parameter(self._move_rows(p.detach(), old_owner, new_owner)))
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [new_p if q is p else q for q in group["params"]]
+            if p in optimizer.state:
+                moved = {k: (self._move_rows(v, old_owner, new_owner)
+                             if torch.is_tensor(v) and v.shape == p.shape else v)
+                         for k, v in optimizer.state.pop(p).items()}
+                optimizer.state[new_p] = moved
+        layer.expert_chunks = new_p
         state.owner_E = new_owner
 
     def persistent_bytes(self, layer, optimizer=None) -> int:
