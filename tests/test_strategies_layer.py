@@ -115,6 +115,7 @@ FSSDP_OPTIONS = [
     {"overlap_degree": 3},                                  # Algorithm 1, t <= m: top-3 everywhere
     {"overlap_degree": 12, "memory_slots": 2},              # Algorithm 1, t > m: proportional slots
     {"overlap_degree": 3, "rematerialize": False},
+    {"overlap_degree": 3, "overlap_reduce": False},
     {"policy": "shadowing"},
     {"policy": "none"},
 ]

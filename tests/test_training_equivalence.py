@@ -26,10 +26,10 @@ def test_fssdp_reshard_in_the_middle_changes_nothing():
     check_training(results)
 
 
-@pytest.mark.parametrize("rematerialize", [True, False])
-def test_fssdp_rematerialization_on_and_off(rematerialize):
-    results = run_distributed(train_case, 3, "fssdp",
-                              {"overlap_degree": 2, "rematerialize": rematerialize}, 5, skew=True)
+@pytest.mark.parametrize("rematerialize,overlap_reduce", [(True, True), (False, True), (True, False)])
+def test_fssdp_rematerialization_and_overlap_on_and_off(rematerialize, overlap_reduce):
+    results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "rematerialize": rematerialize,
+                                                       "overlap_reduce": overlap_reduce}, 5, skew=True)
     check_training(results)
 
 

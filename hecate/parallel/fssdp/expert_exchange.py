@@ -17,24 +17,31 @@ materialized experts are alive at a time.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from hecate.comm.all_to_all import all_to_all_v
 from hecate.comm.sparse import sparse_all_gather, sparse_reduce_scatter
 from hecate.parallel.expert_compute import experts_on_received
+from hecate.parallel.fssdp.overlap import PendingReduce
 
 
 class ExchangeSpec:
     """What one layer's exchange needs besides tensors (plan, layer, options)."""
 
     def __init__(self, layer, owner_E, holders_WE, send_splits, recv_splits, recv_WE, slot_of_E,
-                 group, stats, rematerialize: bool):
+                 group, stats, rematerialize: bool, pending=None, rank: int = 0,
+                 timings: dict | None = None):
         self.layer = layer
         self.owner_E, self.holders_WE = owner_E, holders_WE
         self.send_splits, self.recv_splits = send_splits, recv_splits
         self.recv_WE, self.slot_of_E = recv_WE, slot_of_E
         self.group, self.stats = group, stats
         self.rematerialize = rematerialize
+        # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
+        self.pending, self.rank = pending, rank
+        self.timings = timings if timings is not None else {"blocking_reduce_s": 0.0}
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
         materialized, _ = sparse_all_gather(owned_OS, self.owner_E, self.holders_WE, group=self.group,
@@ -94,8 +101,15 @@ class FssdpExperts(torch.autograd.Function):
         ctx.graph = None
         grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.group,
                                  stats=spec.stats, name="fssdp.dispatch.backward")
+        if spec.pending is not None:
+            # The owners' rows arrive asynchronously; finish_backward adds them to the grads.
+            spec.pending.append(PendingReduce(spec.layer, grad_m, spec.owner_E, spec.holders_WE,
+                                              spec.rank, spec.group, spec.stats))
+            return grad_x_ND, None, None
+        start = time.perf_counter()
         grad_owned = sparse_reduce_scatter(grad_m, spec.owner_E, spec.holders_WE, group=spec.group,
                                            stats=spec.stats, check=False, name="fssdp.spRS")
+        spec.timings["blocking_reduce_s"] += time.perf_counter() - start
         return grad_x_ND, grad_owned, None
 
 

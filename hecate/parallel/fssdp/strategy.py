@@ -74,13 +74,16 @@ class FullyShardedSparse(ExpertStrategy):
     rematerialize: free materialized chunks after forward and gather them again in backward.
     reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
     calibrate: Algorithm 1's optional calibration on the current batch's routing.
+    overlap_reduce: issue each layer's spRS asynchronously so it overlaps the backward of
+        earlier layers; the owners' gradients are complete after `finish_backward`.
     """
 
     name = "fssdp"
 
     def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
-                 reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7):
+                 reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
+                 overlap_reduce: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -104,6 +107,11 @@ class FullyShardedSparse(ExpertStrategy):
         self.reshards = 0
         self._last_exit = None
         self._chunks_attached = 0
+        self.overlap_reduce = overlap_reduce
+        self._pending: list = []
+        # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
+        # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
+        self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0}
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -192,7 +200,8 @@ class FullyShardedSparse(ExpertStrategy):
         slot_of_E[held] = torch.arange(held.numel())
         spec = ExchangeSpec(layer, plan.owner_E, plan.holders_WE, send_WE.sum(1).tolist(),
                             recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
-                            self.rematerialize)
+                            self.rematerialize, self._pending if self.overlap_reduce else None, rank,
+                            self.timings)
         y_ND = fssdp_experts(x_ND, layer.expert_chunks.to(x_ND.dtype) if x_ND.dtype != torch.float32
                              else layer.expert_chunks, spec)
         out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
@@ -225,6 +234,12 @@ class FullyShardedSparse(ExpertStrategy):
     # ---- backward / optimizer ---------------------------------------------------------------
     def finish_backward(self, layers) -> None:
         """spRS summed every rank's contribution into the owners; average like dense DP grads."""
+        pending, self._pending[:] = list(self._pending), []
+        for reduce in pending:  # issue order: the same on every rank
+            rows, blocked = reduce.wait()
+            self.timings["exposed_reduce_s"] += blocked
+            p = reduce.layer.expert_chunks
+            p.grad = rows if p.grad is None else p.grad + rows
         for layer in layers:
             p = layer.expert_chunks
             if p.grad is None:

@@ -1,0 +1,442 @@
+"""Sharded, atomic, reshardable checkpoints (safetensors only, never pickle).
+
+Layout of a run directory:
+    RUN/step_00000100/rank_00000.safetensors   one shard file per rank
+    RUN/step_00000100/manifest.json            written LAST by rank 0: the checkpoint exists iff it does
+    RUN/latest                                 "step_00000100", replaced atomically after the manifest
+
+Each shard holds that rank's expert piece of every MoE layer with its identity (expert ids,
+or a flat range for fsdp) and the AdamW state of those rows; rank 0's shard also holds the
+dense parameters, buffers and their optimizer state. Loading reassembles full experts per
+layer from the shards and hands them to the current strategy, so any strategy and world
+size can load any checkpoint. See docs/checkpoints.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections import defaultdict
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate.parallel import moe_layers
+from hecate.parallel.chunks import is_expert_parameter
+from hecate.train.checkpoint_io import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    digest_to_tensor,
+    fsync_dir,
+    read_verified,
+    safetensors_metadata,
+    sha256_hex,
+    tensor_to_digest,
+)
+from hecate.train.checkpoint_layout import assemble, full_layout, local_params_and_state, save_part
+
+__all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
+           "resolve_checkpoint", "read_manifest", "CheckpointError", "FORMAT_VERSION"]
+
+FORMAT = "hecate-checkpoint"
+EXPORT_FORMAT = "hecate-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_FSSDP_OPTIONS = ("policy", "window", "memory_slots", "overlap_degree", "bandwidth", "rematerialize",
+                  "reshard_interval", "calibrate")
+_GROUP_SCALARS = ("lr", "initial_lr", "weight_decay", "betas", "eps")
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+def _rank_world(strategy, topology) -> tuple[int, int]:
+    topo = topology if topology is not None else getattr(strategy, "topology", None)
+    if topo is not None:
+        return topo.rank, topo.world_size
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _strategy_options(strategy) -> dict:
+    if strategy.name == "ep":
+        return {"ep_size": strategy.ep_size}
+    if strategy.name == "fssdp":
+        opts = {k: getattr(strategy, k if k != "policy" else "policy_name") for k in _FSSDP_OPTIONS}
+        opts["bandwidth"] = list(opts["bandwidth"])
+        return opts
+    return {}
+
+
+def _layer_prefixes(model: nn.Module, layers) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer)] for layer in layers]
+
+
+def _dense_entries(model: nn.Module, layers) -> dict[str, torch.Tensor]:
+    """Every state_dict entry that is not an expert weight (dense params and persistent buffers)."""
+    expert_keys = set()
+    for prefix, layer in zip(_layer_prefixes(model, layers), layers):
+        expert_keys |= {f"{prefix}.experts.{n}" for n in full_layout(layer).names}
+        expert_keys |= {f"{prefix}.expert_chunks", f"{prefix}.expert_shard"}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if k not in expert_keys and not is_expert_parameter(v)}
+
+
+def _json_ready(value, name: str):
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be JSON-serializable (plain dicts, lists, numbers, strings): {e}") from e
+    return value
+
+
+def _step_dirs(path: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(path):
+        return []
+    out = [(int(m.group(1)), os.path.join(path, d)) for d in os.listdir(path) if (m := _STEP_RE.match(d))]
+    return sorted(out)
+
+
+def _complete(step_dir: str) -> bool:
+    return os.path.isfile(os.path.join(step_dir, MANIFEST))
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, topology=None, extra=None,
+                    keep: int | None = None) -> str:
+    """Write checkpoint `path/step_{step:08d}/` (collective: call on every rank) and return its directory.
+
+    Every rank writes its shard atomically; after a barrier rank 0 writes manifest.json (config,
+    step, world size, strategy and options, fssdp placement, sha256 and size of every shard),
+    then replaces `path/latest`, then deletes all but the newest `keep` complete checkpoints
+    (keep=None keeps all). `engine` may be None (weights only). A crash at any point leaves the
+    previous checkpoint loadable.
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be None or an int >= 1 (checkpoints to keep), got {keep!r}")
+    _json_ready(config_dict, "config_dict")
+    _json_ready(extra, "extra")
+    rank, world = _rank_world(strategy, topology)
+    optimizer = engine.optimizer if engine is not None else None
+    path = os.fspath(path)
+    step_name = f"step_{step:08d}"
+    step_dir = os.path.join(path, step_name)
+    manifest_path = os.path.join(step_dir, MANIFEST)
+    if rank == 0:
+        os.makedirs(step_dir, exist_ok=True)
+        fsync_dir(path)
+        if os.path.exists(manifest_path):  # re-saving a step: the old manifest must not vouch for new shards
+            os.remove(manifest_path)
+            fsync_dir(step_dir)
+    _barrier(world)
+
+    layers = moe_layers(model)
+    tensors, layer_infos = {}, {}
+    for i, layer in enumerate(layers):
+        part = save_part(strategy, layer, optimizer, rank)
+        if part is not None:
+            info, t = part
+            layer_infos[str(i)] = info
+            tensors.update({f"experts.{i}.{k}": v for k, v in t.items()})
+    if rank == 0:
+        for name, v in _dense_entries(model, layers).items():
+            tensors[f"dense.{name}"] = v.detach().clone().contiguous()
+            if optimizer is not None and isinstance(v, nn.Parameter) and v in optimizer.state:
+                for k, s in optimizer.state[v].items():
+                    if torch.is_tensor(s):
+                        tensors[f"optim.{name}.{k}"] = s.detach().clone().contiguous()
+    data = safetensors.torch.save(tensors, metadata={
+        "hecate.format": FORMAT, "hecate.version": str(FORMAT_VERSION), "hecate.rank": str(rank),
+        "hecate.layers": json.dumps(layer_infos)})
+    fname = f"rank_{rank:05d}.safetensors"
+    atomic_write_bytes(os.path.join(step_dir, fname), data)
+    digests = _gather_digests(digest_to_tensor(sha256_hex(data), len(data)), world)
+
+    if rank == 0:
+        manifest = _manifest(model, strategy, optimizer, layers, step, world, config_dict, extra, topology)
+        manifest["files"] = {}
+        for r in range(world):
+            sha, size = tensor_to_digest(digests[r])
+            manifest["files"][f"rank_{r:05d}.safetensors"] = {"rank": r, "sha256": sha, "bytes": size}
+        atomic_write_json(manifest_path, manifest)
+        atomic_write_bytes(os.path.join(path, LATEST), (step_name + "\n").encode())
+        if keep is not None:
+            _prune(path, keep, step_dir)
+    _barrier(world)
+    return step_dir
+
+
+def _gather_digests(mine: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return mine.view(1, -1)
+    from hecate.comm.all_to_all import comm_device
+
+    dev = comm_device(None)
+    out = torch.empty(world * mine.numel(), dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(out, mine.to(dev))
+    return out.cpu().view(world, -1)
+
+
+def _manifest(model, strategy, optimizer, layers, step, world, config_dict, extra, topology) -> dict:
+    layer_entries = []
+    for i, (prefix, layer) in enumerate(zip(_layer_prefixes(model, layers), layers)):
+        layout = full_layout(layer)
+        entry = {"index": i, "module": prefix, "num_experts": layout.num_experts,
+                 "names": list(layout.names), "shapes": [list(s) for s in layout.shapes]}
+        if strategy.name == "fssdp":
+            st = layer.fssdp_state
+            entry["owner_E"] = st.owner_E.tolist()
+            entry["load_history"] = [h.tolist() for h in st.predictor._history]
+        layer_entries.append(entry)
+    topo = topology if topology is not None else getattr(strategy, "topology", None)
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": world,
+        "strategy": {"name": strategy.name, "options": _strategy_options(strategy)},
+        "ranks_per_node": getattr(topo, "ranks_per_node", None),
+        "config": config_dict, "extra": extra, "layers": layer_entries,
+        "optimizer": None,
+    }
+    if strategy.name == "fssdp":
+        manifest["fssdp"] = {"iteration": strategy.iteration, "reshards": strategy.reshards}
+    if optimizer is not None:
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k in _GROUP_SCALARS}
+                  for g in optimizer.param_groups]
+        manifest["optimizer"] = {"type": type(optimizer).__name__, "param_groups": groups,
+                                 "has_state": len(optimizer.state) > 0}
+    return manifest
+
+
+def _prune(path: str, keep: int, current: str) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than them."""
+    dirs = _step_dirs(path)
+    complete = [d for _, d in dirs if _complete(d)]
+    kept = set(complete[-keep:]) | {current}
+    newest = dirs and max(s for s, d in dirs if d in kept)
+    for s, d in dirs:
+        if d not in kept and (d in complete or s < newest):
+            shutil.rmtree(d, ignore_errors=True)
+    fsync_dir(path)
+
+
+# ---- load -----------------------------------------------------------------------------------------
+def resolve_checkpoint(path) -> str:
+    """The step directory to load: `path` itself if it holds a manifest, else the run's `latest`,
+    else (latest missing or pointing at an incomplete step) the newest complete step."""
+    path = os.fspath(path)
+    if _complete(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            target = os.path.join(path, f.read().strip())
+        if _complete(target):
+            return target
+        warnings.warn(f"{latest} points at {target}, which has no {MANIFEST} (half-written); "
+                      "falling back to the newest complete checkpoint", stacklevel=2)
+    complete = [d for _, d in _step_dirs(path) if _complete(d)]
+    if not complete:
+        if _STEP_RE.match(os.path.basename(os.path.normpath(path))):
+            raise CheckpointError(f"{os.path.join(path, MANIFEST)} is missing: the checkpoint {path} "
+                                  "was never completed (the job stopped while writing it)")
+        raise CheckpointError(f"no complete checkpoint (step_*/{MANIFEST}) under {path}")
+    return complete[-1]
+
+
+def read_manifest(step_dir: str) -> dict:
+    """Parse and check a checkpoint manifest."""
+    mpath = os.path.join(step_dir, MANIFEST)
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{mpath} is missing: the checkpoint was never completed") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath} is not a hecate checkpoint manifest (format={manifest.get('format')!r})")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath} has format version {manifest.get('version')}, this hecate reads "
+                              f"version {FORMAT_VERSION}")
+    return manifest
+
+
+def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
+    """Load a checkpoint into `model` under `strategy` (collective) and return its step.
+
+    `path` is a run directory (its `latest`, or the newest complete step) or a step directory.
+    Every shard is read and checked against the manifest's sha256 and size; a missing,
+    truncated or corrupted shard raises CheckpointError naming the file. Works across
+    strategies and world sizes; with `engine`, the AdamW state is restored too (resliced for
+    the new layout). Under fssdp with the saved world size, the saved placement is restored.
+    """
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    rank, world = _rank_world(strategy, topology)
+    optimizer = engine.optimizer if engine is not None else None
+    shards = []
+    for fname, meta in sorted(manifest["files"].items()):
+        fpath = os.path.join(step_dir, fname)
+        data = read_verified(fpath, meta["sha256"], meta["bytes"])
+        info = json.loads(safetensors_metadata(data, fpath).get("hecate.layers", "{}"))
+        shards.append((fname, info, safetensors.torch.load(data)))
+
+    layers = moe_layers(model)
+    saved_layers = manifest["layers"]
+    if len(saved_layers) != len(layers):
+        raise ValueError(f"checkpoint {step_dir} has {len(saved_layers)} MoE layers, the model has "
+                         f"{len(layers)}; build the model from the checkpoint's config")
+    for i, (layer, entry) in enumerate(zip(layers, saved_layers)):
+        _check_layer(i, entry, full_layout(layer))
+    all_tensors = {}
+    for _, _, t in shards:
+        all_tensors.update(t)
+    _load_dense(model, layers, all_tensors, step_dir)
+
+    saved = manifest["strategy"]["name"]
+    if strategy.name == "fssdp" and saved == "fssdp":
+        _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer)
+
+    if optimizer is not None:
+        optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
+    restore_optim = optimizer is not None and bool((manifest.get("optimizer") or {}).get("has_state"))
+    for i, (layer, entry) in enumerate(zip(layers, saved_layers)):
+        layout = full_layout(layer)
+        parts = [(fname, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items()
+                                        if k.startswith(f"experts.{i}.")})
+                 for fname, info, t in shards if str(i) in info]
+        rows, state, step_t = assemble(parts, layout, i)
+        strategy.load_experts(layer, layout.unflatten(rows))
+        if restore_optim and state and step_t is not None:
+            for p, st in local_params_and_state(strategy, layer, state, rank, world):
+                optimizer.state[p] = {"step": step_t.clone().to(torch.float32),
+                                      **{k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in st.items()}}
+    if restore_optim:
+        _restore_dense_optimizer(model, layers, optimizer, all_tensors, manifest)
+    return int(manifest["step"])
+
+
+def _check_layer(i: int, entry: dict, layout) -> None:
+    if entry["names"] != list(layout.names) or [tuple(s) for s in entry["shapes"]] != list(layout.shapes) \
+            or entry["num_experts"] != layout.num_experts:
+        raise ValueError(f"MoE layer {i} ({entry['module']}): checkpoint experts {entry['num_experts']} x "
+                         f"{dict(zip(entry['names'], entry['shapes']))} do not match the model's "
+                         f"{layout.num_experts} x {dict(zip(layout.names, layout.shapes))}; build the "
+                         "model from the checkpoint's config")
+
+
+def _load_dense(model, layers, tensors: dict, step_dir: str) -> None:
+    entries = _dense_entries(model, layers)
+    saved = {k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")}
+    missing = sorted(set(entries) - set(saved))
+    unexpected = sorted(set(saved) - set(entries))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {step_dir} does not fit the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}; build the model from the checkpoint's config")
+    with torch.no_grad():
+        for k, v in entries.items():
+            if tuple(saved[k].shape) != tuple(v.shape):
+                raise ValueError(f"checkpoint {step_dir}: {k} has shape {tuple(saved[k].shape)}, "
+                                 f"the model has {tuple(v.shape)}")
+            v.copy_(saved[k])
+
+
+def _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer) -> None:
+    """Same world size: restore the saved owners (re-placed with the optimizer); any size:
+    restore the load predictor's history (global counts do not depend on W) and the iteration."""
+    if manifest["world_size"] == world:
+        owner_LE = torch.tensor([e["owner_E"] for e in saved_layers], dtype=torch.int64)
+        strategy.reshard(layers, optimizer, owner_LE=owner_LE)
+    for layer, entry in zip(layers, saved_layers):
+        predictor = layer.fssdp_state.predictor
+        predictor.reset()
+        if entry["num_experts"] == predictor.num_experts:
+            for counts in entry.get("load_history", [])[-predictor.window:]:
+                predictor.update(torch.tensor(counts, dtype=torch.float64))
+    info = manifest.get("fssdp", {})
+    strategy.iteration = int(info.get("iteration", 0))
+    strategy.reshards = int(info.get("reshards", 0))
+
+
+def _restore_dense_optimizer(model, layers, optimizer, tensors, manifest) -> None:
+    for name, v in _dense_entries(model, layers).items():
+        if not isinstance(v, nn.Parameter):
+            continue
+        prefix = f"optim.{name}."
+        st = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        if st:
+            optimizer.state[v] = {k: (t.clone() if k == "step" else t.to(device=v.device, dtype=v.dtype).clone())
+                                  for k, t in st.items()}
+    groups = manifest["optimizer"].get("param_groups", [])
+    if len(groups) == len(optimizer.param_groups):
+        for g, saved in zip(optimizer.param_groups, groups):
+            for k, val in saved.items():
+                g[k] = tuple(val) if k == "betas" else val
+
+
+# ---- consolidated export / import -------------------------------------------------------------
+def export_safetensors(path_out, model, strategy, topology=None) -> None:
+    """Write the full model, in plain single-process names (`blocks.1.ffn.experts.w1_EFD`), to one
+    safetensors file (collective: every rank gathers the experts, rank 0 writes atomically)."""
+    rank, world = _rank_world(strategy, topology)
+    layers = moe_layers(model)
+    fulls = [strategy.gather_experts(layer) for layer in layers]
+    if rank == 0:
+        tensors = {k: v.detach().clone().contiguous() for k, v in _dense_entries(model, layers).items()}
+        for prefix, layer, full in zip(_layer_prefixes(model, layers), layers, fulls):
+            for n in full_layout(layer).names:
+                tensors[f"{prefix}.experts.{n}"] = full[n].detach().contiguous()
+        data = safetensors.torch.save(tensors, metadata={"hecate.format": EXPORT_FORMAT,
+                                                         "hecate.version": str(FORMAT_VERSION)})
+        parent = os.path.dirname(os.path.abspath(os.fspath(path_out)))
+        os.makedirs(parent, exist_ok=True)
+        atomic_write_bytes(os.fspath(path_out), data)
+    _barrier(world)
+
+
+def import_safetensors(path_in, model, strategy) -> None:
+    """Load a consolidated file (from export_safetensors, or a `local` model's state_dict saved
+    with safetensors) into `model` under any strategy (collective for sharded strategies only
+    in that every rank must call it)."""
+    path_in = os.fspath(path_in)
+    if not os.path.isfile(path_in):
+        raise FileNotFoundError(f"path_in={path_in} does not exist")
+    with open(path_in, "rb") as f:
+        data = f.read()
+    safetensors_metadata(data, path_in)  # a readable error for files that are not safetensors
+    tensors = safetensors.torch.load(data)
+    layers = moe_layers(model)
+    expert_keys = {}
+    for prefix, layer in zip(_layer_prefixes(model, layers), layers):
+        for n in full_layout(layer).names:
+            expert_keys[f"{prefix}.experts.{n}"] = (layer, n)
+    dense = {f"dense.{k}": v for k, v in tensors.items() if k not in expert_keys}
+    missing = sorted(k for k in expert_keys if k not in tensors)
+    if missing:
+        raise ValueError(f"{path_in} lacks expert weights {missing[:8]}; it was exported from a different model")
+    _load_dense(model, layers, dense, path_in)
+    for i, layer in enumerate(layers):
+        layout = full_layout(layer)
+        prefix = _layer_prefixes(model, [layer])[0]
+        full = {n: tensors[f"{prefix}.experts.{n}"] for n in layout.names}
+        for n, shape in zip(layout.names, layout.shapes):
+            want = (layout.num_experts, *shape)
+            if tuple(full[n].shape) != want:
+                raise ValueError(f"{path_in}: {prefix}.experts.{n} has shape {tuple(full[n].shape)}, "
+                                 f"the model expects {want}")
+        strategy.load_experts(layer, full)

@@ -1,0 +1,151 @@
+"""Where each strategy keeps expert weights and optimizer state, in checkpoint terms.
+
+On disk every MoE layer's experts are pieces of the same full matrix rows_ES
+(one flat chunk row per expert, hecate.parallel.chunks.ChunkLayout):
+  kind "rows": whole chunk rows with their expert ids (fssdp owners, ep slices, dp/local all);
+  kind "flat": a contiguous range of the flattened, zero-padded [E*S] buffer (fsdp shards).
+Per-element optimizer state (AdamW exp_avg, exp_avg_sq) is stored in the same layout as
+the weights, so reassembling it is the same operation, and any strategy can slice the
+full state like its parameters: that is what makes optimizer state survive resharding.
+"""
+from __future__ import annotations
+
+import torch
+
+from hecate.parallel.chunks import ChunkLayout
+from hecate.train.checkpoint_io import CheckpointError
+
+ROW_STRATEGIES = ("local", "dp", "ep", "fssdp")
+
+
+def full_layout(layer) -> ChunkLayout:
+    """The layer's chunk layout with the full expert count (ep keeps only a slice locally)."""
+    layout = getattr(layer, "expert_layout", None) or ChunkLayout.of(layer.experts)
+    return ChunkLayout(layout.names, layout.shapes, layer.config.num_experts)
+
+
+def _named_params(layer, layout) -> dict[str, torch.nn.Parameter]:
+    return {n: getattr(layer.experts, n) for n in layout.names}
+
+
+def _per_element_state(optimizer, p) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """({key: tensor shaped like p}, step) from the optimizer's state for p (empty before any step)."""
+    if optimizer is None or p not in optimizer.state:
+        return {}, None
+    st = optimizer.state[p]
+    elems = {k: v.detach() for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0}
+    step = st.get("step")
+    step = torch.as_tensor(step, dtype=torch.float32).detach().clone().reshape(()) if step is not None else None
+    return elems, step
+
+
+def save_part(strategy, layer, optimizer, rank: int):
+    """This rank's piece of the layer: (info, tensors) or None when another rank writes it."""
+    name, layout = strategy.name, full_layout(layer)
+    if name == "fssdp":
+        p = layer.expert_chunks
+        ids = (layer.fssdp_state.owner_E == rank).nonzero().flatten()
+        elems, step = _per_element_state(optimizer, p)
+        return _rows(ids, p.detach(), elems, step)
+    if name == "fsdp":
+        p = layer.expert_shard
+        elems, step = _per_element_state(optimizer, p)
+        tensors = {"flat": p.detach(), **{f"state.{k}": v for k, v in elems.items()}}
+        if step is not None:
+            tensors["step"] = step
+        return {"kind": "flat", "start": rank * p.numel(), "numel": p.numel()}, tensors
+    if name in ("local", "dp", "ep"):
+        if name == "ep":
+            groups = strategy.groups
+            if groups.edp_rank != 0:  # identical replica of an EP group that edp_rank 0 writes
+                return None
+            first, local = layer.expert_slice
+        else:
+            if rank != 0:
+                return None
+            first, local = 0, layout.num_experts
+        params = _named_params(layer, layout)
+        per_name = {n: _per_element_state(optimizer, p) for n, p in params.items()}
+        keys = set.intersection(*(set(e) for e, _ in per_name.values())) if per_name else set()
+        elems = {k: layout.flatten({n: per_name[n][0][k] for n in layout.names}) for k in sorted(keys)}
+        step = per_name[layout.names[0]][1]
+        rows = layout.flatten({n: p.detach() for n, p in params.items()})
+        return _rows(torch.arange(first, first + local), rows, elems, step)
+    raise ValueError(f"checkpoints do not know strategy {name!r}; supported: {ROW_STRATEGIES + ('fsdp',)}")
+
+
+def _rows(ids, rows, elems, step):
+    tensors = {"ids": ids.to(torch.int64).contiguous(), "rows": rows.contiguous(),
+               **{f"state.{k}": v.contiguous() for k, v in elems.items()}}
+    if step is not None:
+        tensors["step"] = step
+    return {"kind": "rows"}, tensors
+
+
+def assemble(parts, layout: ChunkLayout, layer_index: int):
+    """Rebuild full rows [E, S], full per-element state {key: [E, S]} and step from every piece.
+
+    parts: list of (file name, info, tensors). State is returned only when every piece has it.
+    """
+    E, S = layout.num_experts, layout.chunk_numel
+    rows = torch.zeros(E, S, dtype=torch.float32)
+    seen = torch.zeros(E, dtype=torch.bool)
+    state_keys = None
+    step = None
+    kinds = {info["kind"] for _, info, _ in parts}
+    if len(kinds) != 1:
+        raise CheckpointError(f"MoE layer {layer_index}: shards mix layouts {sorted(kinds)}")
+    for _, _, t in parts:
+        keys = {k[len("state."):] for k in t if k.startswith("state.")}
+        state_keys = keys if state_keys is None else state_keys & keys
+        if "step" in t:
+            step = t["step"]
+    state = {k: torch.zeros(E, S, dtype=torch.float32) for k in (state_keys or ())}
+    if kinds == {"rows"}:
+        for _, _, t in parts:
+            ids = t["ids"]
+            rows[ids] = t["rows"].float()
+            seen[ids] = True
+            for k in state:
+                state[k][ids] = t[f"state.{k}"].float()
+        if not bool(seen.all()):
+            missing = (~seen).nonzero().flatten().tolist()
+            raise CheckpointError(f"MoE layer {layer_index}: experts {missing} are in no shard file")
+    else:
+        ordered = sorted(parts, key=lambda p: p[1]["start"])
+        flat_parts, expect = [], 0
+        for fname, info, t in ordered:
+            if info["start"] != expect:
+                raise CheckpointError(f"MoE layer {layer_index}: flat shard in {fname} starts at "
+                                      f"{info['start']}, expected {expect} (a shard is missing)")
+            flat_parts.append(t)
+            expect += info["numel"]
+        if expect < E * S:
+            raise CheckpointError(f"MoE layer {layer_index}: flat shards cover {expect} of {E * S} elements")
+        rows = torch.cat([t["flat"].float() for t in flat_parts])[:E * S].view(E, S).clone()
+        for k in state:
+            state[k] = torch.cat([t[f"state.{k}"].float() for t in flat_parts])[:E * S].view(E, S).clone()
+    return rows, state, step
+
+
+def local_params_and_state(strategy, layer, state_ES: dict[str, torch.Tensor], rank: int, world: int):
+    """[(param, {key: tensor shaped like param})]: the full state sliced the way the strategy
+    slices the parameters, ready to be put into the optimizer."""
+    name, layout = strategy.name, full_layout(layer)
+    if name == "fssdp":
+        mine = layer.fssdp_state.owner_E == rank
+        return [(layer.expert_chunks, {k: v[mine] for k, v in state_ES.items()})]
+    if name == "fsdp":
+        p = layer.expert_shard
+        out = {}
+        for k, v in state_ES.items():
+            flat = v.reshape(-1)
+            flat = torch.cat([flat, flat.new_zeros(p.numel() * world - flat.numel())])
+            out[k] = flat[rank * p.numel():(rank + 1) * p.numel()]
+        return [(p, out)]
+    if name in ("local", "dp", "ep"):
+        first, local = layer.expert_slice if name == "ep" else (0, layout.num_experts)
+        per_key = {k: layout.unflatten(v) for k, v in state_ES.items()}
+        return [(p, {k: per_key[k][n][first:first + local] for k in per_key})
+                for n, p in _named_params(layer, layout).items()]
+    raise ValueError(f"checkpoints do not know strategy {name!r}")

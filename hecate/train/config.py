@@ -1,0 +1,339 @@
+"""Training configuration: YAML -> typed dataclasses, validated before any process starts.
+
+Every error names the dotted config key (e.g. `parallel.ep_size`) and says how to fix it.
+Unknown keys get a did-you-mean suggestion; `--set key.sub=value` overrides are parsed as YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hecate.models.transformer import TransformerConfig
+from hecate.moe.config import MoEConfig
+
+STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp")
+
+
+@dataclass
+class FssdpOptions:
+    """Options of the fssdp strategy (see FullyShardedSparse's docstring)."""
+
+    policy: str = "hecate"
+    window: int = 5
+    memory_slots: Optional[int] = None
+    overlap_degree: Optional[int] = None
+    rematerialize: bool = True
+    reshard_interval: int = 100
+    calibrate: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "fssdp"
+    nproc: int = 2                 # local workers `hecate train` starts when not under torchrun
+    ep_size: Optional[int] = None  # ep: ranks per expert-parallel group (None = the world)
+    fssdp: FssdpOptions = field(default_factory=FssdpOptions)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    max_grad_norm: Optional[float] = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"       # "embedded" | path to a text file | path to a .bin token memmap
+    token_dtype: str = "uint16"    # for .bin sources: uint16 or uint32
+    embedded_max_bytes: int = 3_000_000
+    cache_dir: Optional[str] = None  # embedded corpus cache (None = ~/.cache/hecate)
+    seq_len: int = 64
+    batch_size: int = 8            # sequences per rank per micro-batch
+    val_fraction: float = 0.05
+
+
+@dataclass
+class RunConfig:
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    bf16: bool = False
+    out_dir: str = "runs/default"
+    peak_tflops: Optional[float] = None  # per rank, for the MFU estimate (None = a guess per device)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0   # steps between checkpoints (0 = only none)
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "hecate"
+    wandb_mode: str = "offline"
+    progress: bool = True
+    heatmap: bool = True
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 0
+    max_new_tokens: int = 160
+    temperature: float = 0.8
+    top_k: int = 40
+    prompt: str = "def "
+
+
+@dataclass
+class TrainConfig:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self, world_size: int | None = None) -> "TrainConfig":
+        """Check ranges and the parallel layout for `world_size` ranks; raise ValueError naming the key."""
+        _validate(self, world_size)
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    """Convert a YAML value to annotation `tp`, raising TypeError that names `key`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{key} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            hint = difflib.get_close_matches(str(k), names, n=1)
+            raise ValueError(f"unknown config key {prefix}{k}"
+                             + (f"; did you mean {prefix}{hint[0]}?" if hint else
+                                f"; valid keys under {prefix.rstrip('.') or 'the top level'}: {names}"))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"config key {prefix}{f.name} is required")
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None) -> TrainConfig:
+    """Build a TrainConfig from a plain dict (a parsed YAML file); unknown keys are rejected."""
+    data = dict(data or {})
+    model = dict(data.get("model") or {})
+    if "moe" in model:
+        moe = dict(model["moe"] or {})
+        # The MoE hidden size is the model width unless the file says otherwise.
+        moe.setdefault("hidden_size", model.get("d_model", TransformerConfig.d_model))
+        model["moe"] = moe
+        data["model"] = model
+    elif "d_model" in model:
+        default = TransformerConfig().moe
+        model["moe"] = dataclasses.asdict(default.replace(hidden_size=model["d_model"]))
+        data["model"] = model
+    return _build(TrainConfig, data, "")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML) to a raw config dict in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value (e.g. train.steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} has an empty key part; write e.g. optim.lr=1e-3")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def configs_dir() -> Path:
+    """The repository's configs/ folder (presets are looked up there by name)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path as given, or `configs/<name>.yaml` for a preset name."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    preset = configs_dir() / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    names = sorted(q.stem for q in configs_dir().glob("*.yaml"))
+    hint = difflib.get_close_matches(name_or_path, names, n=1)
+    raise ValueError(f"config {name_or_path!r} is neither a file nor a preset in {configs_dir()}"
+                     + (f"; did you mean {hint[0]!r}?" if hint else f"; presets: {names}"))
+
+
+def load_config(path: str, overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
+    """Read YAML `path` (or a preset name), apply overrides, build and validate the config."""
+    with open(resolve_config_path(path)) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping at the top level")
+    apply_overrides(data, overrides or [])
+    return from_dict(data).validate(world_size)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}{msg}" if msg.startswith("=") else f"{key} {msg}")
+
+
+def _validate(cfg: TrainConfig, world: int | None) -> None:
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ValueError(str(e).replace("MoEConfig.", "model.moe.")) from None
+    p, o, d, t = cfg.parallel, cfg.optim, cfg.data, cfg.train
+    _check(p.strategy in STRATEGIES, "parallel.strategy",
+           f"={p.strategy!r} must be one of {STRATEGIES}"
+           + "".join(f"; did you mean {h!r}?" for h in difflib.get_close_matches(p.strategy, STRATEGIES, n=1)))
+    _check(p.nproc >= 1, "parallel.nproc", f"must be >= 1, got {p.nproc}")
+    _check(p.fssdp.policy in ("hecate", "shadowing", "none"), "parallel.fssdp.policy",
+           f"={p.fssdp.policy!r} must be hecate, shadowing or none")
+    _check(p.fssdp.window >= 1, "parallel.fssdp.window", f"must be >= 1, got {p.fssdp.window}")
+    _check(p.fssdp.reshard_interval >= 0, "parallel.fssdp.reshard_interval", "must be >= 0")
+    _check(p.fssdp.memory_slots is None or p.fssdp.memory_slots >= 1, "parallel.fssdp.memory_slots",
+           "must be >= 1 or null")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _check(o.eps > 0, "optim.eps", "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
+    _check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    _check(d.token_dtype in ("uint16", "uint32"), "data.token_dtype", f"={d.token_dtype!r} must be uint16 or uint32")
+    _check(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
+    _check(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+           f"={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower it or raise max_seq_len")
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(d.embedded_max_bytes >= 10_000, "data.embedded_max_bytes", "must be >= 10000")
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    for name in ("eval_every", "eval_batches", "log_every"):
+        _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = off)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+           "must be offline, online or disabled")
+    s = cfg.sample
+    _check(s.num_samples >= 0 and s.max_new_tokens >= 1, "sample.num_samples",
+           "and sample.max_new_tokens must be >= 0 and >= 1")
+    _check(s.temperature > 0 and s.top_k >= 1, "sample.temperature", "must be > 0 (and sample.top_k >= 1)")
+    _check(not _is_text(d.source) or cfg.model.vocab_size >= 256, "model.vocab_size",
+           f"={cfg.model.vocab_size} is too small for byte-level text (needs 256)")
+    if world is not None:
+        _validate_layout(cfg, world)
+
+
+def _is_text(source: str) -> bool:
+    return not source.endswith(".bin")
+
+
+def _validate_layout(cfg: TrainConfig, world: int) -> None:
+    """Reject a strategy / world-size combination that cannot run, before launching anything."""
+    p, E = cfg.parallel, cfg.model.moe.num_experts
+    _check(world >= 1, "parallel.nproc", f"(world size) must be >= 1, got {world}")
+    _check(p.strategy != "local" or world == 1, "parallel.strategy",
+           f"='local' keeps all experts on one process; it needs world size 1, got {world} (use dp/ep/fsdp/fssdp)")
+    if p.strategy == "ep":
+        ep = world if p.ep_size is None else p.ep_size
+        _check(ep >= 1 and world % ep == 0, "parallel.ep_size",
+               f"={ep} must divide the world size {world}")
+        _check(E % ep == 0, "parallel.ep_size",
+               f"={ep} must divide model.moe.num_experts={E} (each EP rank holds the same number of experts)")
+    elif p.ep_size is not None:
+        _check(False, "parallel.ep_size", f"is only used by strategy 'ep' (strategy is {p.strategy!r}); remove it")
+    if p.strategy == "fssdp" and p.fssdp.memory_slots is not None:
+        _check(p.fssdp.memory_slots <= E, "parallel.fssdp.memory_slots",
+               f"={p.fssdp.memory_slots} exceeds model.moe.num_experts={E}")

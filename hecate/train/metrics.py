@@ -1,0 +1,150 @@
+"""Observability on rank 0: JSONL always, TensorBoard / wandb when enabled, progress, heatmaps."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def flops_per_token(model_cfg, seq_len: int, active_params: int) -> float:
+    """Training FLOPs per token: 6 * active params + attention scores (12 * layers * d * seq)."""
+    return 6.0 * active_params + 12.0 * model_cfg.n_layers * model_cfg.d_model * seq_len
+
+
+def default_peak_tflops(device) -> float:
+    """A rough per-rank peak for the MFU estimate when train.peak_tflops is not set."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return 989.0 if ("H100" in name or "H200" in name) else 312.0
+    return 0.05  # one CPU core, fp32, about 50 GFLOP/s
+
+
+class MetricsLogger:
+    """Writes one JSON object per record to out_dir/metrics.jsonl; mirrors to TB / wandb if asked."""
+
+    def __init__(self, out_dir: Path, logging_cfg, config_dict: dict | None = None, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if not enabled:
+            return
+        self.file = open(self.path, "a") if logging_cfg.jsonl else None
+        if logging_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:
+                print("[hecate] logging.tensorboard is on but tensorboard is not installed "
+                      "(pip install tensorboard); continuing without it", file=sys.stderr)
+        if logging_cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
+                                        dir=str(out_dir), config=config_dict)
+            except ImportError:
+                print("[hecate] logging.wandb is on but wandb is not installed "
+                      "(pip install 'hecate[wandb]'); continuing without it", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        step = record.get("step", 0)
+        nums = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in nums.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(nums, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; plain lines every log_every steps otherwise."""
+
+    def __init__(self, total: int, enabled: bool, start: int = 0):
+        self.enabled = enabled
+        self.bar = None
+        self.t0 = time.time()
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, rec: dict) -> None:
+        if not self.enabled:
+            return
+        info = (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | "
+                f"imb {rec.get('expert_imbalance', 1.0):.2f} | drop {rec.get('dropped_fraction', 0.0):.3f} | "
+                f"{rec['comm_mb_per_step']:.2f} MB/step")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"step {step:5d} | {info} | {time.time() - self.t0:.0f}s", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def write_heatmaps(loads: list[list[list[float]]], out_dir: Path) -> list[Path]:
+    """One PNG per MoE layer: expert load (fraction of routed tokens) over steps.
+
+    `loads[step][layer]` is the per-expert token count. Returns the written paths ([] without
+    matplotlib, after saying so).
+    """
+    if not loads:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        print("[hecate] matplotlib is not installed; skipping the expert-load heatmaps "
+              "(pip install matplotlib)", file=sys.stderr)
+        return []
+    paths = []
+    arr = np.asarray(loads, dtype=float)  # [steps, layers, E]
+    for layer in range(arr.shape[1]):
+        m = arr[:, layer, :]
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(8, 3))
+        im = ax.imshow(m.T, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        ax.set_title(f"MoE layer {layer}: share of routed tokens")
+        fig.colorbar(im, ax=ax)
+        path = Path(out_dir) / f"expert_load_layer{layer}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

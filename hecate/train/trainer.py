@@ -1,0 +1,309 @@
+"""The training loop: distributed init, model + strategy + Engine, LR schedule, eval, logging.
+
+Run on every rank (torchrun, `hecate train`, or `python -m hecate.train`). Everything a rank
+does is a function of the config, its rank and the step, so a run is reproducible step by step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hecate.comm.topology import Topology
+from hecate.models.transformer import MoETransformer
+from hecate.parallel import build_strategy, moe_layers, parallelize
+from hecate.parallel.chunks import is_expert_parameter
+from hecate.train.config import TrainConfig
+from hecate.train.data import ByteTokenizer, build_data
+from hecate.train.engine import Engine
+from hecate.train.metrics import (MetricsLogger, ProgressDisplay, default_peak_tflops, flops_per_token,
+                                  write_heatmaps)
+from hecate.train.model_stats import param_counts
+
+
+def lr_at(step: int, optim, total_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed() -> tuple[torch.device, bool]:
+    """Init the default process group from the torchrun env (NCCL on CUDA, gloo on CPU); a lone
+    process without RANK gets a world of one. Returns (device, whether we created the group)."""
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device, True
+
+
+def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
+    """Seeded identically on every rank, then parallelized with the configured strategy."""
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformer(cfg.model).to(device)
+    p = cfg.parallel
+    if p.strategy == "ep":
+        options = {"ep_size": p.ep_size}
+    elif p.strategy == "fssdp":
+        options = {k: getattr(p.fssdp, k) for k in ("policy", "window", "memory_slots", "overlap_degree",
+                                                      "rematerialize", "reshard_interval", "calibrate")}
+    else:
+        options = {}
+    strategy = build_strategy(p.strategy, None if p.strategy == "local" else topology, **options)
+    return parallelize(model, strategy), strategy
+
+
+def _checkpoint_module():
+    """hecate.train.checkpoint when it exists (written separately); None otherwise."""
+    try:
+        from hecate.train import checkpoint
+    except ImportError:
+        return None
+    return checkpoint
+
+
+class Trainer:
+    """Owns one rank's model, strategy, engine, data and loggers for one run."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.device, self._owns_group = init_distributed()
+        self.cfg = cfg
+        self.topology = Topology()
+        self.rank, self.world = self.topology.rank, self.topology.world_size
+        cfg.validate(self.world)
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # launchers set 1 thread per worker
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        self.out_dir = Path(cfg.train.out_dir)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.model, self.strategy = build_model(cfg, self.topology, self.device)
+        o = cfg.optim
+        self.engine = Engine(self.model, self.strategy, self.topology, lr=o.lr, weight_decay=o.weight_decay,
+                             betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm)
+        self.data = build_data(cfg)
+        self.val = self.data.val_batches(cfg.train.eval_batches, self.rank, self.world)
+        self.start_step = 0
+        self.ckpt = _checkpoint_module()
+        if resume:
+            self._resume()
+        is0 = self.rank == 0
+        self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), enabled=is0)
+        self.progress = ProgressDisplay(cfg.train.steps, enabled=is0 and cfg.logging.progress,
+                                        start=self.start_step)
+
+    # ---- checkpoint hooks ---------------------------------------------------------------------
+    def _ckpt_path(self, step: int | None = None) -> Path:
+        return self.out_dir / "checkpoints" / (f"step{step:08d}" if step is not None else "")
+
+    def _resume(self) -> None:
+        if self.ckpt is None:
+            raise ValueError("--resume needs hecate.train.checkpoint, which this build lacks")
+        root = self._ckpt_path()
+        steps = sorted(root.glob("step*")) if root.is_dir() else []
+        if not steps:
+            raise ValueError(f"--resume: no checkpoint under {root}; train without --resume first")
+        self.start_step = int(self.ckpt.load_checkpoint(str(steps[-1]), self.model, self.strategy,
+                                                        self.engine, self.topology))
+
+    def _maybe_save(self, step: int) -> None:
+        every = self.cfg.checkpoint.every
+        if not every or step % every and step != self.cfg.train.steps:
+            return
+        if self.ckpt is None:
+            if self.rank == 0 and not getattr(self, "_warned_ckpt", False):
+                self.progress.message("[hecate] checkpoint.every is set but hecate.train.checkpoint "
+                                      "is not available; not saving")
+                self._warned_ckpt = True
+            return
+        self.ckpt.save_checkpoint(str(self._ckpt_path(step)), self.model, self.strategy, self.engine,
+                                  step, self.cfg.to_dict(), self.topology)
+        if self.rank == 0:  # keep the newest `keep` checkpoints
+            import shutil
+
+            old = sorted(self._ckpt_path().glob("step*"))[:-self.cfg.checkpoint.keep]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        if self.world > 1:
+            dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def _comm_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        A = cfg.optim.grad_accum
+        loss_sum, aux_sum, imb, drop = 0.0, 0.0, [], []
+        load = None
+        for micro in range(A):
+            x, y = self.data.train_batch(step, micro, A, self.rank, self.world)
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                loss, out = self.model.loss(x, y)
+            (loss / A).backward()
+            loss_sum += float(loss.detach()) / A
+            aux_sum += float(out.aux_loss.detach()) / A
+            imb += [s.imbalance for s in out.moe_stats]
+            drop += [s.dropped_fraction for s in out.moe_stats]
+            counts = [s.tokens_per_expert_E.float().cpu() for s in out.moe_stats]
+            if counts:
+                stacked = torch.stack(counts)
+                load = stacked if load is None else load + stacked
+        grad_norm = self.engine.step()
+        loss, aux = self._mean([loss_sum, aux_sum])
+        if load is not None and self.world > 1:
+            load = load.to(self._comm_device())
+            dist.all_reduce(load)
+            load = load.cpu()
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                "expert_imbalance": sum(imb) / len(imb) if imb else 1.0,
+                "dropped_fraction": sum(drop) / len(drop) if drop else 0.0,
+                "load": load.tolist() if load is not None else None}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean LM loss (no aux) and perplexity on every rank's fixed validation batches."""
+        self.model.eval()
+        total = 0.0
+        for x, y in self.val:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x).logits
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())) / len(self.val)
+        self.model.train()
+        (val,) = self._mean([total])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def run(self) -> dict:
+        """Train to cfg.train.steps; return a summary (first/last loss, eval, seconds)."""
+        cfg, t = self.cfg, self.cfg.train
+        counts = param_counts(self.model_meta())
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len, counts["active_params"])
+        peak = (t.peak_tflops or default_peak_tflops(self.device)) * 1e12
+        tokens_per_step = self.world * cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum
+        losses, loads, last_eval = [], [], {}
+        stats = self.topology.stats
+        window_t0, window_bytes, window_steps = time.time(), stats.total_bytes(), 0
+        start = time.time()
+        for step in range(self.start_step, t.steps):
+            rec = self.train_step(step)
+            losses.append(rec["loss"])
+            if rec["load"] is not None:
+                loads.append(rec["load"])
+            window_steps += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps or step == self.start_step:
+                dt = max(time.time() - window_t0, 1e-9)
+                comm = stats.total_bytes()
+                tps = tokens_per_step * window_steps / dt
+                rec.update(step=done, tokens_per_s=tps, mfu=tps * fpt / (peak * self.world),
+                           comm_mb_per_step=(comm - window_bytes) / window_steps / 1e6,
+                           elapsed_s=time.time() - start)
+                load = rec.pop("load")
+                if load is not None:
+                    rec["expert_load"] = load
+                self.logger.log(rec)
+                self.progress.update(done, rec)
+                window_t0, window_bytes, window_steps = time.time(), stats.total_bytes(), 0
+            if done % t.eval_every == 0 or done == t.steps:
+                last_eval = self.evaluate()
+                self.logger.log({"step": done, **last_eval})
+                self.progress.message(f"eval @ step {done}: val_loss {last_eval['val_loss']:.4f} "
+                                      f"ppl {last_eval['val_ppl']:.2f}")
+            self._maybe_save(done)
+        self.progress.close()
+        summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                   "seconds": time.time() - start, **last_eval}
+        if self.rank == 0 and cfg.logging.heatmap:
+            paths = write_heatmaps(loads, self.out_dir)
+            if paths:
+                self.progress.message(f"expert-load heatmaps: {', '.join(str(p) for p in paths)}")
+        if cfg.sample.num_samples:
+            summary["samples"] = self.sample()
+        self.logger.log({"step": t.steps, "summary": {k: v for k, v in summary.items() if k != "samples"}})
+        self.logger.close()
+        return summary
+
+    def model_meta(self):
+        from hecate.train.model_stats import build_meta_model
+
+        return build_meta_model(self.cfg.model)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def gather_local_model(self) -> MoETransformer | None:
+        """Collective: a single-process copy of the trained model with all experts, on rank 0."""
+        full = [self.strategy.gather_experts(layer) for layer in moe_layers(self.model)]
+        if self.rank != 0:
+            return None
+        dense = {n: p.detach().cpu() for n, p in self.model.named_parameters() if not is_expert_parameter(p)}
+        local = MoETransformer(self.cfg.model)
+        missing = set(dict(local.named_parameters())) - set(dense)
+        local.load_state_dict(dense, strict=False)
+        with torch.no_grad():
+            for layer, weights in zip(local.moe_layers(), full):
+                for n, p in layer.experts.named_parameters():
+                    p.copy_(weights[n].cpu())
+        unknown = {n for n in missing if ".experts." not in n}
+        if unknown:
+            raise RuntimeError(f"gather_local_model: parameters {sorted(unknown)} were not found")
+        return local.eval()
+
+    def sample(self) -> list[str]:
+        from hecate.train.sample import generate
+
+        local = self.gather_local_model()
+        if local is None:
+            return []
+        s = self.cfg.sample
+        tok = ByteTokenizer()
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        texts = []
+        for _ in range(s.num_samples):
+            ids = generate(local, tok.encode(s.prompt), s.max_new_tokens, s.temperature, s.top_k, g)
+            texts.append(tok.decode(ids))
+        (self.out_dir / "samples.txt").write_text("\n\n---\n\n".join(texts))
+        return texts
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train on this rank (call on every rank); return the summary."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,59 @@
+"""Smoke tests: each benchmark runs at its smallest settings and prints the documented JSON.
+
+No timing is asserted (the machine is shared); only that the scripts run, report every
+strategy / case, and that figures which follow from sizes alone are consistent.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_json(script, *args, timeout=240, env=None):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def test_strategies_smoke():
+    out, _ = run_json("strategies.py", "--nproc", "2", "--mem-nprocs", "--warmup", "0", "--steps", "1",
+                      "--d-model", "16", "--ffn", "16", "--experts", "4", "--seq", "8", "--batch", "2",
+                      "--vocab", "32", "--layers", "1")
+    world = out["worlds"]["2"]
+    assert world["timed"] is True
+    assert set(world["targets"]) >= {"fssdp_bytes_over_lower_bound", "fssdp_bytes_vs_fsdp",
+                                     "ep_time_over_fssdp", "fssdp_rm_peak_vs_ep"}
+    for routing in ("uniform", "skewed"):
+        rows = world["routing"][routing]
+        assert set(rows) == {"dp", "ep", "fsdp", "fssdp", "fssdp_no_rm"}
+        for label, r in rows.items():
+            assert r["step_time_s"] > 0 and r["peak_bytes_per_rank"] > 0
+            assert r["expert_bytes"] > 0, label
+            if label != "dp":
+                # Moving only what is needed can never beat the lower bound.
+                assert r["lower_bound_bytes"] is not None
+                assert r["expert_bytes"] >= r["lower_bound_bytes"] * (1 - 1e-9), label
+        assert rows["ep"]["time_vs_ep"] == pytest.approx(1.0)
+        # Same model, same sizes: every strategy all-reduces the same dense gradients.
+        assert len({r["dense_bytes"] for r in rows.values()}) == 1
+        # The persistent state of fssdp and ep is 1/W of the experts, dp's is all of them.
+        assert rows["dp"]["state_bytes_per_rank"] > rows["fssdp"]["state_bytes_per_rank"]
+    assert world["routing"]["skewed"]["ep"]["imbalance"] > world["routing"]["uniform"]["ep"]["imbalance"]
+
+
+def test_moe_layer_smoke_without_deepspeed():
+    out, text = run_json("moe_layer.py", "--nproc", "2", "--no-deepspeed", "--warmup", "0", "--iters", "1",
+                         "--d-model", "16", "--ffn", "16", "--experts", "4", "--tokens", "32")
+    assert "DeepSpeed is NOT available" in text
+    assert out["deepspeed"] is None and out["deepspeed_missing_reason"]
+    assert set(out["cases"]) == {"top1_uniform", "top1_skewed", "top2_uniform", "top2_skewed"}
+    for case in out["cases"].values():
+        assert case["hecate"]["time_s"] > 0 and case["hecate"]["peak_bytes_per_rank"] > 0
+        assert "deepspeed" not in case
