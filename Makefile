@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q ninja numpy
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	HECATE_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,7 +2,9 @@
 
 The C++ (ATen) kernels are always built. The CUDA kernels are added when the
 installed torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME);
-set HECATE_NO_CUDA=1 to force a CPU-only build.
+set HECATE_NO_CUDA=1 to force a CPU-only build. HECATE_SKIP_EXT=1 installs the
+Python package only (the Makefile then builds the extension once, in place, with
+`setup.py build_ext --inplace`, so ninja's object cache in build/ is reused).
 """
 import glob
 import os
@@ -64,7 +66,7 @@ setup(
         "wandb": ["wandb"],
         "apex": [],  # nvidia-apex is built from source on GPU machines; see docs/build.md
     },
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("HECATE_SKIP_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["hecate=hecate.cli:main"]},
 )

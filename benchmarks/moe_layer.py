@@ -8,7 +8,7 @@ top-2 weights renormalized over the two picks (DeepSpeed's top2gating; Hecate
 renormalize=True), top-1 weight = the softmax probability (Hecate renormalize=False),
 no token dropping (Hecate dropless; DeepSpeed drop_tokens=False, which pads every
 expert to the largest expert's load), no random token selection or 2nd-expert sampling
-(use_rts=False, top2_2nd_expert_sampling=False), GELU expert MLPs with biases.
+(use_rts=False, top2_2nd_expert_sampling=False), bias-free GELU expert MLPs.
 
 Skewed routing: input feature 0 is the constant 1 and the gate's column 0 holds
 `skew_scale * log(p_e)` for a Zipf(1.2) p (uniform: that column is 0), so both routers
@@ -70,7 +70,8 @@ def _deepspeed_layer(a, k, gate_ED, world):
     from torch import nn
 
     deepspeed.init_distributed(dist_backend="gloo")
-    expert = nn.Sequential(nn.Linear(a["d_model"], a["ffn"]), nn.GELU(), nn.Linear(a["ffn"], a["d_model"]))
+    expert = nn.Sequential(nn.Linear(a["d_model"], a["ffn"], bias=False), nn.GELU(),
+                           nn.Linear(a["ffn"], a["d_model"], bias=False))  # Hecate experts have no biases
     layer = MoE(a["d_model"], expert, num_experts=a["experts"], ep_size=world, k=k, capacity_factor=1.0,
                 min_capacity=0, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     layer.set_deepspeed_parallelism()

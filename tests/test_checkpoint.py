@@ -180,6 +180,10 @@ def test_reshard_on_load_fssdp4_ep2_dp1_same_function_and_optimizer_state(tmp_pa
     manifest = read_manifest(os.path.join(a, "step_00000002"))
     assert manifest["world_size"] == 4 and manifest["strategy"]["name"] == "fssdp"
     assert len(manifest["layers"][0]["owner_E"]) == 8 and len(manifest["files"]) == 4
+    assert manifest["config"] == {"strategy": "fssdp"} and manifest["step"] == 2
+    assert open(os.path.join(a, "latest")).read().strip() == "step_00000002"
+    for meta in manifest["files"].values():
+        assert len(meta["sha256"]) == 64 and meta["bytes"] > 0
 
 
 def test_fsdp_checkpoint_loads_under_fssdp_with_other_world(tmp_path):
@@ -191,6 +195,18 @@ def test_fsdp_checkpoint_loads_under_fssdp_with_other_world(tmp_path):
     for i in s0:
         for k in s0[i][1]:
             torch.testing.assert_close(s1[i][1][k], s0[i][1][k], rtol=0, atol=0)
+
+
+def test_ep_with_replicated_groups_saves_once_and_loads_under_fssdp(tmp_path):
+    a, b = str(tmp_path / "ep4"), str(tmp_path / "fssdp2")
+    want = run_distributed(save_case, 4, a, "ep", {"ep_size": 2}, 1)[0]
+    manifest = read_manifest(os.path.join(a, "step_00000001"))
+    assert manifest["strategy"] == {"name": "ep", "options": {"ep_size": 2}}
+    for r, has_experts in ((0, True), (1, True), (2, False), (3, False)):  # EDP replicas skip
+        keys = safetensors.torch.load_file(os.path.join(a, "step_00000001", f"rank_{r:05d}.safetensors"))
+        assert any(k.startswith("experts.") for k in keys) == has_experts
+    got = run_distributed(reload_case, 2, a, b, "fssdp", FSSDP)
+    assert got[0] == pytest.approx(want, abs=1e-5)
 
 
 def test_export_import_round_trip(tmp_path):

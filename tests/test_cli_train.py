@@ -17,10 +17,19 @@ def _hecate(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_inspect_json_matches_hand_count():
-    r = _hecate("inspect", "tiny_dp", "--json")
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
+def _main(capsys, *args):
+    """Run the CLI in-process (fast); returns (exit code, stdout, stderr)."""
+    from hecate.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_json_matches_hand_count(capsys):
+    code, stdout, _ = _main(capsys, "inspect", "tiny_dp", "--json")
+    assert code == 0
+    info = json.loads(stdout)
     V, D, L, S, H, E, F, K = 256, 32, 2, 64, 64, 4, 32, 2  # configs/tiny_dp.yaml
     per_layer = 2 * D + 3 * D * D + D * D + D * E   # 2 norms, qkv, out, router
     routed = L * E * 2 * D * F                       # w1 [E,F,D] + w2 [E,D,F] per MoE layer
@@ -30,19 +39,25 @@ def test_inspect_json_matches_hand_count():
     assert info["memory_per_rank"]["world_size"] == 2
 
 
-def test_inspect_human_and_errors():
-    r = _hecate("inspect", "demo", "--nproc", "4")
-    assert r.returncode == 0 and "active params/token" in r.stdout
-    r = _hecate("inspect", "tiny_ep", "--nproc", "3")
-    assert r.returncode == 2 and "parallel.ep_size=2 must divide the world size 3" in r.stderr
+def test_inspect_human_and_errors(capsys):
+    code, stdout, _ = _main(capsys, "inspect", "demo", "--nproc", "4")
+    assert code == 0 and "active params/token" in stdout
+    code, _, stderr = _main(capsys, "inspect", "tiny_ep", "--nproc", "3")
+    assert code == 2 and "parallel.ep_size=2 must divide the world size 3" in stderr
 
 
-def test_train_rejects_layout_before_launch(tmp_path):
-    r = _hecate("train", "tiny_ep", "--nproc", "3", "--set", f"train.out_dir={tmp_path}/run")
-    assert r.returncode == 2 and "parallel.ep_size" in r.stderr
-    assert not (tmp_path / "run").exists()  # nothing started
-    r = _hecate("train", "tiny_dp", "--set", "optim.lrr=1")
-    assert r.returncode == 2 and "did you mean optim.lr?" in r.stderr
+def test_train_rejects_layout_before_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    import hecate.cli
+
+    launched = []
+    monkeypatch.setattr(hecate.cli, "launch_local", lambda *a: launched.append(a))
+    code, _, stderr = _main(capsys, "train", "tiny_ep", "--nproc", "3", "--set", f"train.out_dir={tmp_path}/run")
+    assert code == 2 and "parallel.ep_size" in stderr and not launched
+    code, _, stderr = _main(capsys, "train", "tiny_dp", "--set", "optim.lrr=1")
+    assert code == 2 and "did you mean optim.lr?" in stderr and not launched
+    code, _, _ = _main(capsys, "train", "tiny_ep", "--nproc", "4", "--set", "optim.lr=1e-3")
+    assert code == 0 and launched == [(4, ["tiny_ep", "--set", "optim.lr=1e-3"])]
 
 
 def test_two_rank_train_end_to_end(tmp_path):

@@ -159,6 +159,7 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
                 for k, s in optimizer.state[v].items():
                     if torch.is_tensor(s):
                         tensors[f"optim.{name}.{k}"] = s.detach().clone().contiguous()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # NCCL runs keep them on GPU
     data = safetensors.torch.save(tensors, metadata={
         "hecate.format": FORMAT, "hecate.version": str(FORMAT_VERSION), "hecate.rank": str(rank),
         "hecate.layers": json.dumps(layer_infos)})
@@ -379,9 +380,10 @@ def _restore_dense_optimizer(model, layers, optimizer, tensors, manifest) -> Non
             continue
         prefix = f"optim.{name}."
         st = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        if st:
-            optimizer.state[v] = {k: (t.clone() if k == "step" else t.to(device=v.device, dtype=v.dtype).clone())
-                                  for k, t in st.items()}
+        if st:  # "step" first, then sorted: the same key order on every rank and as AdamW's own
+            keys = sorted(st, key=lambda k: (k != "step", k))
+            optimizer.state[v] = {k: (st[k].clone() if k == "step" else st[k].to(device=v.device, dtype=v.dtype).clone())
+                                  for k in keys}
     groups = manifest["optimizer"].get("param_groups", [])
     if len(groups) == len(optimizer.param_groups):
         for g, saved in zip(optimizer.param_groups, groups):
@@ -397,10 +399,10 @@ def export_safetensors(path_out, model, strategy, topology=None) -> None:
     layers = moe_layers(model)
     fulls = [strategy.gather_experts(layer) for layer in layers]
     if rank == 0:
-        tensors = {k: v.detach().clone().contiguous() for k, v in _dense_entries(model, layers).items()}
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in _dense_entries(model, layers).items()}
         for prefix, layer, full in zip(_layer_prefixes(model, layers), layers, fulls):
             for n in full_layout(layer).names:
-                tensors[f"{prefix}.experts.{n}"] = full[n].detach().contiguous()
+                tensors[f"{prefix}.experts.{n}"] = full[n].detach().cpu().contiguous()
         data = safetensors.torch.save(tensors, metadata={"hecate.format": EXPORT_FORMAT,
                                                          "hecate.version": str(FORMAT_VERSION)})
         parent = os.path.dirname(os.path.abspath(os.fspath(path_out)))

@@ -100,7 +100,9 @@ def assemble(parts, layout: ChunkLayout, layer_index: int):
         state_keys = keys if state_keys is None else state_keys & keys
         if "step" in t:
             step = t["step"]
-    state = {k: torch.zeros(E, S, dtype=torch.float32) for k in (state_keys or ())}
+    # Sorted: ranks iterate this dict in lockstep later (fssdp moves state key by key with
+    # collectives), and set order differs between processes.
+    state = {k: torch.zeros(E, S, dtype=torch.float32) for k in sorted(state_keys or ())}
     if kinds == {"rows"}:
         for _, _, t in parts:
             ids = t["ids"]
@@ -134,7 +136,7 @@ def local_params_and_state(strategy, layer, state_ES: dict[str, torch.Tensor], r
     name, layout = strategy.name, full_layout(layer)
     if name == "fssdp":
         mine = layer.fssdp_state.owner_E == rank
-        return [(layer.expert_chunks, {k: v[mine] for k, v in state_ES.items()})]
+        return [(layer.expert_chunks, {k: state_ES[k][mine] for k in sorted(state_ES)})]
     if name == "fsdp":
         p = layer.expert_shard
         out = {}

@@ -85,7 +85,7 @@ class ProgressDisplay:
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=20),
                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()

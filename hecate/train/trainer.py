@@ -84,6 +84,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.device, self._owns_group = init_distributed()
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.close()  # a bad config or checkpoint must not leave a process group behind
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
         self.cfg = cfg
         self.topology = Topology()
         self.rank, self.world = self.topology.rank, self.topology.world_size
@@ -109,38 +116,32 @@ class Trainer:
         self.progress = ProgressDisplay(cfg.train.steps, enabled=is0 and cfg.logging.progress,
                                         start=self.start_step)
 
-    # ---- checkpoint hooks ---------------------------------------------------------------------
-    def _ckpt_path(self, step: int | None = None) -> Path:
-        return self.out_dir / "checkpoints" / (f"step{step:08d}" if step is not None else "")
+    # ---- checkpoints (hecate.train.checkpoint: sharded, atomic, reshardable) ------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
 
     def _resume(self) -> None:
         if self.ckpt is None:
             raise ValueError("--resume needs hecate.train.checkpoint, which this build lacks")
-        root = self._ckpt_path()
-        steps = sorted(root.glob("step*")) if root.is_dir() else []
-        if not steps:
-            raise ValueError(f"--resume: no checkpoint under {root}; train without --resume first")
-        self.start_step = int(self.ckpt.load_checkpoint(str(steps[-1]), self.model, self.strategy,
+        if not self.ckpt_dir.is_dir():
+            raise ValueError(f"--resume: no checkpoints under {self.ckpt_dir}; train without --resume "
+                             "first (with checkpoint.every > 0)")
+        self.start_step = int(self.ckpt.load_checkpoint(str(self.ckpt_dir), self.model, self.strategy,
                                                         self.engine, self.topology))
 
     def _maybe_save(self, step: int) -> None:
         every = self.cfg.checkpoint.every
-        if not every or step % every and step != self.cfg.train.steps:
+        if not every or (step % every and step != self.cfg.train.steps):
             return
         if self.ckpt is None:
-            if self.rank == 0 and not getattr(self, "_warned_ckpt", False):
+            if not getattr(self, "_warned_ckpt", False):
                 self.progress.message("[hecate] checkpoint.every is set but hecate.train.checkpoint "
                                       "is not available; not saving")
                 self._warned_ckpt = True
             return
-        self.ckpt.save_checkpoint(str(self._ckpt_path(step)), self.model, self.strategy, self.engine,
-                                  step, self.cfg.to_dict(), self.topology)
-        if self.rank == 0:  # keep the newest `keep` checkpoints
-            import shutil
-
-            old = sorted(self._ckpt_path().glob("step*"))[:-self.cfg.checkpoint.keep]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
+        self.ckpt.save_checkpoint(str(self.ckpt_dir), self.model, self.strategy, self.engine, step,
+                                  self.cfg.to_dict(), self.topology, keep=self.cfg.checkpoint.keep)
 
     # ---- steps --------------------------------------------------------------------------------
     def _autocast(self):

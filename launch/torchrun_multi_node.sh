@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Several nodes: run this on every node with the same MASTER_ADDR / MASTER_PORT / NNODES.
+#   MASTER_ADDR=node0 NNODES=2 NPROC=8 launch/torchrun_multi_node.sh configs/demo.yaml --set train.steps=1000
+# Ranks are node-major (rank = node * NPROC + local rank), which is what hecate's Topology expects.
+set -euo pipefail
+CONFIG=${1:?usage: $0 CONFIG [--set key=value ...]}; shift
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
+MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${NNODES:?set NNODES}
+NPROC=${NPROC:-8}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+cd "$(dirname "$0")/.."
+exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-hecate}" \
+  -m hecate.train "$CONFIG" "$@"
