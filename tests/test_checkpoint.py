@@ -349,3 +349,20 @@ def test_bad_arguments_raise_value_errors(tmp_path):
         load_checkpoint(str(tmp_path), other, LocalStrategy())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope"), model, strat)
+
+
+def test_mismatched_models_are_named(tmp_path):
+    model, strat, engine = _local_model()
+    with pytest.raises(ValueError, match="extra"):
+        save_checkpoint(str(tmp_path), model, strat, engine, 1, extra={"x": object()})
+    save_checkpoint(str(tmp_path), model, strat, engine, 1)
+    cfg = tiny_config()
+    cfg.vocab_size = cfg.vocab_size + 1
+    with pytest.raises(ValueError, match="embed.weight"):
+        load_checkpoint(str(tmp_path), MoETransformer(cfg), LocalStrategy())
+    out = str(tmp_path / "bad.safetensors")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["blocks.0.ffn.experts.w1_EFD"] = sd["blocks.0.ffn.experts.w1_EFD"][:4].contiguous()
+    safetensors.torch.save_file(sd, out)
+    with pytest.raises(ValueError, match=r"blocks.0.ffn.experts.w1_EFD has shape \(4, 48, 32\)"):
+        import_safetensors(out, MoETransformer(tiny_config()), LocalStrategy())

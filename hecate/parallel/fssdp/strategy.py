@@ -318,9 +318,12 @@ class FullyShardedSparse(ExpertStrategy):
             for group in optimizer.param_groups:
                 group["params"] = [new_p if q is p else q for q in group["params"]]
             if p in optimizer.state:
-                moved = {k: (self._move_rows(v, old_owner, new_owner)
-                             if torch.is_tensor(v) and v.shape == p.shape else v)
-                         for k, v in optimizer.state.pop(p).items()}
+                old_state = optimizer.state.pop(p)
+                # Sorted keys: each move is a collective, so every rank must move them in one order.
+                moved = {k: (self._move_rows(old_state[k], old_owner, new_owner)
+                             if torch.is_tensor(old_state[k]) and old_state[k].shape == p.shape
+                             else old_state[k])
+                         for k in sorted(old_state)}
                 optimizer.state[new_p] = moved
         layer.expert_chunks = new_p
         state.owner_E = new_owner
