@@ -37,6 +37,8 @@ class MoELayer(nn.Module):
     means dropless). group_sizes splits the tokens into groups (one per rank, in order):
     capacity and aux losses are computed per group and the losses averaged, which equals
     the mean of what each rank computes alone.
+    router_input (same shape as x) replaces x as the router's input only: the experts still
+    compute on x (Switch-DiT routes every token of a sample by its timestep embedding).
     """
 
     def __init__(self, config: MoEConfig, strategy=None):
@@ -132,10 +134,15 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, *, top_k: Optional[int] = None,
                 capacity_factor: Optional[float] = None,
                 group_sizes: Optional[Sequence[int]] = None,
-                seq_len: Optional[int] = None) -> MoEOutput:
+                seq_len: Optional[int] = None,
+                router_input: Optional[torch.Tensor] = None) -> MoEOutput:
         d = self.config.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != d:
             raise ValueError(f"x must be [B, S, {d}] or [T, {d}] (hidden_size={d}), got {tuple(x.shape)}")
+        if router_input is not None and router_input.shape != x.shape:
+            raise ValueError(f"router_input must have the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(router_input.shape)}; broadcast it per token first "
+                             "(e.g. emb_BD[:, None].expand_as(x))")
         if x.dim() == 3:
             seq_len = x.shape[1] or None  # [B, 0, D]: no tokens, no sequences
         x_TD = x.reshape(-1, d)
@@ -144,7 +151,9 @@ class MoELayer(nn.Module):
         sizes = check_group_sizes(group_sizes, x_TD.shape[0])
         k = self.resolve_top_k(top_k)
         cf = self.resolve_capacity_factor(capacity_factor)
-        routing = self.route(x_TD, top_k=k, capacity_factor=cf, group_sizes=sizes, seq_len=seq_len)
+        # router_input (e.g. a timestep embedding per token) decides the routing; x is computed.
+        r_TD = x_TD if router_input is None else router_input.reshape(-1, d)
+        routing = self.route(r_TD, top_k=k, capacity_factor=cf, group_sizes=sizes, seq_len=seq_len)
         routing = self.apply_capacity(routing, cf, sizes)
         y_TD = self.strategy.forward(self, x_TD, routing)
         y_TD = self.combine_dense(x_TD, y_TD)

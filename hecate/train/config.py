@@ -18,6 +18,7 @@ from hecate.models.transformer import TransformerConfig
 from hecate.moe.config import MoEConfig
 
 STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp")
+TOKENIZERS = ("byte", "bpe")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class OptimConfig:
 class DataConfig:
     source: str = "embedded"       # "embedded" | path to a text file | path to a .bin token memmap
     token_dtype: str = "uint16"    # for .bin sources: uint16 or uint32
+    tokenizer: str = "byte"        # text sources: "byte" (256 ids) or "bpe" (trained locally, needs `tokenizers`)
+    vocab_size: Optional[int] = None  # bpe: ids to learn (None = model.vocab_size); must be > 256
     embedded_max_bytes: int = 3_000_000
     cache_dir: Optional[str] = None  # embedded corpus cache (None = ~/.cache/hecate)
     seq_len: int = 64
@@ -310,8 +313,22 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
     _check(s.num_samples >= 0 and s.max_new_tokens >= 1, "sample.num_samples",
            "and sample.max_new_tokens must be >= 0 and >= 1")
     _check(s.temperature > 0 and s.top_k >= 1, "sample.temperature", "must be > 0 (and sample.top_k >= 1)")
-    _check(not _is_text(d.source) or cfg.model.vocab_size >= 256, "model.vocab_size",
-           f"={cfg.model.vocab_size} is too small for byte-level text (needs 256)")
+    _check(d.tokenizer in TOKENIZERS, "data.tokenizer",
+           f"={d.tokenizer!r} must be one of {TOKENIZERS}"
+           + "".join(f"; did you mean {h!r}?" for h in difflib.get_close_matches(d.tokenizer, TOKENIZERS, n=1)))
+    if d.tokenizer == "bpe":
+        _check(_is_text(d.source), "data.tokenizer",
+               f"='bpe' needs a text data.source, got the pre-tokenized {d.source!r}; use data.tokenizer=byte")
+        bpe_vocab = d.vocab_size or cfg.model.vocab_size
+        _check(bpe_vocab > 256, "data.vocab_size",
+               f"={bpe_vocab} must be > 256 for BPE (256 byte symbols + merges); raise it or model.vocab_size")
+        _check(bpe_vocab <= cfg.model.vocab_size, "data.vocab_size",
+               f"={bpe_vocab} exceeds model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    else:
+        _check(d.vocab_size is None, "data.vocab_size",
+               f"={d.vocab_size} is only used with data.tokenizer=bpe; remove it or set data.tokenizer=bpe")
+        _check(not _is_text(d.source) or cfg.model.vocab_size >= 256, "model.vocab_size",
+               f"={cfg.model.vocab_size} is too small for byte-level text (needs 256)")
     if world is not None:
         _validate_layout(cfg, world)
 

@@ -1,4 +1,4 @@
-"""Token data: the embedded corpus, a byte tokenizer, memmaps, and rank-sharded sampling.
+"""Token data: the embedded corpus, byte or BPE tokens, memmaps, and rank-sharded sampling.
 
 Sampling is a pure function of (seed, step, micro-batch, rank, world): the train split is cut
 into non-overlapping windows of seq_len + 1 tokens; each epoch is a seeded permutation of the
@@ -11,23 +11,14 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from hecate.train.tokenizer import BPETokenizer, ByteTokenizer, split_text  # noqa: F401 (re-export)
+
 EMBEDDED_NAME = "stdlib_corpus"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocab 256); decoding replaces invalid sequences."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
 def stdlib_files() -> list[Path]:
@@ -93,11 +84,17 @@ class TokenData:
     batch_size: int
     val_fraction: float = 0.05
     seed: int = 0
+    val_start: Optional[int] = None  # where validation begins (None: the last val_fraction of tokens)
 
     def __post_init__(self):
         n = len(self.tokens)
         win = self.seq_len + 1
-        n_val = max(int(n * self.val_fraction), win)
+        if self.val_start is None:
+            n_val = max(int(n * self.val_fraction), win)
+        else:
+            if not 0 <= self.val_start <= n:
+                raise ValueError(f"val_start={self.val_start} must be in [0, {n}] (the number of tokens)")
+            n_val = n - self.val_start
         self.split = n - n_val  # validation is the tail, so it never overlaps training windows
         self.num_train_windows = self.split // win
         self.num_val_windows = n_val // win
@@ -147,11 +144,42 @@ class TokenData:
         return out
 
 
-def build_data(cfg) -> TokenData:
-    """TokenData for a TrainConfig's data section and seed."""
+def load_text(source: str, cache_dir: str | None = None, max_bytes: int = 3_000_000) -> str:
+    """The text of a text source ("embedded" or a text file), UTF-8 with invalid bytes replaced."""
+    if source.endswith(".bin"):
+        raise ValueError(f"data.source={source!r} is pre-tokenized; data.tokenizer='bpe' needs a text "
+                         "source (or use data.tokenizer=byte for .bin files)")
+    return bytes(load_tokens(source, "uint16", cache_dir, max_bytes)).decode("utf-8", errors="replace")
+
+
+def train_bpe(cfg) -> BPETokenizer:
+    """A BPE of data.vocab_size (default model.vocab_size) ids, learned from the training split only."""
     d = cfg.data
-    tokens = load_tokens(d.source, d.token_dtype, d.cache_dir, d.embedded_max_bytes)
+    train_text, _ = split_text(load_text(d.source, d.cache_dir, d.embedded_max_bytes), d.val_fraction)
+    return BPETokenizer.train(train_text.splitlines(keepends=True), d.vocab_size or cfg.model.vocab_size)
+
+
+def build_data(cfg, tokenizer=None) -> TokenData:
+    """TokenData for a TrainConfig's data section and seed.
+
+    With data.tokenizer='bpe', pass the trained BPETokenizer: the text is split into train and
+    validation first and each part is encoded alone, so the splits match the tokenizer's.
+    """
+    d = cfg.data
+    val_start = None
+    if getattr(d, "tokenizer", "byte") == "bpe":
+        if tokenizer is None:
+            raise ValueError("build_data: data.tokenizer='bpe' needs the trained tokenizer "
+                             "(hecate.train.data.train_bpe(cfg) or BPETokenizer.load(path))")
+        train_text, val_text = split_text(load_text(d.source, d.cache_dir, d.embedded_max_bytes),
+                                          d.val_fraction)
+        train_ids, val_ids = tokenizer.encode_lines(train_text), tokenizer.encode_lines(val_text)
+        dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+        tokens = np.asarray(train_ids + val_ids, dtype=dtype)
+        val_start = len(train_ids)
+    else:
+        tokens = load_tokens(d.source, d.token_dtype, d.cache_dir, d.embedded_max_bytes)
     if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
         raise ValueError(f"data.source={d.source!r} holds token id {int(tokens.max())} >= "
                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
-    return TokenData(tokens, d.seq_len, d.batch_size, d.val_fraction, cfg.train.seed)
+    return TokenData(tokens, d.seq_len, d.batch_size, d.val_fraction, cfg.train.seed, val_start)

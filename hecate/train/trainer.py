@@ -20,7 +20,8 @@ from hecate.models.transformer import MoETransformer
 from hecate.parallel import build_strategy, moe_layers, parallelize
 from hecate.parallel.chunks import is_expert_parameter
 from hecate.train.config import TrainConfig
-from hecate.train.data import ByteTokenizer, build_data
+from hecate.train.data import build_data, train_bpe
+from hecate.train.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer
 from hecate.train.engine import Engine
 from hecate.train.metrics import (MetricsLogger, ProgressDisplay, default_peak_tflops, flops_per_token,
                                   write_heatmaps)
@@ -105,7 +106,8 @@ class Trainer:
         o = cfg.optim
         self.engine = Engine(self.model, self.strategy, self.topology, lr=o.lr, weight_decay=o.weight_decay,
                              betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm)
-        self.data = build_data(cfg)
+        self.tokenizer = self._build_tokenizer(resume)
+        self.data = build_data(cfg, self.tokenizer)
         self.val = self.data.val_batches(cfg.train.eval_batches, self.rank, self.world)
         self.start_step = 0
         self.ckpt = _checkpoint_module()
@@ -115,6 +117,27 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), enabled=is0)
         self.progress = ProgressDisplay(cfg.train.steps, enabled=is0 and cfg.logging.progress,
                                         start=self.start_step)
+
+    def _build_tokenizer(self, resume: bool):
+        """Bytes, or the run's BPE: rank 0 trains it (train split only) and saves out_dir/tokenizer.json;
+        every rank then loads that file, so all ranks hold the same one. --resume reuses the file."""
+        if self.cfg.data.tokenizer == "byte":
+            return ByteTokenizer()
+        path = self.out_dir / TOKENIZER_FILE
+        error = None
+        if self.rank == 0 and not resume:
+            try:
+                train_bpe(self.cfg).save(path)
+            except (ValueError, TypeError) as e:  # say it on every rank, not hang the others
+                error = e
+        if self.world > 1:
+            flag = torch.tensor([1.0 if error else 0.0], device=self._comm_device())
+            dist.all_reduce(flag)
+            if float(flag) and error is None:
+                raise ValueError("data.tokenizer='bpe': rank 0 could not train the tokenizer (see its error)")
+        if error is not None:
+            raise error
+        return BPETokenizer.load(path)
 
     # ---- checkpoints (hecate.train.checkpoint: sharded, atomic, reshardable) ------------------------
     @property
@@ -182,6 +205,7 @@ class Trainer:
                 stacked = torch.stack(counts)
                 load = stacked if load is None else load + stacked
         grad_norm = self.engine.step()
+        self.update_expert_bias()
         loss, aux = self._mean([loss_sum, aux_sum])
         if load is not None and self.world > 1:
             load = load.to(self._comm_device())
@@ -191,6 +215,22 @@ class Trainer:
                 "expert_imbalance": sum(imb) / len(imb) if imb else 1.0,
                 "dropped_fraction": sum(drop) / len(drop) if drop else 0.0,
                 "load": load.tolist() if load is not None else None}
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-free balancing (DeepSeek-V3): after each optimizer step, sum every aux_free_bias layer's
+        load_since_update_E over the data-parallel world (one all-reduce for all layers) and move its
+        bias with it, so every rank applies the same update and the replicated routers stay equal."""
+        layers = [layer for layer in moe_layers(self.model) if layer.config.aux_free_bias]
+        if not layers:
+            return
+        load_LE = torch.stack([layer.load_since_update_E.to(torch.float64).cpu() for layer in layers])
+        if self.world > 1:
+            load_LE = load_LE.to(self._comm_device())
+            dist.all_reduce(load_LE)
+            load_LE = load_LE.cpu()
+        for layer, load_E in zip(layers, load_LE):
+            layer.update_bias(load_E)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -269,6 +309,9 @@ class Trainer:
             return None
         dense = {n: p.detach().cpu() for n, p in self.model.named_parameters() if not is_expert_parameter(p)}
         local = MoETransformer(self.cfg.model)
+        # buffers too: the routers' aux-free expert_bias_E changes routing
+        want = {n: b.shape for n, b in local.named_buffers()}
+        dense.update({n: b.detach().cpu() for n, b in self.model.named_buffers() if want.get(n) == b.shape})
         missing = set(dict(local.named_parameters())) - set(dense)
         local.load_state_dict(dense, strict=False)
         with torch.no_grad():
@@ -287,7 +330,7 @@ class Trainer:
         if local is None:
             return []
         s = self.cfg.sample
-        tok = ByteTokenizer()
+        tok = self.tokenizer
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         texts = []
         for _ in range(s.num_samples):

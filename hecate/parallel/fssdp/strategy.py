@@ -34,7 +34,8 @@ from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
 from hecate.parallel.fssdp.load import LoadPredictor
 from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
-from hecate.parallel.fssdp.plan import build_plan
+from hecate.parallel.fssdp.plan import Plan, build_plan
+from hecate.parallel.fssdp.routes import token_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
 from hecate.parallel.strategy import ExpertStrategy
 
@@ -76,6 +77,11 @@ class FullyShardedSparse(ExpertStrategy):
     calibrate: Algorithm 1's optional calibration on the current batch's routing.
     overlap_reduce: issue each layer's spRS asynchronously so it overlaps the backward of
         earlier layers; the owners' gradients are complete after `finish_backward`.
+    prune_replicas: m is a limit, not a quota. The plan is made after this batch's
+        counts are all-gathered, so a replica the policy proposes on rank d for expert e
+        is kept only when moving d's tokens of e would cost more bytes than moving the
+        chunk (tokens cross 4 times: dispatch, combine and their backward; the chunk 2
+        times, 3 with re-materialization).
     """
 
     name = "fssdp"
@@ -83,7 +89,7 @@ class FullyShardedSparse(ExpertStrategy):
     def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
                  reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
-                 overlap_reduce: bool = True):
+                 overlap_reduce: bool = True, prune_replicas: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -108,6 +114,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_exit = None
         self._chunks_attached = 0
         self.overlap_reduce = overlap_reduce
+        self.prune_replicas = prune_replicas
         self._pending: list = []
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
@@ -171,17 +178,31 @@ class FullyShardedSparse(ExpertStrategy):
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
         return gathered[:, :E], int(gathered[:, E].max())
 
-    def plan(self, layer, counts_E: torch.Tensor):
+    def plan(self, layer, counts_E: torch.Tensor, token_bytes: int):
         state = layer.fssdp_state
         counts_WE, non_moe_us = self._agree_on_counts(layer, counts_E)
         multi_node = self.topology.num_nodes > 1
         policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, multi_node)
         plan = build_plan(policy, state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
                           self.capacity_m(layer.expert_layout.num_experts))
+        if self.prune_replicas:
+            plan = self._prune(plan, counts_WE, layer.expert_layout, token_bytes)
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
         state.last_plan = plan
         return plan
+
+    def _prune(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
+        """Drop replicas whose chunk traffic would exceed the token traffic they save."""
+        chunk_bytes = layout.chunk_numel * 4  # fp32 master rows
+        chunk_passes = 3 if self.rematerialize else 2
+        worth = 4 * counts_WE * token_bytes > chunk_passes * chunk_bytes
+        holders = plan.holders_WE & worth
+        E = plan.owner_E.numel()
+        holders[plan.owner_E, torch.arange(E)] = True  # P0 is always part of P1
+        if torch.equal(holders, plan.holders_WE):
+            return plan
+        return Plan(plan.owner_E, holders, token_routes(holders, counts_WE, self.node_of_W))
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
@@ -191,7 +212,7 @@ class FullyShardedSparse(ExpertStrategy):
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
-        plan = self.plan(layer, counts_E)
+        plan = self.plan(layer, counts_E, x_TD.shape[1] * x_TD.element_size())
         send_WE, recv_WE = plan.rank_splits(rank)
         bins_TK = self._destination_bins(indices_TK, counts_E, send_WE)
         x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
