@@ -21,11 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=int, default=None, help="local workers (default: parallel.nproc)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     tr.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # never launch workers
-    ins = sub.add_parser("inspect", help="parameter counts and per-rank memory of a config")
-    ins.add_argument("config", help="YAML file or preset name in configs/")
-    ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ins = sub.add_parser("inspect", help="parameter counts and per-rank memory of a config or model preset")
+    ins.add_argument("config", nargs="?", help="YAML file, config name in configs/, or model-zoo preset name")
+    ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (config files only)")
     ins.add_argument("--nproc", type=int, default=None, help="world size to estimate for")
+    ins.add_argument("--strategy", default=None, help="strategy to estimate for (local|dp|ep|fsdp|fssdp)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--list", action="store_true", help="list the configs and model-zoo presets")
     demo = sub.add_parser("demo", help="train the tiny demo MoE LM on local CPU ranks and sample from it")
     demo.add_argument("--nproc", type=int, default=4)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -88,11 +91,31 @@ def _print_summary(summary: dict) -> None:
         print(f"--- sample {i} ---\n{text}\n", flush=True)
 
 
-def inspect_config(config: str, overrides: list[str] | None = None, nproc: int | None = None) -> dict:
-    """Counts and memory estimate for a config or preset (model built on the meta device)."""
+def _is_config(name: str) -> bool:
+    from hecate.train.config import configs_dir
+
+    return Path(name).is_file() or (configs_dir() / f"{name}.yaml").is_file() or name.endswith((".yaml", ".yml"))
+
+
+def inspect_config(config: str, overrides: list[str] | None = None, nproc: int | None = None,
+                   strategy: str | None = None) -> dict:
+    """Counts and memory estimate for a config file, a configs/ name, or a model-zoo preset
+    (models are built on the meta device, so paper-size presets take seconds)."""
+    if not _is_config(config):
+        from hecate.models.registry import PRESETS, get_preset
+
+        try:
+            get_preset(config)
+        except ValueError:
+            raise ValueError(_unknown_name(config, sorted(PRESETS))) from None
+        if overrides:
+            raise ValueError(f"--set applies to config files, not to the model preset {config!r}")
+        return inspect_preset(config, nproc, strategy)
     from hecate.train.config import load_config
     from hecate.train.model_stats import build_meta_model, memory_estimate, param_counts
 
+    if strategy is not None:
+        overrides = [*(overrides or []), f"parallel.strategy={strategy}"]
     cfg = load_config(config, overrides)
     world = nproc or cfg.parallel.nproc
     cfg.validate(world)
@@ -101,19 +124,95 @@ def inspect_config(config: str, overrides: list[str] | None = None, nproc: int |
             "memory_per_rank": memory_estimate(cfg, world, counts)}
 
 
+def _unknown_name(name: str, presets: list[str]) -> str:
+    import difflib
+
+    from hecate.train.config import configs_dir
+
+    configs = sorted(q.stem for q in configs_dir().glob("*.yaml"))
+    hint = difflib.get_close_matches(name, configs + presets, n=1)
+    return (f"{name!r} is neither a config file, a config in {configs_dir()}, nor a model-zoo preset"
+            + (f"; did you mean {hint[0]!r}?" if hint else "") + " (see `hecate inspect --list`)")
+
+
+def inspect_preset(name: str, nproc: int | None = None, strategy: str | None = None) -> dict:
+    """total/active params of a model-zoo preset built on the meta device, and a per-rank estimate:
+    the full TrainConfig memory estimate for arch `transformer`, parameters + optimizer state for
+    other archs, under `strategy` (default fssdp) on `nproc` ranks (default parallel.nproc)."""
+    from hecate.models.registry import build_model, count_parameters, get_preset, make_config
+    from hecate.moe.layer import MoELayer
+    from hecate.train.config import STRATEGIES, ParallelConfig, TrainConfig
+    from hecate.train.model_stats import expert_state_estimate, memory_estimate
+
+    preset = get_preset(name)
+    world = ParallelConfig().nproc if nproc is None else nproc
+    strategy = strategy or ParallelConfig().strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy={strategy!r} must be one of {STRATEGIES}")
+    if world < 1:
+        raise ValueError(f"--nproc={world} must be >= 1")
+    model = build_model(preset.arch, preset.config, device="meta")
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    info = {"preset": name, "arch": preset.arch, **count_parameters(model), "moe_layers": len(layers),
+            "routed_expert_params": sum(p.numel() for m in layers for p in m.experts.parameters())}
+    if preset.arch == "transformer":
+        cfg = TrainConfig(model=make_config(preset.arch, preset.config))
+        cfg.parallel.strategy, cfg.parallel.nproc = strategy, world
+        cfg.data.seq_len, cfg.data.batch_size = cfg.model.max_seq_len, 1  # one full-length sequence
+        cfg.validate(world)
+        info["memory_per_rank"] = memory_estimate(cfg, world)
+        return info
+    if strategy == "local" and world != 1:
+        raise ValueError(f"--strategy=local needs --nproc 1, got {world}")
+    for m in layers:
+        E = m.config.num_experts
+        if strategy == "ep" and E % world:
+            raise ValueError(f"--nproc={world} must divide num_experts={E} of every MoE layer for --strategy=ep")
+    info["memory_per_rank"] = expert_state_estimate(model, strategy, world)
+    return info
+
+
+def list_presets() -> dict:
+    """Config files in configs/ and model-zoo presets (name -> arch, description)."""
+    from hecate.models.registry import PRESETS, _load_zoo
+    from hecate.train.config import configs_dir
+
+    _load_zoo()
+    return {"configs": sorted(q.stem for q in configs_dir().glob("*.yaml")),
+            "presets": {n: {"arch": p.arch, "description": p.description} for n, p in sorted(PRESETS.items())}}
+
+
 def cmd_inspect(args) -> int:
-    info = inspect_config(args.config, args.overrides, args.nproc)
+    if args.list:
+        listing = list_presets()
+        if args.json:
+            print(json.dumps(listing))
+            return 0
+        print("configs (configs/*.yaml):")
+        for name in listing["configs"]:
+            print(f"  {name}")
+        print("model-zoo presets:")
+        for name, p in listing["presets"].items():
+            print(f"  {name:<28} {p['arch']:<16} {p['description']}")
+        return 0
+    if not args.config:
+        raise ValueError("inspect needs a CONFIG_OR_PRESET argument (or --list)")
+    info = inspect_config(args.config, args.overrides, args.nproc, args.strategy)
     if args.json:
         print(json.dumps(info))
         return 0
     mem = info["memory_per_rank"]
+    if "preset" in info:
+        print(f"preset {info['preset']} (arch {info['arch']})")
     print(f"total params:        {info['total_params']:,}")
     print(f"active params/token: {info['active_params']:,}")
     print(f"routed expert params:{info['routed_expert_params']:>12,} in {info['moe_layers']} MoE layers")
-    print(f"memory per rank ({mem['strategy']}, world {mem['world_size']}): "
-          f"{mem['total_bytes'] / 2**20:,.1f} MiB (params+grads+AdamW {mem['param_state_bytes'] / 2**20:,.1f}, "
-          f"transient experts {mem['transient_expert_bytes'] / 2**20:,.1f}, "
-          f"activations ~{mem['activation_bytes'] / 2**20:,.1f})")
+    line = (f"memory per rank ({mem['strategy']}, world {mem['world_size']}): "
+            f"{mem['total_bytes'] / 2**20:,.1f} MiB (params+grads+AdamW {mem['param_state_bytes'] / 2**20:,.1f}, "
+            f"transient experts {mem['transient_expert_bytes'] / 2**20:,.1f}")
+    if "activation_bytes" in mem:
+        line += f", activations ~{mem['activation_bytes'] / 2**20:,.1f}"
+    print(line + ")")
     return 0
 
 

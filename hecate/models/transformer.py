@@ -1,19 +1,27 @@
 """A decoder-only transformer whose feed-forward blocks may be MoE layers.
 
-This is the GPT-MoE skeleton the strategies, the trainer and the tests share;
-the model zoo builds its variants from the same blocks.
+This is the GPT-MoE skeleton the strategies, the trainer and the tests share. The
+language models of the zoo (GPT-MoE, DeepSpeed PR-MoE, DeepSeekMoE, MoH, BAM) are all
+configurations of it: per-layer expert counts, residual/shared experts (MoEConfig),
+SwiGLU, RoPE, grouped-query attention, MoH or BAM attention, parallel blocks. The
+defaults are the original GPT-MoE skeleton (learned positions, GeLU, MHA, tied head).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hecate.models.attention import Attention, BAMAttention, MoHAttention, check_heads, rope_tables
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
+
+ATTENTIONS = ("mha", "moh", "bam")
+DENSE_ACTIVATIONS = ("gelu", "swiglu")
 
 
 @dataclass
@@ -29,21 +37,85 @@ class TransformerConfig:
     tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(hidden_size=64, ffn_hidden_size=64,
                                                              num_experts=4, top_k=2))
+    # --- zoo extensions (defaults keep the skeleton above) ---
+    moe_experts_per_layer: Optional[list] = None  # PR-MoE pyramid: experts of each MoE layer, in order
+    dense_activation: str = "gelu"                # dense FFN: gelu | swiglu
+    n_kv_heads: Optional[int] = None              # grouped-query attention (None = n_heads)
+    head_dim: Optional[int] = None                # None = d_model // n_heads
+    rope: bool = False                            # rotary positions instead of learned ones
+    rope_theta: float = 10000.0
+    attention: str = "mha"                        # mha | moh | bam
+    parallel_block: bool = False                  # BAM: x + attn(n(x)) + ffn(n(x))
+    moh_shared_heads: int = 0                     # MoH: always-on heads (the first ones)
+    moh_top_k: Optional[int] = None               # MoH: routed heads per token (None = all)
+    moh_router: str = "learned"                   # MoH: learned | query_norm (parameter-free)
+    moh_balance_coeff: float = 0.01               # MoH: head load-balance loss weight
+    bam_attention_experts: int = 1                # BAM: attention branches (soft-routed)
+    bam_shared_kv: bool = False                   # BAM: branches share one K/V projection
 
     def validate(self) -> None:
-        if self.d_model % self.n_heads:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.moe.hidden_size != self.d_model:
             raise ValueError(f"model.moe.hidden_size ({self.moe.hidden_size}) must equal model.d_model ({self.d_model})")
         if self.moe_every < 1:
             raise ValueError(f"model.moe_every must be >= 1, got {self.moe_every}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.first_dense_layers < 0:
+            raise ValueError(f"model.first_dense_layers must be >= 0, got {self.first_dense_layers}")
+        _, hd = check_heads(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim)
+        if self.rope and hd % 2:
+            raise ValueError(f"model.rope needs an even head dim, got {hd}; change model.head_dim or n_heads")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention={self.attention!r} must be one of {ATTENTIONS}")
+        if self.dense_activation not in DENSE_ACTIVATIONS:
+            raise ValueError(f"model.dense_activation={self.dense_activation!r} must be one of {DENSE_ACTIVATIONS}")
+        if self.moh_balance_coeff < 0:
+            raise ValueError(f"model.moh_balance_coeff must be >= 0, got {self.moh_balance_coeff}")
+        if self.attention == "moh":
+            routed = self.n_heads - self.moh_shared_heads
+            if not 0 <= self.moh_shared_heads < self.n_heads:
+                raise ValueError(f"model.moh_shared_heads ({self.moh_shared_heads}) must be in "
+                                 f"[0, n_heads={self.n_heads}) so that at least one head is routed")
+            if self.moh_top_k is not None and not 1 <= self.moh_top_k <= routed:
+                raise ValueError(f"model.moh_top_k ({self.moh_top_k}) must be in [1, {routed}] "
+                                 f"(n_heads - moh_shared_heads)")
+            if self.moh_router not in ("learned", "query_norm"):
+                raise ValueError(f"model.moh_router={self.moh_router!r} must be 'learned' or 'query_norm'")
+        if self.bam_attention_experts < 1:
+            raise ValueError(f"model.bam_attention_experts must be >= 1, got {self.bam_attention_experts}")
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        if self.moe_experts_per_layer is not None:
+            counts = self.moe_experts_per_layer
+            if not isinstance(counts, (list, tuple)) or len(counts) != n_moe:
+                raise ValueError(f"model.moe_experts_per_layer must list one expert count per MoE layer "
+                                 f"({n_moe} MoE layers with n_layers={self.n_layers}, moe_every={self.moe_every}, "
+                                 f"first_dense_layers={self.first_dense_layers}), got {counts!r}")
+            for j, e in enumerate(counts):
+                if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+                    raise ValueError(f"model.moe_experts_per_layer[{j}] must be a positive int, got {e!r}")
+                try:
+                    self.moe.replace(num_experts=e).validate()
+                except ValueError as err:
+                    raise ValueError(f"model.moe_experts_per_layer[{j}]={e}: {err}") from None
         self.moe.validate()
 
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+
+    def moe_config(self, i: int) -> MoEConfig:
+        """The MoEConfig of layer i (which must be an MoE layer): model.moe with the
+        layer's own expert count when model.moe_experts_per_layer is set."""
+        if not self.is_moe_layer(i):
+            raise ValueError(f"layer {i} is not an MoE layer")
+        if self.moe_experts_per_layer is None:
+            return self.moe
+        j = sum(self.is_moe_layer(t) for t in range(i))
+        return self.moe.replace(num_experts=self.moe_experts_per_layer[j])
 
 
 class RMSNorm(nn.Module):
@@ -56,47 +128,67 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x_BSD):
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.out(o.transpose(1, 2).reshape(B, S, D))
-
-
 class DenseMLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    """fc2(gelu(fc1 x)), or fc2(silu(fc1 x) * fc3 x) for swiglu."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu"):
         super().__init__()
+        self.activation = activation
         self.fc1 = nn.Linear(d_model, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, d_model, bias=False)
+        self.fc3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
 
     def forward(self, x):
+        if self.fc3 is not None:
+            return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, moe: bool):
-        super().__init__()
-        self.norm1 = RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
-        self.norm2 = RMSNorm(cfg.d_model)
-        self.ffn = MoELayer(cfg.moe) if moe else DenseMLP(cfg.d_model, cfg.dense_ffn_hidden)
+def build_attention(cfg: TransformerConfig) -> nn.Module:
+    """The attention block cfg.attention names (see hecate.models.attention)."""
+    if cfg.attention == "moh":
+        return MoHAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                            n_shared=cfg.moh_shared_heads, top_k=cfg.moh_top_k,
+                            router=cfg.moh_router, balance_coeff=cfg.moh_balance_coeff)
+    if cfg.attention == "bam":
+        return BAMAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                            num_experts=cfg.bam_attention_experts, shared_kv=cfg.bam_shared_kv)
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
 
-    def forward(self, x, aux: list, stats: list):
-        x = x + self.attn(self.norm1(x))
-        h = self.norm2(x)
+
+class Block(nn.Module):
+    """Pre-norm block: sequential (x += attn; x += ffn) or parallel (both read norm1(x))."""
+
+    def __init__(self, cfg: TransformerConfig, moe: bool, moe_config: Optional[MoEConfig] = None):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.attn = build_attention(cfg)
+        self.norm2 = None if self.parallel else RMSNorm(cfg.d_model)
+        self.ffn = (MoELayer(moe_config or cfg.moe) if moe
+                    else DenseMLP(cfg.d_model, cfg.dense_ffn_hidden, cfg.dense_activation))
+
+    def _attend(self, h, rope, aux: list):
+        out = self.attn(h, rope)
+        if isinstance(out, tuple):  # attention with an aux loss (MoH head balance)
+            out, attn_aux = out
+            aux.append(attn_aux)
+        return out
+
+    def _ffn(self, h, aux: list, stats: list):
         if isinstance(self.ffn, MoELayer):
             out = self.ffn(h)
             aux.append(out.aux_loss)
             stats.append(out.stats)
-            return x + out.y
-        return x + self.ffn(h)
+            return out.y
+        return self.ffn(h)
+
+    def forward(self, x, aux: list, stats: list, rope=None):
+        if self.parallel:
+            h = self.norm1(x)
+            return x + self._attend(h, rope, aux) + self._ffn(h, aux, stats)
+        x = x + self._attend(self.norm1(x), rope, aux)
+        return x + self._ffn(self.norm2(x), aux, stats)
 
 
 @dataclass
@@ -112,8 +204,10 @@ class MoETransformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.pos = None if cfg.rope else nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.is_moe_layer(i), cfg.moe_config(i) if cfg.is_moe_layer(i) else None)
+            for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -127,17 +221,35 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    def active_parameters(self) -> int:
+        """Parameters used per token: everything except the routed experts a token skips
+        (top_k of E per MoE layer) and, for MoH, the query/output slices of skipped heads."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for layer in self.moe_layers():
+            n = sum(p.numel() for p in layer.experts.parameters())
+            inactive += n - n * layer.config.top_k // layer.config.num_experts
+        for block in self.blocks:
+            inactive += block.attn.inactive_parameters()
+        return total - inactive
+
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.embed(tokens_BS) + self.pos(torch.arange(S, device=tokens_BS.device))
+        x = self.embed(tokens_BS)
+        rope = None
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(S, device=tokens_BS.device))
+        else:
+            hd = self.blocks[0].attn.head_dim
+            rope = rope_tables(S, hd, self.cfg.rope_theta, device=tokens_BS.device)
         aux, stats = [], []
         for block in self.blocks:
-            x = block(x, aux, stats)
+            x = block(x, aux, stats, rope)
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
-        aux_loss = torch.stack(aux).sum() if aux else x.new_zeros(())
+        aux_loss = torch.stack([a.float() for a in aux]).sum() if aux else x.new_zeros(())
         return ModelOutput(logits, aux_loss, stats)
 
     def loss(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:

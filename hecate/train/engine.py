@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hecate.comm.all_to_all import comm_device
 from hecate.parallel import moe_layers
 from hecate.parallel.dense import all_reduce_dense_gradients, dense_parameters
 
@@ -38,14 +39,14 @@ class Engine:
 
     def grad_norm(self) -> float:
         """Global L2 norm over dense and expert gradients, every shard of every rank counted once."""
-        dense_sq = sum(float(p.grad.float().pow(2).sum()) for p in dense_parameters(self.model)
-                       if p.grad is not None)
-        expert_sq = torch.zeros((), dtype=torch.float64)
-        for layer in self.layers:
-            for p in self.strategy.expert_parameters(layer):
-                if p.grad is not None:
-                    expert_sq += p.grad.double().pow(2).sum()
-        expert_sq /= self.strategy.expert_replication()
+        dense = [p.grad for p in dense_parameters(self.model) if p.grad is not None]
+        experts = [p.grad for layer in self.layers for p in self.strategy.expert_parameters(layer)
+                   if p.grad is not None and p.grad.numel()]
+        # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64.
+        dense_sq = _sum_of_squares(dense)
+        expert_sq = torch.tensor(_sum_of_squares(experts) / self.strategy.expert_replication(),
+                                 dtype=torch.float64,
+                                 device=comm_device(None) if self.distributed else "cpu")
         if self.distributed:
             dist.all_reduce(expert_sq)
         return math.sqrt(dense_sq + float(expert_sq))
@@ -68,3 +69,10 @@ class Engine:
         if hasattr(self.strategy, "step_end"):
             self.strategy.step_end(self.layers, self.optimizer)
         return norm
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors)
+    return float(torch.stack([n.double() for n in norms]).pow(2).sum())

@@ -33,22 +33,9 @@ class MetricsLogger:
             return
         self.file = open(self.path, "a") if logging_cfg.jsonl else None
         if logging_cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError:
-                print("[hecate] logging.tensorboard is on but tensorboard is not installed "
-                      "(pip install tensorboard); continuing without it", file=sys.stderr)
+            self.tb = _open_tensorboard(Path(out_dir) / "tensorboard")
         if logging_cfg.wandb:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
-                                        dir=str(out_dir), config=config_dict)
-            except ImportError:
-                print("[hecate] logging.wandb is on but wandb is not installed "
-                      "(pip install 'hecate[wandb]'); continuing without it", file=sys.stderr)
+            self.wandb = _open_wandb(logging_cfg, Path(out_dir), config_dict)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -73,6 +60,37 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _warn(text: str) -> None:
+    print(f"[hecate] {text}; continuing without it", file=sys.stderr, flush=True)
+
+
+def _open_tensorboard(log_dir: Path):
+    """A SummaryWriter under out_dir/tensorboard, or None (with a message) when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _warn("logging.tensorboard is on but the `tensorboard` package is not installed "
+              "(pip install tensorboard)")
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def _open_wandb(logging_cfg, out_dir: Path, config_dict: dict | None):
+    """A wandb run (offline unless logging.wandb_mode says otherwise; files under out_dir/wandb), or
+    None with a message when wandb is missing or cannot start: logging must never stop training."""
+    try:
+        import wandb
+    except ImportError:
+        _warn("logging.wandb is on but the `wandb` package is not installed (pip install 'hecate[wandb]')")
+        return None
+    try:
+        return wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
+                          dir=str(out_dir), config=config_dict)
+    except Exception as e:  # wandb raises its own error types (login, network, service start)
+        _warn(f"logging.wandb is on but wandb.init failed ({type(e).__name__}: {e})")
+        return None
 
 
 class ProgressDisplay:

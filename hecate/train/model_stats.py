@@ -27,28 +27,44 @@ def param_counts(model: MoETransformer) -> dict:
             "dense_params": total - routed, "active_params": total - routed + active_routed}
 
 
-def memory_estimate(cfg, world: int, counts: dict) -> dict:
-    """Bytes per rank for parameters + gradients + AdamW state (fp32: 4 + 4 + 8 per element),
-    plus the transient full expert weights of one layer a strategy materializes, plus a rough
-    activation term. An estimate, not a measurement."""
-    dense, routed = counts["dense_params"], counts["routed_expert_params"]
+def expert_state_estimate(model, strategy: str, world: int, ep_size: int | None = None,
+                          memory_slots: int | None = None) -> dict:
+    """Bytes per rank of parameters + gradients + AdamW state (fp32: 4 + 4 + 8 per element) for any
+    model with MoELayers, plus the transient full expert weights of one layer the strategy
+    materializes. Dense parameters are replicated; routed experts are kept whole (local, dp), split
+    over the EP group (ep), or sharded over the world (fsdp, fssdp). Works on meta models."""
+    from hecate.moe.layer import MoELayer
+
+    total = sum(p.numel() for p in model.parameters())
+    routed = kept = transient = 0
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        n, E = sum(p.numel() for p in layer.experts.parameters()), layer.config.num_experts
+        routed += n
+        if strategy in ("local", "dp"):
+            kept += n
+        elif strategy == "ep":
+            kept += n // (ep_size or world)
+        elif strategy == "fsdp":
+            kept += math.ceil(n / world)
+            transient = max(transient, n)
+        else:  # fssdp: owned chunks + up to memory_slots materialized chunks of one layer
+            slots = memory_slots or math.ceil(E / world)
+            kept += math.ceil(n / world)
+            transient = max(transient, n * min(E, math.ceil(E / world) + slots) // E)
+    state = 16 * (total - routed + kept)
+    return {"world_size": world, "strategy": strategy, "param_state_bytes": state,
+            "transient_expert_bytes": 4 * transient, "total_bytes": state + 4 * transient}
+
+
+def memory_estimate(cfg, world: int, counts: dict | None = None) -> dict:
+    """expert_state_estimate for a TrainConfig's model and parallel section, plus a rough
+    activation term for one micro-batch. An estimate, not a measurement."""
     p = cfg.parallel
-    n_moe = max(1, len(build_meta_model(cfg.model).moe_layers())) if routed else 1
-    per_layer = routed // n_moe if routed else 0
-    E = cfg.model.moe.num_experts
-    if p.strategy in ("local", "dp"):
-        kept, transient = routed, 0
-    elif p.strategy == "ep":
-        kept, transient = routed // (p.ep_size or world), 0
-    elif p.strategy == "fsdp":
-        kept, transient = math.ceil(routed / world), per_layer
-    else:  # fssdp: owned chunks + up to memory_slots materialized chunks of one layer
-        slots = p.fssdp.memory_slots or math.ceil(E / world)
-        kept, transient = math.ceil(routed / world), per_layer * min(E, math.ceil(E / world) + slots) // E
-    state = 16 * (dense + kept)
+    est = expert_state_estimate(build_meta_model(cfg.model), p.strategy, world, p.ep_size,
+                                p.fssdp.memory_slots)
     m, d = cfg.model, cfg.data
     tokens = d.batch_size * d.seq_len
     activations = 4 * tokens * (m.n_layers * m.d_model * 16 + 2 * m.vocab_size)
-    return {"world_size": world, "strategy": p.strategy, "param_state_bytes": state,
-            "transient_expert_bytes": 4 * transient, "activation_bytes": activations,
-            "total_bytes": state + 4 * transient + activations}
+    return {**est, "activation_bytes": activations, "total_bytes": est["total_bytes"] + activations}

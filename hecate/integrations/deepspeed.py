@@ -1,0 +1,239 @@
+"""`MoE`: a drop-in for `deepspeed.moe.layer.MoE` backed by a Hecate strategy.
+
+Same constructor arguments and the same return value `(output, l_aux, exp_counts)`; the
+gate reproduces DeepSpeed's TopKGate (see docs/deepspeed.md for the mapping):
+
+- softmax gate in fp32, top-k; k = 1 keeps the raw probability as the combine weight,
+  k >= 2 renormalizes the weights over the entries that SURVIVE the capacity drop;
+- capacity per rank = max(min_capacity, ceil(capacity_factor * k * T_rank / E)), which is
+  Hecate's capacity rule with one group per rank; drops keep 1st choices before 2nd
+  choices (k <= 2, DeepSpeed's location order) or the highest gate values (k > 2, its
+  'probs' policy). drop_tokens=False is Hecate's dropless mode (DeepSpeed pads every expert
+  to the largest load, which computes the same result);
+- l_aux = E * sum_e mean_t(p_te) * frac_e with frac over 1st choices (k <= 2), or
+  E / k * sum_e mean_t(p_te) * frac_e over all k choices (k > 2);
+- exp_counts = this rank's (token, choice) entries per expert before drops.
+
+DeepSpeed itself is never imported here: the layer runs without it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate.integrations.expert_module import expert_mlp_weights
+from hecate.moe.config import MoEConfig
+from hecate.moe.layer import MoELayer
+from hecate.moe.routing import Routing
+from hecate.parallel.strategy import ExpertStrategy
+
+JITTER_EPS = 1e-2  # deepspeed.moe.sharded_moe.multiplicative_jitter's epsilon
+
+
+def deepspeed_moe_config(hidden_size: int, ffn_hidden_size: int, num_experts: int = 1, ep_size: int = 1,
+                         k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
+                         min_capacity: int = 4, use_residual: bool = False,
+                         noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
+                         use_rts: bool = True, use_tutel: bool = False,
+                         enable_expert_tensor_parallelism: bool = False,
+                         top2_2nd_expert_sampling: bool = True) -> MoEConfig:
+    """The MoEConfig equivalent to DeepSpeed MoE arguments; ValueError naming the argument
+    for every value Hecate cannot honour (nothing is silently ignored)."""
+    for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts), ("ep_size", ep_size),
+                    ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide num_experts={num_experts}")
+    if k > num_experts:
+        raise ValueError(f"k={k} exceeds num_experts={num_experts}")
+    for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a number > 0, got {v!r}")
+    if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
+        raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
+    if noisy_gate_policy not in (None, "None", "Jitter", "RSample"):
+        raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} must be None, 'Jitter' or 'RSample'")
+    if noisy_gate_policy == "RSample" and k == 1:
+        raise ValueError("noisy_gate_policy='RSample' (Gumbel-noised top-1 selection) is not supported; "
+                         "use None or 'Jitter' (for k >= 2 DeepSpeed ignores RSample, and so does Hecate)")
+    if use_rts and k == 1 and drop_tokens:
+        raise ValueError("use_rts=True (random token selection when top-1 drops tokens) is not supported: "
+                         "Hecate keeps the earliest tokens. Pass use_rts=False (or drop_tokens=False)")
+    if top2_2nd_expert_sampling and k == 2:
+        raise ValueError("top2_2nd_expert_sampling=True (Gumbel-sampled 2nd expert) is not supported: "
+                         "Hecate's top-2 picks the 2nd-highest score. Pass top2_2nd_expert_sampling=False")
+    if enable_expert_tensor_parallelism:
+        raise ValueError("enable_expert_tensor_parallelism=True is not supported: Hecate shards whole "
+                         "experts (fssdp/fsdp/ep), never slices one expert's matrices; pass False")
+    if not isinstance(use_tutel, bool):
+        raise ValueError(f"use_tutel must be a bool, got {use_tutel!r}")  # a kernel choice: no effect
+    cf = float(capacity_factor) if drop_tokens else None
+    ecf = float(eval_capacity_factor) if drop_tokens else None
+    return MoEConfig(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, num_experts=num_experts,
+                     top_k=k, router="topk", score_func="softmax", renormalize=False,
+                     capacity_factor=cf, eval_capacity_factor=ecf, min_capacity=min_capacity,
+                     drop_policy="position" if k <= 2 else "probability", activation="gelu",
+                     use_residual=bool(use_residual), aux_loss_coeff=0.0).validate()
+
+
+def deepspeed_l_aux(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's gate loss on one rank's tokens (pre-drop indices), see the module doc."""
+    t, e = probs_TE.shape
+    k = indices_TK.shape[1]
+    if t == 0:
+        return probs_TE.sum() * 0.0
+    chosen = indices_TK[:, :1] if k <= 2 else indices_TK
+    mask_TE = torch.zeros(t, e, device=probs_TE.device).scatter_(1, chosen, 1.0)
+    scale = e if k <= 2 else e / k
+    return (probs_TE.float().mean(0) * mask_TE.mean(0)).sum() * scale
+
+
+class DeepSpeedGateMoELayer(MoELayer):
+    """MoELayer whose routing stages follow DeepSpeed's TopKGate (jitter, l_aux, post-drop
+    renormalization); dispatch, experts and combine stay the strategy's."""
+
+    def __init__(self, config: MoEConfig, jitter: bool = False, strategy=None):
+        super().__init__(config, strategy)
+        self.jitter = jitter
+
+    def route(self, x_TD, *, top_k, capacity_factor, group_sizes, seq_len=None) -> Routing:
+        if self.jitter and self.training:  # DeepSpeed 'Jitter': noise on the router input only
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - JITTER_EPS, 1.0 + JITTER_EPS)
+        return super().route(x_TD, top_k=top_k, capacity_factor=capacity_factor,
+                             group_sizes=group_sizes, seq_len=seq_len)
+
+    def aux_losses(self, routing: Routing, group_sizes: Sequence[int], seq_len) -> dict:
+        per_group, start = [], 0
+        for size in group_sizes:
+            sl = slice(start, start + size)
+            per_group.append(deepspeed_l_aux(routing.scores_TE[sl], routing.indices_TK[sl]))
+            start += size
+        return {"l_aux": torch.stack(per_group).mean()}
+
+    def apply_capacity(self, routing: Routing, capacity_factor, group_sizes) -> Routing:
+        routing = super().apply_capacity(routing, capacity_factor, group_sizes)
+        if routing.indices_TK.shape[1] == 1:
+            return routing  # top-1: the raw probability (DeepSpeed's top1gating)
+        w_TK = routing.weights_TK
+        denom = w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).eps)
+        return routing.replace(weights_TK=w_TK / denom)
+
+
+def _resolve_strategy(strategy, options: Optional[dict], topology, ep_size: int,
+                      num_experts: int) -> ExpertStrategy:
+    if isinstance(strategy, ExpertStrategy):
+        if options:
+            raise ValueError("strategy_options apply only when strategy is a name, not an ExpertStrategy")
+        return strategy
+    from hecate.parallel import STRATEGIES, build_strategy
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be an ExpertStrategy or one of {STRATEGIES}")
+    if not dist.is_initialized():
+        if strategy not in ("local", "fssdp"):  # the default may fall back; an explicit choice may not
+            raise ValueError(f"strategy={strategy!r} needs torch.distributed.init_process_group first "
+                             "(or strategy='local')")
+        return build_strategy("local")
+    if topology is None:
+        from hecate.comm.topology import Topology
+
+        topology = Topology()
+    world = topology.world_size
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    opts = dict(options or {})
+    if strategy == "ep":
+        opts.setdefault("ep_size", ep_size)
+    if strategy == "local" and world > 1:
+        raise ValueError(f"strategy='local' keeps every expert on one process; the world size is {world}")
+    return build_strategy(strategy, topology, **opts)
+
+
+class MoE(nn.Module):
+    """Drop-in for deepspeed.moe.layer.MoE; forward(hidden_states) -> (output, l_aux, exp_counts).
+
+    Extra keywords: strategy (name or ExpertStrategy; default 'fssdp', 'local' when
+    torch.distributed is not initialized), strategy_options (dict for build_strategy),
+    topology (hecate.comm.Topology; default built from torch.distributed).
+    Like DeepSpeed, every expert (and the residual MLP) starts as a copy of `expert`.
+    ep_size is validated (divides num_experts and the world) and used as the group size by
+    strategy='ep'; other strategies place experts themselves, with identical results.
+    """
+
+    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1,
+                 k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True, use_rts: bool = True, use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False, top2_2nd_expert_sampling: bool = True,
+                 *, strategy: Union[str, ExpertStrategy] = "fssdp", strategy_options: Optional[dict] = None,
+                 topology=None):
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        w1_FD, w2_DF, _ = expert_mlp_weights(expert, hidden_size)
+        cfg = deepspeed_moe_config(hidden_size, w1_FD.shape[0], num_experts, ep_size, k, capacity_factor,
+                                   eval_capacity_factor, min_capacity, use_residual, noisy_gate_policy,
+                                   drop_tokens, use_rts, use_tutel, enable_expert_tensor_parallelism,
+                                   top2_2nd_expert_sampling)
+        self.hidden_size, self.num_experts, self.ep_size, self.k = hidden_size, num_experts, ep_size, k
+        self.use_residual = bool(use_residual)
+        self.moe = DeepSpeedGateMoELayer(cfg, jitter=noisy_gate_policy == "Jitter")
+        with torch.no_grad():
+            self.moe.experts.w1_EFD.copy_(w1_FD.expand_as(self.moe.experts.w1_EFD))
+            self.moe.experts.w2_EDF.copy_(w2_DF.expand_as(self.moe.experts.w2_EDF))
+            if self.moe.residual is not None:
+                self.moe.residual.mlp.w1_FD.copy_(w1_FD)
+                self.moe.residual.mlp.w2_DF.copy_(w2_DF)
+        strat = _resolve_strategy(strategy, strategy_options, topology, ep_size, num_experts)
+        # layer_id distinguishes the layers one strategy instance serves (message tags, plans).
+        self.moe.layer_id = getattr(strat, "_hecate_layers_attached", 0)
+        strat._hecate_layers_attached = self.moe.layer_id + 1
+        self.moe.strategy = strat
+        strat.attach(self.moe)
+
+    @property
+    def strategy(self) -> ExpertStrategy:
+        return self.moe.strategy
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Accepted for drop-in compatibility: Hecate's strategy already owns the placement."""
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        if used_token is not None:
+            raise ValueError("used_token is not supported (DeepSpeed applies it to top-1 gating only); "
+                             "remove the masked tokens from hidden_states instead")
+        d = self.hidden_size
+        if hidden_states.shape[-1] != d:
+            raise ValueError(f"hidden_states must end in hidden_size={d}, got {tuple(hidden_states.shape)}")
+        out = self.moe(hidden_states.reshape(-1, d))
+        return out.y.reshape(hidden_states.shape), out.aux_loss, out.stats.tokens_per_expert_E
+
+
+# ---- training helpers ----------------------------------------------------------------------------
+def hecate_moe_layers(model: nn.Module) -> list:
+    """Every Hecate MoE layer of `model` (drop-in or native), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def expert_parameters(model: nn.Module) -> list:
+    """The expert parameters this rank steps (give them to a Hecate-side optimizer)."""
+    return [p for layer in hecate_moe_layers(model) for p in layer.strategy.expert_parameters(layer)]
+
+
+def dense_parameters(model: nn.Module) -> list:
+    """Everything else (give these to deepspeed.initialize(model_parameters=...))."""
+    experts = {id(p) for p in expert_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
+
+
+def finish_backward(model: nn.Module) -> None:
+    """After backward: let each strategy bring its expert gradients home (collective)."""
+    by_strategy: dict = {}
+    for layer in hecate_moe_layers(model):
+        by_strategy.setdefault(id(layer.strategy), (layer.strategy, []))[1].append(layer)
+    for strat, layers in by_strategy.values():
+        strat.finish_backward(layers)
