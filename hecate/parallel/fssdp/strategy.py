@@ -238,7 +238,9 @@ class FullyShardedSparse(ExpertStrategy):
         """bin = dst * E + e for each routed entry: entries of expert e, in token order, fill
         the destinations' shares (send_WE[:, e]) in rank order."""
         E = counts_E.numel()
-        flat = indices_TK.reshape(-1)
+        device = indices_TK.device
+        # Planned on the CPU (the plan lives there); one copy of the small index tensor.
+        flat, counts_E = indices_TK.reshape(-1).cpu(), counts_E.cpu()
         valid = flat >= 0
         key = torch.where(valid, flat, torch.full_like(flat, E))
         order = torch.sort(key, stable=True).indices
@@ -250,7 +252,8 @@ class FullyShardedSparse(ExpertStrategy):
         dst_sorted = (pos.unsqueeze(1) >= ends_EW[sorted_e]).sum(1)
         dst = torch.empty_like(flat)
         dst[order] = dst_sorted
-        return torch.where(valid, dst * E + flat, torch.full_like(flat, -1)).view_as(indices_TK)
+        bins = torch.where(valid, dst * E + flat, torch.full_like(flat, -1))
+        return bins.view(indices_TK.shape).to(device)
 
     # ---- backward / optimizer ---------------------------------------------------------------
     def finish_backward(self, layers) -> None:
