@@ -14,6 +14,10 @@ D, F = 16, 32
 
 def _deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # deepspeed.initialize reads the launcher's variables; the pool's ranks are one node.
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -111,3 +115,145 @@ def ds_equivalence(rank, world, k, ep_size, drop_tokens, use_residual, tokens, s
         res["dresidual"] = float((ds.coefficient.weight.grad - hm.moe.residual.coefficient.weight.grad).abs().max())
     res["scale"] = float(y0.abs().max())
     return res
+
+
+class TinyMoEModel(nn.Module):
+    """dense -> Hecate drop-in MoE -> dense head: a model written against DeepSpeed's MoE API."""
+
+    def __init__(self, strategy, num_experts=8, k=2):
+        super().__init__()
+        from hecate.integrations.deepspeed import MoE
+
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, gelu_expert(), num_experts=num_experts, k=k, capacity_factor=1.25, min_capacity=1,
+                       use_rts=False, top2_2nd_expert_sampling=False, strategy=strategy)
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x, y):
+        h, l_aux, _ = self.moe(torch.tanh(self.inp(x)))
+        return ((self.head(h) - y) ** 2).mean() + 0.01 * l_aux
+
+
+def _train_batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(2, 6, D, generator=g), torch.randn(2, 6, D, generator=g)
+
+
+def ds_train_vs_engine(rank, world, stage, strategy, steps=4, accum=1):
+    """The same model trained by deepspeed.initialize (ZeRO `stage` on the dense part, Hecate
+    experts) and by Hecate's Engine; returns both loss curves and the max weight difference."""
+    _deepspeed()
+    from hecate.comm.topology import Topology
+    from hecate.integrations.deepspeed import hecate_moe_layers, initialize
+    from hecate.parallel import build_strategy
+    from hecate.train.engine import Engine
+
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    torch.manual_seed(0)
+    ref = TinyMoEModel(build_strategy(strategy, Topology()))
+    engine_ref = Engine(ref, ref.moe.strategy, Topology(), max_grad_norm=None, **hp)
+    init_w = ref.inp.weight.detach().clone()
+    torch.manual_seed(0)
+    model = TinyMoEModel(strategy)
+    make = lambda params: torch.optim.AdamW(params, foreach=False, **hp)  # noqa: E731
+    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accum,
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}
+    engine, expert_step = initialize(model, ds_cfg, make)
+    curves = {"ref": [], "ds": []}
+    for step in range(steps):
+        for micro in range(accum):
+            x, y = _train_batch(step * accum + micro, rank)
+            ref_loss = ref(x, y)
+            (ref_loss / accum).backward()
+            loss = engine(x, y)
+            engine.backward(loss)
+            expert_step.step(engine)
+            engine.step()
+            for name, v in (("ref", ref_loss), ("ds", loss)):
+                mean = v.detach().clone()
+                dist.all_reduce(mean)
+                curves[name].append(float(mean) / world)
+        engine_ref.step()
+    diff = 0.0
+    for a, b in zip(hecate_moe_layers(ref), hecate_moe_layers(model)):
+        fa, fb = a.strategy.gather_experts(a), b.strategy.gather_experts(b)
+        diff = max(diff, max(float((fa[n] - fb[n]).abs().max()) for n in fa))
+    for (na, pa), (_, pb) in zip(ref.named_parameters(), model.named_parameters()):
+        if pa.shape == pb.shape and "expert" not in na:
+            diff = max(diff, float((pa.detach() - pb.detach()).abs().max()))
+    return {"diff": diff, "curves": curves, "moved": float((ref.inp.weight.detach() - init_w).abs().max())}
+
+
+class DSModel(nn.Module):
+    """The same user model with DeepSpeed's MoE (moe_cls = deepspeed.moe.layer.MoE) or Hecate's."""
+
+    def __init__(self, moe_cls, world, **extra):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = moe_cls(D, gelu_expert(), num_experts=4, ep_size=world, k=2, use_residual=True,
+                           drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False, **extra)
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x):
+        h, _, _ = self.moe(torch.tanh(self.inp(x)))
+        return self.head(h)
+
+
+def _ds_engine(model):
+    deepspeed = _deepspeed()
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+           "zero_allow_untested_optimizer": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def ds_checkpoint_roundtrip(rank, world, tmpdir):
+    """Real DeepSpeed checkpoint -> Hecate safetensors -> a Hecate model (same outputs) ->
+    back to a DeepSpeed checkpoint that DeepSpeed loads (same weights)."""
+    _deepspeed()
+    from deepspeed.moe.layer import MoE as DSMoE
+    from deepspeed.utils import groups
+
+    from hecate.integrations.convert_deepspeed import export_deepspeed_checkpoint, import_deepspeed_checkpoint
+    from hecate.integrations.deepspeed import MoE
+    from hecate.train.checkpoint import export_safetensors, import_safetensors
+
+    torch.manual_seed(0)
+    model = DSModel(DSMoE, world)
+    model.moe.set_deepspeed_parallelism()
+    full = distinct_experts(4)
+    ep_rank = groups._get_expert_parallel_rank(model.moe.expert_group_name)
+    with torch.no_grad():
+        for i, ex in enumerate(model.moe.deepspeed_moe.experts.deepspeed_experts):
+            ex[0].weight.copy_(full["w1_EFD"][ep_rank * model.moe.num_local_experts + i])
+            ex[2].weight.copy_(full["w2_EDF"][ep_rank * model.moe.num_local_experts + i])
+    engine = _ds_engine(model)
+    engine.save_checkpoint(os.path.join(tmpdir, "ds"), tag="step1")
+    x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        want = model(x)
+    hecate_file = os.path.join(tmpdir, "hecate.safetensors")
+    info = None
+    if rank == 0:
+        info = import_deepspeed_checkpoint(os.path.join(tmpdir, "ds"), hecate_file)
+    dist.barrier()
+    torch.manual_seed(1)  # different init: everything must come from the file
+    hmodel = DSModel(MoE, world, strategy="fssdp")
+    import_safetensors(hecate_file, hmodel, hmodel.moe.strategy)
+    with torch.no_grad():
+        got = hmodel(x)
+    out_file = os.path.join(tmpdir, "hecate_out.safetensors")
+    export_safetensors(out_file, hmodel, hmodel.moe.strategy)
+    if rank == 0:
+        export_deepspeed_checkpoint(out_file, os.path.join(tmpdir, "ds_back"))
+    dist.barrier()
+    torch.manual_seed(2)
+    model2 = DSModel(DSMoE, world)
+    model2.moe.set_deepspeed_parallelism()
+    engine2 = _ds_engine(model2)
+    engine2.load_checkpoint(os.path.join(tmpdir, "ds_back"), load_optimizer_states=False,
+                            load_lr_scheduler_states=False)
+    diff_back = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
+                                                                  model2.state_dict().values()))
+    return {"out_diff": float((want - got).abs().max()), "back_diff": diff_back, "info": info}

@@ -54,3 +54,31 @@ def test_aux_free_bias_moves_identically_on_two_ranks(tmp_path):
 
 def test_aux_free_bias_under_fssdp(tmp_path):
     _check(run_distributed(balance_case, 2, str(tmp_path), "fssdp", timeout=180))
+
+
+def bpe_case(rank, world, tmp_dir):
+    import hashlib
+
+    from hecate.train.config import load_config
+    from hecate.train.trainer import Trainer
+
+    cfg = load_config("tiny_dp", [f"parallel.nproc={world}", "data.embedded_max_bytes=100000",
+                                  f"data.cache_dir={tmp_dir}/cache", f"train.out_dir={tmp_dir}/run",
+                                  "logging.progress=false", "data.tokenizer=bpe", "model.vocab_size=320"])
+    trainer = Trainer(cfg)
+    try:
+        tok = trainer.tokenizer
+        x, _ = trainer.data.train_batch(0, rank=rank, world=world)
+        return {"tokenizer": hashlib.sha256(tok.tok.to_str().encode()).hexdigest(), "vocab": tok.vocab_size,
+                "split": trainer.data.split, "n": len(trainer.data.tokens), "max_id": int(x.max())}
+    finally:
+        trainer.close()
+
+
+def test_bpe_tokenizer_is_shared_by_all_ranks(tmp_path):
+    import pytest
+
+    pytest.importorskip("tokenizers")
+    a, b = run_distributed(bpe_case, 2, str(tmp_path), timeout=180)
+    assert a == {**b, "max_id": a["max_id"]} and a["vocab"] == 320 and max(a["max_id"], b["max_id"]) > 255
+    assert (tmp_path / "run" / "tokenizer.json").is_file()

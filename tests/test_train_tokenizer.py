@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from hecate.train.config import from_dict, load_config
-from hecate.train.data import build_data, train_bpe
+from hecate.train.data import TokenData, build_data, train_bpe
 from hecate.train.tokenizer import BPETokenizer, split_text
 
 FRESH_GROUP = pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="needs a fresh process group")
@@ -113,3 +113,13 @@ def test_bpe_run_saves_tokenizer_and_resume_reloads_it(tmp_path):
     train(_run_cfg(tmp_path, "resumed"), resume=True)
     full, resumed = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "resumed" / "metrics.jsonl")
     assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in (3, 4))
+
+
+def test_token_data_val_start():
+    tokens = np.arange(100, dtype=np.uint16)
+    data = TokenData(tokens, 4, 2, val_start=80)
+    assert data.split == 80 and data.num_train_windows == 16 and data.num_val_windows == 4
+    x, y = data.val_batches(1)[0]
+    assert int(x[0, 0]) == 80 and y[0].tolist() == [81, 82, 83, 84]
+    with pytest.raises(ValueError, match=r"val_start=101 must be in \[0, 100\]"):
+        TokenData(tokens, 4, 2, val_start=101)

@@ -38,3 +38,13 @@ def test_fssdp_with_capacity_drops():
     results = run_distributed(train_case, 2, "fssdp", {"overlap_degree": 2, "prune_replicas": False}, 5,
                               capacity_factor=1.0)
     check_training(results)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_fssdp_prefetch_on_and_off(prefetch):
+    """Layer l+1's spAG issued at the end of layer l (P1 from predicted load) changes nothing."""
+    results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "prefetch": prefetch}, 5,
+                              skew=True)
+    check_training(results)
+    # 2 MoE layers: the second is prefetched in each of the 5 steps, or never.
+    assert results[0]["timings"].get("prefetched_layers", 0) == (5 if prefetch else 0)

@@ -64,7 +64,8 @@ def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capaci
     experts = [strat.gather_experts(layer) for layer in moe_layers(model)]
     ref_experts = [{n: p.detach() for n, p in layer.experts.named_parameters()} for layer in moe_layers(ref)]
     return {"losses": (losses, ref_losses), "dense": (dense, ref_dense), "experts": (experts, ref_experts),
-            "reshards": getattr(strat, "reshards", 0)}
+            "reshards": getattr(strat, "reshards", 0),
+            "timings": dict(getattr(strat, "timings", {}))}
 
 
 def check_training(results, rtol=2e-4, atol=1e-4):

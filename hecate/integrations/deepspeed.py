@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from hecate.integrations.expert_module import expert_mlp_weights
+from hecate.integrations.strategy_choice import attach, resolve_strategy
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
 from hecate.moe.routing import Routing
@@ -123,36 +123,6 @@ class DeepSpeedGateMoELayer(MoELayer):
         return routing.replace(weights_TK=w_TK / denom)
 
 
-def _resolve_strategy(strategy, options: Optional[dict], topology, ep_size: int,
-                      num_experts: int) -> ExpertStrategy:
-    if isinstance(strategy, ExpertStrategy):
-        if options:
-            raise ValueError("strategy_options apply only when strategy is a name, not an ExpertStrategy")
-        return strategy
-    from hecate.parallel import STRATEGIES, build_strategy
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} must be an ExpertStrategy or one of {STRATEGIES}")
-    if not dist.is_initialized():
-        if strategy not in ("local", "fssdp"):  # the default may fall back; an explicit choice may not
-            raise ValueError(f"strategy={strategy!r} needs torch.distributed.init_process_group first "
-                             "(or strategy='local')")
-        return build_strategy("local")
-    if topology is None:
-        from hecate.comm.topology import Topology
-
-        topology = Topology()
-    world = topology.world_size
-    if world % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
-    opts = dict(options or {})
-    if strategy == "ep":
-        opts.setdefault("ep_size", ep_size)
-    if strategy == "local" and world > 1:
-        raise ValueError(f"strategy='local' keeps every expert on one process; the world size is {world}")
-    return build_strategy(strategy, topology, **opts)
-
-
 class MoE(nn.Module):
     """Drop-in for deepspeed.moe.layer.MoE; forward(hidden_states) -> (output, l_aux, exp_counts).
 
@@ -188,12 +158,8 @@ class MoE(nn.Module):
             if self.moe.residual is not None:
                 self.moe.residual.mlp.w1_FD.copy_(w1_FD)
                 self.moe.residual.mlp.w2_DF.copy_(w2_DF)
-        strat = _resolve_strategy(strategy, strategy_options, topology, ep_size, num_experts)
-        # layer_id distinguishes the layers one strategy instance serves (message tags, plans).
-        self.moe.layer_id = getattr(strat, "_hecate_layers_attached", 0)
-        strat._hecate_layers_attached = self.moe.layer_id + 1
-        self.moe.strategy = strat
-        strat.attach(self.moe)
+        strat = resolve_strategy(strategy, strategy_options, topology, ep_size)
+        attach(self.moe, strat)
 
     @property
     def strategy(self) -> ExpertStrategy:
@@ -237,3 +203,55 @@ def finish_backward(model: nn.Module) -> None:
         by_strategy.setdefault(id(layer.strategy), (layer.strategy, []))[1].append(layer)
     for strat, layers in by_strategy.values():
         strat.finish_backward(layers)
+
+
+class ExpertStep:
+    """The Hecate half of a deepspeed.initialize run: after `engine.backward(loss)` call
+    `step(engine)` before `engine.step()`; at accumulation boundaries it brings expert
+    gradients home (finish_backward), steps `optimizer` over the expert parameters, zeroes
+    their grads and runs the strategy's end-of-step hook (fssdp re-sharding)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def step(self, engine=None) -> bool:
+        if engine is not None and not engine.is_gradient_accumulation_boundary():
+            return False
+        finish_backward(self.model)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seen = set()
+        for layer in hecate_moe_layers(self.model):
+            strat = layer.strategy
+            if id(strat) not in seen and hasattr(strat, "step_end"):
+                seen.add(id(strat))
+                strat.step_end([m for m in hecate_moe_layers(self.model) if m.strategy is strat],
+                               self.optimizer)
+        return True
+
+
+def initialize(model: nn.Module, config: dict, make_optimizer, **ds_kwargs):
+    """deepspeed.initialize over the dense parameters, Hecate over the experts.
+
+    make_optimizer(params) builds one optimizer (e.g. torch AdamW); it is called for the
+    dense parameters (handed to DeepSpeed, which partitions its state under ZeRO 1/2) and
+    for the expert parameters (stepped by the returned ExpertStep). Returns
+    (engine, expert_step). Expert parameters are rank-unique shards: they are hidden from
+    DeepSpeed's initial broadcast. ZeRO stage 0 is refused: its fallback all-reduce averages
+    every module gradient, which would mix different ranks' expert shards.
+    """
+    import deepspeed
+
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if stage not in (1, 2):
+        raise ValueError(f"zero_optimization.stage={stage}: Hecate experts train under DeepSpeed with "
+                         "ZeRO stage 1 or 2 (stage 0 all-reduces expert shards, stage 3 partitions them)")
+    experts = expert_parameters(model)
+    for p in experts:
+        p.ds_optim_param = True  # DeepSpeed's marker for rank-unique params: skip the broadcast
+    dense = dense_parameters(model)
+    cfg = dict(config)
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(dense), config=cfg,
+                                           **ds_kwargs)
+    return engine, ExpertStep(model, make_optimizer(experts))

@@ -22,6 +22,10 @@ def experts_on_received(layer, x_recv: torch.Tensor, recv_counts_PG: torch.Tenso
     and returned in arrival order, so the reply all-to-all mirrors the request.
     """
     num_slots = next(iter(weights.values())).shape[0]
+    if num_slots == 0:  # this rank holds no expert (fssdp after re-sharding), so it gets no rows
+        if x_recv.shape[0]:
+            raise ValueError(f"{x_recv.shape[0]} rows arrived at a rank that holds no expert")
+        return x_recv.new_zeros(x_recv.shape)
     P, G = recv_counts_PG.shape
     slots = torch.arange(G) if slot_of_G is None else slot_of_G
     slot_per_row = torch.repeat_interleave(slots.repeat(P), recv_counts_PG.reshape(-1).cpu())

@@ -128,7 +128,7 @@ class Trainer:
         if self.rank == 0 and not resume:
             try:
                 train_bpe(self.cfg).save(path)
-            except (ValueError, TypeError) as e:  # say it on every rank, not hang the others
+            except Exception as e:  # tell every rank (below) instead of leaving them waiting
                 error = e
         if self.world > 1:
             flag = torch.tensor([1.0 if error else 0.0], device=self._comm_device())

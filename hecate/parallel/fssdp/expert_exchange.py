@@ -42,6 +42,7 @@ class ExchangeSpec:
         # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
         self.pending, self.rank = pending, rank
         self.timings = timings if timings is not None else {"blocking_reduce_s": 0.0}
+        self.prefetched = None  # a PendingGather of exactly these holders, or None
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
         materialized, _ = sparse_all_gather(owned_OS, self.owner_E, self.holders_WE, group=self.group,
@@ -62,7 +63,16 @@ class FssdpExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, owned_OS, spec: ExchangeSpec):
         with torch.no_grad():
-            materialized = spec.gather(owned_OS)
+            if spec.prefetched is not None:  # gathered while the block's attention computed
+                materialized, blocked = spec.prefetched.wait()
+                spec.timings["exposed_gather_s"] = spec.timings.get("exposed_gather_s", 0.0) + blocked
+                spec.timings["prefetched_layers"] = spec.timings.get("prefetched_layers", 0) + 1
+                spec.prefetched = None
+            else:
+                start = time.perf_counter()
+                materialized = spec.gather(owned_OS)
+                spec.timings["blocking_gather_s"] = (spec.timings.get("blocking_gather_s", 0.0)
+                                                     + time.perf_counter() - start)
         x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.group,
                               stats=spec.stats, name="fssdp.dispatch")
         x_leaf, m_leaf, y_recv = spec.expert_graph(x_recv, materialized)
@@ -109,7 +119,8 @@ class FssdpExperts(torch.autograd.Function):
         start = time.perf_counter()
         grad_owned = sparse_reduce_scatter(grad_m, spec.owner_E, spec.holders_WE, group=spec.group,
                                            stats=spec.stats, check=False, name="fssdp.spRS")
-        spec.timings["blocking_reduce_s"] += time.perf_counter() - start
+        spec.timings["blocking_reduce_s"] = (spec.timings.get("blocking_reduce_s", 0.0)
+                                             + time.perf_counter() - start)
         return grad_x_ND, grad_owned, None
 
 

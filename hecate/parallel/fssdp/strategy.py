@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from hecate.comm.sparse import sparse_all_gather
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
+from hecate.parallel.fssdp.overlap import PendingGather
 from hecate.parallel.fssdp.load import LoadPredictor
 from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
 from hecate.parallel.fssdp.plan import Plan, build_plan
@@ -53,6 +55,9 @@ class LayerState:
     non_moe_us: int = 0
     last_plan: object = None
     observed_E: torch.Tensor = field(default=None)
+    rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
+    prefetched: object = None  # PendingGather issued for this layer's next forward
+    non_moe_agreed_s: float = 0.0  # max over ranks of the measured non-MoE time (agreed)
 
 
 def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
@@ -82,6 +87,11 @@ class FullyShardedSparse(ExpertStrategy):
         is kept only when moving d's tokens of e would cost more bytes than moving the
         chunk (tokens cross 4 times: dispatch, combine and their backward; the chunk 2
         times, 3 with re-materialization).
+    prefetch: at the end of MoE layer l's forward, issue layer l+1's spAG asynchronously
+        so it overlaps the attention of block l+1. Its P1 must be fixed before layer l+1's
+        routing is known, so it is planned on predicted load (and pruned with each rank's
+        predicted tokens); the routes still use the real counts. Not used with the
+        current-batch policies (shadowing, calibration), which need the real counts.
     """
 
     name = "fssdp"
@@ -89,7 +99,7 @@ class FullyShardedSparse(ExpertStrategy):
     def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
                  reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
-                 overlap_reduce: bool = True, prune_replicas: bool = True):
+                 overlap_reduce: bool = True, prune_replicas: bool = True, prefetch: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -115,10 +125,12 @@ class FullyShardedSparse(ExpertStrategy):
         self._chunks_attached = 0
         self.overlap_reduce = overlap_reduce
         self.prune_replicas = prune_replicas
+        self.prefetch = prefetch and policy == "hecate" and not calibrate
+        self._layers: list = []
         self._pending: list = []
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
-        self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0}
+        self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0, "exposed_gather_s": 0.0}
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -131,7 +143,11 @@ class FullyShardedSparse(ExpertStrategy):
         self._chunks_attached += layout.num_experts
         layer.expert_layout = layout
         layer.expert_chunks = mark_expert(nn.Parameter(chunks_ES[owner_E == rank].clone()))
-        layer.fssdp_state = LayerState(owner_E, LoadPredictor(layout.num_experts, self.window))
+        layer.fssdp_state = LayerState(owner_E, LoadPredictor(layout.num_experts, self.window),
+                                       rank_history=deque(maxlen=self.window))
+
+    def after_attach(self, layers) -> None:
+        self._layers = list(layers)  # module order = forward order, the prefetch chain
 
     def expert_parameters(self, layer):
         return [layer.expert_chunks]
@@ -181,25 +197,47 @@ class FullyShardedSparse(ExpertStrategy):
     def plan(self, layer, counts_E: torch.Tensor, token_bytes: int):
         state = layer.fssdp_state
         counts_WE, non_moe_us = self._agree_on_counts(layer, counts_E)
-        multi_node = self.topology.num_nodes > 1
-        policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, multi_node)
-        plan = build_plan(policy, state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
-                          self.capacity_m(layer.expert_layout.num_experts))
-        if self.prune_replicas:
-            plan = self._prune(plan, counts_WE, layer.expert_layout, token_bytes)
+        state.non_moe_agreed_s = non_moe_us * 1e-6
+        if state.prefetched is not None:
+            # P1 was fixed when the gather was issued; only the routes follow the real counts.
+            holders = state.prefetched.holders_WE
+            plan = Plan(state.owner_E.clone(), holders, token_routes(holders, counts_WE, self.node_of_W))
+        else:
+            plan = build_plan(self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1),
+                              state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
+                              self.capacity_m(layer.expert_layout.num_experts))
+            if self.prune_replicas:
+                plan = self._prune(plan, counts_WE, layer.expert_layout, token_bytes)
+        state.rank_history.append(counts_WE.to(torch.float64))
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
         state.last_plan = plan
         return plan
 
-    def _prune(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
-        """Drop replicas whose chunk traffic would exceed the token traffic they save."""
+    def _issue_prefetch(self, layer, token_bytes: int) -> None:
+        """Plan layer's P1 from predicted load and start its spAG without waiting (collective)."""
+        state = layer.fssdp_state
+        E = layer.expert_layout.num_experts
+        policy = self._policy(layer.expert_layout, state.non_moe_agreed_s,
+                              self.topology.num_nodes > 1)
+        holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
+        if self.prune_replicas and state.rank_history:
+            predicted_WE = torch.stack(list(state.rank_history)).mean(0)
+            holders = self._prune_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
+                                          token_bytes)
+        state.prefetched = PendingGather(layer.expert_chunks, state.owner_E, holders, self.topology.rank,
+                                         None, self.topology.stats)
+
+    def _prune_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         chunk_bytes = layout.chunk_numel * 4  # fp32 master rows
         chunk_passes = 3 if self.rematerialize else 2
-        worth = 4 * counts_WE * token_bytes > chunk_passes * chunk_bytes
-        holders = plan.holders_WE & worth
-        E = plan.owner_E.numel()
-        holders[plan.owner_E, torch.arange(E)] = True  # P0 is always part of P1
+        holders = holders_WE & (4 * counts_WE * token_bytes > chunk_passes * chunk_bytes)
+        holders[owner_E, torch.arange(owner_E.numel())] = True  # P0 is always part of P1
+        return holders
+
+    def _prune(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
+        """Drop replicas whose chunk traffic would exceed the token traffic they save."""
+        holders = self._prune_holders(plan.holders_WE, plan.owner_E, counts_WE, layout, token_bytes)
         if torch.equal(holders, plan.holders_WE):
             return plan
         return Plan(plan.owner_E, holders, token_routes(holders, counts_WE, self.node_of_W))
@@ -210,6 +248,8 @@ class FullyShardedSparse(ExpertStrategy):
         if self._last_exit is not None and self.training_step_time_known(start):
             layer.fssdp_state.non_moe_us = int((start - self._last_exit) * 1e6)
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
+        if self._layers and layer is self._layers[0]:
+            self._drop_stale_prefetches()
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
         plan = self.plan(layer, counts_E, x_TD.shape[1] * x_TD.element_size())
@@ -223,11 +263,29 @@ class FullyShardedSparse(ExpertStrategy):
                             recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
                             self.rematerialize, self._pending if self.overlap_reduce else None, rank,
                             self.timings)
+        spec.prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
         y_ND = fssdp_experts(x_ND, layer.expert_chunks.to(x_ND.dtype) if x_ND.dtype != torch.float32
                              else layer.expert_chunks, spec)
         out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
+        nxt = self._next_layer(layer)
+        if nxt is not None:
+            self._issue_prefetch(nxt, x_TD.shape[1] * x_TD.element_size())
         self._last_exit = time.perf_counter()
         return out
+
+    def _next_layer(self, layer):
+        if not self.prefetch or getattr(layer, "layer_id", None) is None:
+            return None
+        i = layer.layer_id + 1
+        return self._layers[i] if i < len(self._layers) else None
+
+    def _drop_stale_prefetches(self) -> None:
+        """A forward that stopped early leaves gathers in flight; complete and discard them
+        (every rank runs the same forward, so every rank drops the same ones)."""
+        for layer in self._layers:
+            if layer.fssdp_state.prefetched is not None:
+                layer.fssdp_state.prefetched.wait()
+                layer.fssdp_state.prefetched = None
 
     def training_step_time_known(self, now: float) -> bool:
         # A gap longer than a second spans an optimizer step or data loading, not attention.
