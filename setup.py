@@ -60,7 +60,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "rich", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "matplotlib"],
+        # tokenizers and tensorboard are optional at run time; the test suite covers them.
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "matplotlib", "tokenizers",
+                "tensorboard"],
+        "bpe": ["tokenizers"],
+        "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "megatron": ["megatron-core"],
         "wandb": ["wandb"],

@@ -221,14 +221,13 @@ def ds_checkpoint_roundtrip(rank, world, tmpdir):
 
     torch.manual_seed(0)
     model = DSModel(DSMoE, world)
-    model.moe.set_deepspeed_parallelism()
+    engine = _ds_engine(model)  # creates DeepSpeed's expert groups
     full = distinct_experts(4)
     ep_rank = groups._get_expert_parallel_rank(model.moe.expert_group_name)
     with torch.no_grad():
         for i, ex in enumerate(model.moe.deepspeed_moe.experts.deepspeed_experts):
             ex[0].weight.copy_(full["w1_EFD"][ep_rank * model.moe.num_local_experts + i])
             ex[2].weight.copy_(full["w2_EDF"][ep_rank * model.moe.num_local_experts + i])
-    engine = _ds_engine(model)
     engine.save_checkpoint(os.path.join(tmpdir, "ds"), tag="step1")
     x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
@@ -250,10 +249,64 @@ def ds_checkpoint_roundtrip(rank, world, tmpdir):
     dist.barrier()
     torch.manual_seed(2)
     model2 = DSModel(DSMoE, world)
-    model2.moe.set_deepspeed_parallelism()
     engine2 = _ds_engine(model2)
     engine2.load_checkpoint(os.path.join(tmpdir, "ds_back"), load_optimizer_states=False,
                             load_lr_scheduler_states=False)
     diff_back = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
                                                                   model2.state_dict().values()))
     return {"out_diff": float((want - got).abs().max()), "back_diff": diff_back, "info": info}
+
+
+def _megatron_config(**kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(num_layers=2, hidden_size=D, num_attention_heads=4, ffn_hidden_size=F, num_moe_experts=4,
+                moe_router_topk=2, add_bias_linear=False, moe_aux_loss_coeff=0.01, use_cpu_initialization=True,
+                moe_shared_expert_intermediate_size=8)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def megatron_weights_round_trip(rank, world, gated):
+    """A real Megatron-core MoELayer's state dict (built on CPU) -> Hecate layer (strict load) ->
+    back into a fresh Megatron MoELayer: same tensors. Also builds a full TransformerLayer with the
+    Hecate spec (its forward needs CUDA for Megatron's attention)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from hecate.integrations.convert_megatron import hecate_to_megatron, megatron_to_hecate
+    from hecate.integrations.megatron_spec import HecateMegatronMoE, gpt_layer_spec_with_hecate_moe
+
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        import torch.nn.functional as Fn
+
+        kw = dict(gated_linear_unit=True, activation_func=Fn.silu) if gated else {}
+        cfg = _megatron_config(**kw)
+        torch.manual_seed(0)
+        meg = build_module(get_gpt_layer_local_spec(num_experts=4), config=cfg, layer_number=1)
+        prefix = "decoder.layers.0."
+        state = {prefix + k: v for k, v in meg.state_dict().items() if torch.is_tensor(v) or v is None}
+        hec = megatron_to_hecate({k: v for k, v in state.items() if ".mlp." in k}, gated=gated)
+        layer = build_module(gpt_layer_spec_with_hecate_moe(num_experts=4, strategy="local"), config=cfg,
+                             layer_number=1)
+        assert isinstance(layer.mlp, HecateMegatronMoE)
+        own = {k[len(prefix + "mlp."):]: v for k, v in hec.items()}
+        layer.mlp.load_state_dict(own)  # strict
+        back = hecate_to_megatron({prefix + "mlp." + k: v for k, v in layer.mlp.state_dict().items()})
+        torch.manual_seed(1)
+        meg2 = build_module(get_gpt_layer_local_spec(num_experts=4), config=cfg, layer_number=1)
+        missing, unexpected = meg2.mlp.load_state_dict({k[len(prefix + "mlp."):]: v for k, v in back.items()},
+                                                       strict=False)
+        bad_missing = [k for k in missing if not k.endswith("_extra_state")]
+        same = all(torch.equal(meg.mlp.state_dict()[k], v) for k, v in meg2.mlp.state_dict().items()
+                   if torch.is_tensor(v) and not k.endswith("_extra_state"))
+        # expert 1 computes what Megatron's expert 1 computes
+        x = torch.randn(5, D)
+        ref = meg.mlp.experts.local_experts[1](x)[0]
+        got = layer.mlp.experts.expert_forward(1, x)
+        return {"missing": bad_missing, "unexpected": list(unexpected), "same": same,
+                "expert_diff": float((ref - got).abs().max()), "num_keys": len(hec)}
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -18,7 +18,7 @@ from tests.vision_cases import train_preset_case
 
 def tiny(**kw):
     torch.manual_seed(0)
-    p = get_preset("switch-dit-tiny")
+    p = get_preset("tiny-switch-dit")
     return build_model(p.arch, dict(p.config, **kw))
 
 
@@ -120,7 +120,7 @@ def test_zero_init_experts_still_learn():
         model.final.weight.normal_(std=0.1)
     x, y = shapes_batch(0, 4)
     t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(0))
-    model.loss(x, t, noise, y)[0].backward()
+    model.loss(x, y, t, noise)[0].backward()
     w2 = model.blocks[0].moe.experts.w2_EDF.grad
     assert w2 is not None and w2.abs().sum() > 0, "the zero output weight must get a gradient"
 
@@ -171,7 +171,7 @@ def test_loss_is_mse_plus_weighted_prior():
     model = tiny(prior_loss_weight=0.5)
     x, y = shapes_batch(0, 3)
     t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(1))
-    loss, out = model.loss(x, t, noise, y)
+    loss, out = model.loss(x, y, t, noise)
     x_t = q_sample(x, t, noise, model.alphas_cumprod_T)
     eps = model(x_t, t, y).eps
     want = torch.nn.functional.mse_loss(eps, noise) + 0.5 * out.prior_loss
@@ -212,7 +212,7 @@ def test_input_errors():
     with pytest.raises(ValueError, match="labels y_B are required"):
         model(x, t)
     with pytest.raises(ValueError, match="noise"):
-        model.loss(x, t, torch.randn(2, 3, 4, 4), y)
+        model.loss(x, y, t, torch.randn(2, 3, 4, 4))
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -253,8 +253,26 @@ def test_parameter_counts():
     ("fssdp", 2, {"overlap_degree": 2}),
 ])
 def test_trains_under_strategy_like_single_process(strategy, world, options):
-    results = run_distributed(train_preset_case, world, "switch-dit-tiny", strategy, options, 5)
+    results = run_distributed(train_preset_case, world, "tiny-switch-dit", strategy, options, 5)
     check_training(results)
     losses = results[0]["losses"][0]
     assert losses[-1] < 0.7 * losses[0], losses
     assert results[0]["num_moe_layers"] == 2
+
+
+def test_loss_with_sampled_noise_fits_the_trainer_data_source():
+    from hecate.data import ShapeImageData
+
+    model = tiny()
+    data = ShapeImageData(batch_size=3)
+    x, y = data.train_batch(2, micro=1, grad_accum=2, rank=1, world=2)
+    want, labels = shapes_batch(0, 3, start=((2 * 2 + 1) * 2 + 1) * 3)
+    torch.testing.assert_close(x, want)
+    torch.manual_seed(5)
+    a = model.loss(x, y)[0]
+    torch.manual_seed(5)
+    t = torch.randint(0, 1000, (3,))
+    noise = torch.randn_like(x)
+    torch.testing.assert_close(a, model.loss(x, y, t, noise)[0])
+    with pytest.raises(ValueError, match="micro=2"):
+        data.train_batch(0, micro=2, grad_accum=2)

@@ -26,7 +26,7 @@ BATCH = 2
 def dit_loss(model, rank):
     x0, y = shapes_batch(7, BATCH, start=BATCH * rank)
     t, noise = sample_t_and_noise(x0, model.cfg.num_timesteps, torch.Generator().manual_seed(100 + rank))
-    return model.loss(x0, t, noise, y)[0]
+    return model.loss(x0, y, t_B=t, noise_BCHW=noise)[0]
 
 
 def mamba_loss(model, rank):
@@ -34,7 +34,7 @@ def mamba_loss(model, rank):
     return model.loss(tokens[:, :-1], tokens[:, 1:], modality[:, :-1])[0]
 
 
-CASES = {"switch-dit-tiny": dit_loss, "mixture-of-mamba-tiny": mamba_loss}
+CASES = {"tiny-switch-dit": dit_loss, "tiny-mixture-of-mamba": mamba_loss}
 
 
 def train_preset_case(rank, world, preset, strategy, options, steps, lr=1e-2, seed=0):

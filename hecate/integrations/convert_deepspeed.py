@@ -229,7 +229,10 @@ def export_deepspeed_checkpoint(hecate_path, ckpt_dir, tag="hecate", expert_keys
                 experts.setdefault(e, OrderedDict())[k] = v
         for e, sd in experts.items():
             torch.save(sd, os.path.join(path, f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"))
-    torch.save({"module": dense, "dp_world_size": 1, "mp_world_size": 1, "num_experts": None},
+    # num_experts as a per-layer list tells DeepSpeed's loader the layer_{L}_expert_{E} naming.
+    num_experts = [int(ds[p + GATE].shape[0]) for p in prefixes]
+    torch.save({"module": dense, "buffer_names": [], "dp_world_size": 1, "mp_world_size": 1,
+                "num_experts": num_experts, "global_steps": 0, "global_samples": 0, "skipped_steps": 0},
                os.path.join(path, "mp_rank_00_model_states.pt"))
     with open(os.path.join(os.fspath(ckpt_dir), "latest"), "w") as f:
         f.write(str(tag))

@@ -40,6 +40,9 @@ class MambaConfig:
     moe_every: int = 0                   # MoE FFN after every n-th mixer (0 = none, pure Mamba)
     moe: Optional[MoEConfig] = None
     tie_embeddings: bool = True
+    # Modality of a token from its id when none is given: modality m owns the ids
+    # [modality_vocab_starts[m], modality_vocab_starts[m + 1]) (e.g. [0, 32]: text 0-31, image 32+).
+    modality_vocab_starts: Optional[list] = None
     scan_impl: str = "auto"
     scan_chunk_size: int = 16
 
@@ -54,6 +57,12 @@ class MambaConfig:
                 raise ValueError(f"MambaConfig.{name} must be a positive int, got {v!r}")
         if self.dt_rank is not None and (not isinstance(self.dt_rank, int) or self.dt_rank <= 0):
             raise ValueError(f"MambaConfig.dt_rank must be a positive int or None, got {self.dt_rank!r}")
+        starts = self.modality_vocab_starts
+        if starts is not None and (len(starts) != self.num_modalities or starts[0] != 0
+                                   or any(b <= a for a, b in zip(starts, starts[1:]))
+                                   or starts[-1] >= self.vocab_size):
+            raise ValueError(f"MambaConfig.modality_vocab_starts={starts} must be {self.num_modalities} "
+                             f"increasing ids starting at 0 and below vocab_size={self.vocab_size}")
         if self.moe_every < 0:
             raise ValueError(f"MambaConfig.moe_every must be >= 0, got {self.moe_every}")
         if self.moe_every and self.moe is None:
@@ -195,7 +204,7 @@ class MambaOutput:
 
 
 class MixtureOfMamba(nn.Module):
-    """Mamba LM over interleaved modalities: forward(tokens_BL, modality_BL) -> MambaOutput."""
+    """Mamba LM over interleaved modalities: forward(tokens_BL, modality_BL=None) -> MambaOutput."""
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -210,7 +219,17 @@ class MixtureOfMamba(nn.Module):
     def moe_layers(self) -> list:
         return [b.ffn for b in self.blocks if b.ffn is not None]
 
-    def forward(self, tokens_BL: torch.Tensor, modality_BL: torch.Tensor) -> MambaOutput:
+    def modality_of(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Modality ids from token ids (MambaConfig.modality_vocab_starts)."""
+        starts = self.cfg.modality_vocab_starts
+        if starts is None:
+            raise ValueError("modality_BL is required unless MambaConfig.modality_vocab_starts is set")
+        bounds = torch.tensor(starts[1:], device=tokens_BL.device, dtype=tokens_BL.dtype)
+        return torch.bucketize(tokens_BL.contiguous(), bounds, right=True)
+
+    def forward(self, tokens_BL: torch.Tensor, modality_BL: Optional[torch.Tensor] = None) -> MambaOutput:
+        if modality_BL is None:
+            modality_BL = self.modality_of(tokens_BL)
         if tokens_BL.dim() != 2 or modality_BL.shape != tokens_BL.shape:
             raise ValueError(f"tokens_BL and modality_BL must be equal [B, L] shapes, got "
                              f"{tuple(tokens_BL.shape)} and {tuple(modality_BL.shape)}")
@@ -226,8 +245,9 @@ class MixtureOfMamba(nn.Module):
         aux_loss = torch.stack(aux).sum() if aux else x.new_zeros(())
         return MambaOutput(logits, aux_loss, stats)
 
-    def loss(self, tokens_BL, targets_BL, modality_BL) -> tuple[torch.Tensor, MambaOutput]:
-        """Next-token cross-entropy (+ MoE aux losses); modality_BL is the inputs' modality."""
+    def loss(self, tokens_BL, targets_BL, modality_BL=None) -> tuple[torch.Tensor, MambaOutput]:
+        """Next-token cross-entropy (+ MoE aux losses); modality_BL is the inputs' modality
+        (default: from the token ids, see MambaConfig.modality_vocab_starts)."""
         out = self(tokens_BL, modality_BL)
         lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets_BL.flatten())
         return lm + out.aux_loss, out

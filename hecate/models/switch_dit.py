@@ -180,7 +180,7 @@ class DiTOutput:
 
 
 class SwitchDiT(nn.Module):
-    """Switch-DiT epsilon predictor. forward(x_t, t, y) -> DiTOutput; loss(x0, t, noise, y)."""
+    """Switch-DiT epsilon predictor. forward(x_t, t, y) -> DiTOutput; loss(x0, y, t, noise)."""
 
     def __init__(self, cfg: SwitchDiTConfig):
         super().__init__()
@@ -259,9 +259,17 @@ class SwitchDiT(nn.Module):
         prior_loss = torch.stack([js_divergence(g, prior_BE) for g in gates]).mean()
         return DiTOutput(eps, torch.stack(aux).sum(), prior_loss, gates, stats)
 
-    def loss(self, x0_BCHW: torch.Tensor, t_B: torch.Tensor, noise_BCHW: torch.Tensor,
-             y_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DiTOutput]:
-        """Epsilon-prediction MSE + prior_loss_weight * prior loss + MoE aux losses."""
+    def loss(self, x0_BCHW: torch.Tensor, y_B: Optional[torch.Tensor] = None,
+             t_B: Optional[torch.Tensor] = None, noise_BCHW: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, DiTOutput]:
+        """Epsilon-prediction MSE + prior_loss_weight * prior loss + MoE aux losses.
+
+        t_B / noise_BCHW default to uniform timesteps and N(0, 1) noise from torch's global RNG
+        (so `loss(images, labels)` fits the generic trainer); pass them for reproducible steps."""
+        if t_B is None:
+            t_B = torch.randint(0, self.cfg.num_timesteps, (x0_BCHW.shape[0],), device=x0_BCHW.device)
+        if noise_BCHW is None:
+            noise_BCHW = torch.randn_like(x0_BCHW)
         if noise_BCHW.shape != x0_BCHW.shape:
             raise ValueError(f"noise {tuple(noise_BCHW.shape)} must have the images' shape {tuple(x0_BCHW.shape)}")
         x_t = q_sample(x0_BCHW, t_B, noise_BCHW, self.alphas_cumprod_T)

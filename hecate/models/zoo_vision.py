@@ -8,7 +8,7 @@ register_arch("switch_dit", SwitchDiTConfig, SwitchDiT,
 _PAPER = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000, num_experts=3, top_k=2,
               num_timesteps=1000, noise_schedule="linear")  # 256x256 images as 32x32x4 SD-VAE latents
 
-register_preset("switch-dit-tiny", "switch_dit",
+register_preset("tiny-switch-dit", "switch_dit",
                 dict(image_size=8, in_channels=3, patch_size=2, d_model=32, n_layers=2, n_heads=4,
                      num_classes=4, num_experts=3, top_k=2, expert_hidden_size=32),
                 "tests: 8x8 generated shapes, 16 tokens, top-2 of 3 timestep-gated experts")

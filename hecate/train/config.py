@@ -5,6 +5,7 @@ Unknown keys get a did-you-mean suggestion; `--set key.sub=value` overrides are 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -198,6 +199,9 @@ def from_dict(data: dict | None) -> TrainConfig:
     """Build a TrainConfig from a plain dict (a parsed YAML file); unknown keys are rejected."""
     data = dict(data or {})
     model = dict(data.get("model") or {})
+    if "arch" in model or "preset" in model:
+        model = _resolve_model_preset(model)
+        data["model"] = model
     if "moe" in model:
         moe = dict(model["moe"] or {})
         # The MoE hidden size is the model width unless the file says otherwise.
@@ -209,6 +213,35 @@ def from_dict(data: dict | None) -> TrainConfig:
         model["moe"] = dataclasses.asdict(default.replace(hidden_size=model["d_model"]))
         data["model"] = model
     return _build(TrainConfig, data, "")
+
+
+def _resolve_model_preset(model: dict) -> dict:
+    """Handle `model.arch` and `model.preset`: a model-zoo preset's config is the base and the
+    file's model keys override it (model.moe merged key by key). The trainer builds the
+    `transformer` architecture only, so other archs are rejected here with the key named."""
+    model = dict(model)
+    arch, name = model.pop("arch", None), model.pop("preset", None)
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"model.preset must be a preset name (string), got {name!r}")
+        from hecate.models.registry import get_preset
+
+        try:
+            preset = get_preset(name)
+        except ValueError as e:
+            raise ValueError(f"model.preset: {e}") from None
+        if arch is not None and arch != preset.arch:
+            raise ValueError(f"model.arch={arch!r} contradicts model.preset={name!r} (arch {preset.arch!r}); "
+                             "remove model.arch")
+        arch = preset.arch
+        base = copy.deepcopy(dict(preset.config))
+        if isinstance(base.get("moe"), dict) and isinstance(model.get("moe"), dict):
+            model["moe"] = {**base["moe"], **model["moe"]}
+        model = {**base, **model}
+    if arch is not None and arch != "transformer":
+        raise ValueError(f"model.arch={arch!r}: `hecate train` trains arch 'transformer' only; "
+                         "other model-zoo architectures can be inspected with `hecate inspect PRESET`")
+    return model
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
