@@ -32,7 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the tiny demo MoE LM on local CPU ranks and sample from it")
     demo.add_argument("--nproc", type=int, default=4)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sim = sub.add_parser("simulate", help="rank FSSDP policies at cluster scale with the cost model")
+    from hecate.sim.report import add_arguments
+
+    add_arguments(sim)
     return ap
+
+
+def cmd_simulate(args) -> int:
+    from hecate.sim.report import main as simulate_main
+
+    return simulate_main(args)
 
 
 def _free_port() -> int:
@@ -228,7 +238,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo}[args.command](args)
+        commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate}
+        return commands[args.command](args)
     except (ValueError, TypeError) as e:
         if os.environ.get("HECATE_DEBUG"):
             raise

@@ -96,3 +96,36 @@ def test_real_megatron_weights_round_trip(gated):
     (res,) = run_distributed(cases.megatron_weights_round_trip, 1, gated, timeout=300)
     assert res["missing"] == [] and res["unexpected"] == [] and res["same"], res
     assert res["expert_diff"] < 1e-5, res
+
+
+@pytest.mark.gpu
+def test_matches_megatron_moe_layer_on_gpu():
+    """Megatron's own MoELayer vs Hecate's layer on converted weights: same output (dropless top-2)."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from hecate.integrations.convert_megatron import megatron_to_hecate
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29572")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+    try:
+        cfg = _config(moe_token_dispatcher_type="alltoall")
+        meg = build_module(get_gpt_layer_local_spec(num_experts=4), config=cfg, layer_number=1).mlp.cuda()
+        hec = build_module(hecate_moe_spec(strategy="local"), config=cfg).cuda()
+        state = megatron_to_hecate({"decoder.layers.0.mlp." + k: v for k, v in meg.state_dict().items()
+                                    if torch.is_tensor(v)})
+        hec.load_state_dict({k[len("decoder.layers.0.mlp."):]: v for k, v in state.items()})
+        x = torch.randn(8, 2, 16, device="cuda")
+        ref, _ = meg(x)
+        got, _ = hec(x)
+        assert torch.allclose(ref.float(), got.float(), atol=1e-4), float((ref - got).abs().max())
+    finally:
+        parallel_state.destroy_model_parallel()

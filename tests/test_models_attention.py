@@ -191,3 +191,20 @@ def test_moh_aux_loss_is_part_of_the_model_loss():
     torch.testing.assert_close(loss - out.aux_loss, F.cross_entropy(out.logits.flatten(0, 1), t.flatten()))
     loss.backward()
     assert model.blocks[0].attn.router.routed.weight.grad.abs().sum() > 0
+
+
+def test_attention_modules_reject_bad_arguments():
+    import pytest
+
+    with pytest.raises(ValueError, match="even head_dim"):
+        rope_tables(4, 7, 10000.0)
+    with pytest.raises(ValueError, match=r"model.d_model \(32\) must be divisible by model.n_heads \(5\)"):
+        Attention(D, 5)
+    with pytest.raises(ValueError, match=r"moh_shared_heads \(4\)"):
+        MoHAttention(D, H, n_shared=4)
+    with pytest.raises(ValueError, match=r"moh_top_k \(0\)"):
+        MoHAttention(D, H, n_shared=1, top_k=0)
+    with pytest.raises(ValueError, match="moh_router='x'"):
+        MoHAttention(D, H, router="x")
+    with pytest.raises(ValueError, match="bam_attention_experts must be >= 1"):
+        BAMAttention(D, H, num_experts=0)

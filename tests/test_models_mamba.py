@@ -230,3 +230,12 @@ def test_modality_from_token_ids_and_trainer_shaped_data():
         MixtureOfMamba(MambaConfig(modality_vocab_starts=[0, 100]))
     with pytest.raises(ValueError, match="modality_BL is required"):
         tiny(modality_vocab_starts=None)(x)
+
+
+def test_bf16_autocast_trains():
+    model = tiny()
+    tokens, mod = interleaved_batch(0, 2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:], mod[:, :-1])
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].mixer.A_log_EN.grad.isfinite().all()

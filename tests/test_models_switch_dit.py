@@ -180,8 +180,9 @@ def test_loss_is_mse_plus_weighted_prior():
 
 def test_noise_schedules():
     for s in ("linear", "cosine"):
-        a = alphas_cumprod(1000, s)
-        assert a.shape == (1000,) and (a[1:] < a[:-1]).all() and 0 < float(a[-1]) < float(a[0]) < 1
+        for steps in (1000, 20):
+            a = alphas_cumprod(steps, s)
+            assert a.shape == (steps,) and (a[1:] < a[:-1]).all() and 0 < float(a[-1]) < float(a[0]) < 1
     with pytest.raises(ValueError, match="noise schedule"):
         alphas_cumprod(10, "quadratic")
     with pytest.raises(ValueError, match="num_timesteps"):
@@ -276,3 +277,25 @@ def test_loss_with_sampled_noise_fits_the_trainer_data_source():
     torch.testing.assert_close(a, model.loss(x, y, t, noise)[0])
     with pytest.raises(ValueError, match="micro=2"):
         data.train_batch(0, micro=2, grad_accum=2)
+
+
+def test_bf16_autocast_trains():
+    model = tiny()
+    x, y = shapes_batch(0, 2)
+    t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, out = model.loss(x, y, t, noise)
+    loss.backward()
+    assert torch.isfinite(loss) and out.gates[0].dtype == torch.float32
+
+
+def test_sampling_is_deterministic_given_a_generator():
+    model = tiny(num_timesteps=20, noise_schedule="cosine")
+    perturb_experts(model)
+    y = torch.tensor([0, 3])
+    a = model.sample(2, y, generator=torch.Generator().manual_seed(0))
+    b = model.sample(2, y, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="num_images"):
+        model.sample(0, y)

@@ -87,3 +87,15 @@ def test_upcycle_rejects_mismatched_inputs():
         upcycle_bam([sd, bad], _bam_cfg(2))
     with pytest.raises(ValueError, match="residual"):
         upcycle_bam([sd], _bam_cfg(1, moe=_bam_cfg(1).moe.replace(use_residual=True)))
+
+
+def test_upcycle_rejects_shape_and_coverage_mismatches():
+    sd = _dense(0).state_dict()
+    with pytest.raises(ValueError, match="layer 0: MoE has 2 experts but there are 1 dense checkpoints"):
+        upcycle_bam([sd], _bam_cfg(1, moe=_bam_cfg(2).moe))
+    with pytest.raises(ValueError, match=r"no dense weights for \['pos.weight'\]"):
+        upcycle_bam([sd], _bam_cfg(1, rope=False))
+    with pytest.raises(ValueError, match=r"(embed|head).weight has shape \(41, 32\) in the dense checkpoints but \(50, 32\)"):
+        upcycle_bam([sd], _bam_cfg(1, vocab_size=50))
+    with pytest.raises(ValueError, match="dense checkpoints lack 'blocks.0.ffn.fc1.weight'; they must be"):
+        upcycle_bam([upcycle_bam([sd], _bam_cfg(1)).state_dict()], _bam_cfg(1))

@@ -98,3 +98,16 @@ def test_yaml_config_is_the_tiny_preset(preset):
     p = get_preset(preset)
     assert cfg.model == make_config(p.arch, p.config)
     assert cfg.data.seq_len <= cfg.model.max_seq_len
+
+
+def test_zoo_params_script_lists_every_lm_preset():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_params.py"
+    spec = importlib.util.spec_from_file_location("zoo_params", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.table()
+    for name in _lm_presets():
+        assert f"| `{name}` |" in text
+    assert "| `tiny-gpt-moe` | 50,592 (50,592) | 34,208 (34,208) |" in text

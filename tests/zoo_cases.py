@@ -42,7 +42,7 @@ def train_case(rank, world, preset, strategy, steps, seed=0):
             x, y = batch(step, r, vocab)
             loss, _ = ref.loss(x, y)
             (loss / world).backward()
-            total += float(loss) / world
+            total += float(loss.detach()) / world
         ref_engine.step()
         ref_losses.append(total)
         x, y = batch(step, rank, vocab)

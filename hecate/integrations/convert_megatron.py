@@ -116,10 +116,13 @@ def megatron_to_hecate(state: Dict[str, torch.Tensor], gated: bool = False,
 
 
 def hecate_to_megatron(state: Dict[str, torch.Tensor], layout: str = "sequential",
-                       hecate_prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+                       hecate_prefix: Optional[str] = None,
+                       expert_bias: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Hecate names -> Megatron names in `layout` ('sequential' = SequentialMLP local_experts,
     'te_grouped' = TEGroupedMLP linear_fc1.weightN, 'legacy_grouped' = GroupedMLP weight1/2).
-    hecate_prefix must match the one used for megatron_to_hecate (None = Megatron paths)."""
+    hecate_prefix must match the one used for megatron_to_hecate (None = Megatron paths).
+    expert_bias: write router.expert_bias (Megatron registers it only with
+    moe_router_enable_expert_bias); None = only when it is non-zero."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     if hecate_prefix is None:
@@ -139,8 +142,10 @@ def hecate_to_megatron(state: Dict[str, torch.Tensor], layout: str = "sequential
         p = h if hecate_prefix is None else f"decoder.layers.{n}.mlp"
         out[p + ".router.weight"] = state[k]
         bias = state.get(h + ".router.expert_bias_E")
-        if bias is not None:
+        if bias is not None and (expert_bias or (expert_bias is None and bool(bias.any()))):
             out[p + ".router.expert_bias"] = bias
+        elif expert_bias and bias is None:
+            out[p + ".router.expert_bias"] = torch.zeros(state[k].shape[0])
         w1, w2, w3 = (state.get(h + f".experts.{n_}") for n_ in ("w1_EFD", "w2_EDF", "w3_EFD"))
         e, f, d = w1.shape
         fc1 = w1 if w3 is None else torch.cat([w1, w3], dim=1)  # [E, F', D], rows [gate; up]

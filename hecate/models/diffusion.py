@@ -14,13 +14,13 @@ SCHEDULES = ("linear", "cosine")
 
 
 def alphas_cumprod(num_timesteps: int, schedule: str = "linear") -> torch.Tensor:
-    """alpha-bar_t for t = 0..T-1 (float64): linear betas 1e-4..0.02 scaled to T, or the
+    """alpha-bar_t for t = 0..T-1 (float64): linear betas 1e-4..0.02 scaled by 1000 / T, or the
     cosine schedule of Nichol & Dhariwal (2021) with betas clipped at 0.999."""
     if not isinstance(num_timesteps, int) or num_timesteps <= 0:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     if schedule == "linear":
         scale = 1000.0 / num_timesteps
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64).clamp(max=0.999)
         return torch.cumprod(1.0 - betas, 0)
     if schedule == "cosine":
         s = 0.008

@@ -277,5 +277,27 @@ class SwitchDiT(nn.Module):
         mse = F.mse_loss(out.eps.float(), noise_BCHW.float())
         return mse + self.cfg.prior_loss_weight * out.prior_loss + out.aux_loss, out
 
+    @torch.no_grad()
+    def sample(self, num_images: int, y_B: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """DDPM ancestral sampling over all T steps (posterior variance beta-tilde); images [B, C, H, W]."""
+        if not isinstance(num_images, int) or num_images <= 0:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        cfg, dev = self.cfg, self.alphas_cumprod_T.device
+        abar = self.alphas_cumprod_T.double()
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        alpha = abar / abar_prev
+        shape = (num_images, cfg.in_channels, cfg.image_size, cfg.image_size)
+        x = torch.randn(shape, generator=generator).to(dev)
+        for t in reversed(range(cfg.num_timesteps)):
+            t_B = torch.full((num_images,), t, dtype=torch.long, device=dev)
+            eps = self(x, t_B, y_B).eps.double()
+            mean = (x.double() - (1 - alpha[t]) / (1 - abar[t]).sqrt() * eps) / alpha[t].sqrt()
+            if t > 0:
+                var = (1 - abar_prev[t]) / (1 - abar[t]) * (1 - alpha[t])
+                mean = mean + var.sqrt() * torch.randn(shape, generator=generator).to(dev, torch.float64)
+            x = mean.to(x.dtype)
+        return x
+
     def moe_layers(self) -> list:
         return [b.moe for b in self.blocks]
