@@ -8,6 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from hecate.train.checkpoint_io import CheckpointError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,11 +34,29 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the tiny demo MoE LM on local CPU ranks and sample from it")
     demo.add_argument("--nproc", type=int, default=4)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    gen = sub.add_parser("generate", help="sample text from a training run's newest checkpoint")
+    gen.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=40)
+    gen.add_argument("--samples", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
     sim = sub.add_parser("simulate", help="rank FSSDP policies at cluster scale with the cost model")
     from hecate.sim.report import add_arguments
 
     add_arguments(sim)
     return ap
+
+
+def cmd_generate(args) -> int:
+    from hecate.train.generate import generate_text
+
+    texts = generate_text(args.run_dir, args.prompt, args.tokens, args.temperature, args.top_k,
+                          args.samples, args.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---\n{text}")
+    return 0
 
 
 def cmd_simulate(args) -> int:
@@ -238,9 +258,10 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate}
+        commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate,
+                    "generate": cmd_generate}
         return commands[args.command](args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, CheckpointError) as e:
         if os.environ.get("HECATE_DEBUG"):
             raise
         print(f"hecate {args.command}: error: {e}", file=sys.stderr)
