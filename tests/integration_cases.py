@@ -55,7 +55,7 @@ def _ds_expert_grads(ds, full_shape_E, world):
 
 
 def ds_equivalence(rank, world, k, ep_size, drop_tokens, use_residual, tokens, strategy,
-                   capacity_factor=1.0, min_capacity=0):
+                   capacity_factor=1.0, min_capacity=0, eval_capacity_factor=None):
     """deepspeed.moe.layer.MoE vs hecate.integrations.deepspeed.MoE on the same weights and tokens:
     returns the max abs differences of output, l_aux, exp_counts and every gradient."""
     _deepspeed()
@@ -68,7 +68,8 @@ def ds_equivalence(rank, world, k, ep_size, drop_tokens, use_residual, tokens, s
     torch.manual_seed(0)
     expert = gelu_expert()
     kw = dict(num_experts=E, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
-              eval_capacity_factor=capacity_factor, min_capacity=min_capacity, use_residual=use_residual,
+              eval_capacity_factor=eval_capacity_factor or capacity_factor, min_capacity=min_capacity,
+              use_residual=use_residual,
               drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
     ds = DSMoE(D, expert, **kw)
     ds.set_deepspeed_parallelism()
@@ -84,6 +85,9 @@ def ds_equivalence(rank, world, k, ep_size, drop_tokens, use_residual, tokens, s
         if use_residual:
             hm.moe.residual.coefficient.load_state_dict(ds.coefficient.state_dict())
     hm.strategy.load_experts(hm.moe, full)
+    if eval_capacity_factor is not None:  # eval mode: DeepSpeed switches to eval_capacity_factor
+        ds.eval()
+        hm.eval()
     n = tokens[rank]
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(2, n // 2, D, generator=g)
@@ -118,20 +122,25 @@ def ds_equivalence(rank, world, k, ep_size, drop_tokens, use_residual, tokens, s
 
 
 class TinyMoEModel(nn.Module):
-    """dense -> Hecate drop-in MoE -> dense head: a model written against DeepSpeed's MoE API."""
+    """dense -> two Hecate drop-in MoE layers -> dense head: a model written against DeepSpeed's
+    MoE API. `strategy` is a name (each layer builds its own strategy) or one shared instance."""
 
     def __init__(self, strategy, num_experts=8, k=2):
         super().__init__()
         from hecate.integrations.deepspeed import MoE
 
         self.inp = nn.Linear(D, D)
-        self.moe = MoE(D, gelu_expert(), num_experts=num_experts, k=k, capacity_factor=1.25, min_capacity=1,
-                       use_rts=False, top2_2nd_expert_sampling=False, strategy=strategy)
+        self.moes = nn.ModuleList(
+            MoE(D, gelu_expert(), num_experts=num_experts, k=k, capacity_factor=1.25, min_capacity=1,
+                use_rts=False, top2_2nd_expert_sampling=False, strategy=strategy) for _ in range(2))
         self.head = nn.Linear(D, D)
 
     def forward(self, x, y):
-        h, l_aux, _ = self.moe(torch.tanh(self.inp(x)))
-        return ((self.head(h) - y) ** 2).mean() + 0.01 * l_aux
+        h, aux = torch.tanh(self.inp(x)), 0.0
+        for moe in self.moes:
+            out, l_aux, _ = moe(h)
+            h, aux = h + out, aux + l_aux
+        return ((self.head(h) - y) ** 2).mean() + 0.01 * aux
 
 
 def _train_batch(step, rank):
@@ -150,8 +159,9 @@ def ds_train_vs_engine(rank, world, stage, strategy, steps=4, accum=1):
 
     hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     torch.manual_seed(0)
-    ref = TinyMoEModel(build_strategy(strategy, Topology()))
-    engine_ref = Engine(ref, ref.moe.strategy, Topology(), max_grad_norm=None, **hp)
+    shared = build_strategy(strategy, Topology())  # Hecate's Engine drives one strategy for all layers
+    ref = TinyMoEModel(shared)
+    engine_ref = Engine(ref, shared, Topology(), max_grad_norm=None, **hp)
     init_w = ref.inp.weight.detach().clone()
     torch.manual_seed(0)
     model = TinyMoEModel(strategy)

@@ -23,7 +23,8 @@ P = "blocks.1.moe"
 
 def ds_state(residual=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    s = {"embed.weight": torch.randn(5, D, generator=g), f"{P}.deepspeed_moe.gate.wg.weight": torch.randn(E, D, generator=g)}
+    s = {"embed.weight": torch.randn(5, D, generator=g),
+         f"{P}.deepspeed_moe.gate.wg.weight": torch.randn(E, D, generator=g)}
     for e in range(E):
         s[f"{P}.deepspeed_moe.experts.deepspeed_experts.{e}.0.weight"] = torch.randn(Fh, D, generator=g)
         s[f"{P}.deepspeed_moe.experts.deepspeed_experts.{e}.2.weight"] = torch.randn(D, Fh, generator=g)

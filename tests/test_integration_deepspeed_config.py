@@ -1,6 +1,4 @@
 """DeepSpeed config translation and drop-in argument checks: no DeepSpeed import (runs in CI)."""
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -169,7 +167,6 @@ def test_custom_module_checked_numerically():
 
 
 def test_single_process_layer_without_deepspeed():
-    assert "deepspeed" not in sys.modules or True  # the layer itself never imports it
     torch.manual_seed(0)
     ex = _expert()
     moe = MoE(8, ex, num_experts=4, k=2, top2_2nd_expert_sampling=False, drop_tokens=False, use_residual=True)
@@ -202,3 +199,30 @@ def test_top1_drop_keeps_earliest_tokens():
     assert counts.tolist() == [10, 0]
     cap = 5  # ceil(1.0 * 10 / 2)
     assert (y[:cap].abs().sum(-1) > 0).all() and (y[cap:].abs().sum(-1) == 0).all()
+
+
+def test_jitter_noises_the_router_input_in_training_only():
+    torch.manual_seed(0)
+    ex = _expert()
+    plain = MoE(8, ex, num_experts=4, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    jit = MoE(8, ex, num_experts=4, k=2, drop_tokens=False, top2_2nd_expert_sampling=False,
+              noisy_gate_policy="Jitter")
+    jit.load_state_dict(plain.state_dict())
+    x = torch.randn(32, 8)
+    plain.eval()
+    jit.eval()
+    assert torch.equal(plain(x)[0], jit(x)[0])  # eval: no noise
+    jit.train()
+    plain.train()
+    a, b = jit(x)[0], plain(x)[0]
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.1 * b.abs().max()  # multiplicative noise of 1%: a small change
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_initialize_refuses_zero_stage_0_and_3(stage):
+    from hecate.integrations.deepspeed import initialize
+
+    with pytest.raises(ValueError, match=f"zero_optimization.stage={stage}"):
+        initialize(nn.Linear(2, 2), {"train_batch_size": 2, "zero_optimization": {"stage": stage}},
+                   torch.optim.AdamW)

@@ -29,6 +29,8 @@ SCENARIOS = [
     (2, 4, True, True, [12, 12, 12, 12], "fssdp", 4),  # ep_size 4
     (1, 4, False, False, [4, 6, 8, 10], "ep", 4),
     (2, 2, False, False, [8, 8, 10, 6], "ep", 4),      # ep_size 2 inside a world of 4
+    (2, 2, True, False, [16, 16], "fsdp", 2),     # every Hecate strategy behind the same API
+    (3, 2, False, True, [8, 12], "dp", 2),
 ]
 
 
@@ -41,3 +43,11 @@ def test_matches_deepspeed(k, ep_size, drop, residual, tokens, strategy, world):
         assert sum(r["dropped"] for r in res) > 0, "the scenario should exercise token dropping"
     else:
         assert all(r["dropped"] == 0 for r in res)
+
+
+def test_eval_capacity_factor_matches_deepspeed():
+    # train capacity 2.0 would keep everything; eval capacity 0.5 drops
+    res = run_distributed(cases.ds_equivalence, 2, 2, 2, True, False, [16, 16], "fssdp", 2.0, 0, 0.5,
+                          timeout=300)
+    _check(res)
+    assert sum(r["dropped"] for r in res) > 0

@@ -19,11 +19,3 @@ def test_deepspeed_training_matches_engine(stage, strategy, accum):
         assert r["diff"] < 1e-5, r
         assert r["curves"]["ds"] == pytest.approx(r["curves"]["ref"], rel=1e-5, abs=1e-6)
 
-
-def test_stage0_refused():
-    import torch
-
-    from hecate.integrations.deepspeed import initialize
-
-    with pytest.raises(ValueError, match="zero_optimization.stage=0"):
-        initialize(torch.nn.Linear(2, 2), {"train_batch_size": 2}, torch.optim.AdamW)

@@ -50,3 +50,17 @@ def test_resume_continues_the_loss_curve(tmp_path):
     with pytest.raises(ValueError, match="--resume: no checkpoints"):
         train(_cfg(tmp_path, "fresh"), resume=True)
     assert not dist.is_initialized()  # the failed start cleaned up its process group
+
+
+@pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="needs a fresh process group")
+def test_pyramid_moe_trains_through_the_trainer(tmp_path):
+    """PR-MoE layers have different expert counts: load logging and heatmaps must cope."""
+    cfg = load_config("configs/models/tiny-prmoe.yaml",
+                      ["parallel.strategy=local", "parallel.nproc=1", "train.steps=2", "train.log_every=1",
+                       "train.eval_every=2", "data.embedded_max_bytes=100000", "sample.num_samples=0",
+                       f"data.cache_dir={tmp_path}/cache", f"train.out_dir={tmp_path}/prmoe",
+                       "logging.progress=false"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "prmoe" / "metrics.jsonl").read_text().splitlines()]
+    loads = [r["expert_load"] for r in rows if r.get("expert_load")]
+    assert loads and len({len(layer) for layer in loads[0]}) > 1  # a real pyramid was logged

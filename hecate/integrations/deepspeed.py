@@ -240,12 +240,12 @@ def initialize(model: nn.Module, config: dict, make_optimizer, **ds_kwargs):
     DeepSpeed's initial broadcast. ZeRO stage 0 is refused: its fallback all-reduce averages
     every module gradient, which would mix different ranks' expert shards.
     """
-    import deepspeed
-
     stage = int((config.get("zero_optimization") or {}).get("stage", 0))
     if stage not in (1, 2):
         raise ValueError(f"zero_optimization.stage={stage}: Hecate experts train under DeepSpeed with "
                          "ZeRO stage 1 or 2 (stage 0 all-reduces expert shards, stage 3 partitions them)")
+    import deepspeed
+
     experts = expert_parameters(model)
     for p in experts:
         p.ds_optim_param = True  # DeepSpeed's marker for rank-unique params: skip the broadcast

@@ -39,9 +39,10 @@ class Engine:
 
     def grad_norm(self) -> float:
         """Global L2 norm over dense and expert gradients, every shard of every rank counted once."""
-        dense = [p.grad for p in dense_parameters(self.model) if p.grad is not None]
-        experts = [p.grad for layer in self.layers for p in self.strategy.expert_parameters(layer)
-                   if p.grad is not None and p.grad.numel()]
+        expert_params = [p for layer in self.layers for p in self.strategy.expert_parameters(layer)]
+        expert_ids = {id(p) for p in expert_params}  # `local` does not mark its experts: go by identity
+        dense = [p.grad for p in dense_parameters(self.model) if p.grad is not None and id(p) not in expert_ids]
+        experts = [p.grad for p in expert_params if p.grad is not None and p.grad.numel()]
         # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64.
         dense_sq = _sum_of_squares(dense)
         expert_sq = torch.tensor(_sum_of_squares(experts) / self.strategy.expert_replication(),

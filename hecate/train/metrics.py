@@ -151,9 +151,8 @@ def write_heatmaps(loads: list[list[list[float]]], out_dir: Path) -> list[Path]:
               "(pip install matplotlib)", file=sys.stderr)
         return []
     paths = []
-    arr = np.asarray(loads, dtype=float)  # [steps, layers, E]
-    for layer in range(arr.shape[1]):
-        m = arr[:, layer, :]
+    for layer in range(len(loads[0])):
+        m = np.asarray([step[layer] for step in loads], dtype=float)  # [steps, E of this layer]
         m = m / np.maximum(m.sum(1, keepdims=True), 1)
         fig, ax = plt.subplots(figsize=(8, 3))
         im = ax.imshow(m.T, aspect="auto", interpolation="nearest", cmap="viridis")

@@ -202,8 +202,10 @@ class Trainer:
             drop += [s.dropped_fraction for s in out.moe_stats]
             counts = [s.tokens_per_expert_E.float().cpu() for s in out.moe_stats]
             if counts:
-                stacked = torch.stack(counts)
-                load = stacked if load is None else load + stacked
+                # One flat vector: layers may have different expert counts (PR-MoE pyramids).
+                sizes = [c.numel() for c in counts]
+                flat = torch.cat(counts)
+                load = flat if load is None else load + flat
         grad_norm = self.engine.step()
         self.update_expert_bias()
         loss, aux = self._mean([loss_sum, aux_sum])
@@ -214,7 +216,7 @@ class Trainer:
         return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
                 "expert_imbalance": sum(imb) / len(imb) if imb else 1.0,
                 "dropped_fraction": sum(drop) / len(drop) if drop else 0.0,
-                "load": load.tolist() if load is not None else None}
+                "load": [part.tolist() for part in load.split(sizes)] if load is not None else None}
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

@@ -54,7 +54,10 @@ class ExchangeSpec:
         x_leaf = x_recv.detach().requires_grad_(True)
         m_leaf = materialized_MS.detach().requires_grad_(True)
         with torch.enable_grad():
-            weights = self.layer.expert_layout.unflatten(m_leaf)
+            # Chunks travel as fp32 master rows; compute runs in the tokens' dtype (bf16 under
+            # autocast) and the cast's backward returns fp32 gradients for spRS.
+            m_used = m_leaf if m_leaf.dtype == x_leaf.dtype else m_leaf.to(x_leaf.dtype)
+            weights = self.layer.expert_layout.unflatten(m_used)
             y = experts_on_received(self.layer, x_leaf, self.recv_WE, weights, self.slot_of_E)
         return x_leaf, m_leaf, y
 

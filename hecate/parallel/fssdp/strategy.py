@@ -264,8 +264,7 @@ class FullyShardedSparse(ExpertStrategy):
                             self.rematerialize, self._pending if self.overlap_reduce else None, rank,
                             self.timings)
         spec.prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
-        y_ND = fssdp_experts(x_ND, layer.expert_chunks.to(x_ND.dtype) if x_ND.dtype != torch.float32
-                             else layer.expert_chunks, spec)
+        y_ND = fssdp_experts(x_ND, layer.expert_chunks, spec)
         out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
         nxt = self._next_layer(layer)
         if nxt is not None:
