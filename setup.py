@@ -66,7 +66,7 @@ setup(
         "bpe": ["tokenizers"],
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
-        "megatron": ["megatron-core"],
+        "megatron": ["megatron-core>=0.16,<0.17"],
         "wandb": ["wandb"],
         "apex": [],  # nvidia-apex is built from source on GPU machines; see docs/build.md
     },

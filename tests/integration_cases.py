@@ -10,6 +10,10 @@ import torch.distributed as dist
 from torch import nn
 
 D, F = 16, 32
+# Workers that import DeepSpeed or Megatron keep them loaded (and their process groups): run them
+# in pools of their own, which run_distributed keys by collective_timeout, so other tests never
+# share a process with them.
+ISOLATED = {"collective_timeout": 46.0}
 
 
 def _deepspeed():

@@ -11,7 +11,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def test_real_deepspeed_checkpoint_round_trip(tmp_path):
-    res = run_distributed(cases.ds_checkpoint_roundtrip, 2, str(tmp_path), timeout=300)
+    res = run_distributed(cases.ds_checkpoint_roundtrip, 2, str(tmp_path), timeout=300, **cases.ISOLATED)
     info = res[0]["info"]
     assert len(info["expert_files"]) == 4 and info["optimizer_files"]  # one file per expert, per-rank optim
     for r in res:

@@ -37,7 +37,7 @@ SCENARIOS = [
 @pytest.mark.parametrize("k,ep_size,drop,residual,tokens,strategy,world", SCENARIOS)
 def test_matches_deepspeed(k, ep_size, drop, residual, tokens, strategy, world):
     res = run_distributed(cases.ds_equivalence, world, k, ep_size, drop, residual, tokens, strategy,
-                          timeout=300)
+                          timeout=300, **cases.ISOLATED)
     _check(res, residual)
     if drop:
         assert sum(r["dropped"] for r in res) > 0, "the scenario should exercise token dropping"
@@ -48,6 +48,6 @@ def test_matches_deepspeed(k, ep_size, drop, residual, tokens, strategy, world):
 def test_eval_capacity_factor_matches_deepspeed():
     # train capacity 2.0 would keep everything; eval capacity 0.5 drops
     res = run_distributed(cases.ds_equivalence, 2, 2, 2, True, False, [16, 16], "fssdp", 2.0, 0, 0.5,
-                          timeout=300)
+                          timeout=300, **cases.ISOLATED)
     _check(res)
     assert sum(r["dropped"] for r in res) > 0

@@ -13,7 +13,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.mark.parametrize("stage,strategy,accum", [(1, "fssdp", 1), (2, "fssdp", 2), (2, "ep", 1)])
 def test_deepspeed_training_matches_engine(stage, strategy, accum):
-    res = run_distributed(cases.ds_train_vs_engine, 2, stage, strategy, 4, accum, timeout=300)
+    res = run_distributed(cases.ds_train_vs_engine, 2, stage, strategy, 4, accum, timeout=300, **cases.ISOLATED)
     for r in res:
         assert r["moved"] > 1e-4  # training happened
         assert r["diff"] < 1e-5, r

@@ -93,7 +93,7 @@ def test_real_megatron_weights_round_trip(gated):
     from hecate.testing import run_distributed
     from tests import integration_cases as cases
 
-    (res,) = run_distributed(cases.megatron_weights_round_trip, 1, gated, timeout=300)
+    (res,) = run_distributed(cases.megatron_weights_round_trip, 1, gated, timeout=300, **cases.ISOLATED)
     assert res["missing"] == [] and res["unexpected"] == [] and res["same"], res
     assert res["expert_diff"] < 1e-5, res
 
