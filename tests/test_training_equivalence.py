@@ -46,5 +46,6 @@ def test_fssdp_prefetch_on_and_off(prefetch):
     results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "prefetch": prefetch}, 5,
                               skew=True)
     check_training(results)
-    # 2 MoE layers: the second is prefetched in each of the 5 steps, or never.
-    assert results[0]["timings"].get("prefetched_layers", 0) == (5 if prefetch else 0)
+    # 2 MoE layers: the second is prefetched in every step after the first (which has no
+    # load history to predict from), or never.
+    assert results[0]["timings"].get("prefetched_layers", 0) == (4 if prefetch else 0)

@@ -74,7 +74,7 @@ class FullyShardedSparse(ExpertStrategy):
 
     policy: "hecate" (Algorithm 1), "shadowing" (FasterMoE-style, current batch) or "none".
     window: iterations in the load predictor's sliding window (paper: 5).
-    memory_slots: m, chunks a rank may materialize beyond those it owns (default ceil(E / W)).
+    memory_slots: m, chunks a rank may materialize beyond those it owns (default 2 * ceil(E / W)).
     overlap_degree: t; None derives it from the measured non-MoE time and the bandwidth.
     bandwidth: (intra_node, inter_node) bytes/s; None picks a default for the backend.
     rematerialize: free materialized chunks after forward and gather them again in backward.
@@ -155,7 +155,9 @@ class FullyShardedSparse(ExpertStrategy):
     def capacity_m(self, num_experts: int) -> int:
         if self.memory_slots is not None:
             return self.memory_slots
-        return math.ceil(num_experts / self.topology.world_size)
+        # Twice the owned share: with byte-aware pruning unused slots cost nothing, and with
+        # re-materialization only one layer's replicas are alive at a time.
+        return 2 * math.ceil(num_experts / self.topology.world_size)
 
     # ---- planning ---------------------------------------------------------------------------
     def _policy(self, layout: ChunkLayout, non_moe_s: float, multi_node: bool):
@@ -215,13 +217,18 @@ class FullyShardedSparse(ExpertStrategy):
         return plan
 
     def _issue_prefetch(self, layer, token_bytes: int) -> None:
-        """Plan layer's P1 from predicted load and start its spAG without waiting (collective)."""
+        """Plan layer's P1 from predicted load and start its spAG without waiting (collective).
+
+        Without history there is nothing to predict from: that layer plans on its real
+        counts instead (the same decision on every rank, since histories are agreed)."""
         state = layer.fssdp_state
+        if not state.rank_history:
+            return
         E = layer.expert_layout.num_experts
         policy = self._policy(layer.expert_layout, state.non_moe_agreed_s,
                               self.topology.num_nodes > 1)
         holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
-        if self.prune_replicas and state.rank_history:
+        if self.prune_replicas:
             predicted_WE = torch.stack(list(state.rank_history)).mean(0)
             holders = self._prune_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
