@@ -43,9 +43,16 @@ def test_fssdp_with_capacity_drops():
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_fssdp_prefetch_on_and_off(prefetch):
     """Layer l+1's spAG issued at the end of layer l (P1 from predicted load) changes nothing."""
-    results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "prefetch": prefetch}, 5,
-                              skew=True)
+    results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "prefetch": prefetch,
+                                                       "prune_replicas": False}, 5, skew=True)
     check_training(results)
     # 2 MoE layers: the second is prefetched in every step after the first (which has no
     # load history to predict from), or never.
     assert results[0]["timings"].get("prefetched_layers", 0) == (4 if prefetch else 0)
+
+
+def test_fssdp_default_options_train_like_single_process():
+    """Defaults: byte-aware pruning drops every replica at this batch size, so the layers take
+    the P1 == P0 path (no spAG / spRS at all)."""
+    results = run_distributed(train_case, 2, "fssdp", {}, 5)
+    check_training(results)

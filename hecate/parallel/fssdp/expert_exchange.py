@@ -38,13 +38,19 @@ class ExchangeSpec:
         self.send_splits, self.recv_splits = send_splits, recv_splits
         self.recv_WE, self.slot_of_E = recv_WE, slot_of_E
         self.group, self.stats = group, stats
-        self.rematerialize = rematerialize
+        # P1 == P0 (no replica anywhere, e.g. every replica pruned): every rank computes with
+        # exactly its own rows, so spAG, re-materialization and spRS have nothing to move and
+        # are skipped (the same decision on every rank: the plan is agreed).
+        self.replicated = bool(holders_WE.sum() > owner_E.numel())
+        self.rematerialize = rematerialize and self.replicated
         # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
         self.pending, self.rank = pending, rank
         self.timings = timings if timings is not None else {"blocking_reduce_s": 0.0}
         self.prefetched = None  # a PendingGather of exactly these holders, or None
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
+        if not self.replicated:
+            return owned_OS.detach()  # held chunks == owned chunks, same ascending order
         materialized, _ = sparse_all_gather(owned_OS, self.owner_E, self.holders_WE, group=self.group,
                                             stats=self.stats, check=False, name="fssdp.spAG")
         return materialized
@@ -114,6 +120,8 @@ class FssdpExperts(torch.autograd.Function):
         ctx.graph = None
         grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.group,
                                  stats=spec.stats, name="fssdp.dispatch.backward")
+        if not spec.replicated:
+            return grad_x_ND, grad_m, None
         if spec.pending is not None:
             # The owners' rows arrive asynchronously; finish_backward adds them to the grads.
             spec.pending.append(PendingReduce(spec.layer, grad_m, spec.owner_E, spec.holders_WE,

@@ -232,6 +232,8 @@ class FullyShardedSparse(ExpertStrategy):
             predicted_WE = torch.stack(list(state.rank_history)).mean(0)
             holders = self._prune_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
+        if int(holders.sum()) == E:
+            return  # no replica predicted: nothing to move early; plan on the real counts
         state.prefetched = PendingGather(layer.expert_chunks, state.owner_E, holders, self.topology.rank,
                                          None, self.topology.stats)
 
