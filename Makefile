@@ -6,16 +6,18 @@ PIP := $(VENV)/bin/pip
 # CPU machines take the pinned CPU wheel; on a CUDA machine set TORCH_SPEC to a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
+# The test suite also runs the DeepSpeed and Megatron-core integration tests on CPU.
+EXTRAS ?= dev,deepspeed,megatron
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: demo test install build cuda-check bench clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q ninja numpy
-	HECATE_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[dev]"
+	HECATE_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
