@@ -35,7 +35,7 @@ def run_case(rank, world, overlap_reduce, steps, d_model, experts):
     cfg = TransformerConfig(vocab_size=256, d_model=d_model, n_layers=4, n_heads=4, max_seq_len=64,
                             dense_ffn_hidden=2 * d_model, moe_every=1, moe=moe)
     strat = build_strategy("fssdp", Topology(), overlap_degree=2, overlap_reduce=overlap_reduce,
-                           prefetch=overlap_reduce, prune_replicas=False)
+                           prefetch=overlap_reduce, fit_replicas=False)
     model = parallelize(MoETransformer(cfg), strat)
     engine = Engine(model, strat, strat.topology, lr=1e-3)
     g = torch.Generator().manual_seed(rank)

@@ -14,7 +14,7 @@ from tests.training_cases import batch, tiny_config
 def bf16_case(rank, world):
     torch.manual_seed(0)
     base = MoETransformer(tiny_config())
-    strat = build_strategy("fssdp", Topology(), overlap_degree=2, prune_replicas=False)
+    strat = build_strategy("fssdp", Topology(), overlap_degree=2, fit_replicas=False)
     model = parallelize(copy.deepcopy(base), strat)
     x, y = batch(0, rank, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):

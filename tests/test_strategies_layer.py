@@ -112,14 +112,14 @@ def test_ep_size_must_divide_world():
 
 
 FSSDP_OPTIONS = [
-    # prune_replicas=False keeps the policy's replicas even where moving tokens would be
+    # fit_replicas=False keeps the policy's replicas even where moving tokens would be
     # cheaper, so these small inputs still exercise replicated experts.
-    {"overlap_degree": 3, "prune_replicas": False},          # Algorithm 1, t <= m: top-3 everywhere
-    {"overlap_degree": 12, "memory_slots": 2, "prune_replicas": False},  # t > m: proportional slots
-    {"overlap_degree": 3, "rematerialize": False, "prune_replicas": False},
-    {"overlap_degree": 3, "overlap_reduce": False, "prune_replicas": False},
+    {"overlap_degree": 3, "fit_replicas": False},          # Algorithm 1, t <= m: top-3 everywhere
+    {"overlap_degree": 12, "memory_slots": 2, "fit_replicas": False},  # t > m: proportional slots
+    {"overlap_degree": 3, "rematerialize": False, "fit_replicas": False},
+    {"overlap_degree": 3, "overlap_reduce": False, "fit_replicas": False},
     {"overlap_degree": 3},                                   # byte-aware pruning (the default)
-    {"policy": "shadowing", "prune_replicas": False},
+    {"policy": "shadowing", "fit_replicas": False},
     {"policy": "none"},
 ]
 
@@ -141,42 +141,31 @@ def fssdp_replicas_case(rank, world, options):
 
 
 def test_fssdp_plan_replicates_hot_experts():
-    held, chunks = run_distributed(fssdp_replicas_case, 4, {"overlap_degree": 3, "prune_replicas": False})[0]
+    held, chunks = run_distributed(fssdp_replicas_case, 4, {"overlap_degree": 3, "fit_replicas": False})[0]
     assert held == chunks + 3 * 3  # top-3 experts gain a copy on each of the 3 non-owners
 
 
-def fssdp_prune_case(rank, world, tokens_per_rank):
-    """Byte-aware pruning keeps a replica only where the rank's tokens outweigh the chunk."""
+def fssdp_fit_case(rank, world, tokens_per_rank):
+    """Byte-fitted P1: a replica only where the rank's tokens outweigh the chunk, and every
+    such replica kept up to m per rank."""
     torch.manual_seed(0)
-    layer = parallelize(MoELayer(_config(2, None)), build_strategy("fssdp", Topology(), overlap_degree=3))
+    strategy = build_strategy("fssdp", Topology(), overlap_degree=3)
+    layer = parallelize(MoELayer(_config(2, None)), strategy)
     layer(torch.randn(tokens_per_rank, HIDDEN))
     plan = layer.fssdp_state.last_plan
     counts = plan.routes_WEW.sum(2)  # tokens of each source rank per expert
     chunk_bytes = layer.expert_layout.chunk_numel * 4
-    extra = plan.holders_WE.clone()
-    extra[plan.owner_E, torch.arange(EXPERTS)] = False
-    worth = 4 * counts * HIDDEN * 4 > 3 * chunk_bytes
-    return bool((extra <= worth).all()), int(extra.sum())
+    owned = torch.zeros_like(plan.holders_WE)
+    owned[plan.owner_E, torch.arange(EXPERTS)] = True
+    extra = plan.holders_WE & ~owned
+    worth = (4 * counts * HIDDEN * 4 > 3 * chunk_bytes) & ~owned
+    m = strategy.capacity_m(EXPERTS)
+    filled = all(int(extra[d].sum()) == min(m, int(worth[d].sum())) for d in range(world))
+    return bool((extra <= worth).all()), filled, int(extra.sum())
 
 
-def test_fssdp_prunes_replicas_that_cost_more_than_tokens():
-    few = run_distributed(fssdp_prune_case, 4, 8)
-    assert all(ok for ok, _ in few) and few[0][1] == 0  # 8 tokens never pay for a chunk
-    many = run_distributed(fssdp_prune_case, 4, 2000)
-    assert all(ok for ok, _ in many) and many[0][1] > 0  # a busy rank's hot experts do
-
-
-def load_experts_case(rank, world, strategy):
-    torch.manual_seed(3)
-    layer = parallelize(MoELayer(_config(2, None)), build_strategy(strategy, Topology()))
-    g = torch.Generator().manual_seed(9)
-    full = {n: torch.randn(EXPERTS, *shape, generator=g)
-            for n, shape in [("w1_EFD", (FFN, HIDDEN)), ("w2_EDF", (HIDDEN, FFN))]}
-    layer.strategy.load_experts(layer, full)
-    back = layer.strategy.gather_experts(layer)
-    return all(torch.equal(back[n], full[n]) for n in full)
-
-
-@pytest.mark.parametrize("strategy", ["dp", "ep", "fsdp", "fssdp"])
-def test_load_then_gather_experts_round_trips(strategy):
-    assert all(run_distributed(load_experts_case, 3, strategy))
+def test_fssdp_fits_replicas_to_bytes():
+    few = run_distributed(fssdp_fit_case, 4, 8)
+    assert all(ok and filled for ok, filled, _ in few) and few[0][2] == 0  # 8 tokens never pay
+    many = run_distributed(fssdp_fit_case, 4, 2000)
+    assert all(ok and filled for ok, filled, _ in many) and many[0][2] > 0  # busy ranks' experts do

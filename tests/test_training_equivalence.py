@@ -8,7 +8,7 @@ from tests.training_cases import check_training, train_case
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_fssdp_trains_like_single_process(world):
-    results = run_distributed(train_case, world, "fssdp", {"overlap_degree": 2, "prune_replicas": False}, 6)
+    results = run_distributed(train_case, world, "fssdp", {"overlap_degree": 2, "fit_replicas": False}, 6)
     check_training(results)
 
 
@@ -20,7 +20,7 @@ def test_baselines_train_like_single_process(world, strategy):
 
 
 def test_fssdp_reshard_in_the_middle_changes_nothing():
-    results = run_distributed(train_case, 4, "fssdp", {"overlap_degree": 1, "reshard_interval": 3, "prune_replicas": False}, 7,
+    results = run_distributed(train_case, 4, "fssdp", {"overlap_degree": 1, "reshard_interval": 3, "fit_replicas": False}, 7,
                               skew=True, timeout=240)
     assert results[0]["reshards"] >= 1, "the skewed load should have moved some owners"
     check_training(results)
@@ -30,12 +30,12 @@ def test_fssdp_reshard_in_the_middle_changes_nothing():
 def test_fssdp_rematerialization_and_overlap_on_and_off(rematerialize, overlap_reduce):
     results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "rematerialize": rematerialize,
                                                        "overlap_reduce": overlap_reduce,
-                                                       "prune_replicas": False}, 5, skew=True)
+                                                       "fit_replicas": False}, 5, skew=True)
     check_training(results)
 
 
 def test_fssdp_with_capacity_drops():
-    results = run_distributed(train_case, 2, "fssdp", {"overlap_degree": 2, "prune_replicas": False}, 5,
+    results = run_distributed(train_case, 2, "fssdp", {"overlap_degree": 2, "fit_replicas": False}, 5,
                               capacity_factor=1.0)
     check_training(results)
 
@@ -44,7 +44,7 @@ def test_fssdp_with_capacity_drops():
 def test_fssdp_prefetch_on_and_off(prefetch):
     """Layer l+1's spAG issued at the end of layer l (P1 from predicted load) changes nothing."""
     results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "prefetch": prefetch,
-                                                       "prune_replicas": False}, 5, skew=True)
+                                                       "fit_replicas": False}, 5, skew=True)
     check_training(results)
     # 2 MoE layers: the second is prefetched in every step after the first (which has no
     # load history to predict from), or never.
@@ -52,7 +52,7 @@ def test_fssdp_prefetch_on_and_off(prefetch):
 
 
 def test_fssdp_default_options_train_like_single_process():
-    """Defaults: byte-aware pruning drops every replica at this batch size, so the layers take
+    """Defaults: no replica saves bytes at this batch size (fit_replicas), so the layers take
     the P1 == P0 path (no spAG / spRS at all)."""
     results = run_distributed(train_case, 2, "fssdp", {}, 5)
     check_training(results)

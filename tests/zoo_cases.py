@@ -13,7 +13,7 @@ from hecate.parallel.local import LocalStrategy
 from hecate.train.engine import Engine
 
 SEQ, BATCH = 12, 2
-OPTIONS = {"dp": {}, "ep": {}, "fsdp": {}, "fssdp": {"overlap_degree": 2, "prune_replicas": False}}
+OPTIONS = {"dp": {}, "ep": {}, "fsdp": {}, "fssdp": {"overlap_degree": 2, "fit_replicas": False}}
 
 
 def batch(step, rank, vocab):

@@ -82,14 +82,15 @@ class FullyShardedSparse(ExpertStrategy):
     calibrate: Algorithm 1's optional calibration on the current batch's routing.
     overlap_reduce: issue each layer's spRS asynchronously so it overlaps the backward of
         earlier layers; the owners' gradients are complete after `finish_backward`.
-    prune_replicas: m is a limit, not a quota. The plan is made after this batch's
-        counts are all-gathered, so a replica the policy proposes on rank d for expert e
-        is kept only when moving d's tokens of e would cost more bytes than moving the
-        chunk (tokens cross 4 times: dispatch, combine and their backward; the chunk 2
-        times, 3 with re-materialization).
+    fit_replicas: fit P1 to bytes. The plan is made after this batch's counts are
+        all-gathered, so a replica the policy proposes on rank d for expert e is kept only
+        when moving d's tokens of e would cost more bytes than moving the chunk (tokens
+        cross 4 times: dispatch, combine and their backward; the chunk 2 times, 3 with
+        re-materialization), and the slots left free (m per rank) go to the replicas that
+        save the most bytes. m is a limit, not a quota.
     prefetch: at the end of MoE layer l's forward, issue layer l+1's spAG asynchronously
         so it overlaps the attention of block l+1. Its P1 must be fixed before layer l+1's
-        routing is known, so it is planned on predicted load (and pruned with each rank's
+        routing is known, so it is planned on predicted load (and fitted with each rank's
         predicted tokens); the routes still use the real counts. Not used with the
         current-batch policies (shadowing, calibration), which need the real counts.
     """
@@ -99,7 +100,7 @@ class FullyShardedSparse(ExpertStrategy):
     def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
                  reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
-                 overlap_reduce: bool = True, prune_replicas: bool = True, prefetch: bool = True):
+                 overlap_reduce: bool = True, fit_replicas: bool = True, prefetch: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -124,7 +125,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_exit = None
         self._chunks_attached = 0
         self.overlap_reduce = overlap_reduce
-        self.prune_replicas = prune_replicas
+        self.fit_replicas = fit_replicas
         self.prefetch = prefetch and policy == "hecate" and not calibrate
         self._layers: list = []
         self._pending: list = []
@@ -208,8 +209,8 @@ class FullyShardedSparse(ExpertStrategy):
             plan = build_plan(self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1),
                               state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
                               self.capacity_m(layer.expert_layout.num_experts))
-            if self.prune_replicas:
-                plan = self._prune(plan, counts_WE, layer.expert_layout, token_bytes)
+            if self.fit_replicas:
+                plan = self._fit(plan, counts_WE, layer.expert_layout, token_bytes)
         state.rank_history.append(counts_WE.to(torch.float64))
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
@@ -228,25 +229,38 @@ class FullyShardedSparse(ExpertStrategy):
         policy = self._policy(layer.expert_layout, state.non_moe_agreed_s,
                               self.topology.num_nodes > 1)
         holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
-        if self.prune_replicas:
+        if self.fit_replicas:
             predicted_WE = torch.stack(list(state.rank_history)).mean(0)
-            holders = self._prune_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
+            holders = self._fit_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
         if int(holders.sum()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
         state.prefetched = PendingGather(layer.expert_chunks, state.owner_E, holders, self.topology.rank,
                                          None, self.topology.stats)
 
-    def _prune_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
+    def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
+        """Fit P1 to bytes: drop replicas whose chunk traffic exceeds the token traffic they
+        save, then spend each rank's free slots (m) on the replicas that save the most."""
         chunk_bytes = layout.chunk_numel * 4  # fp32 master rows
         chunk_passes = 3 if self.rematerialize else 2
-        holders = holders_WE & (4 * counts_WE * token_bytes > chunk_passes * chunk_bytes)
-        holders[owner_E, torch.arange(owner_E.numel())] = True  # P0 is always part of P1
+        saving_WE = 4 * counts_WE.to(torch.float64) * token_bytes - chunk_passes * chunk_bytes
+        E = owner_E.numel()
+        owned = torch.zeros_like(holders_WE)
+        owned[owner_E, torch.arange(E)] = True
+        holders = (holders_WE & (saving_WE > 0)) | owned  # P0 is always part of P1
+        free_W = self.capacity_m(E) - (holders & ~owned).sum(1)
+        for d in range(holders.shape[0]):
+            if free_W[d] <= 0:
+                continue
+            gain = torch.where(holders[d], torch.full_like(saving_WE[d], -1.0), saving_WE[d])
+            # Descending saving, ties to the lower expert id (stable sort of the negation).
+            order = torch.sort(-gain, stable=True).indices[:int(free_W[d])]
+            holders[d, order[gain[order] > 0]] = True
         return holders
 
-    def _prune(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
-        """Drop replicas whose chunk traffic would exceed the token traffic they save."""
-        holders = self._prune_holders(plan.holders_WE, plan.owner_E, counts_WE, layout, token_bytes)
+    def _fit(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
+        """The plan with P1 fitted to this batch's bytes (see _fit_holders)."""
+        holders = self._fit_holders(plan.holders_WE, plan.owner_E, counts_WE, layout, token_bytes)
         if torch.equal(holders, plan.holders_WE):
             return plan
         return Plan(plan.owner_E, holders, token_routes(holders, counts_WE, self.node_of_W))
