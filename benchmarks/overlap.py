@@ -2,7 +2,8 @@
 
 Runs the same small MoE transformer under fssdp with overlap off (blocking spAG and
 spRS) and on (prefetch: layer l+1's spAG issued at the end of layer l's forward;
-overlap_reduce: spRS issued asynchronously in backward), in one run, and prints the
+overlap_reduce: spRS issued asynchronously in backward; the re-materialization
+re-gather of layer l-1 issued during layer l's backward), in one run, and prints the
 seconds per step blocked in each (blocking: inside the call; overlapped: the wait),
 the hidden fraction, and the step-time ratio. Only MoE layers after the first can be
 prefetched, so the model has 4.
@@ -50,7 +51,8 @@ def run_case(rank, world, overlap_reduce, steps, d_model, experts):
         if step == 1:  # warm-up done: reset the counters
             strat.timings.update({k: 0 for k in strat.timings})
     measured = steps - 2
-    keys = ("blocking_reduce_s", "exposed_reduce_s", "blocking_gather_s", "exposed_gather_s")
+    keys = ("blocking_reduce_s", "exposed_reduce_s", "blocking_gather_s", "exposed_gather_s",
+            "blocking_regather_s", "exposed_regather_s")
     out = {k: strat.timings.get(k, 0.0) / measured for k in keys}
     out["step_s"] = statistics.median(times[2:])
     return out
@@ -72,10 +74,10 @@ def main():
                                    timeout=600)
         result["overlap" if overlap else "blocking"] = {
             k: max(r[k] for r in per_rank) for k in per_rank[0]}
-    for what in ("reduce", "gather"):
+    for what in ("reduce", "gather", "regather"):
         blocking = result["blocking"][f"blocking_{what}_s"]
-        # With overlap on, the first MoE layer's gather still blocks (nothing to prefetch it
-        # behind): count it as exposed too.
+        # With overlap on, the first MoE layer's gather and the last one's re-gather still
+        # block (nothing to prefetch them behind): count them as exposed too.
         exposed = result["overlap"][f"exposed_{what}_s"] + result["overlap"][f"blocking_{what}_s"]
         result[f"hidden_fraction_{what}"] = 1.0 - exposed / blocking if blocking > 0 else None
         print(f"{what}: blocked {blocking * 1e3:.2f} ms/step without overlap, "

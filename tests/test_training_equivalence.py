@@ -49,6 +49,8 @@ def test_fssdp_prefetch_on_and_off(prefetch):
     # 2 MoE layers: the second is prefetched in every step after the first (which has no
     # load history to predict from), or never.
     assert results[0]["timings"].get("prefetched_layers", 0) == (4 if prefetch else 0)
+    # Backward: layer 1's backward starts layer 0's re-gather early when prefetching.
+    assert ("exposed_regather_s" in results[0]["timings"]) == prefetch
 
 
 def test_fssdp_default_options_train_like_single_process():

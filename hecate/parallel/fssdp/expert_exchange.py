@@ -24,7 +24,7 @@ import torch
 from hecate.comm.all_to_all import all_to_all_v
 from hecate.comm.sparse import sparse_all_gather, sparse_reduce_scatter
 from hecate.parallel.expert_compute import experts_on_received
-from hecate.parallel.fssdp.overlap import PendingReduce
+from hecate.parallel.fssdp.overlap import PendingGather, PendingReduce
 
 
 class ExchangeSpec:
@@ -47,6 +47,11 @@ class ExchangeSpec:
         self.pending, self.rank = pending, rank
         self.timings = timings if timings is not None else {"blocking_reduce_s": 0.0}
         self.prefetched = None  # a PendingGather of exactly these holders, or None
+        # Backward prefetch: the previous MoE layer's spec (same forward pass), whose
+        # re-gather this layer's backward issues early; and this layer's own early re-gather.
+        self.previous = None
+        self.pending_regather = None
+        self.saved_owned = None
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
         if not self.replicated:
@@ -93,7 +98,7 @@ class FssdpExperts(torch.autograd.Function):
             m_leaf.data.untyped_storage().resize_(0)
         ctx.spec = spec
         ctx.graph = (x_leaf, m_leaf, y_recv)
-        ctx.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
+        spec.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
         return y_ND
 
     @staticmethod
@@ -103,12 +108,25 @@ class FssdpExperts(torch.autograd.Function):
         grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
                                    group=spec.group, stats=spec.stats, name="fssdp.combine.backward")
         if spec.rematerialize:
-            owned = ctx.saved_owned
-            regathered = spec.gather(owned)
+            start = time.perf_counter()
+            if spec.pending_regather is not None:  # issued by the next layer's backward
+                regathered, _ = spec.pending_regather.wait()
+                spec.pending_regather = None
+                key = "exposed_regather_s"
+            else:
+                regathered = spec.gather(spec.saved_owned)
+                key = "blocking_regather_s"
+            spec.timings[key] = spec.timings.get(key, 0.0) + time.perf_counter() - start
             storage = m_leaf.data.untyped_storage()
             storage.resize_(regathered.numel() * regathered.element_size())
             m_leaf.data.copy_(regathered)  # .data: no version bump, the graph's views stay valid
             del regathered
+        prev = spec.previous
+        if prev is not None and prev.rematerialize and prev.pending_regather is None:
+            # Start the previous layer's re-gather now, behind this layer's expert backward.
+            prev.pending_regather = PendingGather(prev.saved_owned, prev.owner_E, prev.holders_WE,
+                                                  prev.rank, prev.group, prev.stats)
+        spec.previous = None
         if y_recv.requires_grad and y_recv.numel():
             grad_x, grad_m = torch.autograd.grad(y_recv, (x_leaf, m_leaf), grad_y_recv, allow_unused=True)
         else:

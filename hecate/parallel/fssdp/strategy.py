@@ -128,6 +128,7 @@ class FullyShardedSparse(ExpertStrategy):
         self.fit_replicas = fit_replicas
         self.prefetch = prefetch and policy == "hecate" and not calibrate
         self._layers: list = []
+        self._last_spec = None
         self._pending: list = []
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
@@ -273,6 +274,7 @@ class FullyShardedSparse(ExpertStrategy):
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
         if self._layers and layer is self._layers[0]:
             self._drop_stale_prefetches()
+            self._last_spec = None
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
         plan = self.plan(layer, counts_E, x_TD.shape[1] * x_TD.element_size())
@@ -287,6 +289,11 @@ class FullyShardedSparse(ExpertStrategy):
                             self.rematerialize, self._pending if self.overlap_reduce else None, rank,
                             self.timings)
         spec.prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
+        if torch.is_grad_enabled():
+            # Backward runs the layers in reverse: this layer's backward will start the
+            # re-gather of the MoE layer before it (prefetch), behind its own compute.
+            spec.previous = self._last_spec if self.prefetch else None
+            self._last_spec = spec
         y_ND = fssdp_experts(x_ND, layer.expert_chunks, spec)
         out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
         nxt = self._next_layer(layer)
