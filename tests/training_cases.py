@@ -31,28 +31,30 @@ def batch(step, rank, skew):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capacity_factor=None):
-    torch.manual_seed(seed)
-    base = MoETransformer(tiny_config(capacity_factor=capacity_factor))
+def train_side_by_side(rank, world, base, strategy, options, steps, loss_of, **engine_kwargs):
+    """Train a copy of `base` under `strategy` on this rank, and a local reference on every
+    rank's batch (loss / W each, i.e. gradient accumulation over the ranks), step by step.
+
+    loss_of(model, step, r) is rank r's loss at `step`. Returns the strategy and a dict of
+    losses (distributed mean, reference) per step and the final dense and expert parameters.
+    """
     ref = copy.deepcopy(base)
-    ref_engine = Engine(ref, LocalStrategy(), lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6)
+    ref_engine = Engine(ref, LocalStrategy(), **engine_kwargs)
     topo = Topology()
     strat = build_strategy(strategy, topo, **options)
     model = parallelize(copy.deepcopy(base), strat)
-    engine = Engine(model, strat, topo, lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6)
+    engine = Engine(model, strat, topo, **engine_kwargs)
     ref_losses, losses = [], []
     for step in range(steps):
         total = 0.0
         for r in range(world):
-            x, y = batch(step, r, skew)
-            loss, _ = ref.loss(x, y)
+            loss = loss_of(ref, step, r)
             (loss / world).backward()
-            total += float(loss) / world
+            total += float(loss.detach()) / world
         ref_engine.step()
         ref_losses.append(total)
 
-        x, y = batch(step, rank, skew)
-        loss, _ = model.loss(x, y)
+        loss = loss_of(model, step, rank)
         loss.backward()
         engine.step()
         mean = loss.detach().clone()
@@ -63,9 +65,19 @@ def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capaci
     ref_dense = {n: p.detach() for n, p in ref.named_parameters() if n in dense}
     experts = [strat.gather_experts(layer) for layer in moe_layers(model)]
     ref_experts = [{n: p.detach() for n, p in layer.experts.named_parameters()} for layer in moe_layers(ref)]
-    return {"losses": (losses, ref_losses), "dense": (dense, ref_dense), "experts": (experts, ref_experts),
-            "reshards": getattr(strat, "reshards", 0),
-            "timings": dict(getattr(strat, "timings", {}))}
+    return strat, {"losses": (losses, ref_losses), "dense": (dense, ref_dense),
+                   "experts": (experts, ref_experts), "num_moe_layers": len(moe_layers(model))}
+
+
+def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capacity_factor=None):
+    torch.manual_seed(seed)
+    base = MoETransformer(tiny_config(capacity_factor=capacity_factor))
+    strat, out = train_side_by_side(rank, world, base, strategy, options, steps,
+                                    lambda m, step, r: m.loss(*batch(step, r, skew))[0],
+                                    lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6)
+    out["reshards"] = getattr(strat, "reshards", 0)
+    out["timings"] = dict(getattr(strat, "timings", {}))
+    return out
 
 
 def check_training(results, rtol=2e-4, atol=1e-4):
