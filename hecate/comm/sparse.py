@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -132,28 +134,65 @@ def _pick_issuer(issuer: str | None) -> str:
 
 # --- the two transports, without autograd -------------------------------------------------------
 
-def _spag_python(owned_OS, plan: SparsePlan, group) -> torch.Tensor:
-    S = owned_OS.shape[1]
-    send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(owned_OS.device))
+class PendingExchange:
+    """An spAG or spRS whose all-to-all may still be in flight; `wait()` completes it.
+
+    The send buffer is kept referenced until the exchange has finished with it.
+    """
+
+    def __init__(self, work, send_nS, finish):
+        self._work, self._send, self._finish = work, send_nS, finish
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        """Block until the rows arrived; return (result, seconds spent blocked)."""
+        start = time.perf_counter()
+        if self._work is not None:
+            self._work.wait()
+        blocked = time.perf_counter() - start
+        result = self._finish()
+        self._work = self._send = self._finish = None
+        return result, blocked
+
+
+def start_spag(owned_OS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
+    """Pack the owned chunks bound for other ranks and start their exchange (Python issuer)."""
+    S, device = owned_OS.shape[1], owned_OS.device
+    send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(device))
     recv_nS = owned_OS.new_empty((sum(plan.recv_counts), S))
-    dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.recv_counts,
-                           input_split_sizes=plan.send_counts, group=group)
     out_MS = owned_OS.new_empty((plan.held_ids.numel(), S))
-    ops.unpack_chunks(owned_OS, plan.owned_rows_M.to(owned_OS.device), out_MS)
-    ops.unpack_chunks(recv_nS, plan.recv_rows.to(owned_OS.device), out_MS)
-    return out_MS
+    ops.unpack_chunks(owned_OS, plan.owned_rows_M.to(device), out_MS)
+    work = dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.recv_counts,
+                                  input_split_sizes=plan.send_counts, group=group, async_op=async_op)
+
+    def finish():
+        ops.unpack_chunks(recv_nS, plan.recv_rows.to(device), out_MS)
+        return out_MS
+
+    return PendingExchange(work, send_nS, finish)
+
+
+def start_sprs(grads_MS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
+    """Pack the gradients of non-owned chunks for their owners and start the exchange."""
+    S, device = grads_MS.shape[1], grads_MS.device
+    send_nS = ops.pack_chunks(grads_MS, plan.recv_rows.to(device))
+    recv_nS = grads_MS.new_empty((sum(plan.send_counts), S))
+    out_OS = ops.pack_chunks(grads_MS, plan.owned_rows_M.to(device))  # own contribution first
+    work = dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.send_counts,
+                                  input_split_sizes=plan.recv_counts, group=group, async_op=async_op)
+
+    def finish():
+        ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), out_OS)
+        return out_OS
+
+    return PendingExchange(work, send_nS, finish)
+
+
+def _spag_python(owned_OS, plan: SparsePlan, group) -> torch.Tensor:
+    return start_spag(owned_OS, plan, group).wait()[0]
 
 
 def _sprs_python(grads_MS, plan: SparsePlan, group) -> torch.Tensor:
-    S = grads_MS.shape[1]
-    device = grads_MS.device
-    send_nS = ops.pack_chunks(grads_MS, plan.recv_rows.to(device))
-    recv_nS = grads_MS.new_empty((sum(plan.send_counts), S))
-    dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.send_counts,
-                           input_split_sizes=plan.recv_counts, group=group)
-    out_OS = ops.pack_chunks(grads_MS, plan.owned_rows_M.to(device))  # own contribution first
-    ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), out_OS)
-    return out_OS
+    return start_sprs(grads_MS, plan, group).wait()[0]
 
 
 def _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
