@@ -30,6 +30,7 @@ from hecate.comm.all_to_all import group_rank_and_size
 from hecate.comm.stats import CommStats
 
 __all__ = ["SparsePlan", "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter",
+           "start_spag", "start_sprs", "start_replica_gather", "start_replica_reduce",
            "cpp_issuer_available", "DEFAULT_ISSUER"]
 
 # Chosen from benchmarks/collectives.py (docs/comm.md); "python" where hecate._C lacks the binding.
@@ -185,6 +186,39 @@ def start_sprs(grads_MS, plan: SparsePlan, group, async_op: bool = False) -> Pen
         return out_OS
 
     return PendingExchange(work, send_nS, finish)
+
+
+def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
+    """spAG without the owner's own rows: `wait()` returns only the chunks received from
+    other owners, [R, S] in `plan.recv_ids` order (sources ascending, then chunk id).
+
+    A caller that computes with its owned rows in place (FSSDP's experts) needs no copy
+    of them: this skips the unpack of owned and received rows into one [M, S] buffer,
+    which on a rank owning many chunks copies far more bytes than the exchange moves.
+    """
+    send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(owned_OS.device))
+    recv_RS = owned_OS.new_empty((sum(plan.recv_counts), owned_OS.shape[1]))
+    work = dist.all_to_all_single(recv_RS, send_nS, output_split_sizes=plan.recv_counts,
+                                  input_split_sizes=plan.send_counts, group=group, async_op=async_op)
+    return PendingExchange(work, send_nS, lambda: recv_RS)
+
+
+def start_replica_reduce(grads_RS, owned_grads_OS, plan: SparsePlan, group,
+                         async_op: bool = False) -> PendingExchange:
+    """The adjoint of start_replica_gather: send the gradient of every replica this rank
+    holds (`grads_RS`, rows in `plan.recv_ids` order) to its owner; `wait()` adds the
+    received rows into `owned_grads_OS` in place (ascending source rank) and returns it.
+    """
+    device = owned_grads_OS.device
+    recv_nS = owned_grads_OS.new_empty((sum(plan.send_counts), owned_grads_OS.shape[1]))
+    work = dist.all_to_all_single(recv_nS, grads_RS.contiguous(), output_split_sizes=plan.send_counts,
+                                  input_split_sizes=plan.recv_counts, group=group, async_op=async_op)
+
+    def finish():
+        ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), owned_grads_OS)
+        return owned_grads_OS
+
+    return PendingExchange(work, grads_RS, finish)
 
 
 def _spag_python(owned_OS, plan: SparsePlan, group) -> torch.Tensor:

@@ -40,7 +40,8 @@ class ChunkLayout:
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """{name: [M, *shape]} -> [M, S]."""
-        return torch.cat([tensors[n].reshape(tensors[n].shape[0], -1) for n in self.names], dim=1)
+        # flatten(1), not reshape(M, -1): the latter is ambiguous for M = 0 rows.
+        return torch.cat([tensors[n].flatten(1) for n in self.names], dim=1)
 
     def unflatten(self, buf_MS: torch.Tensor) -> dict[str, torch.Tensor]:
         """[M, S] -> {name: [M, *shape]} as views (gradients flow back into buf_MS)."""

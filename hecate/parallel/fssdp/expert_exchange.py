@@ -10,10 +10,13 @@ that received no tokens, and deadlock):
     backward: combine^T all-to-all -> [re-materialize: spAG again] -> experts backward
               -> dispatch^T all-to-all -> spRS(P1 -> P0)
 
-Re-materialization (RM) frees the materialized chunks right after the forward
-(their storage is resized to zero while the autograd graph keeps its views) and
-gathers them again at the start of the backward, so at most one layer's
-materialized experts are alive at a time.
+A rank computes with the rows it owns in place and with the replicas it receives,
+as two blocks of expert slots (owned ascending, then replicas in arrival order): no
+[M, S] copy of owned and received rows is ever made, and the gradient of the owned
+rows never travels. Re-materialization (RM) frees the received replicas right after
+the forward (their storage is resized to zero while the autograd graph keeps its
+views) and gathers them again at the start of the backward, so at most one layer's
+replicas are alive at a time.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import time
 import torch
 
 from hecate.comm.all_to_all import all_to_all_v
-from hecate.comm.sparse import sparse_all_gather, sparse_reduce_scatter
+from hecate.comm.sparse import SparsePlan
 from hecate.parallel.expert_compute import experts_on_received
 from hecate.parallel.fssdp.overlap import PendingGather, PendingReduce
 
@@ -32,7 +35,7 @@ class ExchangeSpec:
 
     def __init__(self, layer, owner_E, holders_WE, send_splits, recv_splits, recv_WE, slot_of_E,
                  group, stats, rematerialize: bool, pending=None, rank: int = 0,
-                 timings: dict | None = None):
+                 timings: dict | None = None, sparse_plan: SparsePlan | None = None):
         self.layer = layer
         self.owner_E, self.holders_WE = owner_E, holders_WE
         self.send_splits, self.recv_splits = send_splits, recv_splits
@@ -42,6 +45,9 @@ class ExchangeSpec:
         # exactly its own rows, so spAG, re-materialization and spRS have nothing to move and
         # are skipped (the same decision on every rank: the plan is agreed).
         self.replicated = bool(holders_WE.sum() > owner_E.numel())
+        if self.replicated and sparse_plan is None:
+            raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
+        self.sparse_plan = sparse_plan
         self.rematerialize = rematerialize and self.replicated
         # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
         self.pending, self.rank = pending, rank
@@ -53,24 +59,40 @@ class ExchangeSpec:
         self.pending_regather = None
         self.saved_owned = None
 
-    def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
-        if not self.replicated:
-            return owned_OS.detach()  # held chunks == owned chunks, same ascending order
-        materialized, _ = sparse_all_gather(owned_OS, self.owner_E, self.holders_WE, group=self.group,
-                                            stats=self.stats, check=False, name="fssdp.spAG")
-        return materialized
+    def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True) -> PendingGather:
+        return PendingGather(owned_OS, self.sparse_plan, self.holders_WE, self.group, self.stats,
+                             async_op=async_op)
 
-    def expert_graph(self, x_recv: torch.Tensor, materialized_MS: torch.Tensor):
-        """Build the expert computation on leaf inputs so its backward can be run on demand."""
+    def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
+        """The replicas this rank holds but does not own, [R, S] (empty without replicas)."""
+        if not self.replicated:
+            return owned_OS.new_empty((0, owned_OS.shape[1]))
+        return self.start_gather(owned_OS, async_op=False).wait()[0]
+
+    def expert_graph(self, x_recv: torch.Tensor, owned_OS: torch.Tensor, replicas_RS: torch.Tensor):
+        """Build the expert computation on leaf inputs so its backward can be run on demand.
+
+        Leaves are the per-parameter views of the owned rows and of the replicas (no copy);
+        their gradients are flattened back into rows in backward.
+        """
+        layout = self.layer.expert_layout
         x_leaf = x_recv.detach().requires_grad_(True)
-        m_leaf = materialized_MS.detach().requires_grad_(True)
+        own = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(owned_OS.detach()).items()}
+        rep = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(replicas_RS).items()}
         with torch.enable_grad():
             # Chunks travel as fp32 master rows; compute runs in the tokens' dtype (bf16 under
             # autocast) and the cast's backward returns fp32 gradients for spRS.
-            m_used = m_leaf if m_leaf.dtype == x_leaf.dtype else m_leaf.to(x_leaf.dtype)
-            weights = self.layer.expert_layout.unflatten(m_used)
-            y = experts_on_received(self.layer, x_leaf, self.recv_WE, weights, self.slot_of_E)
-        return x_leaf, m_leaf, y
+            def used(ws):
+                return {n: (t if t.dtype == x_leaf.dtype else t.to(x_leaf.dtype)) for n, t in ws.items()}
+
+            y = experts_on_received(self.layer, x_leaf, self.recv_WE, [used(own), used(rep)], self.slot_of_E)
+        return x_leaf, own, rep, y
+
+
+def _rows(layout, leaves: dict, grads) -> torch.Tensor:
+    """Gradients of per-parameter leaves -> [M, S] rows (zeros for a leaf that got none)."""
+    return layout.flatten({n: torch.zeros_like(t) if g is None else g
+                           for (n, t), g in zip(leaves.items(), grads)})
 
 
 class FssdpExperts(torch.autograd.Function):
@@ -78,33 +100,34 @@ class FssdpExperts(torch.autograd.Function):
     def forward(ctx, x_ND, owned_OS, spec: ExchangeSpec):
         with torch.no_grad():
             if spec.prefetched is not None:  # gathered while the block's attention computed
-                materialized, blocked = spec.prefetched.wait()
+                replicas, blocked = spec.prefetched.wait()
                 spec.timings["exposed_gather_s"] = spec.timings.get("exposed_gather_s", 0.0) + blocked
                 spec.timings["prefetched_layers"] = spec.timings.get("prefetched_layers", 0) + 1
                 spec.prefetched = None
             else:
                 start = time.perf_counter()
-                materialized = spec.gather(owned_OS)
+                replicas = spec.gather(owned_OS)
                 spec.timings["blocking_gather_s"] = (spec.timings.get("blocking_gather_s", 0.0)
                                                      + time.perf_counter() - start)
         x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.group,
                               stats=spec.stats, name="fssdp.dispatch")
-        x_leaf, m_leaf, y_recv = spec.expert_graph(x_recv, materialized)
+        x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
         with torch.no_grad():
             y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.group,
                                 stats=spec.stats, name="fssdp.combine")
         if spec.rematerialize:
-            # Free the chunks now; the graph's views of m_leaf come back to life in backward.
-            m_leaf.data.untyped_storage().resize_(0)
+            # Free the replicas now; the graph's views of them come back to life in backward.
+            replicas.untyped_storage().resize_(0)
         ctx.spec = spec
-        ctx.graph = (x_leaf, m_leaf, y_recv)
+        ctx.graph = (x_leaf, own, rep, y_recv, replicas)
         spec.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_y_ND):
         spec = ctx.spec
-        x_leaf, m_leaf, y_recv = ctx.graph
+        x_leaf, own, rep, y_recv, replicas = ctx.graph
+        layout = spec.layer.expert_layout
         grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
                                    group=spec.group, stats=spec.stats, name="fssdp.combine.backward")
         if spec.rematerialize:
@@ -117,37 +140,38 @@ class FssdpExperts(torch.autograd.Function):
                 regathered = spec.gather(spec.saved_owned)
                 key = "blocking_regather_s"
             spec.timings[key] = spec.timings.get(key, 0.0) + time.perf_counter() - start
-            storage = m_leaf.data.untyped_storage()
-            storage.resize_(regathered.numel() * regathered.element_size())
-            m_leaf.data.copy_(regathered)  # .data: no version bump, the graph's views stay valid
+            replicas.untyped_storage().resize_(regathered.numel() * regathered.element_size())
+            # .data: no version bump, so the graph's saved views of this storage stay valid.
+            replicas.data.copy_(regathered)
             del regathered
         prev = spec.previous
         if prev is not None and prev.rematerialize and prev.pending_regather is None:
             # Start the previous layer's re-gather now, behind this layer's expert backward.
-            prev.pending_regather = PendingGather(prev.saved_owned, prev.owner_E, prev.holders_WE,
-                                                  prev.rank, prev.group, prev.stats)
+            prev.pending_regather = prev.start_gather(prev.saved_owned)
         spec.previous = None
+        leaves = [x_leaf, *own.values(), *rep.values()]
         if y_recv.requires_grad and y_recv.numel():
-            grad_x, grad_m = torch.autograd.grad(y_recv, (x_leaf, m_leaf), grad_y_recv, allow_unused=True)
+            grads = torch.autograd.grad(y_recv, leaves, grad_y_recv, allow_unused=True)
         else:
-            grad_x = grad_m = None
-        grad_x = torch.zeros_like(x_leaf) if grad_x is None else grad_x
-        grad_m = torch.zeros_like(m_leaf) if grad_m is None else grad_m
+            grads = [None] * len(leaves)
+        grad_x = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
+        grad_owned = _rows(layout, own, grads[1:1 + len(own)])
+        grad_replicas = _rows(layout, rep, grads[1 + len(own):])
         if spec.rematerialize:
-            m_leaf.data.untyped_storage().resize_(0)
+            replicas.untyped_storage().resize_(0)
         ctx.graph = None
         grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.group,
                                  stats=spec.stats, name="fssdp.dispatch.backward")
         if not spec.replicated:
-            return grad_x_ND, grad_m, None
+            return grad_x_ND, grad_owned, None
         if spec.pending is not None:
-            # The owners' rows arrive asynchronously; finish_backward adds them to the grads.
-            spec.pending.append(PendingReduce(spec.layer, grad_m, spec.owner_E, spec.holders_WE,
-                                              spec.rank, spec.group, spec.stats))
+            # The other holders' rows arrive asynchronously; finish_backward adds the sum.
+            spec.pending.append(PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
+                                              spec.group, spec.stats))
             return grad_x_ND, None, None
         start = time.perf_counter()
-        grad_owned = sparse_reduce_scatter(grad_m, spec.owner_E, spec.holders_WE, group=spec.group,
-                                           stats=spec.stats, check=False, name="fssdp.spRS")
+        grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan, spec.group,
+                                      spec.stats, async_op=False).wait()
         spec.timings["blocking_reduce_s"] = (spec.timings.get("blocking_reduce_s", 0.0)
                                              + time.perf_counter() - start)
         return grad_x_ND, grad_owned, None

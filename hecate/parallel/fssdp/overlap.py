@@ -1,5 +1,9 @@
 """FSSDP's asynchronous sparse collectives (the transport is hecate.comm.sparse).
 
+Both move only replicas: a rank computes with the rows it owns in place, so an spAG
+brings it just the chunks it holds but does not own, and an spRS sends just those
+chunks' gradients back to their owners.
+
 PendingReduce: the backward of layer l issues its spRS without waiting and the autograd
 engine continues with layer l-1 while the transport (gloo's thread pool, or NCCL's
 stream) moves the gradients; `finish_backward` waits for every pending reduce in issue
@@ -11,40 +15,43 @@ from __future__ import annotations
 
 import torch
 
-from hecate.comm.sparse import plan_sparse, start_spag, start_sprs
+from hecate.comm.sparse import SparsePlan, start_replica_gather, start_replica_reduce
 
 
 class PendingReduce:
-    """A layer's spRS in flight; `wait()` returns (owned gradient rows, seconds blocked)."""
+    """A layer's spRS; `wait()` returns (the owned rows' summed gradients, seconds blocked).
 
-    def __init__(self, layer, grads_MS: torch.Tensor, owner_E, holders_WE, rank: int, group, stats,
-                 name: str = "fssdp.spRS"):
-        plan = plan_sparse(owner_E, holders_WE, rank)
+    grads_RS: this rank's gradient of each replica it held (rows in plan.recv_ids order);
+    owned_grads_OS: its own gradient of the chunks it owns, into which the other holders'
+    rows are added (ascending rank) when the exchange completes.
+    """
+
+    def __init__(self, layer, grads_RS: torch.Tensor, owned_grads_OS: torch.Tensor, plan: SparsePlan,
+                 group, stats, name: str = "fssdp.spRS", async_op: bool = True):
         self.layer = layer
         if stats is not None:
-            row = grads_MS.shape[1] * grads_MS.element_size()
+            row = owned_grads_OS.shape[1] * owned_grads_OS.element_size()
             stats.record(name, sum(plan.recv_counts) * row, sum(plan.send_counts) * row)
-        self._pending = start_sprs(grads_MS, plan, group, async_op=True)
+        self._pending = start_replica_reduce(grads_RS, owned_grads_OS, plan, group, async_op=async_op)
 
     def wait(self) -> tuple[torch.Tensor, float]:
         return self._pending.wait()
 
 
 class PendingGather:
-    """An spAG issued ahead of time (while the next block's attention computes).
+    """An spAG of the replicas in `plan` (issued ahead of time, or at once and waited on).
 
-    `holders_WE` is fixed when the gather is issued; the layer's plan must use it.
-    `wait()` returns (materialized_MS, seconds blocked).
+    The layer that uses it must compute with exactly this plan's holders.
+    `wait()` returns (replicas_RS in plan.recv_ids order, seconds blocked).
     """
 
-    def __init__(self, owned_OS: torch.Tensor, owner_E, holders_WE, rank: int, group, stats,
-                 name: str = "fssdp.spAG"):
-        plan = plan_sparse(owner_E, holders_WE, rank)
-        self.holders_WE = holders_WE
+    def __init__(self, owned_OS: torch.Tensor, plan: SparsePlan, holders_WE, group, stats,
+                 name: str = "fssdp.spAG", async_op: bool = True):
+        self.plan, self.holders_WE = plan, holders_WE
         if stats is not None:
             row = owned_OS.shape[1] * owned_OS.element_size()
             stats.record(name, sum(plan.send_counts) * row, sum(plan.recv_counts) * row)
-        self._pending = start_spag(owned_OS.detach(), plan, group, async_op=True)
+        self._pending = start_replica_gather(owned_OS.detach(), plan, group, async_op=async_op)
 
     def wait(self) -> tuple[torch.Tensor, float]:
         return self._pending.wait()

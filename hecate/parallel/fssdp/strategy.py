@@ -29,7 +29,7 @@ from torch import nn
 
 from hecate import ops
 from hecate.comm.agreement import AgreementError
-from hecate.comm.sparse import sparse_all_gather
+from hecate.comm.sparse import plan_sparse, sparse_all_gather
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
@@ -236,8 +236,8 @@ class FullyShardedSparse(ExpertStrategy):
                                           token_bytes)
         if int(holders.sum()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
-        state.prefetched = PendingGather(layer.expert_chunks, state.owner_E, holders, self.topology.rank,
-                                         None, self.topology.stats)
+        sparse = plan_sparse(state.owner_E, holders, self.topology.rank)
+        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, None, self.topology.stats)
 
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         """Fit P1 to bytes: drop replicas whose chunk traffic exceeds the token traffic they
@@ -281,14 +281,22 @@ class FullyShardedSparse(ExpertStrategy):
         send_WE, recv_WE = plan.rank_splits(rank)
         bins_TK = self._destination_bins(indices_TK, counts_E, send_WE)
         x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
-        held = plan.holders_WE[rank].nonzero().flatten()
+        prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
+        sparse = None
+        if bool(plan.holders_WE.sum() > E):
+            sparse = prefetched.plan if prefetched is not None else plan_sparse(
+                plan.owner_E, plan.holders_WE, rank)
+        # Expert slots: the owned chunks (ascending) computed in place, then the received
+        # replicas in arrival order (hecate.comm.sparse.start_replica_gather).
+        owned = (plan.owner_E == rank).nonzero().flatten()
+        slot_ids = owned if sparse is None else torch.cat([owned, sparse.recv_ids.cpu()])
         slot_of_E = torch.zeros(E, dtype=torch.int64)
-        slot_of_E[held] = torch.arange(held.numel())
+        slot_of_E[slot_ids] = torch.arange(slot_ids.numel())
         spec = ExchangeSpec(layer, plan.owner_E, plan.holders_WE, send_WE.sum(1).tolist(),
                             recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
                             self.rematerialize, self._pending if self.overlap_reduce else None, rank,
-                            self.timings)
-        spec.prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
+                            self.timings, sparse)
+        spec.prefetched = prefetched
         if torch.is_grad_enabled():
             # Backward runs the layers in reverse: this layer's backward will start the
             # re-gather of the MoE layer before it (prefetch), behind its own compute.
