@@ -51,6 +51,7 @@ def test_missing_required_moe_key():
     ("optim", "grad_accum", 0, r"optim\.grad_accum must be >= 1"),
     ("optim", "min_lr", 1.0, r"optim\.min_lr must be in"),
     ("optim", "betas", [0.9, 1.5], r"optim\.betas"),
+    ("optim", "impl", "adam8bit", r"optim\.impl='adam8bit' must be fused, foreach or single"),
     ("data", "val_fraction", 1.5, r"data\.val_fraction must be in \(0, 1\)"),
     ("data", "seq_len", 4096, r"data\.seq_len=4096 exceeds model\.max_seq_len"),
     ("data", "token_dtype", "int8", r"data\.token_dtype"),

@@ -53,6 +53,7 @@ class OptimConfig:
     warmup_steps: int = 10
     max_grad_norm: Optional[float] = 1.0
     grad_accum: int = 1
+    impl: str = "fused"            # AdamW implementation: fused | foreach | single
 
 
 @dataclass
@@ -327,6 +328,8 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
     _check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    _check(o.impl in ("fused", "foreach", "single"), "optim.impl",
+           f"={o.impl!r} must be fused, foreach or single")
     _check(d.token_dtype in ("uint16", "uint32"), "data.token_dtype", f"={d.token_dtype!r} must be uint16 or uint32")
     _check(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
     _check(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",

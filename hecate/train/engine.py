@@ -19,14 +19,14 @@ from hecate.parallel.dense import all_reduce_dense_gradients, dense_parameters
 class Engine:
     def __init__(self, model: nn.Module, strategy, topology=None, *, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, optimizer_impl: str = "fused"):
         self.model, self.strategy, self.topology = model, strategy, topology
         self.layers = moe_layers(model)
         self.max_grad_norm = max_grad_norm
         # Every rank steps the dense parameters (replicated) and only the expert rows it keeps.
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
-                                           eps=eps, foreach=False)
+        self.optimizer = build_adamw(params, optimizer_impl, lr=lr, weight_decay=weight_decay,
+                                     betas=betas, eps=eps)
 
     @property
     def distributed(self) -> bool:
@@ -70,6 +70,30 @@ class Engine:
         if hasattr(self.strategy, "step_end"):
             self.strategy.step_end(self.layers, self.optimizer)
         return norm
+
+
+OPTIMIZER_IMPLS = ("fused", "foreach", "single")
+
+
+def build_adamw(params, impl: str = "fused", **kwargs) -> torch.optim.AdamW:
+    """AdamW with one of torch's implementations (config key optim.impl).
+
+    "fused" (default) updates each tensor in one pass (3x faster than "single" on CPU for
+    MoE-sized rows, see docs/training.md); it falls back to "single" where torch has no fused
+    kernel for a parameter's device or dtype. Every implementation is elementwise, so a
+    sharded run still matches a single process: an element sees the same arithmetic
+    whichever rank or tensor holds it (the tests check this within fp32 tolerance).
+    """
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optim.impl={impl!r} must be one of {OPTIMIZER_IMPLS}")
+    params = list(params)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}[impl]
+    try:
+        return torch.optim.AdamW(params, **kwargs, **flags)
+    except RuntimeError:  # torch refuses fused for this device or dtype when it is constructed
+        if impl != "fused":
+            raise
+        return torch.optim.AdamW(params, **kwargs, foreach=False)
 
 
 def _sum_of_squares(tensors: list[torch.Tensor]) -> float:

@@ -105,7 +105,8 @@ class Trainer:
         self.model, self.strategy = build_model(cfg, self.topology, self.device)
         o = cfg.optim
         self.engine = Engine(self.model, self.strategy, self.topology, lr=o.lr, weight_decay=o.weight_decay,
-                             betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm)
+                             betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm,
+                             optimizer_impl=o.impl)
         self.tokenizer = self._build_tokenizer(resume)
         self.data = build_data(cfg, self.tokenizer)
         self.val = self.data.val_batches(cfg.train.eval_batches, self.rank, self.world)
