@@ -1,6 +1,6 @@
 """dp vs ep vs fsdp vs fssdp on one small MoE transformer: bytes, lower bound, step time, memory.
 
-    .venv/bin/python benchmarks/strategies.py [--nproc 2] [--mem-nprocs 4 8] [--json]
+    .venv/bin/python benchmarks/strategies.py [--nproc 2] [--mem-nprocs 4 8] [--repeats 3] [--json]
 
 Every strategy trains the same model (same seed) on the same batches, under uniform and
 Zipf-skewed routing. Skew is deterministic: the router's aux-free selection bias
@@ -142,12 +142,19 @@ def lower_bound(ranks_out, step, a, rematerialize):
     return total
 
 
-def summarize(results, a, label, name, options):
-    """Per-case figures from the per-rank raw results."""
+def summarize(runs, a, label, name, options):
+    """Per-case figures from the per-rank raw results of each repeat (`runs[repeat][rank]`).
+
+    Time: per step the slowest rank; the median over the steps of every repeat, and each
+    repeat's own median (their spread shows the machine's noise). Bytes and memory are
+    deterministic and read from the first repeat.
+    """
     from hecate.comm.stats import CommStats
 
+    results = runs[0]
     steps = len(results[0]["times"])
-    per_step = [max(r["times"][i] for r in results) for i in range(steps)]
+    per_run = [[max(r["times"][i] for r in res) for i in range(steps)] for res in runs]
+    per_step = [t for run_times in per_run for t in run_times]
     by_name = {}
     for i in range(steps):
         combined = CommStats.combine([r["bytes"][i] for r in results])
@@ -164,6 +171,7 @@ def summarize(results, a, label, name, options):
               for e in range(a["experts"])]
     return {
         "step_time_s": median(per_step),
+        "step_time_runs_s": [median(t) for t in per_run],
         "bytes_by_collective": by_name,
         "expert_bytes": expert,
         "dense_bytes": sum(v for n, v in by_name.items() if n.startswith("dense.")),
@@ -177,17 +185,20 @@ def summarize(results, a, label, name, options):
     }
 
 
-def run(world, a, skews, warmup, steps, timeout):
+def run(world, a, skews, warmup, steps, timeout, repeats=1):
+    """Every case under each routing; with repeats > 1 the cases run in turn, `repeats`
+    times over, so slow drift of the machine hits every strategy alike."""
     from hecate.testing import run_distributed
 
     table = {}
     for skew in skews:
         key = "skewed" if skew else "uniform"
-        table[key] = {}
-        for label, name, options in CASES:
-            res = run_distributed(bench_case, world, a, label, name, options, skew, warmup, steps,
-                                  timeout=timeout)
-            table[key][label] = summarize(res, a, label, name, options)
+        runs = {label: [] for label, _, _ in CASES}
+        for _ in range(repeats):
+            for label, name, options in CASES:
+                runs[label].append(run_distributed(bench_case, world, a, label, name, options, skew, warmup,
+                                                   steps, timeout=timeout))
+        table[key] = {label: summarize(runs[label], a, label, name, options) for label, name, options in CASES}
         ep_time = table[key]["ep"]["step_time_s"]
         ep_peak = table[key]["ep"]["peak_bytes_per_rank"]
         fsdp_bytes = table[key]["fsdp"]["expert_bytes"]
@@ -206,6 +217,7 @@ def targets(table):
         "fssdp_bytes_over_lower_bound": f["bytes_over_lower_bound"], "goal_bytes_over_lower_bound": 1.1,
         "fssdp_bytes_vs_fsdp": f["bytes_vs_fsdp"], "goal_bytes_vs_fsdp": 0.25,
         "ep_time_over_fssdp": 1.0 / f["time_vs_ep"], "goal_ep_time_over_fssdp": 1.3,
+        "ep_time_over_fssdp_runs": [e / t for e, t in zip(s["ep"]["step_time_runs_s"], f["step_time_runs_s"])],
         "fssdp_rm_peak_vs_ep": f["peak_vs_ep"], "goal_peak_vs_ep": 1.15,
     }
 
@@ -225,6 +237,8 @@ def format_table(world, table, timed):
                     f"{r['peak_vs_ep']:5.2f} {r['imbalance']:5.2f}")
             if timed:
                 line += f" {r['step_time_s'] * 1e3:8.1f} {r['time_vs_ep']:5.2f}"
+                if len(r["step_time_runs_s"]) > 1:
+                    line += "  runs " + "/".join(f"{t * 1e3:.0f}" for t in r["step_time_runs_s"])
             lines.append(line)
     return "\n".join(lines)
 
@@ -246,6 +260,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (same for all)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed world: run every case this many times, in turn (medians over all)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -256,7 +272,8 @@ def main():
     result = {"config": a, "cores": os.cpu_count(), "worlds": {}}
     texts = []
     for i, world in enumerate([args.nproc] + [w for w in args.mem_nprocs if w != args.nproc]):
-        table = run(world, a, (False, True), args.warmup, args.steps, args.timeout)
+        table = run(world, a, (False, True), args.warmup, args.steps, args.timeout,
+                    args.repeats if i == 0 else 1)
         result["worlds"][str(world)] = {"timed": i == 0, "routing": table, "targets": targets(table)}
         texts.append(format_table(world, table, i == 0))
     from hecate.testing import shutdown_pools

@@ -202,3 +202,33 @@ def _nccl_task(rank, world_size):
 def test_nccl_on_cuda():
     world_size = min(torch.cuda.device_count(), 2)
     assert run_distributed(_nccl_task, world_size, backend="nccl") == [True] * world_size
+
+
+def _replica_task(rank, world_size, seeds, wire):
+    from hecate.comm.sparse import plan_sparse, start_replica_gather, start_replica_reduce
+
+    wire = getattr(torch, wire) if wire else None
+    ok = []
+    for seed in seeds:
+        owner_C, holders_WC = random_placement(world_size, seed)
+        C = owner_C.numel()
+        full = chunk_values(C, seed)
+        plan = plan_sparse(owner_C, holders_WC, rank)
+        owned = full[owner_C == rank].clone()
+        replicas, _ = start_replica_gather(owned, plan, None, async_op=seed % 2 == 1,
+                                           wire_dtype=wire).wait()
+        # Only the chunks held but not owned arrive, in recv_ids order, in the wire dtype.
+        ok.append(replicas.dtype == (wire or torch.float32))
+        ok.append(torch.equal(replicas.float(), full[plan.recv_ids]))
+        # Gradients: every holder contributes (rank + 1) * chunk; owners get the sum over holders.
+        grads = ((rank + 1) * full[plan.recv_ids]).to(wire or torch.float32)
+        own_grads = (rank + 1) * owned
+        summed, _ = start_replica_reduce(grads, own_grads, plan, None, async_op=seed % 2 == 0).wait()
+        weight_C = ((torch.arange(world_size) + 1).unsqueeze(1) * holders_WC).sum(0).float()
+        ok.append(torch.equal(summed, (weight_C.unsqueeze(1) * full)[owner_C == rank]))
+    return all(ok)
+
+
+@pytest.mark.parametrize("wire", [None, "bfloat16"])
+def test_replica_gather_and_reduce_move_only_replicas(wire):
+    assert run_distributed(_replica_task, 3, list(range(12)), wire) == [True] * 3

@@ -279,3 +279,20 @@ def test_non_contiguous_inputs():
         assert torch.equal(got, want)
     y_ND = torch.randn(6, x_ND.shape[0], generator=gen).t()
     torch.testing.assert_close(ops.unpermute(y_ND, row_map, weights), ref.unpermute(y_ND, row_map, weights))
+
+
+def test_index_range_check_does_not_read_back_off_cpu(monkeypatch):
+    """Off the CPU the range check is queued on the device: reading a value back (int() of a
+    meta tensor raises) would stall the stream on every call. HECATE_SYNC_CHECKS=1 reads back."""
+    from hecate.ops import _validate as check
+
+    queued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: queued.append(msg))
+    meta = torch.empty(6, dtype=torch.int64, device="meta")
+    check.below("bins_TK", meta, 4, "num_bins", allow_negative=True)
+    assert queued == ["bins_TK has an entry outside bins_TK < num_bins = 4"]
+    monkeypatch.setenv("HECATE_SYNC_CHECKS", "1")
+    with pytest.raises(Exception):
+        check.below("bins_TK", meta, 4, "num_bins", allow_negative=True)
+    with pytest.raises(ValueError, match="bins_TK contains 7, out of range for num_bins = 4"):
+        check.below("bins_TK", torch.tensor([0, 7]), 4, "num_bins", allow_negative=True)

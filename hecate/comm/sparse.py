@@ -188,16 +188,21 @@ def start_sprs(grads_MS, plan: SparsePlan, group, async_op: bool = False) -> Pen
     return PendingExchange(work, send_nS, finish)
 
 
-def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
+def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = False,
+                         wire_dtype: torch.dtype | None = None) -> PendingExchange:
     """spAG without the owner's own rows: `wait()` returns only the chunks received from
     other owners, [R, S] in `plan.recv_ids` order (sources ascending, then chunk id).
 
     A caller that computes with its owned rows in place (FSSDP's experts) needs no copy
     of them: this skips the unpack of owned and received rows into one [M, S] buffer,
     which on a rank owning many chunks copies far more bytes than the exchange moves.
+    `wire_dtype` (e.g. bf16 when the receivers only compute with a bf16 cast of the rows):
+    rows are cast before they travel and arrive in that dtype.
     """
     send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(owned_OS.device))
-    recv_RS = owned_OS.new_empty((sum(plan.recv_counts), owned_OS.shape[1]))
+    if wire_dtype is not None and wire_dtype != send_nS.dtype:
+        send_nS = send_nS.to(wire_dtype)
+    recv_RS = send_nS.new_empty((sum(plan.recv_counts), owned_OS.shape[1]))
     work = dist.all_to_all_single(recv_RS, send_nS, output_split_sizes=plan.recv_counts,
                                   input_split_sizes=plan.send_counts, group=group, async_op=async_op)
     return PendingExchange(work, send_nS, lambda: recv_RS)
@@ -208,14 +213,16 @@ def start_replica_reduce(grads_RS, owned_grads_OS, plan: SparsePlan, group,
     """The adjoint of start_replica_gather: send the gradient of every replica this rank
     holds (`grads_RS`, rows in `plan.recv_ids` order) to its owner; `wait()` adds the
     received rows into `owned_grads_OS` in place (ascending source rank) and returns it.
+    The rows travel in grads_RS's dtype (bf16 gradients of bf16 replicas stay bf16 on the
+    wire, exactly) and are widened to owned_grads_OS's dtype on arrival.
     """
     device = owned_grads_OS.device
-    recv_nS = owned_grads_OS.new_empty((sum(plan.send_counts), owned_grads_OS.shape[1]))
+    recv_nS = grads_RS.new_empty((sum(plan.send_counts), owned_grads_OS.shape[1]))
     work = dist.all_to_all_single(recv_nS, grads_RS.contiguous(), output_split_sizes=plan.send_counts,
                                   input_split_sizes=plan.recv_counts, group=group, async_op=async_op)
 
     def finish():
-        ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), owned_grads_OS)
+        ops.scatter_add_chunks(recv_nS.to(owned_grads_OS.dtype), plan.send_rows.to(device), owned_grads_OS)
         return owned_grads_OS
 
     return PendingExchange(work, grads_RS, finish)

@@ -104,6 +104,18 @@ def grouped_mlp(x_ND: torch.Tensor, counts_G: torch.Tensor, w1_GFD: torch.Tensor
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if impl not in ("auto", "grouped_mm", "loop"):
         raise ValueError(f"impl must be 'auto', 'grouped_mm' or 'loop', got {impl!r}")
+    compute = autocast_dtype(x_ND.device.type)
+    if compute is not None:
+        # torch._grouped_mm is not on autocast's list everywhere (not on CPU in torch 2.13):
+        # cast explicitly, as F.linear would be, compute with autocast off, and return the
+        # input's dtype so the weighted combine sums in it. The casts are differentiable:
+        # fp32 master weights get fp32 gradients, bf16 ones (FSSDP's replicas) bf16.
+        out_dtype = x_ND.dtype
+        x_ND, w1_GFD, w2_GDF, w3_GFD = (None if t is None else t.to(compute)
+                                         for t in (x_ND, w1_GFD, w2_GDF, w3_GFD))
+        with torch.autocast(x_ND.device.type, enabled=False):
+            y = grouped_mlp(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation, impl)
+        return y.to(out_dtype)
     weights = [w for w in (w1_GFD, w2_GDF, w3_GFD) if w is not None]
     if impl == "auto":
         want = PREFERRED_IMPL.get((x_ND.device.type, x_ND.dtype), "loop")
@@ -117,6 +129,13 @@ def grouped_mlp(x_ND: torch.Tensor, counts_G: torch.Tensor, w1_GFD: torch.Tensor
     if impl == "grouped_mm" and x_ND.shape[0] > 0:  # (its backward rejects empty stride-0 grads)
         return _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
     return _mlp_loop(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes matmuls in on this device type, or None when it is off."""
+    if device_type not in ("cpu", "cuda", "xpu", "hpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class GroupedExperts(nn.Module):

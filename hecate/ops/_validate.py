@@ -46,8 +46,21 @@ def integer(name: str, value, minimum: Optional[int] = None, maximum: Optional[i
 
 
 def below(name: str, values: torch.Tensor, limit: int, what: str, allow_negative: bool) -> None:
-    """Every entry of `values` is < limit (and >= 0 unless negatives mean 'unused')."""
+    """Every entry of `values` is < limit (and >= 0 unless negatives mean 'unused').
+
+    On the CPU the check names the offending value. On an accelerator reading a value back
+    would stall the stream on every op call, so the check is queued on the device instead
+    (torch._assert_async: a bad index stops the program with this message at the next
+    synchronization); HECATE_SYNC_CHECKS=1 gives the immediate, CPU-style error there too.
+    """
     if values.numel() == 0:
+        return
+    if values.device.type != "cpu" and not sync_checks():
+        ok = (values < limit).all()
+        if not allow_negative:
+            ok = ok & (values >= 0).all()
+        lower = "" if allow_negative else "0 <= "
+        torch._assert_async(ok, f"{name} has an entry outside {lower}{name} < {what} = {limit}")
         return
     hi = int(values.max())
     if hi >= limit:
@@ -56,3 +69,10 @@ def below(name: str, values: torch.Tensor, limit: int, what: str, allow_negative
         lo = int(values.min())
         if lo < 0:
             raise ValueError(f"{name} contains {lo}; entries must be in [0, {limit})")
+
+
+def sync_checks() -> bool:
+    """HECATE_SYNC_CHECKS=1: range checks on accelerators read values back (slow, precise)."""
+    import os
+
+    return os.environ.get("HECATE_SYNC_CHECKS", "0") not in ("", "0")

@@ -51,6 +51,9 @@ class ExpertParallel(ExpertStrategy):
         send_counts = counts_E.to(comm_device(group))
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
+        if stats is not None:  # every peer's `local` counts cross; the own slice stays
+            crossing = (ep - 1) * local * send_counts.element_size()
+            stats.record("ep.counts", crossing, crossing)
         recv_counts_PG = recv_counts.cpu().view(ep, local)
         send_splits = counts_E.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts_PG.sum(1).tolist()

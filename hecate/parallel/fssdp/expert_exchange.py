@@ -26,6 +26,7 @@ import torch
 
 from hecate.comm.all_to_all import all_to_all_v
 from hecate.comm.sparse import SparsePlan
+from hecate.moe.experts import autocast_dtype
 from hecate.parallel.expert_compute import experts_on_received
 from hecate.parallel.fssdp.overlap import PendingGather, PendingReduce
 
@@ -35,7 +36,8 @@ class ExchangeSpec:
 
     def __init__(self, layer, owner_E, holders_WE, send_splits, recv_splits, recv_WE, slot_of_E,
                  group, stats, rematerialize: bool, pending=None, rank: int = 0,
-                 timings: dict | None = None, sparse_plan: SparsePlan | None = None):
+                 timings: dict | None = None, sparse_plan: SparsePlan | None = None,
+                 wire_dtype: torch.dtype | None = None):
         self.layer = layer
         self.owner_E, self.holders_WE = owner_E, holders_WE
         self.send_splits, self.recv_splits = send_splits, recv_splits
@@ -48,6 +50,9 @@ class ExchangeSpec:
         if self.replicated and sparse_plan is None:
             raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
         self.sparse_plan = sparse_plan
+        # Under autocast the experts only ever use a bf16 (fp16) cast of the rows, so replicas
+        # travel in that dtype and so do their gradients: half the bytes, the same numbers.
+        self.wire_dtype = wire_dtype
         self.rematerialize = rematerialize and self.replicated
         # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
         self.pending, self.rank = pending, rank
@@ -61,12 +66,12 @@ class ExchangeSpec:
 
     def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True) -> PendingGather:
         return PendingGather(owned_OS, self.sparse_plan, self.holders_WE, self.group, self.stats,
-                             async_op=async_op)
+                             async_op=async_op, wire_dtype=self.wire_dtype)
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
         """The replicas this rank holds but does not own, [R, S] (empty without replicas)."""
         if not self.replicated:
-            return owned_OS.new_empty((0, owned_OS.shape[1]))
+            return owned_OS.new_empty((0, owned_OS.shape[1]), dtype=self.wire_dtype or owned_OS.dtype)
         return self.start_gather(owned_OS, async_op=False).wait()[0]
 
     def expert_graph(self, x_recv: torch.Tensor, owned_OS: torch.Tensor, replicas_RS: torch.Tensor):
@@ -79,11 +84,14 @@ class ExchangeSpec:
         x_leaf = x_recv.detach().requires_grad_(True)
         own = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(owned_OS.detach()).items()}
         rep = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(replicas_RS).items()}
+        autocast = autocast_dtype(x_leaf.device.type) is not None
         with torch.enable_grad():
-            # Chunks travel as fp32 master rows; compute runs in the tokens' dtype (bf16 under
-            # autocast) and the cast's backward returns fp32 gradients for spRS.
+            # Under autocast the grouped MLP casts every weight to the compute dtype itself (the
+            # replicas arrive in it already). Without autocast, tokens in a dtype other than the
+            # fp32 master rows' (a bf16 model) set it; the cast's backward returns fp32 grads.
             def used(ws):
-                return {n: (t if t.dtype == x_leaf.dtype else t.to(x_leaf.dtype)) for n, t in ws.items()}
+                return {n: (t if autocast or t.dtype == x_leaf.dtype else t.to(x_leaf.dtype))
+                        for n, t in ws.items()}
 
             y = experts_on_received(self.layer, x_leaf, self.recv_WE, [used(own), used(rep)], self.slot_of_E)
         return x_leaf, own, rep, y

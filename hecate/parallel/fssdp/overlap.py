@@ -30,7 +30,7 @@ class PendingReduce:
                  group, stats, name: str = "fssdp.spRS", async_op: bool = True):
         self.layer = layer
         if stats is not None:
-            row = owned_grads_OS.shape[1] * owned_grads_OS.element_size()
+            row = grads_RS.shape[1] * grads_RS.element_size()  # the wire dtype
             stats.record(name, sum(plan.recv_counts) * row, sum(plan.send_counts) * row)
         self._pending = start_replica_reduce(grads_RS, owned_grads_OS, plan, group, async_op=async_op)
 
@@ -46,12 +46,13 @@ class PendingGather:
     """
 
     def __init__(self, owned_OS: torch.Tensor, plan: SparsePlan, holders_WE, group, stats,
-                 name: str = "fssdp.spAG", async_op: bool = True):
-        self.plan, self.holders_WE = plan, holders_WE
+                 name: str = "fssdp.spAG", async_op: bool = True, wire_dtype: torch.dtype | None = None):
+        self.plan, self.holders_WE, self.wire_dtype = plan, holders_WE, wire_dtype
         if stats is not None:
-            row = owned_OS.shape[1] * owned_OS.element_size()
+            row = owned_OS.shape[1] * (wire_dtype or owned_OS.dtype).itemsize
             stats.record(name, sum(plan.send_counts) * row, sum(plan.recv_counts) * row)
-        self._pending = start_replica_gather(owned_OS.detach(), plan, group, async_op=async_op)
+        self._pending = start_replica_gather(owned_OS.detach(), plan, group, async_op=async_op,
+                                             wire_dtype=wire_dtype)
 
     def wait(self) -> tuple[torch.Tensor, float]:
         return self._pending.wait()

@@ -30,6 +30,7 @@ from torch import nn
 from hecate import ops
 from hecate.comm.agreement import AgreementError
 from hecate.comm.sparse import plan_sparse, sparse_all_gather
+from hecate.moe.experts import autocast_dtype
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
@@ -130,6 +131,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._layers: list = []
         self._last_spec = None
         self._pending: list = []
+        self._wire = None  # replicas' dtype on the wire in the current forward (None: fp32 rows)
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
         self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0, "exposed_gather_s": 0.0}
@@ -167,7 +169,7 @@ class FullyShardedSparse(ExpertStrategy):
             return NoReplicationPolicy()
         intra, inter = self.bandwidth
         cost = CostModel(intra_node_bw=intra, inter_node_bw=inter,
-                         chunk_bytes=layout.chunk_numel * 4, t_non_moe=non_moe_s,
+                         chunk_bytes=layout.chunk_numel * self._wire_itemsize(), t_non_moe=non_moe_s,
                          token_compute_s=self.token_compute_s, token_bytes=layout.shapes[0][-1] * 4)
         if self.policy_name == "shadowing":
             return ShadowingPolicy(cost)
@@ -181,11 +183,15 @@ class FullyShardedSparse(ExpertStrategy):
         state = layer.fssdp_state
         digest = _digest_words(state.owner_E, state.predictor.predict())
         mine = torch.cat([counts_E.cpu(), torch.tensor([state.non_moe_us]), digest])
-        from hecate.comm.all_to_all import comm_device
+        from hecate.comm.all_to_all import all_gather_flat, comm_device
 
         dev = comm_device(None)
-        gathered = torch.empty(self.topology.world_size * mine.numel(), dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(gathered, mine.to(dev))
+        W = self.topology.world_size
+        gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
+        all_gather_flat(gathered, mine.to(dev))
+        if self.topology.stats is not None:
+            crossing = (W - 1) * mine.numel() * mine.element_size()
+            self.topology.stats.record("fssdp.counts", crossing, crossing)
         gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
         E = counts_E.numel()
         digests = gathered[:, E + 1:]
@@ -237,12 +243,13 @@ class FullyShardedSparse(ExpertStrategy):
         if int(holders.sum()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
         sparse = plan_sparse(state.owner_E, holders, self.topology.rank)
-        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, None, self.topology.stats)
+        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, None, self.topology.stats,
+                                         wire_dtype=self._wire)
 
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         """Fit P1 to bytes: drop replicas whose chunk traffic exceeds the token traffic they
         save, then spend each rank's free slots (m) on the replicas that save the most."""
-        chunk_bytes = layout.chunk_numel * 4  # fp32 master rows
+        chunk_bytes = layout.chunk_numel * self._wire_itemsize()  # fp32 rows, or bf16 under autocast
         chunk_passes = 3 if self.rematerialize else 2
         saving_WE = 4 * counts_WE.to(torch.float64) * token_bytes - chunk_passes * chunk_bytes
         E = owner_E.numel()
@@ -272,6 +279,7 @@ class FullyShardedSparse(ExpertStrategy):
         if self._last_exit is not None and self.training_step_time_known(start):
             layer.fssdp_state.non_moe_us = int((start - self._last_exit) * 1e6)
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
+        self._wire = self._wire_dtype(x_TD)
         if self._layers and layer is self._layers[0]:
             self._drop_stale_prefetches()
             self._last_spec = None
@@ -295,7 +303,11 @@ class FullyShardedSparse(ExpertStrategy):
         spec = ExchangeSpec(layer, plan.owner_E, plan.holders_WE, send_WE.sum(1).tolist(),
                             recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
                             self.rematerialize, self._pending if self.overlap_reduce else None, rank,
-                            self.timings, sparse)
+                            self.timings, sparse, self._wire)
+        if prefetched is not None and prefetched.wire_dtype != self._wire:
+            raise RuntimeError(f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: its prefetched replicas "
+                               f"travelled as {prefetched.wire_dtype} but this forward computes with "
+                               f"{self._wire}; enter or leave autocast outside the model's forward")
         spec.prefetched = prefetched
         if torch.is_grad_enabled():
             # Backward runs the layers in reverse: this layer's backward will start the
@@ -309,6 +321,15 @@ class FullyShardedSparse(ExpertStrategy):
             self._issue_prefetch(nxt, x_TD.shape[1] * x_TD.element_size())
         self._last_exit = time.perf_counter()
         return out
+
+    def _wire_itemsize(self) -> int:
+        return 4 if self._wire is None else self._wire.itemsize
+
+    @staticmethod
+    def _wire_dtype(x_TD: torch.Tensor):
+        """The dtype replicas travel in: autocast's (bf16/fp16) when it is on, else the fp32 rows."""
+        dtype = autocast_dtype(x_TD.device.type)
+        return dtype if dtype is not None and dtype.itemsize < 4 else None
 
     def _next_layer(self, layer):
         if not self.prefetch or getattr(layer, "layer_id", None) is None:
