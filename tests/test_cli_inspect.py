@@ -65,7 +65,10 @@ def test_transformer_preset_matches_its_config(presets, capsys):
     code, stdout, _ = _run(capsys, "inspect", "test-tiny-transformer", "--json", "--strategy", "fssdp", "--nproc", "2")
     sharded = json.loads(stdout)["memory_per_rank"]
     routed = info["routed_expert_params"]
-    assert sharded["param_state_bytes"] == 16 * (info["total_params"] - routed + routed // 2)
+    # fssdp: experts sharded (16 B per element on 1/W), dense weights + grads whole (8 B) and their
+    # AdamW moments sharded too (8 B on 1/W, parallel.dense_optimizer=auto).
+    dense = info["total_params"] - routed
+    assert sharded["param_state_bytes"] == 16 * (routed // 2) + 8 * dense + 8 * dense // 2
     code, stdout, _ = _run(capsys, "inspect", "tiny_dp", "--strategy", "fssdp", "--nproc", "2", "--json")
     from_file = json.loads(stdout)["memory_per_rank"]  # --strategy works on config files too
     assert (from_file["strategy"], from_file["param_state_bytes"]) == ("fssdp", sharded["param_state_bytes"])

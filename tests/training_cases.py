@@ -69,12 +69,14 @@ def train_side_by_side(rank, world, base, strategy, options, steps, loss_of, **e
                    "experts": (experts, ref_experts), "num_moe_layers": len(moe_layers(model))}
 
 
-def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capacity_factor=None):
+def train_case(rank, world, strategy, options, steps, seed=0, skew=False, capacity_factor=None,
+               engine_kwargs=None):
     torch.manual_seed(seed)
     base = MoETransformer(tiny_config(capacity_factor=capacity_factor))
     strat, out = train_side_by_side(rank, world, base, strategy, options, steps,
                                     lambda m, step, r: m.loss(*batch(step, r, skew))[0],
-                                    lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6)
+                                    lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6,
+                                    **(engine_kwargs or {}))
     out["reshards"] = getattr(strat, "reshards", 0)
     out["timings"] = dict(getattr(strat, "timings", {}))
     return out

@@ -5,9 +5,9 @@ with one flat all-reduce per step (a single bucket: few, large messages beat
 many small ones on both gloo and NCCL). Expert parameters are excluded: their
 strategy synchronizes them (see ExpertStrategy.finish_backward).
 
-Why not FSDP2 for the dense part: MoE models spend most parameters in experts,
-which FSSDP already shards; the dense remainder is small enough that a
-replicated copy costs little memory and saves the per-layer all-gathers.
+This is the replicated form (parallel.dense_optimizer=replicated, the baselines'
+default); hecate/parallel/dense_shard.py shards the dense optimizer state (ZeRO-1,
+FSSDP's default) with the same bytes.
 """
 from __future__ import annotations
 

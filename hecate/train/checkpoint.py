@@ -152,11 +152,13 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
             info, t = part
             layer_infos[str(i)] = info
             tensors.update({f"experts.{i}.{k}": v for k, v in t.items()})
+    # Collective when the dense optimizer is sharded: every rank gathers, rank 0 writes.
+    dense_state = engine.dense_optimizer_state() if engine is not None else {}
     if rank == 0:
         for name, v in _dense_entries(model, layers).items():
             tensors[f"dense.{name}"] = v.detach().clone().contiguous()
-            if optimizer is not None and isinstance(v, nn.Parameter) and v in optimizer.state:
-                for k, s in optimizer.state[v].items():
+            if isinstance(v, nn.Parameter) and v in dense_state:
+                for k, s in dense_state[v].items():
                     if torch.is_tensor(s):
                         tensors[f"optim.{name}.{k}"] = s.detach().clone().contiguous()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # NCCL runs keep them on GPU
@@ -328,7 +330,7 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
                 optimizer.state[p] = {"step": step_t.clone().to(torch.float32),
                                       **{k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in st.items()}}
     if restore_optim:
-        _restore_dense_optimizer(model, layers, optimizer, all_tensors, manifest)
+        _restore_dense_optimizer(model, layers, engine, all_tensors, manifest)
     return int(manifest["step"])
 
 
@@ -374,7 +376,8 @@ def _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer) -
     strategy.reshards = int(info.get("reshards", 0))
 
 
-def _restore_dense_optimizer(model, layers, optimizer, tensors, manifest) -> None:
+def _restore_dense_optimizer(model, layers, engine, tensors, manifest) -> None:
+    optimizer, states = engine.optimizer, {}
     for name, v in _dense_entries(model, layers).items():
         if not isinstance(v, nn.Parameter):
             continue
@@ -382,8 +385,9 @@ def _restore_dense_optimizer(model, layers, optimizer, tensors, manifest) -> Non
         st = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         if st:  # "step" first, then sorted: the same key order on every rank and as AdamW's own
             keys = sorted(st, key=lambda k: (k != "step", k))
-            optimizer.state[v] = {k: (st[k].clone() if k == "step" else st[k].to(device=v.device, dtype=v.dtype).clone())
-                                  for k in keys}
+            states[v] = {k: (st[k].clone() if k == "step" else st[k].to(device=v.device, dtype=v.dtype).clone())
+                         for k in keys}
+    engine.load_dense_optimizer_state(states)  # into the rank's shard when sharded
     groups = manifest["optimizer"].get("param_groups", [])
     if len(groups) == len(optimizer.param_groups):
         for g, saved in zip(optimizer.param_groups, groups):

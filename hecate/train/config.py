@@ -40,6 +40,7 @@ class ParallelConfig:
     strategy: str = "fssdp"
     nproc: int = 2                 # local workers `hecate train` starts when not under torchrun
     ep_size: Optional[int] = None  # ep: ranks per expert-parallel group (None = the world)
+    dense_optimizer: str = "auto"  # sharded (ZeRO-1) | replicated | auto (sharded under fssdp)
     fssdp: FssdpOptions = field(default_factory=FssdpOptions)
 
 
@@ -328,6 +329,8 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
     _check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    _check(p.dense_optimizer in ("auto", "sharded", "replicated"), "parallel.dense_optimizer",
+           f"={p.dense_optimizer!r} must be auto, sharded or replicated")
     _check(o.impl in ("fused", "foreach", "single"), "optim.impl",
            f"={o.impl!r} must be fused, foreach or single")
     _check(d.token_dtype in ("uint16", "uint32"), "data.token_dtype", f"={d.token_dtype!r} must be uint16 or uint32")

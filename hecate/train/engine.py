@@ -19,12 +19,28 @@ from hecate.parallel.dense import all_reduce_dense_gradients, dense_parameters
 class Engine:
     def __init__(self, model: nn.Module, strategy, topology=None, *, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-                 max_grad_norm: float | None = None, optimizer_impl: str = "fused"):
+                 max_grad_norm: float | None = None, optimizer_impl: str = "fused",
+                 dense_optimizer: str = "auto"):
         self.model, self.strategy, self.topology = model, strategy, topology
         self.layers = moe_layers(model)
         self.max_grad_norm = max_grad_norm
-        # Every rank steps the dense parameters (replicated) and only the expert rows it keeps.
+        if dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"parallel.dense_optimizer={dense_optimizer!r} must be one of {DENSE_OPTIMIZERS}")
+        if dense_optimizer == "auto":  # FSSDP shards everything with state; the baselines stay as they are
+            dense_optimizer = "sharded" if getattr(strategy, "name", None) == "fssdp" else "replicated"
+        self.dense_shard = None
         params = [p for p in model.parameters() if p.requires_grad]
+        if dense_optimizer == "sharded" and self.distributed:
+            from hecate.parallel.dense_shard import DenseShard
+
+            expert_ids = {id(p) for layer in self.layers for p in strategy.expert_parameters(layer)}
+            dense = [p for p in dense_parameters(model) if id(p) not in expert_ids]
+            if dense:
+                self.dense_shard = DenseShard(dense, self.topology.rank, self.topology.world_size)
+                dense_ids = {id(p) for p in dense}
+                params = [p for p in params if id(p) not in dense_ids] + [self.dense_shard.shard]
+        # Every rank steps only what it keeps: expert rows it owns, and the dense parameters
+        # (replicated) or its 1/W shard of them (sharded).
         self.optimizer = build_adamw(params, optimizer_impl, lr=lr, weight_decay=weight_decay,
                                      betas=betas, eps=eps)
 
@@ -33,7 +49,9 @@ class Engine:
         return dist.is_initialized() and self.topology is not None and self.topology.world_size > 1
 
     def sync_gradients(self) -> None:
-        if self.distributed:
+        if self.dense_shard is not None:
+            self.dense_shard.reduce_scatter_gradients(stats=self.topology.stats)
+        elif self.distributed:
             all_reduce_dense_gradients(self.model, stats=self.topology.stats)
         self.strategy.finish_backward(self.layers)
 
@@ -45,27 +63,51 @@ class Engine:
         experts = [p.grad for p in expert_params if p.grad is not None and p.grad.numel()]
         # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64.
         dense_sq = _sum_of_squares(dense)
-        expert_sq = torch.tensor(_sum_of_squares(experts) / self.strategy.expert_replication(),
-                                 dtype=torch.float64,
-                                 device=comm_device(None) if self.distributed else "cpu")
+        sharded_sq = _sum_of_squares(experts) / self.strategy.expert_replication()
+        if self.dense_shard is not None and self.dense_shard.shard.grad is not None:
+            sharded_sq += _sum_of_squares([self.dense_shard.shard.grad])  # each element on one rank
+        sharded_sq = torch.tensor(sharded_sq, dtype=torch.float64,
+                                  device=comm_device(None) if self.distributed else "cpu")
         if self.distributed:
-            dist.all_reduce(expert_sq)
-        return math.sqrt(dense_sq + float(expert_sq))
+            dist.all_reduce(sharded_sq)
+        return math.sqrt(dense_sq + float(sharded_sq))
 
     def clip(self) -> float:
         norm = self.grad_norm()
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             scale = self.max_grad_norm / (norm + 1e-6)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            for group in self.optimizer.param_groups:  # what will be stepped: owned rows, shards
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
         return norm
+
+    def dense_optimizer_state(self) -> dict:
+        """{dense parameter: its AdamW state} in per-parameter form (collective when sharded)."""
+        if self.dense_shard is None:
+            expert_ids = {id(p) for layer in self.layers for p in self.strategy.expert_parameters(layer)}
+            return {p: self.optimizer.state[p] for p in dense_parameters(self.model)
+                    if id(p) not in expert_ids and p in self.optimizer.state}
+        state = self.optimizer.state.get(self.dense_shard.shard, {})
+        if not state:
+            return {}
+        return self.dense_shard.full_state(state)
+
+    def load_dense_optimizer_state(self, states: dict) -> None:
+        """Set the dense parameters' AdamW state from per-parameter form (every rank passes all)."""
+        if self.dense_shard is None:
+            for p, st in states.items():
+                self.optimizer.state[p] = st
+        elif states:
+            self.optimizer.state[self.dense_shard.shard] = self.dense_shard.shard_state(states)
 
     def step(self) -> float:
         """Sync gradients, clip, step the optimizer, zero grads, let the strategy re-shard."""
         self.sync_gradients()
         norm = self.clip()
         self.optimizer.step()
+        if self.dense_shard is not None:
+            self.dense_shard.all_gather_parameters(stats=self.topology.stats)
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.strategy, "step_end"):
             self.strategy.step_end(self.layers, self.optimizer)
@@ -73,6 +115,7 @@ class Engine:
 
 
 OPTIMIZER_IMPLS = ("fused", "foreach", "single")
+DENSE_OPTIMIZERS = ("auto", "sharded", "replicated")
 
 
 def build_adamw(params, impl: str = "fused", **kwargs) -> torch.optim.AdamW:

@@ -28,11 +28,13 @@ def param_counts(model: MoETransformer) -> dict:
 
 
 def expert_state_estimate(model, strategy: str, world: int, ep_size: int | None = None,
-                          memory_slots: int | None = None) -> dict:
+                          memory_slots: int | None = None, dense_optimizer: str = "auto") -> dict:
     """Bytes per rank of parameters + gradients + AdamW state (fp32: 4 + 4 + 8 per element) for any
     model with MoELayers, plus the transient full expert weights of one layer the strategy
-    materializes. Dense parameters are replicated; routed experts are kept whole (local, dp), split
-    over the EP group (ep), or sharded over the world (fsdp, fssdp). Works on meta models."""
+    materializes. Dense parameters are replicated, their AdamW state too unless the dense optimizer
+    is sharded (parallel.dense_optimizer; "auto" shards it under fssdp); routed experts are kept
+    whole (local, dp), split over the EP group (ep), or sharded over the world (fsdp, fssdp).
+    Works on meta models."""
     from hecate.moe.layer import MoELayer
 
     total = sum(p.numel() for p in model.parameters())
@@ -53,7 +55,11 @@ def expert_state_estimate(model, strategy: str, world: int, ep_size: int | None 
             slots = memory_slots or math.ceil(E / world)
             kept += math.ceil(n / world)
             transient = max(transient, n * min(E, math.ceil(E / world) + slots) // E)
-    state = 16 * (total - routed + kept)
+    sharded = dense_optimizer == "sharded" or (dense_optimizer == "auto" and strategy == "fssdp")
+    dense = total - routed
+    # fp32 param + grad (4 + 4) per dense element, AdamW's two moments (8) on 1/W when sharded.
+    dense_bytes = 8 * dense + (math.ceil(8 * dense / world) if sharded and world > 1 else 8 * dense)
+    state = 16 * kept + dense_bytes
     return {"world_size": world, "strategy": strategy, "param_state_bytes": state,
             "transient_expert_bytes": 4 * transient, "total_bytes": state + 4 * transient}
 
@@ -63,7 +69,7 @@ def memory_estimate(cfg, world: int, counts: dict | None = None) -> dict:
     activation term for one micro-batch. An estimate, not a measurement."""
     p = cfg.parallel
     est = expert_state_estimate(build_meta_model(cfg.model), p.strategy, world, p.ep_size,
-                                p.fssdp.memory_slots)
+                                p.fssdp.memory_slots, p.dense_optimizer)
     m, d = cfg.model, cfg.data
     tokens = d.batch_size * d.seq_len
     activations = 4 * tokens * (m.n_layers * m.d_model * 16 + 2 * m.vocab_size)

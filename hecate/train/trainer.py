@@ -106,7 +106,7 @@ class Trainer:
         o = cfg.optim
         self.engine = Engine(self.model, self.strategy, self.topology, lr=o.lr, weight_decay=o.weight_decay,
                              betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm,
-                             optimizer_impl=o.impl)
+                             optimizer_impl=o.impl, dense_optimizer=cfg.parallel.dense_optimizer)
         self.tokenizer = self._build_tokenizer(resume)
         self.data = build_data(cfg, self.tokenizer)
         self.val = self.data.val_batches(cfg.train.eval_batches, self.rank, self.world)

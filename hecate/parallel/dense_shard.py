@@ -1,0 +1,133 @@
+"""Data parallelism for the dense parameters with a sharded optimizer (ZeRO stage 1).
+
+Every rank keeps the full dense weights (attention, embeddings, norms, routers: every
+forward needs them) but AdamW state for only 1/W of them:
+
+* the dense parameters become views of one flat buffer, padded to W equal shards;
+  rank r's shard is a Parameter over flat[r*n:(r+1)*n] (a view, no copy), and it is
+  the only dense tensor the optimizer sees;
+* after backward the flat gradient is reduce-scattered (sum, then / W: the same
+  average as the replicated all-reduce), so each rank holds its shard's gradient;
+* after the optimizer step the shards are all-gathered back into the flat buffer,
+  so every rank's dense weights are current again.
+
+Bytes are those of the replicated all-reduce (a ring all-reduce is a reduce-scatter
+plus an all-gather), and the dense optimizer state shrinks from 2x to 2x/W of the
+dense parameters. AdamW is elementwise, so stepping flat shards equals stepping the
+parameters one by one (tests/test_dense_shard.py checks it against a single process).
+
+Why not FSDP2 for the dense part: it would also shard the dense weights, paying an
+all-gather before every layer; MoE models keep most parameters in experts, which
+FSSDP already shards, so the dense weights are cheap to keep whole.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hecate.comm.all_to_all import all_gather_flat
+
+
+class DenseShard:
+    """The flat dense buffer of one rank and its optimizer shard (see module docstring)."""
+
+    def __init__(self, params: list[nn.Parameter], rank: int, world_size: int, group=None):
+        if not params:
+            raise ValueError("DenseShard needs at least one dense parameter")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"parallel.dense_optimizer=sharded needs every dense parameter in one dtype on "
+                             f"one device, got dtypes {sorted(map(str, dtypes))} on {sorted(map(str, devices))}; "
+                             "cast the model first or use parallel.dense_optimizer=replicated")
+        self.params, self.rank, self.world_size, self.group = params, rank, world_size, group
+        self.numel = sum(p.numel() for p in params)
+        self.shard_numel = math.ceil(self.numel / world_size)
+        p0 = params[0]
+        self.flat = torch.zeros(self.shard_numel * world_size, dtype=p0.dtype, device=p0.device)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
+                p.data = self.flat[offset:offset + n].view_as(p)
+                offset += n
+        lo = rank * self.shard_numel
+        # A Parameter over the rank's slice of the flat buffer: the optimizer updates it in place.
+        self.shard = nn.Parameter(self.flat[lo:lo + self.shard_numel], requires_grad=True)
+
+    @property
+    def shard_range(self) -> tuple[int, int]:
+        lo = self.rank * self.shard_numel
+        return lo, lo + self.shard_numel
+
+    def reduce_scatter_gradients(self, stats=None) -> None:
+        """Sum every rank's dense gradients into the owners of their shards, divide by W."""
+        grad_flat = torch.zeros_like(self.flat)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.grad is not None:
+                grad_flat[offset:offset + n].copy_(p.grad.reshape(-1))
+            p.grad = None  # the shard's gradient is all this rank keeps
+            offset += n
+        out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        scatter(out, grad_flat, group=self.group)
+        out /= self.world_size
+        self.shard.grad = out
+        self._record(stats, "dense.reduce_scatter")
+
+    def all_gather_parameters(self, stats=None) -> None:
+        """Every rank's updated shard into every rank's flat buffer (and so its dense params)."""
+        mine = self.shard.detach().clone()  # input and output of the gather must not alias
+        all_gather_flat(self.flat, mine, group=self.group)
+        self._record(stats, "dense.all_gather")
+
+    def _record(self, stats, name: str) -> None:
+        if stats is not None:
+            crossing = (self.world_size - 1) * self.shard_numel * self.flat.element_size()
+            stats.record(name, crossing, crossing)
+
+    # ---- optimizer state in per-parameter form (checkpoints) --------------------------------
+    def full_state(self, shard_state: dict) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+        """Collective: the shard's optimizer state gathered into per-parameter tensors."""
+        out = {p: {} for p in self.params}
+        for k in sorted(shard_state):  # same order on every rank
+            v = shard_state[k]
+            if torch.is_tensor(v) and v.shape == self.shard.shape:
+                flat = torch.empty_like(self.flat, dtype=v.dtype)
+                all_gather_flat(flat, v.detach().contiguous(), group=self.group)
+                offset = 0
+                for p in self.params:
+                    out[p][k] = flat[offset:offset + p.numel()].view_as(p).clone()
+                    offset += p.numel()
+            else:
+                for p in self.params:
+                    out[p][k] = v.clone() if torch.is_tensor(v) else v
+        return out
+
+    def shard_state(self, states: dict[nn.Parameter, dict[str, torch.Tensor]]) -> dict:
+        """Per-parameter optimizer state (every parameter present) -> this rank's shard state."""
+        missing = [i for i, p in enumerate(self.params) if p not in states]
+        if missing:
+            raise ValueError(f"dense optimizer state is missing for {len(missing)} of {len(self.params)} dense "
+                             "parameters; a checkpoint holds all or none of them")
+        keys = set(states[self.params[0]])
+        out = {}
+        lo, hi = self.shard_range
+        for k in sorted(keys, key=lambda k: (k != "step", k)):
+            first = states[self.params[0]][k]
+            if torch.is_tensor(first) and first.shape == self.params[0].shape:
+                flat = torch.zeros_like(self.flat, dtype=first.dtype)
+                offset = 0
+                for p in self.params:
+                    flat[offset:offset + p.numel()].copy_(states[p][k].reshape(-1))
+                    offset += p.numel()
+                out[k] = flat[lo:hi].clone()
+            else:
+                out[k] = first.clone() if torch.is_tensor(first) else first
+        return out
