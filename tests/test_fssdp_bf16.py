@@ -78,3 +78,34 @@ def test_grouped_mlp_computes_in_autocast_dtype_and_returns_input_dtype():
     torch.testing.assert_close(y, want, rtol=0, atol=0)
     y.sum().backward()
     assert w1.grad.dtype == torch.float32 and w2.grad.dtype == torch.float32
+
+
+def _bf16_training_case(rank, world, steps):
+    from tests.training_cases import train_side_by_side
+
+    torch.manual_seed(0)
+    base = MoETransformer(tiny_config())
+
+    def loss_of(model, step, r):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.loss(*batch(step, r, True))[0]
+
+    # Prefetch (from step 2 on, with load history), overlap_reduce and RM on; replicas kept
+    # (fit_replicas off: this tiny model's tokens are cheaper to move than its chunks).
+    options = {"overlap_degree": 2, "fit_replicas": False}
+    strat, out = train_side_by_side(rank, world, base, "fssdp", options, steps, loss_of,
+                                    lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, eps=1e-6)
+    out["prefetched_layers"] = strat.timings.get("prefetched_layers", 0)
+    return out
+
+
+def test_fssdp_bf16_training_with_prefetch_tracks_single_process():
+    for out in run_distributed(_bf16_training_case, 2, 4):
+        losses, ref = out["losses"]
+        for a, b in zip(losses, ref):
+            assert abs(a - b) < 2e-2 * abs(b)
+        assert out["prefetched_layers"] > 0  # the bf16 prefetch path ran
+        experts, ref_experts = out["experts"]
+        for got, want in zip(experts, ref_experts):
+            for n in want:
+                torch.testing.assert_close(got[n], want[n], rtol=5e-2, atol=5e-3)
