@@ -51,6 +51,13 @@ def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
     gather(out, x, group=group)
 
 
+def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
+    """Sum every rank's `x` and keep this rank's equal slice in `out` (reduce_scatter_single
+    where torch has it)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, x, group=group)
+
+
 def exchange_splits(send_splits: list[int], group=None) -> list[int]:
     """Tell every rank how many rows it will receive from each peer (a small all_to_all)."""
     send = torch.tensor(send_splits, dtype=torch.int64, device=comm_device(group))

@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from hecate.comm.all_to_all import all_gather_flat
+from hecate.comm.all_to_all import all_gather_flat, reduce_scatter_flat
 
 
 class DenseShard:
@@ -48,13 +47,14 @@ class DenseShard:
         self.shard_numel = math.ceil(self.numel / world_size)
         p0 = params[0]
         self.flat = torch.zeros(self.shard_numel * world_size, dtype=p0.dtype, device=p0.device)
-        offset = 0
+        starts = [0]
+        for p in params:
+            starts.append(starts[-1] + p.numel())
+        self.slices = [(p, slice(a, b)) for p, a, b in zip(params, starts, starts[1:])]  # p's range in flat
         with torch.no_grad():
-            for p in params:
-                n = p.numel()
-                self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.flat[offset:offset + n].view_as(p)
-                offset += n
+            for p, where in self.slices:
+                self.flat[where].copy_(p.detach().reshape(-1))
+                p.data = self.flat[where].view_as(p)
         lo = rank * self.shard_numel
         # A Parameter over the rank's slice of the flat buffer: the optimizer updates it in place.
         self.shard = nn.Parameter(self.flat[lo:lo + self.shard_numel], requires_grad=True)
@@ -67,16 +67,12 @@ class DenseShard:
     def reduce_scatter_gradients(self, stats=None) -> None:
         """Sum every rank's dense gradients into the owners of their shards, divide by W."""
         grad_flat = torch.zeros_like(self.flat)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
+        for p, where in self.slices:
             if p.grad is not None:
-                grad_flat[offset:offset + n].copy_(p.grad.reshape(-1))
+                grad_flat[where].copy_(p.grad.reshape(-1))
             p.grad = None  # the shard's gradient is all this rank keeps
-            offset += n
         out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
-        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        scatter(out, grad_flat, group=self.group)
+        reduce_scatter_flat(out, grad_flat, group=self.group)
         out /= self.world_size
         self.shard.grad = out
         self._record(stats, "dense.reduce_scatter")
@@ -101,10 +97,8 @@ class DenseShard:
             if torch.is_tensor(v) and v.shape == self.shard.shape:
                 flat = torch.empty_like(self.flat, dtype=v.dtype)
                 all_gather_flat(flat, v.detach().contiguous(), group=self.group)
-                offset = 0
-                for p in self.params:
-                    out[p][k] = flat[offset:offset + p.numel()].view_as(p).clone()
-                    offset += p.numel()
+                for p, where in self.slices:
+                    out[p][k] = flat[where].view_as(p).clone()
             else:
                 for p in self.params:
                     out[p][k] = v.clone() if torch.is_tensor(v) else v
@@ -123,10 +117,8 @@ class DenseShard:
             first = states[self.params[0]][k]
             if torch.is_tensor(first) and first.shape == self.params[0].shape:
                 flat = torch.zeros_like(self.flat, dtype=first.dtype)
-                offset = 0
-                for p in self.params:
-                    flat[offset:offset + p.numel()].copy_(states[p][k].reshape(-1))
-                    offset += p.numel()
+                for p, where in self.slices:
+                    flat[where].copy_(states[p][k].reshape(-1))
                 out[k] = flat[lo:hi].clone()
             else:
                 out[k] = first.clone() if torch.is_tensor(first) else first

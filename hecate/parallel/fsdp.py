@@ -6,10 +6,10 @@ baseline FSSDP is measured against: its traffic does not depend on routing."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from hecate import ops
+from hecate.comm.all_to_all import all_gather_flat, reduce_scatter_flat
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
 from hecate.parallel.expert_compute import run_experts
 from hecate.parallel.strategy import ExpertStrategy
@@ -17,7 +17,7 @@ from hecate.parallel.strategy import ExpertStrategy
 
 def _gather(shard: torch.Tensor, world: int, group) -> torch.Tensor:
     full = shard.new_empty(shard.numel() * world)
-    dist.all_gather_into_tensor(full, shard.contiguous(), group=group)
+    all_gather_flat(full, shard.contiguous(), group=group)
     return full
 
 
@@ -34,7 +34,7 @@ class _GatherShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full):
         out = grad_full.new_empty(grad_full.numel() // ctx.world)
-        dist.reduce_scatter_tensor(out, grad_full.contiguous(), group=ctx.group)
+        reduce_scatter_flat(out, grad_full.contiguous(), group=ctx.group)
         n = out.numel() * out.element_size()
         ctx.stats.record("fsdp.reduce_scatter", n * (ctx.world - 1), n * (ctx.world - 1))
         return out, None, None, None
