@@ -355,21 +355,22 @@ class FullyShardedSparse(ExpertStrategy):
         the destinations' shares (send_WE[:, e]) in rank order."""
         E = counts_E.numel()
         device = indices_TK.device
-        # Planned on the CPU (the plan lives there); one copy of the small index tensor.
-        flat, counts_E = indices_TK.reshape(-1).cpu(), counts_E.cpu()
+        # Computed where the indices live (no round trip of T x K ids through the host on a
+        # GPU); only the small [E] / [W, E] plan tensors move there.
+        flat, counts_E, send_WE = indices_TK.reshape(-1), counts_E.to(device), send_WE.to(device)
         valid = flat >= 0
         key = torch.where(valid, flat, torch.full_like(flat, E))
         order = torch.sort(key, stable=True).indices
         sorted_e = key[order]
         starts = torch.cumsum(counts_E, 0) - counts_E
         starts = torch.cat([starts, starts.new_zeros(1)])
-        pos = torch.arange(flat.numel()) - starts[sorted_e]
-        ends_EW = torch.cat([send_WE.T.cumsum(1), torch.zeros(1, send_WE.shape[0], dtype=torch.int64)])
+        pos = torch.arange(flat.numel(), device=device) - starts[sorted_e]
+        ends_EW = torch.cat([send_WE.T.cumsum(1), send_WE.new_zeros(1, send_WE.shape[0])])
         dst_sorted = (pos.unsqueeze(1) >= ends_EW[sorted_e]).sum(1)
         dst = torch.empty_like(flat)
         dst[order] = dst_sorted
         bins = torch.where(valid, dst * E + flat, torch.full_like(flat, -1))
-        return bins.view(indices_TK.shape).to(device)
+        return bins.view(indices_TK.shape)
 
     # ---- backward / optimizer ---------------------------------------------------------------
     def finish_backward(self, layers) -> None:
