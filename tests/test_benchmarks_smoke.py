@@ -58,3 +58,12 @@ def test_moe_layer_smoke_without_deepspeed():
     for case in out["cases"].values():
         assert case["hecate"]["time_s"] > 0 and case["hecate"]["peak_bytes_per_rank"] > 0
         assert "deepspeed" not in case
+
+
+def test_optimizer_smoke():
+    out, _ = run_json("optimizer.py", "--steps", "1", "--warmup", "0", "--chunks", "2", "--chunk-numel", "1000",
+                      "--dense", "3", "--dense-numel", "100")
+    assert set(out["results"]) == {"single", "foreach", "fused"}
+    assert out["elements"] == 2 * 2 * 1000 + 3 * 100
+    for r in out["results"].values():
+        assert r["step_ms"] > 0 and r["max_abs_diff_vs_single"] < 1e-5

@@ -33,8 +33,7 @@ class Engine:
         if dense_optimizer == "sharded" and self.distributed:
             from hecate.parallel.dense_shard import DenseShard
 
-            expert_ids = {id(p) for layer in self.layers for p in strategy.expert_parameters(layer)}
-            dense = [p for p in dense_parameters(model) if id(p) not in expert_ids]
+            dense = self._dense_parameters()
             if dense:
                 self.dense_shard = DenseShard(dense, self.topology.rank, self.topology.world_size)
                 dense_ids = {id(p) for p in dense}
@@ -55,11 +54,15 @@ class Engine:
             all_reduce_dense_gradients(self.model, stats=self.topology.stats)
         self.strategy.finish_backward(self.layers)
 
+    def _dense_parameters(self) -> list:
+        # By identity: `local` does not mark its experts as expert parameters.
+        expert_ids = {id(p) for layer in self.layers for p in self.strategy.expert_parameters(layer)}
+        return [p for p in dense_parameters(self.model) if id(p) not in expert_ids]
+
     def grad_norm(self) -> float:
         """Global L2 norm over dense and expert gradients, every shard of every rank counted once."""
         expert_params = [p for layer in self.layers for p in self.strategy.expert_parameters(layer)]
-        expert_ids = {id(p) for p in expert_params}  # `local` does not mark its experts: go by identity
-        dense = [p.grad for p in dense_parameters(self.model) if p.grad is not None and id(p) not in expert_ids]
+        dense = [p.grad for p in self._dense_parameters() if p.grad is not None]
         experts = [p.grad for p in expert_params if p.grad is not None and p.grad.numel()]
         # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64.
         dense_sq = _sum_of_squares(dense)
@@ -85,9 +88,7 @@ class Engine:
     def dense_optimizer_state(self) -> dict:
         """{dense parameter: its AdamW state} in per-parameter form (collective when sharded)."""
         if self.dense_shard is None:
-            expert_ids = {id(p) for layer in self.layers for p in self.strategy.expert_parameters(layer)}
-            return {p: self.optimizer.state[p] for p in dense_parameters(self.model)
-                    if id(p) not in expert_ids and p in self.optimizer.state}
+            return {p: self.optimizer.state[p] for p in self._dense_parameters() if p in self.optimizer.state}
         state = self.optimizer.state.get(self.dense_shard.shard, {})
         if not state:
             return {}
@@ -121,9 +122,9 @@ DENSE_OPTIMIZERS = ("auto", "sharded", "replicated")
 def build_adamw(params, impl: str = "fused", **kwargs) -> torch.optim.AdamW:
     """AdamW with one of torch's implementations (config key optim.impl).
 
-    "fused" (default) updates each tensor in one pass (3x faster than "single" on CPU for
-    MoE-sized rows, see docs/training.md); it falls back to "single" where torch has no fused
-    kernel for a parameter's device or dtype. Every implementation is elementwise, so a
+    "fused" (default) updates each tensor in one pass (benchmarks/optimizer.py compares the
+    three); it falls back to "single" where torch has no fused kernel for a parameter's
+    device or dtype. Every implementation is elementwise, so a
     sharded run still matches a single process: an element sees the same arithmetic
     whichever rank or tensor holds it (the tests check this within fp32 tolerance).
     """
