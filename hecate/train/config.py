@@ -33,6 +33,10 @@ class FssdpOptions:
     rematerialize: bool = True
     reshard_interval: int = 100
     calibrate: bool = False
+    fit_replicas: bool = True
+    prefetch: bool = True
+    overlap_reduce: bool = True
+    balance_compute: bool = True
 
 
 @dataclass

@@ -63,8 +63,7 @@ def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
     if p.strategy == "ep":
         options = {"ep_size": p.ep_size}
     elif p.strategy == "fssdp":
-        options = {k: getattr(p.fssdp, k) for k in ("policy", "window", "memory_slots", "overlap_degree",
-                                                      "rematerialize", "reshard_interval", "calibrate")}
+        options = dict(vars(p.fssdp))  # every FssdpOptions field is a FullyShardedSparse option
     else:
         options = {}
     strategy = build_strategy(p.strategy, None if p.strategy == "local" else topology, **options)

@@ -93,3 +93,59 @@ def rank_splits(routes_WEW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < W:
         raise ValueError(f"rank must be an int in [0, {W}), got {rank!r}")
     return routes_WEW[rank].T.contiguous(), routes_WEW[:, :, rank].contiguous()
+
+
+def balance_routes(routes_WEW: torch.Tensor, holders_WE: torch.Tensor, node_of_W: torch.Tensor,
+                   tolerance: float = 0.02, min_rows: int = 16) -> torch.Tensor:
+    """Shift tokens among replicas on one node so that no rank computes far more rows than another.
+
+    Local-first routes keep every source's tokens of a replicated expert at home, and send
+    the tokens of experts that are not replicated to their owners, so the ranks' expert
+    rows can differ even with hot experts replicated; the rank with the most rows then
+    sets the pace of every token exchange. Repeatedly, the rank h with the most rows hands
+    half the gap to the least loaded rank l on its node that holds an expert h serves
+    (ascending expert id; first tokens from third ranks, which costs no extra traffic,
+    then h's own, which then cross to l). It stops when the gap is within
+    max(min_rows, tolerance x mean rows) or no such pair exists. Never across nodes.
+
+    Keeps routes.sum(-1) (every token routed once) and routes only to holders. A pure
+    function of its inputs, so every rank computes the same result.
+    """
+    routes = to_numpy(routes_WEW, "routes_WEW", ndim=3).copy()
+    holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
+    nodes = node_array(node_of_W)
+    W, E = holders.shape
+    if routes.shape != (W, E, W):
+        raise ValueError(f"routes_WEW must be [W, E, W] = {(W, E, W)}, got {routes.shape}")
+    load = routes.sum(axis=(0, 1))  # rows each rank computes
+    slack = max(min_rows, int(tolerance * load.sum() / max(W, 1)))
+    for _ in range(W * E):
+        h = int(np.argmax(load))  # ties: the lowest rank
+        moved = 0
+        for lo in np.argsort(load, kind="stable"):
+            lo = int(lo)
+            if lo == h or nodes[lo] != nodes[h] or load[h] - load[lo] <= slack:
+                continue
+            moved = _shift(routes, holders, h, lo, int(load[h] - load[lo]) // 2)
+            if moved:
+                load[h] -= moved
+                load[lo] += moved
+                break
+        if not moved:
+            break
+    return torch.from_numpy(routes)
+
+
+def _shift(routes: np.ndarray, holders: np.ndarray, h: int, lo: int, want: int) -> int:
+    """Move up to `want` of the rows rank h serves to rank lo (experts both hold); return how many."""
+    W = routes.shape[0]
+    moved = 0
+    for e in np.nonzero(holders[h] & holders[lo])[0]:
+        for s in [s for s in range(W) if s != h] + [h]:  # third ranks' tokens first: no new traffic
+            take = min(int(routes[s, e, h]), want - moved)
+            routes[s, e, h] -= take
+            routes[s, e, lo] += take
+            moved += take
+            if moved == want:
+                return moved
+    return moved

@@ -38,7 +38,7 @@ from hecate.parallel.fssdp.overlap import PendingGather
 from hecate.parallel.fssdp.load import LoadPredictor
 from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
 from hecate.parallel.fssdp.plan import Plan, build_plan
-from hecate.parallel.fssdp.routes import token_routes
+from hecate.parallel.fssdp.routes import balance_routes, token_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
 from hecate.parallel.strategy import ExpertStrategy
 
@@ -94,6 +94,10 @@ class FullyShardedSparse(ExpertStrategy):
         routing is known, so it is planned on predicted load (and fitted with each rank's
         predicted tokens); the routes still use the real counts. Not used with the
         current-batch policies (shadowing, calibration), which need the real counts.
+    balance_compute: after the local-first routes, shift tokens of replicated experts from
+        the rank with the most expert rows to less loaded replicas on its node, until the
+        ranks' rows differ by at most 2% (routes.balance_routes). The slowest rank sets the
+        pace of every token exchange; the price is the token bytes of the rows that move.
     """
 
     name = "fssdp"
@@ -101,7 +105,8 @@ class FullyShardedSparse(ExpertStrategy):
     def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
                  reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
-                 overlap_reduce: bool = True, fit_replicas: bool = True, prefetch: bool = True):
+                 overlap_reduce: bool = True, fit_replicas: bool = True, prefetch: bool = True,
+                 balance_compute: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -127,6 +132,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._chunks_attached = 0
         self.overlap_reduce = overlap_reduce
         self.fit_replicas = fit_replicas
+        self.balance_compute = balance_compute
         self.prefetch = prefetch and policy == "hecate" and not calibrate
         self._layers: list = []
         self._last_spec = None
@@ -218,6 +224,9 @@ class FullyShardedSparse(ExpertStrategy):
                               self.capacity_m(layer.expert_layout.num_experts))
             if self.fit_replicas:
                 plan = self._fit(plan, counts_WE, layer.expert_layout, token_bytes)
+        if self.balance_compute and bool((plan.holders_WE.sum(0) > 1).any()):
+            plan = Plan(plan.owner_E, plan.holders_WE,
+                        balance_routes(plan.routes_WEW, plan.holders_WE, self.node_of_W))
         state.rank_history.append(counts_WE.to(torch.float64))
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
