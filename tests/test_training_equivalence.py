@@ -58,3 +58,11 @@ def test_fssdp_default_options_train_like_single_process():
     the P1 == P0 path (no spAG / spRS at all)."""
     results = run_distributed(train_case, 2, "fssdp", {}, 5)
     check_training(results)
+
+
+def test_fssdp_compute_balanced_routes_train_like_single_process():
+    """balance_compute moves tokens between replicas (the math must not notice)."""
+    results = run_distributed(train_case, 3, "fssdp", {"overlap_degree": 2, "fit_replicas": False,
+                                                       "balance_compute": True}, 5, skew=True)
+    check_training(results)
+    assert results[0]["timings"].get("balanced_rows", 0) > 0, "skewed routing should have needed balancing"

@@ -36,7 +36,7 @@ class FssdpOptions:
     fit_replicas: bool = True
     prefetch: bool = True
     overlap_reduce: bool = True
-    balance_compute: bool = True
+    balance_compute: bool = False
 
 
 @dataclass

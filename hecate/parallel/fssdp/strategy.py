@@ -97,7 +97,9 @@ class FullyShardedSparse(ExpertStrategy):
     balance_compute: after the local-first routes, shift tokens of replicated experts from
         the rank with the most expert rows to less loaded replicas on its node, until the
         ranks' rows differ by at most 2% (routes.balance_routes). The slowest rank sets the
-        pace of every token exchange; the price is the token bytes of the rows that move.
+        pace of every token exchange; the price is the token bytes of the rows that move
+        (off by default: in benchmarks/strategies.py it bought ~5% step time for 8% more
+        expert bytes, see docs/results.md; worth it where links are fast against compute).
     """
 
     name = "fssdp"
@@ -106,7 +108,7 @@ class FullyShardedSparse(ExpertStrategy):
                  overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
                  reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
                  overlap_reduce: bool = True, fit_replicas: bool = True, prefetch: bool = True,
-                 balance_compute: bool = True):
+                 balance_compute: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
         if window < 1:
@@ -225,8 +227,10 @@ class FullyShardedSparse(ExpertStrategy):
             if self.fit_replicas:
                 plan = self._fit(plan, counts_WE, layer.expert_layout, token_bytes)
         if self.balance_compute and bool((plan.holders_WE.sum(0) > 1).any()):
-            plan = Plan(plan.owner_E, plan.holders_WE,
-                        balance_routes(plan.routes_WEW, plan.holders_WE, self.node_of_W))
+            balanced = balance_routes(plan.routes_WEW, plan.holders_WE, self.node_of_W)
+            self.timings["balanced_rows"] = (self.timings.get("balanced_rows", 0)
+                                             + int((balanced - plan.routes_WEW).clamp(min=0).sum()))
+            plan = Plan(plan.owner_E, plan.holders_WE, balanced)
         state.rank_history.append(counts_WE.to(torch.float64))
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
