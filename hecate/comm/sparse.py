@@ -144,6 +144,12 @@ class PendingExchange:
     def __init__(self, work, send_nS, finish):
         self._work, self._send, self._finish = work, send_nS, finish
 
+    def then(self, fn) -> "PendingExchange":
+        """Apply `fn` to the result when it is complete (wait() returns fn(result))."""
+        finish = self._finish
+        self._finish = lambda: fn(finish())
+        return self
+
     def wait(self) -> tuple[torch.Tensor, float]:
         """Block until the rows arrived; return (result, seconds spent blocked)."""
         start = time.perf_counter()
@@ -156,36 +162,26 @@ class PendingExchange:
 
 
 def start_spag(owned_OS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
-    """Pack the owned chunks bound for other ranks and start their exchange (Python issuer)."""
-    S, device = owned_OS.shape[1], owned_OS.device
-    send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(device))
-    recv_nS = owned_OS.new_empty((sum(plan.recv_counts), S))
-    out_MS = owned_OS.new_empty((plan.held_ids.numel(), S))
+    """Start an spAG (Python issuer); `wait()` returns every held chunk, [M, S] ascending id:
+    the replica exchange below, with the owned rows and the arrivals unpacked into one buffer."""
+    device = owned_OS.device
+    out_MS = owned_OS.new_empty((plan.held_ids.numel(), owned_OS.shape[1]))
     ops.unpack_chunks(owned_OS, plan.owned_rows_M.to(device), out_MS)
-    work = dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.recv_counts,
-                                  input_split_sizes=plan.send_counts, group=group, async_op=async_op)
 
-    def finish():
-        ops.unpack_chunks(recv_nS, plan.recv_rows.to(device), out_MS)
+    def place(recv_RS):
+        ops.unpack_chunks(recv_RS, plan.recv_rows.to(device), out_MS)
         return out_MS
 
-    return PendingExchange(work, send_nS, finish)
+    return start_replica_gather(owned_OS, plan, group, async_op).then(place)
 
 
 def start_sprs(grads_MS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
-    """Pack the gradients of non-owned chunks for their owners and start the exchange."""
-    S, device = grads_MS.shape[1], grads_MS.device
-    send_nS = ops.pack_chunks(grads_MS, plan.recv_rows.to(device))
-    recv_nS = grads_MS.new_empty((sum(plan.send_counts), S))
+    """Start an spRS from the gradients of every held chunk ([M, S], ascending id): the owned
+    rows are the owner's own contribution, the others travel to their owners."""
+    device = grads_MS.device
+    replicas_RS = ops.pack_chunks(grads_MS, plan.recv_rows.to(device))  # plan.recv_ids order
     out_OS = ops.pack_chunks(grads_MS, plan.owned_rows_M.to(device))  # own contribution first
-    work = dist.all_to_all_single(recv_nS, send_nS, output_split_sizes=plan.send_counts,
-                                  input_split_sizes=plan.recv_counts, group=group, async_op=async_op)
-
-    def finish():
-        ops.scatter_add_chunks(recv_nS, plan.send_rows.to(device), out_OS)
-        return out_OS
-
-    return PendingExchange(work, send_nS, finish)
+    return start_replica_reduce(replicas_RS, out_OS, plan, group, async_op)
 
 
 def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = False,
