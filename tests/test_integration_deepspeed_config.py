@@ -25,8 +25,12 @@ def test_full_translation():
     assert o["warmup_steps"] == 20 and o["min_lr"] == pytest.approx(2e-4) and t["steps"] == 200
     assert t["bf16"] is True and o["max_grad_norm"] == 1.5
     assert any("stage=2" in n for n in notes) and any("overlap_comm" in n for n in notes)
+    assert sections["parallel"] == {"dense_optimizer": "sharded"}  # ZeRO 1/2: sharded optimizer state
     cfg = deepspeed_to_train_config(BASE, 2, base={"parallel": {"strategy": "fssdp"}})
     assert cfg.optim.grad_accum == 4 and cfg.data.batch_size == 4 and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.parallel.strategy == "fssdp" and cfg.parallel.dense_optimizer == "sharded"
+    zero0 = dict(BASE, zero_optimization={"stage": 0})
+    assert translate_deepspeed_config(zero0, 2)[0]["parallel"] == {"dense_optimizer": "replicated"}
 
 
 @pytest.mark.parametrize("keys,expect", [

@@ -148,7 +148,7 @@ def _scheduler(sched: Any, optim: dict, train: dict, problems: list) -> None:
         problems.append(f"scheduler.params.{extra}: not supported")
 
 
-def _zero(zero: Any, notes: list, problems: list) -> None:
+def _zero(zero: Any, parallel: dict, notes: list, problems: list) -> None:
     if not isinstance(zero, dict):
         problems.append(f"zero_optimization: must be a mapping, got {zero!r}")
         return
@@ -157,9 +157,12 @@ def _zero(zero: Any, notes: list, problems: list) -> None:
     if stage not in (0, 1, 2):
         problems.append(f"zero_optimization.stage={stage!r}: stages 0-2 translate; stage 3 shards the dense "
                         "parameters, which Hecate keeps replicated (its experts are sharded by fssdp)")
-    elif stage:
-        notes.append(f"zero_optimization.stage={stage}: shards dense optimizer state/gradients for memory; "
-                     "the update is identical, Hecate keeps the small dense part replicated")
+    else:
+        # Stages 1 and 2 shard the dense optimizer state: Hecate's ZeRO-1 dense optimizer
+        # (its gradients are reduce-scattered too, so stage 2's saving is included).
+        parallel["dense_optimizer"] = "sharded" if stage else "replicated"
+        notes.append(f"zero_optimization.stage={stage}: parallel.dense_optimizer="
+                     f"{parallel['dense_optimizer']}; the update is identical")
     for key in ("offload_optimizer", "offload_param", "cpu_offload"):
         if z.pop(key, None) not in (None, False, {}):
             problems.append(f"zero_optimization.{key}: CPU/NVMe offload is not supported")
@@ -183,7 +186,7 @@ def translate_deepspeed_config(ds_config, world_size: int) -> Tuple[dict, list]:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     ds = copy.deepcopy(ds_config)
     problems, notes = [], []
-    optim, data, train = {}, {}, {}
+    optim, data, train, parallel = {}, {}, {}, {}
     mbs, gas = _batch(ds, world_size, problems)
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         ds.pop(k, None)
@@ -209,7 +212,7 @@ def translate_deepspeed_config(ds_config, world_size: int) -> Tuple[dict, list]:
         problems.append(f"gradient_clipping: must be >= 0, got {clip}")
     optim["max_grad_norm"] = c if c else None
     if "zero_optimization" in ds:
-        _zero(ds.pop("zero_optimization"), notes, problems)
+        _zero(ds.pop("zero_optimization"), parallel, notes, problems)
     if "steps_per_print" in ds:
         train["log_every"] = _int(ds.pop("steps_per_print"), "steps_per_print", problems)
     for key in _TOP_PERF_KEYS:
@@ -229,7 +232,10 @@ def translate_deepspeed_config(ds_config, world_size: int) -> Tuple[dict, list]:
     ratio = optim.pop("_cos_min_ratio", None)
     if ratio is not None:
         optim["min_lr"] = lr * ratio
-    return {"optim": optim, "data": data, "train": train}, notes
+    sections = {"optim": optim, "data": data, "train": train}
+    if parallel:
+        sections["parallel"] = parallel
+    return sections, notes
 
 
 def deepspeed_to_train_config(ds_config, world_size: int, base: Optional[dict] = None):
