@@ -23,11 +23,35 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+# GPU architectures: machine code for A100 (sm_80) and H100/H200 (sm_90), plus compute_90 PTX
+# that the driver JIT-compiles on newer GPUs (without it they would find no kernel image).
+NVCC_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def build_flags(with_cuda: bool) -> dict:
+    """Compile and link flags of hecate._C: {"cxx": [...], "nvcc": [...], "link": [...]}.
+
+    The C++ (ATen) CPU kernels use OpenMP in every build, the CUDA one included (a CUDA
+    build that dropped -fopenmp would run the CPU kernels single-threaded).
+    """
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    flags = {"cxx": cxx, "link": ["-fopenmp"]}
+    if with_cuda:
+        flags["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS]
+    return flags
+
+
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
-    cxx_flags = ["-O3", "-std=c++20"]
     define_macros = []
-    if _want_cuda():
+    with_cuda = _want_cuda()
+    flags = build_flags(with_cuda)
+    compile_args = {k: v for k, v in flags.items() if k != "link"}
+    if with_cuda:
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros.append(("HECATE_WITH_CUDA", "1"))
         return cpp_extension.CUDAExtension(
@@ -35,22 +59,17 @@ def _extension():
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
-            extra_compile_args={
-                "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
-                         "-gencode=arch=compute_80,code=sm_80",
-                         "-gencode=arch=compute_90,code=sm_90"],
-            },
+            extra_compile_args=compile_args,
+            extra_link_args=flags["link"],
         )
     return cpp_extension.CppExtension(
         "hecate._C",
         cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args=compile_args,
+        extra_link_args=flags["link"],
     )
-
 
 setup(
     name="hecate",
