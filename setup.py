@@ -80,13 +80,16 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "rich", "safetensors"],
     extras_require={
         # tokenizers and tensorboard are optional at run time; the test suite covers them.
+        # transformers is the oracle of the Hugging Face conversion tests; wandb's logger is
+        # tested in offline mode.
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "matplotlib", "tokenizers",
-                "tensorboard"],
+                "tensorboard", "transformers>=5.20,<6", "wandb>=0.31,<0.32"],
+        "hf": ["transformers>=5.20,<6"],
         "bpe": ["tokenizers"],
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "megatron": ["megatron-core>=0.16,<0.17"],
-        "wandb": ["wandb"],
+        "wandb": ["wandb>=0.31,<0.32"],
         "apex": [],  # nvidia-apex is built from source on GPU machines; see docs/build.md
     },
     ext_modules=[] if os.environ.get("HECATE_SKIP_EXT") == "1" else [_extension()],
