@@ -49,8 +49,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_FSSDP_OPTIONS = ("policy", "window", "memory_slots", "overlap_degree", "bandwidth", "rematerialize",
-                  "reshard_interval", "calibrate")
 _GROUP_SCALARS = ("lr", "initial_lr", "weight_decay", "betas", "eps")
 
 
@@ -73,9 +71,7 @@ def _strategy_options(strategy) -> dict:
     if strategy.name == "ep":
         return {"ep_size": strategy.ep_size}
     if strategy.name == "fssdp":
-        opts = {k: getattr(strategy, k if k != "policy" else "policy_name") for k in _FSSDP_OPTIONS}
-        opts["bandwidth"] = list(opts["bandwidth"])
-        return opts
+        return strategy.options.to_dict()  # every FssdpOptions field, as the run was given them
     return {}
 
 

@@ -17,26 +17,10 @@ import yaml
 
 from hecate.models.transformer import TransformerConfig
 from hecate.moe.config import MoEConfig
+from hecate.parallel.fssdp.options import FssdpOptions  # the one list of fssdp options
 
 STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp")
 TOKENIZERS = ("byte", "bpe")
-
-
-@dataclass
-class FssdpOptions:
-    """Options of the fssdp strategy (see FullyShardedSparse's docstring)."""
-
-    policy: str = "hecate"
-    window: int = 5
-    memory_slots: Optional[int] = None
-    overlap_degree: Optional[int] = None
-    rematerialize: bool = True
-    reshard_interval: int = 100
-    calibrate: bool = False
-    fit_replicas: bool = True
-    prefetch: bool = True
-    overlap_reduce: bool = True
-    balance_compute: bool = False
 
 
 @dataclass
@@ -176,6 +160,8 @@ def _convert(value: Any, tp, key: str):
             raise TypeError(f"{key} must be a string, got {value!r}")
         return value
     if tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):  # YAML 1.1 reads "1e9" (no dot) as a string
+            value = [_convert(v, float, key) if isinstance(v, str) else v for v in value]
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise TypeError(f"{key} must be a list of numbers, got {value!r}")
@@ -318,12 +304,7 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
            f"={p.strategy!r} must be one of {STRATEGIES}"
            + "".join(f"; did you mean {h!r}?" for h in difflib.get_close_matches(p.strategy, STRATEGIES, n=1)))
     _check(p.nproc >= 1, "parallel.nproc", f"must be >= 1, got {p.nproc}")
-    _check(p.fssdp.policy in ("hecate", "shadowing", "none"), "parallel.fssdp.policy",
-           f"={p.fssdp.policy!r} must be hecate, shadowing or none")
-    _check(p.fssdp.window >= 1, "parallel.fssdp.window", f"must be >= 1, got {p.fssdp.window}")
-    _check(p.fssdp.reshard_interval >= 0, "parallel.fssdp.reshard_interval", "must be >= 0")
-    _check(p.fssdp.memory_slots is None or p.fssdp.memory_slots >= 1, "parallel.fssdp.memory_slots",
-           "must be >= 1 or null")
+    p.fssdp.validate()  # ValueError naming the parallel.fssdp key
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

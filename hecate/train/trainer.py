@@ -63,7 +63,7 @@ def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
     if p.strategy == "ep":
         options = {"ep_size": p.ep_size}
     elif p.strategy == "fssdp":
-        options = dict(vars(p.fssdp))  # every FssdpOptions field is a FullyShardedSparse option
+        options = {"options": p.fssdp}  # the FssdpOptions dataclass, as parsed
     else:
         options = {}
     strategy = build_strategy(p.strategy, None if p.strategy == "local" else topology, **options)

@@ -37,12 +37,12 @@ from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
 from hecate.parallel.fssdp.overlap import PendingGather
 from hecate.parallel.fssdp.load import LoadPredictor
 from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
+from hecate.parallel.fssdp.options import FssdpOptions
 from hecate.parallel.fssdp.plan import Plan, build_plan
 from hecate.parallel.fssdp.routes import balance_routes, token_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
 from hecate.parallel.strategy import ExpertStrategy
 
-POLICIES = ("hecate", "shadowing", "none")
 # Default link speeds (bytes/s) when the user gives none: NVLink / 100 Gbps IB for NCCL,
 # loopback TCP for gloo. They only set the overlap degree t of Algorithm 1.
 DEFAULT_BANDWIDTH = {"nccl": (150e9, 12.5e9), "gloo": (2e9, 1e9)}
@@ -71,18 +71,9 @@ def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 class FullyShardedSparse(ExpertStrategy):
-    """Options (config keys under `parallel.fssdp`):
+    """The fssdp strategy. Its options are one `FssdpOptions` (hecate/parallel/fssdp/options.py,
+    config keys under `parallel.fssdp`); keyword overrides of its fields are accepted too.
 
-    policy: "hecate" (Algorithm 1), "shadowing" (FasterMoE-style, current batch) or "none".
-    window: iterations in the load predictor's sliding window (paper: 5).
-    memory_slots: m, chunks a rank may materialize beyond those it owns (default 2 * ceil(E / W)).
-    overlap_degree: t; None derives it from the measured non-MoE time and the bandwidth.
-    bandwidth: (intra_node, inter_node) bytes/s; None picks a default for the backend.
-    rematerialize: free materialized chunks after forward and gather them again in backward.
-    reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
-    calibrate: Algorithm 1's optional calibration on the current batch's routing.
-    overlap_reduce: issue each layer's spRS asynchronously so it overlaps the backward of
-        earlier layers; the owners' gradients are complete after `finish_backward`.
     fit_replicas: fit P1 to bytes. The plan is made after this batch's counts are
         all-gathered, so a replica the policy proposes on rank d for expert e is kept only
         when moving d's tokens of e would cost more bytes than moving the chunk (tokens
@@ -100,42 +91,40 @@ class FullyShardedSparse(ExpertStrategy):
         pace of every token exchange; the price is the token bytes of the rows that move
         (off by default: in benchmarks/strategies.py it bought ~5% step time for 8% more
         expert bytes, see docs/results.md; worth it where links are fast against compute).
+
+    Process groups come from the topology: token all-to-alls and the counts all-gather on
+    `topology.world_group`, weight gathers (spAG, prefetch, re-gather, re-shard) and
+    gradient reduces (spRS) on `topology.weight_group`, a second communicator over the
+    same ranks so that weight traffic does not queue behind (or in front of) tokens.
     """
 
     name = "fssdp"
+    DEFAULT_BANDWIDTH = DEFAULT_BANDWIDTH
 
-    def __init__(self, topology, policy: str = "hecate", window: int = 5, memory_slots: int | None = None,
-                 overlap_degree: int | None = None, bandwidth=None, rematerialize: bool = True,
-                 reshard_interval: int = 100, calibrate: bool = False, token_compute_s: float = 1e-7,
-                 overlap_reduce: bool = True, fit_replicas: bool = True, prefetch: bool = True,
-                 balance_compute: bool = False):
-        if policy not in POLICIES:
-            raise ValueError(f"parallel.fssdp.policy={policy!r} must be one of {POLICIES}")
-        if window < 1:
-            raise ValueError(f"parallel.fssdp.window must be >= 1, got {window}")
-        if memory_slots is not None and memory_slots < 1:
-            raise ValueError(f"parallel.fssdp.memory_slots must be >= 1, got {memory_slots}")
-        if overlap_degree is not None and overlap_degree < 0:
-            raise ValueError(f"parallel.fssdp.overlap_degree must be >= 0, got {overlap_degree}")
-        if reshard_interval < 0:
-            raise ValueError(f"parallel.fssdp.reshard_interval must be >= 0, got {reshard_interval}")
+    def __init__(self, topology, options: FssdpOptions | None = None, **overrides):
+        if options is not None and not isinstance(options, FssdpOptions):
+            raise TypeError(f"options must be a FssdpOptions (hecate.parallel.fssdp.options), "
+                            f"got {type(options).__name__}")
+        base = options if options is not None else FssdpOptions()
+        self.options = (base.replace(**overrides) if overrides else base).validate()
+        o = self.options
         self.topology = topology
-        self.policy_name, self.window, self.memory_slots = policy, window, memory_slots
-        self.overlap_degree, self.rematerialize = overlap_degree, rematerialize
-        self.reshard_interval, self.calibrate = reshard_interval, calibrate
-        self.token_compute_s = token_compute_s
+        # The planner reads these attributes; they are the options, not a second list of them.
+        self.policy_name, self.window, self.memory_slots = o.policy, o.window, o.memory_slots
+        self.overlap_degree, self.rematerialize = o.overlap_degree, o.rematerialize
+        self.reshard_interval, self.calibrate = o.reshard_interval, o.calibrate
+        self.token_compute_s = o.token_compute_s
         backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
-        self.bandwidth = tuple(bandwidth) if bandwidth is not None else DEFAULT_BANDWIDTH.get(
+        self.bandwidth = o.bandwidth if o.bandwidth is not None else DEFAULT_BANDWIDTH.get(
             backend, DEFAULT_BANDWIDTH["gloo"])
         self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
         self.iteration = 0
         self.reshards = 0
         self._last_exit = None
         self._chunks_attached = 0
-        self.overlap_reduce = overlap_reduce
-        self.fit_replicas = fit_replicas
-        self.balance_compute = balance_compute
-        self.prefetch = prefetch and policy == "hecate" and not calibrate
+        self.overlap_reduce, self.fit_replicas = o.overlap_reduce, o.fit_replicas
+        self.balance_compute = o.balance_compute
+        self.prefetch = o.prefetch and o.policy == "hecate" and not o.calibrate
         self._layers: list = []
         self._last_spec = None
         self._pending: list = []

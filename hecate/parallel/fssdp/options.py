@@ -1,0 +1,93 @@
+"""The options of the fssdp strategy: the one list of them.
+
+The config (`parallel.fssdp` in hecate/train/config.py) parses YAML into this
+dataclass, `FullyShardedSparse` takes it, and checkpoint manifests record it
+(`dataclasses.asdict`). docs/fssdp.md documents exactly these fields; a test
+checks that every documented key parses and reaches the strategy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+POLICIES = ("hecate", "shadowing", "none")
+
+
+@dataclass
+class FssdpOptions:
+    """Options of the fssdp strategy (config keys under `parallel.fssdp`).
+
+    policy: "hecate" (Algorithm 1), "shadowing" (FasterMoE-style, current batch) or "none".
+    window: iterations in the load predictor's sliding window (paper: 5).
+    memory_slots: m, chunks a rank may materialize beyond those it owns (None: 2 * ceil(E / W)).
+    overlap_degree: t; None derives it from the measured non-MoE time and the bandwidth.
+    bandwidth: (intra_node, inter_node) bytes/s for the cost model; None picks a default
+        for the backend (FullyShardedSparse.DEFAULT_BANDWIDTH).
+    token_compute_s: the cost model's seconds of expert compute per routed token.
+    rematerialize: free materialized chunks after forward and gather them again in backward.
+    reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
+    calibrate: Algorithm 1's optional calibration on the current batch's routing.
+    fit_replicas: keep a replica only where it moves fewer bytes than the tokens it saves.
+    prefetch: issue layer l+1's spAG at the end of layer l's forward (policy hecate only,
+        without calibration).
+    overlap_reduce: issue each layer's spRS asynchronously (complete in finish_backward).
+    balance_compute: even out the expert rows ranks compute within a node (routes.balance_routes).
+    """
+
+    policy: str = "hecate"
+    window: int = 5
+    memory_slots: Optional[int] = None
+    overlap_degree: Optional[int] = None
+    bandwidth: Optional[tuple] = None
+    token_compute_s: float = 1e-7
+    rematerialize: bool = True
+    reshard_interval: int = 100
+    calibrate: bool = False
+    fit_replicas: bool = True
+    prefetch: bool = True
+    overlap_reduce: bool = True
+    balance_compute: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth = tuple(float(b) for b in self.bandwidth)
+        self.validate()
+
+    def validate(self) -> "FssdpOptions":
+        """Raise ValueError naming the config key of the first bad option."""
+        key = "parallel.fssdp."
+        if self.policy not in POLICIES:
+            raise ValueError(f"{key}policy={self.policy!r} must be one of {POLICIES}")
+        if self.window < 1:
+            raise ValueError(f"{key}window must be >= 1, got {self.window}")
+        if self.memory_slots is not None and self.memory_slots < 1:
+            raise ValueError(f"{key}memory_slots must be >= 1 or null, got {self.memory_slots}")
+        if self.overlap_degree is not None and self.overlap_degree < 0:
+            raise ValueError(f"{key}overlap_degree must be >= 0 or null, got {self.overlap_degree}")
+        if self.reshard_interval < 0:
+            raise ValueError(f"{key}reshard_interval must be >= 0, got {self.reshard_interval}")
+        if self.bandwidth is not None and (len(self.bandwidth) != 2 or min(self.bandwidth) <= 0):
+            raise ValueError(f"{key}bandwidth must be [intra_node, inter_node] bytes/s, both > 0, "
+                             f"or null for the backend's default; got {list(self.bandwidth)}")
+        if not self.token_compute_s > 0:
+            raise ValueError(f"{key}token_compute_s must be > 0 seconds per token, got {self.token_compute_s}")
+        return self
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "FssdpOptions":
+        """A copy with `changes`; an unknown name is a ValueError listing the valid ones."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise ValueError(f"unknown fssdp option(s) {unknown}; valid: {list(self.names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the checkpoint manifest's record of the run's options)."""
+        d = dataclasses.asdict(self)
+        if d["bandwidth"] is not None:
+            d["bandwidth"] = list(d["bandwidth"])
+        return d
