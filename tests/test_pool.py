@@ -85,3 +85,12 @@ def test_each_task_starts_from_the_same_rng_state():
     first = run_distributed(_draw, 2)
     assert run_distributed(_draw, 2) == first
     assert all(grad_mode for grad_mode, _ in first)
+
+
+def test_health_check_runs_on_the_backend_device(monkeypatch):
+    # NCCL reduces only CUDA tensors: a CPU health check would fail after every failed task.
+    from hecate.testing.pool import health_check_device
+
+    assert health_check_device("gloo") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert health_check_device("nccl") == torch.device("cuda", 3)

@@ -64,9 +64,13 @@ def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
         torch.set_default_dtype(torch.float32)
     timeout = datetime.timedelta(seconds=collective_timeout)
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    device_id = None
     if backend == "nccl":  # one device per rank on a CUDA machine
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        device_id = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
+    # device_id binds NCCL to the device now (eager init) instead of at the first collective.
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device_id)
     conn.send_bytes(pickle.dumps(("ready", None)))
     while True:
         try:
@@ -78,7 +82,7 @@ def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
             break
         if kind == "sync":  # checks the group is still in step after a failed task
             try:
-                t = torch.ones(1)
+                t = torch.ones(1, device=health_check_device(backend))
                 dist.all_reduce(t)
                 conn.send_bytes(pickle.dumps(("ok", int(t.item()))))
             except Exception:  # noqa: BLE001 - reported as unhealthy
@@ -104,6 +108,16 @@ def _worker_main(rank: int, world_size: int, backend: str, host: str, port: int,
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
+
+
+def health_check_device(backend: str):
+    """Where the health check's all-reduce runs: NCCL only reduces CUDA tensors (a CPU
+    tensor would make every check fail, and every failed task rebuild the pool)."""
+    import torch
+
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class _Pool:
