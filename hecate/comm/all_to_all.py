@@ -74,14 +74,20 @@ def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], g
     return out
 
 
+def group_ranks(group) -> list[int] | None:
+    """Global ranks of `group`'s members in group order (None: the group is the world)."""
+    if group is None or group is dist.group.WORLD:
+        return None
+    return list(dist.get_process_group_ranks(group))
+
+
 def _record(stats: CommStats | None, name: str, x: torch.Tensor, send_splits: list[int],
-            recv_splits: list[int], rank: int) -> None:
+            recv_splits: list[int], rank: int, group=None) -> None:
     if stats is None:
         return
     row_bytes = x.element_size() * math.prod(x.shape[1:])
-    sent = sum(n for r, n in enumerate(send_splits) if r != rank) * row_bytes
-    received = sum(n for r, n in enumerate(recv_splits) if r != rank) * row_bytes
-    stats.record(name, sent, received)
+    stats.record_peers(name, [n * row_bytes for n in send_splits], [n * row_bytes for n in recv_splits],
+                       rank, group_ranks(group))
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -90,14 +96,14 @@ class _AllToAllV(torch.autograd.Function):
         ctx.splits = (send_splits, recv_splits)
         ctx.group, ctx.stats, ctx.name = group, stats, name
         rank = dist.get_rank(group)
-        _record(stats, name, x, send_splits, recv_splits, rank)
+        _record(stats, name, x, send_splits, recv_splits, rank, group)
         return _exchange(x, send_splits, recv_splits, group)
 
     @staticmethod
     def backward(ctx, grad_out):
         send_splits, recv_splits = ctx.splits
         rank = dist.get_rank(ctx.group)
-        _record(ctx.stats, ctx.name + ".backward", grad_out, recv_splits, send_splits, rank)
+        _record(ctx.stats, ctx.name + ".backward", grad_out, recv_splits, send_splits, rank, ctx.group)
         return _exchange(grad_out, recv_splits, send_splits, ctx.group), None, None, None, None, None
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from hecate import ops
 from hecate.comm.agreement import AgreementError, check_agreement
-from hecate.comm.all_to_all import group_rank_and_size
+from hecate.comm.all_to_all import group_rank_and_size, group_ranks
 from hecate.comm.stats import CommStats
 
 __all__ = ["SparsePlan", "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter",
@@ -119,9 +119,20 @@ def _resolve_group(group):
     return dist.group.WORLD if group is None else group
 
 
-def _record(stats: CommStats | None, name: str, sent_rows: int, recv_rows: int, row_bytes: int) -> None:
-    if stats is not None:
-        stats.record(name, sent_rows * row_bytes, recv_rows * row_bytes)
+def _record(stats: CommStats | None, name: str, owner_C, holders_WC, rank: int, group, row_bytes: int,
+            reduce: bool = False) -> None:
+    """Count an spAG (spRS when `reduce`) per peer: a gather sends each owned chunk to its
+    other holders and receives each held chunk from its owner; a reduce is the mirror."""
+    if stats is None:
+        return
+    holders_WC, owner_C = holders_WC.cpu(), owner_C.cpu().to(torch.int64)
+    W = holders_WC.shape[0]
+    to_P = holders_WC[:, owner_C == rank].sum(1)
+    from_P = torch.bincount(owner_C[holders_WC[rank]], minlength=W)
+    if reduce:
+        to_P, from_P = from_P, to_P
+    stats.record_peers(name, (to_P * row_bytes).tolist(), (from_P * row_bytes).tolist(), rank,
+                       group_ranks(group))
 
 
 def _pick_issuer(issuer: str | None) -> str:
@@ -239,10 +250,10 @@ def _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
 
         out_MS, held_ids, sent, received = _C.sparse_all_gather_pg(
             _resolve_group(group), owned_OS, owner_C, holders_WC, rank)
-        _record(stats, name, sent, received, row_bytes)
+        _record(stats, name, owner_C, holders_WC, rank, group, row_bytes)
         return out_MS, held_ids
     plan = plan_sparse(owner_C, holders_WC, rank)
-    _record(stats, name, sum(plan.send_counts), sum(plan.recv_counts), row_bytes)
+    _record(stats, name, owner_C, holders_WC, rank, group, row_bytes)
     return _spag_python(owned_OS, plan, group), plan.held_ids
 
 
@@ -253,10 +264,10 @@ def _sprs(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name):
 
         out_OS, sent, received = _C.sparse_reduce_scatter_pg(
             _resolve_group(group), grads_MS, owner_C, holders_WC, rank)
-        _record(stats, name, sent, received, row_bytes)
+        _record(stats, name, owner_C, holders_WC, rank, group, row_bytes, reduce=True)
         return out_OS
     plan = plan_sparse(owner_C, holders_WC, rank)
-    _record(stats, name, sum(plan.recv_counts), sum(plan.send_counts), row_bytes)
+    _record(stats, name, owner_C, holders_WC, rank, group, row_bytes, reduce=True)
     return _sprs_python(grads_MS, plan, group)
 
 

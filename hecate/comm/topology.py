@@ -90,6 +90,8 @@ class Topology:
         self.backend = backend
         # The default byte counters of the collectives issued through this topology.
         self.stats = stats if stats is not None else CommStats()
+        # Lets the counters class every byte as intra- or inter-node.
+        self.stats.set_layout(rank, [r // ranks_per_node for r in range(world_size)])
         self._groups_enabled = initialized if create_groups is None else create_groups
         if self._groups_enabled and not initialized:
             raise ValueError("create_groups=True needs an initialized torch.distributed process group")

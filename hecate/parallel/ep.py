@@ -53,7 +53,7 @@ class ExpertParallel(ExpertStrategy):
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         if stats is not None:  # every peer's `local` counts cross; the own slice stays
             crossing = (ep - 1) * local * send_counts.element_size()
-            stats.record("ep.counts", crossing, crossing)
+            stats.record("ep.counts", crossing, crossing, ranks=self.groups.ep_ranks)
         recv_counts_PG = recv_counts.cpu().view(ep, local)
         send_splits = counts_E.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts_PG.sum(1).tolist()
@@ -78,7 +78,8 @@ class ExpertParallel(ExpertStrategy):
                     dist.all_reduce(p.grad, group=edp)
                     n = p.grad.numel() * p.grad.element_size()
                     k = len(self.groups.edp_ranks)
-                    self.topology.stats.record("ep.edp_all_reduce", 2 * (k - 1) * n // k, 2 * (k - 1) * n // k)
+                    self.topology.stats.record("ep.edp_all_reduce", 2 * (k - 1) * n // k, 2 * (k - 1) * n // k,
+                                               ranks=self.groups.edp_ranks)
                 p.grad /= world
 
     def gather_experts(self, layer, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from hecate.comm.all_to_all import group_ranks
 from hecate.comm.sparse import SparsePlan, start_replica_gather, start_replica_reduce
 
 
@@ -31,7 +32,8 @@ class PendingReduce:
         self.layer = layer
         if stats is not None:
             row = grads_RS.shape[1] * grads_RS.element_size()  # the wire dtype
-            stats.record(name, sum(plan.recv_counts) * row, sum(plan.send_counts) * row)
+            stats.record_peers(name, [n * row for n in plan.recv_counts],
+                               [n * row for n in plan.send_counts], plan.rank, group_ranks(group))
         self._pending = start_replica_reduce(grads_RS, owned_grads_OS, plan, group, async_op=async_op)
 
     def wait(self) -> tuple[torch.Tensor, float]:
@@ -50,7 +52,8 @@ class PendingGather:
         self.plan, self.holders_WE, self.wire_dtype = plan, holders_WE, wire_dtype
         if stats is not None:
             row = owned_OS.shape[1] * (wire_dtype or owned_OS.dtype).itemsize
-            stats.record(name, sum(plan.send_counts) * row, sum(plan.recv_counts) * row)
+            stats.record_peers(name, [n * row for n in plan.send_counts],
+                               [n * row for n in plan.recv_counts], plan.rank, group_ranks(group))
         self._pending = start_replica_gather(owned_OS.detach(), plan, group, async_op=async_op,
                                              wire_dtype=wire_dtype)
 
