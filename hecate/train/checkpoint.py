@@ -323,7 +323,7 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
         strategy.load_experts(layer, layout.unflatten(rows))
         if restore_optim and state and step_t is not None:
             for p, st in local_params_and_state(strategy, layer, state, rank, world):
-                optimizer.state[p] = {"step": step_t.clone().to(torch.float32),
+                optimizer.state[p] = {"step": optimizer_step_tensor(step_t, p, optimizer),
                                       **{k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in st.items()}}
     if restore_optim:
         _restore_dense_optimizer(model, layers, engine, all_tensors, manifest)
@@ -372,6 +372,16 @@ def _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer) -
     strategy.reshards = int(info.get("reshards", 0))
 
 
+def optimizer_step_tensor(step_t: torch.Tensor, p: torch.Tensor, optimizer) -> torch.Tensor:
+    """AdamW's `step` as torch keeps it for `p`: fp32 on the parameter's device for fused and
+    capturable AdamW (their kernels read it there; fused is the default), fp32 on the host
+    otherwise (as torch.optim.Optimizer.load_state_dict places it)."""
+    groups = [g for g in optimizer.param_groups if any(q is p for q in g["params"])]
+    group = groups[0] if groups else optimizer.param_groups[0]  # a sharded dense parameter
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    return step_t.detach().to(device=p.device if on_device else "cpu", dtype=torch.float32).clone()
+
+
 def _restore_dense_optimizer(model, layers, engine, tensors, manifest) -> None:
     optimizer, states = engine.optimizer, {}
     for name, v in _dense_entries(model, layers).items():
@@ -381,7 +391,8 @@ def _restore_dense_optimizer(model, layers, engine, tensors, manifest) -> None:
         st = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         if st:  # "step" first, then sorted: the same key order on every rank and as AdamW's own
             keys = sorted(st, key=lambda k: (k != "step", k))
-            states[v] = {k: (st[k].clone() if k == "step" else st[k].to(device=v.device, dtype=v.dtype).clone())
+            states[v] = {k: (optimizer_step_tensor(st[k], v, optimizer) if k == "step"
+                             else st[k].to(device=v.device, dtype=v.dtype).clone())
                          for k in keys}
     engine.load_dense_optimizer_state(states)  # into the rank's shard when sharded
     groups = manifest["optimizer"].get("param_groups", [])

@@ -70,6 +70,15 @@ def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.int64)[:_DIGEST_WORDS].clone()
 
 
+def kept_rows(new_owner_E: torch.Tensor, held_ids: torch.Tensor, rank: int) -> torch.Tensor:
+    """Mask over the held rows: which of them `rank` owns under the new placement.
+
+    The placement lives on the host, the held ids where the rows are (a GPU): index on
+    the ids' device, as indexing a CPU tensor with CUDA indices raises.
+    """
+    return new_owner_E.to(held_ids.device)[held_ids] == rank
+
+
 class FullyShardedSparse(ExpertStrategy):
     """The fssdp strategy. Its options are one `FssdpOptions` (hecate/parallel/fssdp/options.py,
     config keys under `parallel.fssdp`); keyword overrides of its fields are accepted too.
@@ -118,6 +127,11 @@ class FullyShardedSparse(ExpertStrategy):
         self.bandwidth = o.bandwidth if o.bandwidth is not None else DEFAULT_BANDWIDTH.get(
             backend, DEFAULT_BANDWIDTH["gloo"])
         self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
+        # Tokens (all-to-alls, counts) on the topology's group; weights (spAG, prefetch,
+        # re-gather, re-shard) and gradient reduces (spRS) on a second group over the same
+        # ranks, created here, at the same point on every rank (a collective).
+        self.token_group = topology.world_group
+        self.weight_group = topology.weight_group()
         self.iteration = 0
         self.reshards = 0
         self._last_exit = None
@@ -129,6 +143,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_spec = None
         self._pending: list = []
         self._wire = None  # replicas' dtype on the wire in the current forward (None: fp32 rows)
+        self._token_bytes = None  # bytes of one token row on the wire in the current forward
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
         self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0, "exposed_gather_s": 0.0}
@@ -167,7 +182,7 @@ class FullyShardedSparse(ExpertStrategy):
         intra, inter = self.bandwidth
         cost = CostModel(intra_node_bw=intra, inter_node_bw=inter,
                          chunk_bytes=layout.chunk_numel * self._wire_itemsize(), t_non_moe=non_moe_s,
-                         token_compute_s=self.token_compute_s, token_bytes=layout.shapes[0][-1] * 4)
+                         token_compute_s=self.token_compute_s, token_bytes=self._token_bytes)
         if self.policy_name == "shadowing":
             return ShadowingPolicy(cost)
         if self.overlap_degree is not None:
@@ -182,10 +197,10 @@ class FullyShardedSparse(ExpertStrategy):
         mine = torch.cat([counts_E.cpu(), torch.tensor([state.non_moe_us]), digest])
         from hecate.comm.all_to_all import all_gather_flat, comm_device
 
-        dev = comm_device(None)
+        dev = comm_device(self.token_group)
         W = self.topology.world_size
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
-        all_gather_flat(gathered, mine.to(dev))
+        all_gather_flat(gathered, mine.to(dev), group=self.token_group)
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
             self.topology.stats.record("fssdp.counts", crossing, crossing)
@@ -245,8 +260,8 @@ class FullyShardedSparse(ExpertStrategy):
         if int(holders.sum()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
         sparse = plan_sparse(state.owner_E, holders, self.topology.rank)
-        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, None, self.topology.stats,
-                                         wire_dtype=self._wire)
+        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, self.weight_group,
+                                         self.topology.stats, wire_dtype=self._wire)
 
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         """Fit P1 to bytes: drop replicas whose chunk traffic exceeds the token traffic they
@@ -282,12 +297,13 @@ class FullyShardedSparse(ExpertStrategy):
             layer.fssdp_state.non_moe_us = int((start - self._last_exit) * 1e6)
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
         self._wire = self._wire_dtype(x_TD)
+        self._token_bytes = self._token_wire_bytes(x_TD)
         if self._layers and layer is self._layers[0]:
             self._drop_stale_prefetches()
             self._last_spec = None
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
-        plan = self.plan(layer, counts_E, x_TD.shape[1] * x_TD.element_size())
+        plan = self.plan(layer, counts_E, self._token_bytes)
         send_WE, recv_WE = plan.rank_splits(rank)
         bins_TK = self._destination_bins(indices_TK, counts_E, send_WE)
         x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
@@ -302,10 +318,13 @@ class FullyShardedSparse(ExpertStrategy):
         slot_ids = owned if sparse is None else torch.cat([owned, sparse.recv_ids.cpu()])
         slot_of_E = torch.zeros(E, dtype=torch.int64)
         slot_of_E[slot_ids] = torch.arange(slot_ids.numel())
-        spec = ExchangeSpec(layer, plan.owner_E, plan.holders_WE, send_WE.sum(1).tolist(),
-                            recv_WE.sum(1).tolist(), recv_WE, slot_of_E, None, self.topology.stats,
-                            self.rematerialize, self._pending if self.overlap_reduce else None, rank,
-                            self.timings, sparse, self._wire)
+        spec = ExchangeSpec(layer=layer, owner_E=plan.owner_E, holders_WE=plan.holders_WE,
+                            send_splits=send_WE.sum(1).tolist(), recv_splits=recv_WE.sum(1).tolist(),
+                            recv_WE=recv_WE, slot_of_E=slot_of_E, rank=rank,
+                            rematerialize=self.rematerialize, token_group=self.token_group,
+                            weight_group=self.weight_group, stats=self.topology.stats,
+                            pending=self._pending if self.overlap_reduce else None,
+                            timings=self.timings, sparse_plan=sparse, wire_dtype=self._wire)
         if prefetched is not None and prefetched.wire_dtype != self._wire:
             raise RuntimeError(f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: its prefetched replicas "
                                f"travelled as {prefetched.wire_dtype} but this forward computes with "
@@ -320,9 +339,15 @@ class FullyShardedSparse(ExpertStrategy):
         out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
         nxt = self._next_layer(layer)
         if nxt is not None:
-            self._issue_prefetch(nxt, x_TD.shape[1] * x_TD.element_size())
+            self._issue_prefetch(nxt, self._token_bytes)
         self._last_exit = time.perf_counter()
         return out
+
+    @staticmethod
+    def _token_wire_bytes(x_TD: torch.Tensor) -> int:
+        """Bytes of one token row in the dispatch / combine all-to-alls: the tokens travel
+        in x_TD's dtype (the cost model and the replica fitting price tokens with this)."""
+        return x_TD.shape[1] * x_TD.element_size()
 
     def _wire_itemsize(self) -> int:
         return 4 if self._wire is None else self._wire.itemsize
@@ -393,7 +418,8 @@ class FullyShardedSparse(ExpertStrategy):
         src = layer.expert_chunks.grad if grads else layer.expert_chunks.detach()
         owner = layer.fssdp_state.owner_E
         everyone = torch.ones(self.topology.world_size, owner.numel(), dtype=torch.bool)
-        full, _ = sparse_all_gather(src, owner, everyone, check=False, name="fssdp.gather_experts")
+        full, _ = sparse_all_gather(src, owner, everyone, group=self.weight_group, check=False,
+                                    name="fssdp.gather_experts")
         return {n: t.clone() for n, t in layer.expert_layout.unflatten(full).items()}
 
     @torch.no_grad()
@@ -444,9 +470,9 @@ class FullyShardedSparse(ExpertStrategy):
         holders[old_owner, torch.arange(E)] = True
         holders[new_owner, torch.arange(E)] = True
         with torch.no_grad():
-            held, ids = sparse_all_gather(rows_OS.detach(), old_owner, holders, check=False,
-                                          stats=self.topology.stats, name="fssdp.reshard")
-        return held[new_owner[ids] == rank].clone()
+            held, ids = sparse_all_gather(rows_OS.detach(), old_owner, holders, group=self.weight_group,
+                                          check=False, stats=self.topology.stats, name="fssdp.reshard")
+        return held[kept_rows(new_owner, ids, rank)].clone()
 
     def _move_layer(self, layer, new_owner: torch.Tensor, optimizer) -> None:
         """Move one layer's rows and their optimizer state to the new owners.
