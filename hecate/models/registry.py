@@ -108,8 +108,18 @@ def build_model(arch: str, config, device: str | torch.device = "cpu") -> nn.Mod
         return ARCHITECTURES[arch].build(config)
 
 
+def embedding_parameters(model: nn.Module) -> int:
+    """Parameters of the token/position embedding tables and of an untied output head (`model.head`
+    when it is a Linear): what papers that report "non-embedding" sizes leave out."""
+    n = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and hasattr(model, "embed") and head.out_features == model.embed.num_embeddings:
+        n += sum(p.numel() for p in head.parameters())
+    return n
+
+
 def count_parameters(model: nn.Module) -> dict:
-    """total_params and active_params (per token) of a model, meta tensors included."""
+    """total_params, active_params (per token) and embedding_params of a model, meta tensors included."""
     from hecate.moe.layer import MoELayer
 
     total = sum(p.numel() for p in model.parameters())
@@ -122,4 +132,4 @@ def count_parameters(model: nn.Module) -> dict:
                 n = sum(p.numel() for p in layer.experts.parameters())
                 inactive += n - n * layer.config.top_k // layer.config.num_experts
         active = total - inactive
-    return {"total_params": total, "active_params": active}
+    return {"total_params": total, "active_params": active, "embedding_params": embedding_parameters(model)}

@@ -26,18 +26,21 @@ def _register(name: str, config: dict, description: str) -> None:
     register_preset(name, "transformer", config, description)
 
 
-# ---- GPT-MoE (Hecate paper; GShard top-2, d_ffn = 2 d_model, 64 experts, MoE every other layer) ----
+# ---- GPT-MoE (Hecate paper, Table 1: every FFN replaced by an MoE layer of 64 experts, GShard top-2,
+# d_ffn = 2 d_model, sequence 2048, 12 layers). The table's "Params" (1.84B / 7.36B) counts the
+# transformer layers without the embeddings (hecate.models.paper_sizes checks this). ----
 def gpt_moe(d_model: int, n_heads: int) -> dict:
-    return _lm(d_model, 12, n_heads, 50257, 1024, 2 * d_model,
-               _moe(d_model, 2 * d_model, 64, 2, aux_loss_coeff=0.01), moe_every=2)
+    return _lm(d_model, 12, n_heads, 50257, 2048, 2 * d_model,
+               _moe(d_model, 2 * d_model, 64, 2, aux_loss_coeff=0.01), moe_every=1)
 
 
 _register("gpt-moe-s", gpt_moe(768, 12),
-          "GPT-MoE-S of the Hecate/FSSDP paper (arXiv 2502.02581): d 768, 12 layers, 64 experts, "
-          "GShard top-2, d_ffn = 2 d; MoE every other layer, GPT-2 vocab, seq 1024, dropless (ours)")
+          "GPT-MoE-S of the Hecate/FSSDP paper (arXiv 2502.02581, Table 1): d 768, seq 2048, 12 layers, "
+          "every FFN an MoE of 64 experts, GShard top-2, d_ffn = 2 d (1.84B without embeddings); "
+          "12 heads, GPT-2 vocab, dropless (ours)")
 _register("gpt-moe-l", gpt_moe(1536, 16),
-          "GPT-MoE-L of the Hecate/FSSDP paper (arXiv 2502.02581): d 1536, 12 layers, 64 experts, "
-          "GShard top-2, d_ffn = 2 d; 16 heads, MoE every other layer, GPT-2 vocab, seq 1024 (ours)")
+          "GPT-MoE-L of the Hecate/FSSDP paper (Table 1): d 1536, seq 2048, 12 layers, every FFN an MoE of "
+          "64 experts, GShard top-2, d_ffn = 2 d (7.36B without embeddings); 16 heads, GPT-2 vocab (ours)")
 
 
 # ---- DeepSpeed-MoE: 350M / 1.3B bases, MoE every second layer, top-1, PR-MoE pyramid + residual ----
@@ -53,6 +56,9 @@ _register("ds-350m-moe-128", deepspeed(1024, 128, None, False),
 _register("ds-350m-prmoe-32-64", deepspeed(1024, 32, [32] * 10 + [64] * 2, True),
           "DeepSpeed-MoE 350M+PR-MoE-32/64: pyramid (32 experts in 10 MoE layers, 64 in the last 2) "
           "and residual MoE (dense MLP + one top-1 expert mixed by softmax(Linear(d, 2)))")
+_register("ds-1.3b-moe-128", deepspeed(2048, 128, None, False),
+          "DeepSpeed-MoE 1.3B+MoE-128: 24 layers, d 2048, 16 heads, 128 top-1 experts in every second layer "
+          "(52B in the paper's Table 4)")
 _register("ds-1.3b-prmoe-64-128", deepspeed(2048, 64, [64] * 10 + [128] * 2, True),
           "DeepSpeed-MoE 1.3B+PR-MoE-64/128: 24 layers, d 2048, 16 heads, pyramid 64 then 128 "
           "experts (last 2 MoE layers), residual MoE")
@@ -76,6 +82,11 @@ _register("deepseekmoe-16b", deepseek(2048, 28, 16, 102400, 4096, 64, 2, 6, 1408
           "DeepSeekMoE 16B: 28 layers, d 2048, 16 heads x 128, vocab 102400, first layer dense (FFN 10944), "
           "2 shared + 64 routed experts, top-6, expert width 1408, alpha1 0.001, RoPE, untied, SwiGLU")
 
+_register("deepseekmoe-145b", deepseek(4096, 62, 32, 102400, 4096, 128, 4, 12, 1408, 21888, 1, 0.003),
+          "DeepSeekMoE 145B (Table 7 / Table 6): 62 layers, d 4096, 32 heads x 128, 4 shared + 128 routed "
+          "experts, top-12, relative expert size 0.125 (0.125 x 2.75 d = 1408), seq 4096; first layer dense "
+          "with FFN 21888 (the 16B's 10944 scaled with d, ours), vocab 102400 (as the 16B), alpha1 0.003 (ours)")
+
 
 # ---- MoH: Mixture-of-Head attention (dense SwiGLU FFN, RoPE) ----
 def moh(d_model, n_layers, n_heads, ffn, vocab, seq, shared, top_k, **extra) -> dict:
@@ -84,12 +95,12 @@ def moh(d_model, n_layers, n_heads, ffn, vocab, seq, shared, top_k, **extra) -> 
                rope=True, tie_embeddings=False, **extra)
 
 
-_register("moh-llm-s", moh(768, 12, 12, 2048, 32000, 2048, 6, 3),
-          "MoH-LLM-S (Jin et al., 2024): 12 layers, d 768, FFN 2048, 12 heads x 64; 6 shared + top-3 of "
-          "6 routed heads (75% active), vocab 32000 and SwiGLU/RoPE (ours)")
-_register("moh-llm-b", moh(1536, 24, 16, 4096, 32000, 2048, 8, 4),
-          "MoH-LLM-B: 24 layers, d 1536, FFN 4096, 16 heads x 96; 8 shared + top-4 of 8 routed heads "
-          "(75% active), vocab 32000 and SwiGLU/RoPE (ours)")
+_register("moh-llm-s", moh(768, 12, 12, 2048, 65536, 2048, 6, 3),
+          "MoH-LLM-S (Jin et al., 2024, Table C): 12 layers, d 768, FFN 2048, 12 heads x 64, 186M; 6 shared + "
+          "top-3 of 6 routed heads (75% active), vocab 65,536 (the paper's tokenizer), untied; SwiGLU/RoPE (ours)")
+_register("moh-llm-b", moh(1536, 24, 16, 4096, 65536, 2048, 8, 4),
+          "MoH-LLM-B (Table C): 24 layers, d 1536, FFN 4096, 16 heads x 96, 882M; 8 shared + top-4 of 8 "
+          "routed heads (75% active), vocab 65,536, untied; SwiGLU/RoPE (ours)")
 _register("moh-llama3-8b", moh(4096, 32, 32, 14336, 128256, 8192, 16, 8, n_kv_heads=8, rope_theta=500000.0,
                                moh_router="query_norm"),
           "MoH-LLaMA3-8B layout: LLaMA3-8B (32 layers, d 4096, FFN 14336, GQA 8 KV heads) with 32 query heads "
@@ -97,21 +108,27 @@ _register("moh-llama3-8b", moh(4096, 32, 32, 14336, 128256, 8192, 16, 8, n_kv_he
 
 
 # ---- BAM: parallel blocks, soft-routed attention experts, top-1 FFN experts ----
-def bam(d_model, n_layers, n_heads, n_kv, ffn, vocab, seq, tied, shared_kv, experts=4) -> dict:
-    moe = _moe(d_model, ffn, experts, 1, activation="swiglu", aux_loss_coeff=0.01, z_loss_coeff=0.001)
-    return _lm(d_model, n_layers, n_heads, vocab, seq, ffn, moe, moe_every=1, n_kv_heads=n_kv,
+# The paper's "FFN dimension" (Table 8: 4096 small, 18432 large) is the width of the SwiGLU input
+# projection, gate and up halves together: Table 9 lists ffn_exp 1024 x 4096 and ffn_red 2048 x 1024
+# per block, so the SwiGLU hidden width is half of it (2048 / 9216). That gives the 590M / 2B seeds.
+def bam(d_model, n_layers, n_heads, n_kv, ffn_dimension, vocab, seq, tied, shared_kv, experts=4) -> dict:
+    hidden = ffn_dimension // 2
+    moe = _moe(d_model, hidden, experts, 1, activation="swiglu", aux_loss_coeff=0.01, z_loss_coeff=0.001)
+    return _lm(d_model, n_layers, n_heads, vocab, seq, hidden, moe, moe_every=1, n_kv_heads=n_kv,
                dense_activation="swiglu", rope=True, tie_embeddings=tied, attention="bam",
                bam_attention_experts=experts, bam_shared_kv=shared_kv, parallel_block=True)
 
 
 for _kv, _suffix in ((False, ""), (True, "-shared-kv")):
     _register(f"bam-small{_suffix}", bam(1024, 6, 8, 8, 4096, 256000, 4096, False, _kv),
-              "BAM (Zhang et al., 2024) small: 6 layers, d 1024, FFN 4096, 8 heads / 8 KV heads, vocab 256K, "
-              "SwiGLU, RoPE, untied, parallel blocks; 4 soft-routed attention experts "
-              f"({'K/V shared' if _kv else 'each with its own K/V'}), 4 top-1 FFN experts (balance + z-loss)")
+              "BAM (Zhang et al., 2024, Tables 8-9) small: upcycled from the 590M seed (6 layers, d 1024, FFN "
+              "dimension 4096 = SwiGLU hidden 2048, 8 heads / 8 KV heads, vocab 256K, RoPE, untied), parallel "
+              f"blocks; 4 soft-routed attention experts ({'K/V shared' if _kv else 'each with its own K/V'}), "
+              "4 top-1 FFN experts (balance + z-loss)")
     _register(f"bam-large{_suffix}", bam(2304, 18, 18, 6, 18432, 256000, 4096, True, _kv),
-              "BAM large: 18 layers, d 2304, FFN 18432, 18 heads / 6 KV heads, tied, parallel blocks; "
-              f"4 attention experts ({'K/V shared' if _kv else 'own K/V'}), 4 top-1 FFN experts")
+              "BAM large: upcycled from the 2B seed (18 layers, d 2304, FFN dimension 18432 = SwiGLU hidden "
+              f"9216, 18 heads / 6 KV heads, tied); 4 attention experts ({'K/V shared' if _kv else 'own K/V'}), "
+              "4 top-1 FFN experts")
 
 
 # ---- tiny presets: train in seconds on CPU (tests, configs/models/*.yaml) ----
