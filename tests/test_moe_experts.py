@@ -113,3 +113,81 @@ def test_residual_mix_is_softmax_convex_combination():
     c = torch.softmax(mix.coefficient(x), -1)
     assert torch.allclose(mix(x, moe), moe * c[:, :1] + mix.mlp(x) * c[:, 1:], atol=1e-6)
     assert isinstance(mix.mlp, DenseMLP)
+
+
+# ---- the grouped GEMM path is chosen once; real errors raise ---------------------------------
+@pytest.fixture
+def fresh_choice():
+    from hecate.moe import experts
+
+    experts._auto_impl.cache_clear()
+    yield experts
+    experts._auto_impl.cache_clear()
+
+
+def _fake_grouped_mm(errors, real):
+    """torch._grouped_mm that raises errors.pop(0) while the list is not empty, else runs."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if errors:
+            raise errors.pop(0)
+        return real(*args, **kwargs)
+    return fake, calls
+
+
+def test_out_of_memory_raises_and_does_not_switch_to_the_loop(fresh_choice, monkeypatch):
+    experts = fresh_choice
+    w1, w2, _ = make(2, 8, 16, "gelu")
+    x, counts = torch.randn(6, 8), torch.tensor([2, 4])
+    assert experts.auto_impl(x.device, x.dtype) == "grouped_mm"  # probed once, fine
+    errors = [torch.OutOfMemoryError("CUDA out of memory (mocked)")]
+    fake, calls = _fake_grouped_mm(errors, torch._grouped_mm)
+    monkeypatch.setattr(torch, "_grouped_mm", fake)
+    with pytest.raises(torch.OutOfMemoryError):
+        grouped_mlp(x, counts, w1, w2)
+    y = grouped_mlp(x, counts, w1, w2)  # the next call still takes the grouped path
+    assert len(calls) == 1 + 2  # the failed call, then two GEMMs (gelu: w1, w2)
+    assert torch.allclose(y, per_row_oracle(x, counts, w1, w2, None, "gelu"), atol=1e-5)
+
+
+def test_runtime_error_of_a_real_call_raises(fresh_choice, monkeypatch):
+    experts = fresh_choice
+    experts.auto_impl(torch.device("cpu"), torch.float32)
+    fake, _ = _fake_grouped_mm([RuntimeError("transient failure (mocked)")], torch._grouped_mm)
+    monkeypatch.setattr(torch, "_grouped_mm", fake)
+    w1, w2, _ = make(2, 8, 16, "gelu")
+    with pytest.raises(RuntimeError, match="transient failure"):
+        grouped_mlp(torch.randn(6, 8), torch.tensor([2, 4]), w1, w2)
+    assert experts.auto_impl(torch.device("cpu"), torch.float32) == "grouped_mm"
+
+
+def test_unsupported_grouped_mm_is_probed_once_and_warned(fresh_choice, monkeypatch):
+    experts = fresh_choice
+    fake, calls = _fake_grouped_mm([RuntimeError("not supported on this device (mocked)")],
+                                   torch._grouped_mm)
+    monkeypatch.setattr(torch, "_grouped_mm", fake)
+    w1, w2, _ = make(2, 8, 16, "gelu")
+    x, counts = torch.randn(6, 8), torch.tensor([2, 4])
+    with pytest.warns(RuntimeWarning, match="per-expert loop"):
+        y = grouped_mlp(x, counts, w1, w2)
+    assert torch.allclose(y, per_row_oracle(x, counts, w1, w2, None, "gelu"), atol=1e-5)
+    grouped_mlp(x, counts, w1, w2)
+    assert len(calls) == 1  # only the probe ever called it: the loop was chosen once
+
+
+def test_probe_out_of_memory_is_not_cached(fresh_choice, monkeypatch):
+    experts = fresh_choice
+    fake, _ = _fake_grouped_mm([torch.OutOfMemoryError("mocked")], torch._grouped_mm)
+    monkeypatch.setattr(torch, "_grouped_mm", fake)
+    with pytest.raises(torch.OutOfMemoryError):
+        experts.auto_impl(torch.device("cpu"), torch.float32)
+    assert experts.auto_impl(torch.device("cpu"), torch.float32) == "grouped_mm"
+
+
+def test_cuda_grouped_mm_only_on_sm90_bf16(fresh_choice):
+    experts = fresh_choice
+    # Decided without touching a device: below sm_90, or fp32, the loop runs.
+    assert experts._auto_impl("cuda", (8, 0), torch.bfloat16) == "loop"
+    assert experts._auto_impl("cuda", (9, 0), torch.float32) == "loop"

@@ -5,7 +5,9 @@ the permuted token rows, sorted by expert, counts_G rows per expert (group).
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -14,23 +16,66 @@ from torch import nn
 
 ACTIVATIONS = ("gelu", "swiglu")
 
-# Which implementation grouped_mlp uses per (device type, dtype); "auto" entries not listed
-# fall back to the loop. Chosen from benchmarks/grouped_gemm.py (see docs/moe.md):
-# on CPU (torch 2.13) torch._grouped_mm beats the per-expert loop for fp32 and bf16.
+# Which implementation grouped_mlp uses per (device type, dtype) when torch._grouped_mm can
+# run there; anything not listed uses the loop. Chosen from benchmarks/grouped_gemm.py (see
+# docs/moe.md): on CPU (torch 2.13) torch._grouped_mm beats the per-expert loop for fp32 and
+# bf16. On CUDA its fast kernel needs sm_90+ and bf16 (MIN_CUDA_CAPABILITY); elsewhere torch
+# falls back to a loop of its own with a host read per call, so ours (host-known counts) runs.
 PREFERRED_IMPL: Dict[Tuple[str, torch.dtype], str] = {
     ("cpu", torch.float32): "grouped_mm",
     ("cpu", torch.bfloat16): "grouped_mm",
     ("cuda", torch.bfloat16): "grouped_mm",
 }
-_GROUPED_MM_BROKEN: set = set()  # (device type, dtype) where _grouped_mm raised once
+MIN_CUDA_CAPABILITY = (9, 0)
+
+
+def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
+    """One tiny forward + backward of torch._grouped_mm (2 groups, one of them empty)."""
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        x = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 8], device=device, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))  # a contiguous gradient, as _contiguous_grad gives it
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_impl(device_type: str, capability: Optional[Tuple[int, int]], dtype: torch.dtype) -> str:
+    """The implementation "auto" runs on one (device type, capability, dtype): decided once.
+
+    torch._grouped_mm is probed once; if this torch build or device cannot run it, the loop
+    is used from then on, with a warning. Errors of a real call (an out-of-memory, a bad
+    shape) are never taken for "unsupported": they raise, and the choice stays as it was.
+    """
+    if PREFERRED_IMPL.get((device_type, dtype)) != "grouped_mm" or not hasattr(torch, "_grouped_mm"):
+        return "loop"
+    if device_type == "cuda" and (capability is None or capability < MIN_CUDA_CAPABILITY):
+        return "loop"
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
+        else torch.device(device_type)
+    try:
+        _probe_grouped_mm(device, dtype)
+    except torch.OutOfMemoryError:
+        raise  # transient: not a property of the device; nothing is cached (lru_cache skips raises)
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(f"torch._grouped_mm cannot run on {device_type} (capability {capability}) "
+                      f"with {dtype}: {type(exc).__name__}: {str(exc)[:200]}; grouped_mlp uses the "
+                      "per-expert loop there (slower)", RuntimeWarning, stacklevel=3)
+        return "loop"
+    return "grouped_mm"
+
+
+def auto_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """"grouped_mm" or "loop": what grouped_mlp(impl="auto") uses for tensors on `device`."""
+    return _auto_impl(device.type, _capability(device), dtype)
 
 
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch._grouped_mm exists, and every row stride is a multiple of 16 bytes (its rule)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if (x.device.type, x.dtype) in _GROUPED_MM_BROKEN:
-        return False
+    """Every weight has x's dtype and every row stride is a multiple of 16 bytes (its rule)."""
     if any(w.dtype != x.dtype for w in weights):
         return False
     size = x.element_size()
@@ -53,7 +98,8 @@ def _activate(h1: torch.Tensor, h3: Optional[torch.Tensor], activation: str) -> 
 
 
 def _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation):
-    offs = torch.cumsum(counts_G.to(x_ND.device), 0).to(torch.int32)
+    # Offsets computed where the counts live (host-known counts: no device read anywhere).
+    offs = torch.cumsum(counts_G, 0).to(torch.int32).to(x_ND.device, non_blocking=True)
     h1 = _contiguous_grad(torch._grouped_mm(x_ND, w1_GFD.transpose(-2, -1), offs=offs))
     h3 = None
     if w3_GFD is not None:
@@ -83,8 +129,9 @@ def grouped_mlp(x_ND: torch.Tensor, counts_G: torch.Tensor, w1_GFD: torch.Tensor
 
     expert_g(x) = act(x @ w1[g]^T) @ w2[g]^T, act = gelu, or for swiglu
     silu(x @ w1[g]^T) * (x @ w3[g]^T). Groups with zero rows are fine; gradients
-    reach x and all weights. impl: "auto" (PREFERRED_IMPL, falls back to the loop
-    where torch._grouped_mm cannot run), "grouped_mm" or "loop".
+    reach x and all weights. impl: "auto" (auto_impl: PREFERRED_IMPL where torch._grouped_mm
+    runs, decided once per device capability and dtype; else the loop), "grouped_mm" or "loop".
+    counts_G may live on the host (no device read for the loop's split sizes).
     """
     if x_ND.dim() != 2 or w1_GFD.dim() != 3 or w2_GDF.dim() != 3:
         raise ValueError(f"expected x_ND 2-D and w1_GFD, w2_GDF 3-D; got shapes {tuple(x_ND.shape)}, "
@@ -118,14 +165,8 @@ def grouped_mlp(x_ND: torch.Tensor, counts_G: torch.Tensor, w1_GFD: torch.Tensor
         return y.to(out_dtype)
     weights = [w for w in (w1_GFD, w2_GDF, w3_GFD) if w is not None]
     if impl == "auto":
-        want = PREFERRED_IMPL.get((x_ND.device.type, x_ND.dtype), "loop")
-        impl = "grouped_mm" if want == "grouped_mm" and _grouped_mm_ok(x_ND, *weights) else "loop"
-        if impl == "grouped_mm" and x_ND.shape[0] > 0:
-            try:
-                return _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
-            except RuntimeError:  # unsupported on this build/device: remember, use the loop
-                _GROUPED_MM_BROKEN.add((x_ND.device.type, x_ND.dtype))
-                impl = "loop"
+        use = auto_impl(x_ND.device, x_ND.dtype) == "grouped_mm" and _grouped_mm_ok(x_ND, *weights)
+        impl = "grouped_mm" if use else "loop"
     if impl == "grouped_mm" and x_ND.shape[0] > 0:  # (its backward rejects empty stride-0 grads)
         return _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
     return _mlp_loop(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation)
