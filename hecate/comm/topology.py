@@ -45,11 +45,21 @@ class ExpertGroups:
         return self.edp_ranks.index(self.rank)
 
 
-def _new_group(ranks: list[int], world_size: int, backend: str | None):
-    """A process group over `ranks` (the world group itself when it spans the world)."""
-    if len(ranks) == world_size:
-        return dist.group.WORLD
-    return dist.new_group(ranks=ranks, backend=backend)
+def _new_group(ranks: list[int], world_size: int, backend: str | None, parent=None, *,
+               always_new: bool = False):
+    """A process group over `ranks` (indices into `parent`'s ranks; the parent itself when
+    they span it, unless `always_new`).
+
+    With a parent other than the world only its members call this (local synchronization:
+    ranks outside the parent take no part), in the same order on every member.
+    """
+    if len(ranks) == world_size and not always_new:
+        return dist.group.WORLD if parent is None else parent
+    if parent is None or parent is dist.group.WORLD:
+        return dist.new_group(ranks=ranks, backend=backend)
+    members = dist.get_process_group_ranks(parent)
+    return dist.new_group(ranks=[members[r] for r in ranks], backend=backend,
+                          use_local_synchronization=True)
 
 
 class Topology:
@@ -65,8 +75,22 @@ class Topology:
 
     def __init__(self, rank: int | None = None, world_size: int | None = None,
                  ranks_per_node: int | None = None, *, create_groups: bool | None = None,
-                 backend: str | None = None, stats: CommStats | None = None):
+                 backend: str | None = None, stats: CommStats | None = None, group=None):
         initialized = dist.is_available() and dist.is_initialized()
+        if group is not None:
+            # A topology of a sub-group: ranks are indices inside `group`, and every group this
+            # topology creates is a sub-group of it (built by its members only).
+            if not initialized:
+                raise ValueError("group= needs an initialized torch.distributed process group")
+            if dist.get_rank(group) < 0:
+                raise ValueError(f"global rank {dist.get_rank()} is not a member of the group given "
+                                 "to Topology(group=...); build a topology only on the group's ranks")
+            if (rank, world_size) != (None, None) and (rank, world_size) != (
+                    dist.get_rank(group), dist.get_world_size(group)):
+                raise ValueError(f"rank={rank}, world_size={world_size} contradict the group "
+                                 f"(rank {dist.get_rank(group)} of {dist.get_world_size(group)}); "
+                                 "pass group alone")
+            rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         if rank is None or world_size is None:
             if not initialized:
                 raise ValueError("rank and world_size are required when torch.distributed "
@@ -90,22 +114,46 @@ class Topology:
         self.backend = backend
         # The default byte counters of the collectives issued through this topology.
         self.stats = stats if stats is not None else CommStats()
-        # Lets the counters class every byte as intra- or inter-node.
-        self.stats.set_layout(rank, [r // ranks_per_node for r in range(world_size)])
+        # Lets the counters class every byte as intra- or inter-node (collectives report
+        # their peers as global ranks; -1 marks ranks outside a sub-group's topology).
+        members = list(range(world_size)) if group is None else dist.get_process_group_ranks(group)
+        node_of = [-1] * (world_size if group is None else dist.get_world_size())
+        for i, g in enumerate(members):
+            node_of[g] = i // ranks_per_node
+        self.stats.set_layout(members[rank], node_of)
+        self._parent = group
+        self._weight_group = None
         self._groups_enabled = initialized if create_groups is None else create_groups
         if self._groups_enabled and not initialized:
             raise ValueError("create_groups=True needs an initialized torch.distributed process group")
         self._expert_groups: dict[int, ExpertGroups] = {}
         self.node_group = None
         if self._groups_enabled:
-            self.world_group = dist.group.WORLD
+            self.world_group = dist.group.WORLD if group is None else group
             # Collective: every rank creates every node's group, in node order.
             for node in range(self.num_nodes):
-                group = _new_group(self.node_ranks(node), world_size, backend)
+                node_group = _new_group(self.node_ranks(node), world_size, backend, group)
                 if node == self.node:
-                    self.node_group = group
+                    self.node_group = node_group
         else:
             self.world_group = None
+
+    def weight_group(self):
+        """A second process group over the same ranks as `world_group`, for weight traffic
+        (FSSDP's spAG, prefetch, re-gather, re-shard) and gradient reduces (spRS).
+
+        On NCCL every communicator has its own stream and runs its collectives in issue
+        order: with one group, a weight gather issued early would queue in front of the
+        next token exchange. Collective on first call (every rank of the topology calls it
+        at the same point, e.g. in a strategy's constructor); cached after. None (the
+        default group) when this topology creates no groups.
+        """
+        if not self._groups_enabled:
+            return None
+        if self._weight_group is None:
+            self._weight_group = _new_group(list(range(self.world_size)), self.world_size, self.backend,
+                                            self._parent, always_new=True)
+        return self._weight_group
 
     def node_of(self, rank: int) -> int:
         """The node index of `rank`."""
@@ -145,11 +193,11 @@ class Topology:
         if self._groups_enabled:
             # Same order on every rank: all EP groups, then all EDP groups.
             for ranks in ep_lists:
-                group = _new_group(ranks, self.world_size, self.backend)
+                group = _new_group(ranks, self.world_size, self.backend, self._parent)
                 if ranks is my_ep:
                     ep_group = group
             for ranks in edp_lists:
-                group = _new_group(ranks, self.world_size, self.backend)
+                group = _new_group(ranks, self.world_size, self.backend, self._parent)
                 if ranks is my_edp:
                     edp_group = group
         groups = ExpertGroups(ep_size, self.rank, tuple(my_ep), tuple(my_edp), ep_group, edp_group)

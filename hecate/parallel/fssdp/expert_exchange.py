@@ -21,6 +21,8 @@ replicas are alive at a time.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,41 +33,55 @@ from hecate.parallel.expert_compute import experts_on_received
 from hecate.parallel.fssdp.overlap import PendingGather, PendingReduce
 
 
+@dataclass(kw_only=True, eq=False)
 class ExchangeSpec:
-    """What one layer's exchange needs besides tensors (plan, layer, options)."""
+    """What one layer's exchange needs besides tensors (plan, layer, groups, options).
 
-    def __init__(self, layer, owner_E, holders_WE, send_splits, recv_splits, recv_WE, slot_of_E,
-                 group, stats, rematerialize: bool, pending=None, rank: int = 0,
-                 timings: dict | None = None, sparse_plan: SparsePlan | None = None,
-                 wire_dtype: torch.dtype | None = None):
-        self.layer = layer
-        self.owner_E, self.holders_WE = owner_E, holders_WE
-        self.send_splits, self.recv_splits = send_splits, recv_splits
-        self.recv_WE, self.slot_of_E = recv_WE, slot_of_E
-        self.group, self.stats = group, stats
+    Two process groups over the same ranks (from the Topology): `token_group` carries the
+    token all-to-alls, `weight_group` the weight gathers (spAG, prefetch, re-gather) and
+    gradient reduces (spRS), so that on NCCL each has its own stream and a weight gather
+    issued early never queues in front of a token exchange (or behind one). None is the
+    default (world) group.
+    """
+
+    layer: Any
+    owner_E: torch.Tensor
+    holders_WE: torch.Tensor
+    send_splits: list
+    recv_splits: list
+    recv_WE: torch.Tensor
+    slot_of_E: torch.Tensor
+    rank: int
+    rematerialize: bool
+    token_group: Any = None
+    weight_group: Any = None
+    stats: Any = None
+    # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
+    pending: list | None = None
+    timings: dict = field(default_factory=lambda: {"blocking_reduce_s": 0.0})
+    sparse_plan: SparsePlan | None = None
+    # Under autocast the experts only ever use a bf16 (fp16) cast of the rows, so replicas
+    # travel in that dtype and so do their gradients: half the bytes, the same numbers.
+    wire_dtype: torch.dtype | None = None
+    # Set after construction: a PendingGather of exactly these holders, or None; backward
+    # prefetch: the previous MoE layer's spec (same forward pass), whose re-gather this
+    # layer's backward issues early, and this layer's own early re-gather.
+    prefetched: Any = None
+    previous: Any = None
+    pending_regather: Any = None
+    saved_owned: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
         # P1 == P0 (no replica anywhere, e.g. every replica pruned): every rank computes with
         # exactly its own rows, so spAG, re-materialization and spRS have nothing to move and
         # are skipped (the same decision on every rank: the plan is agreed).
-        self.replicated = bool(holders_WE.sum() > owner_E.numel())
-        if self.replicated and sparse_plan is None:
+        self.replicated = bool(self.holders_WE.sum() > self.owner_E.numel())
+        if self.replicated and self.sparse_plan is None:
             raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
-        self.sparse_plan = sparse_plan
-        # Under autocast the experts only ever use a bf16 (fp16) cast of the rows, so replicas
-        # travel in that dtype and so do their gradients: half the bytes, the same numbers.
-        self.wire_dtype = wire_dtype
-        self.rematerialize = rematerialize and self.replicated
-        # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
-        self.pending, self.rank = pending, rank
-        self.timings = timings if timings is not None else {"blocking_reduce_s": 0.0}
-        self.prefetched = None  # a PendingGather of exactly these holders, or None
-        # Backward prefetch: the previous MoE layer's spec (same forward pass), whose
-        # re-gather this layer's backward issues early; and this layer's own early re-gather.
-        self.previous = None
-        self.pending_regather = None
-        self.saved_owned = None
+        self.rematerialize = self.rematerialize and self.replicated
 
     def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True) -> PendingGather:
-        return PendingGather(owned_OS, self.sparse_plan, self.holders_WE, self.group, self.stats,
+        return PendingGather(owned_OS, self.sparse_plan, self.holders_WE, self.weight_group, self.stats,
                              async_op=async_op, wire_dtype=self.wire_dtype)
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
@@ -117,11 +133,11 @@ class FssdpExperts(torch.autograd.Function):
                 replicas = spec.gather(owned_OS)
                 spec.timings["blocking_gather_s"] = (spec.timings.get("blocking_gather_s", 0.0)
                                                      + time.perf_counter() - start)
-        x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.group,
+        x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.token_group,
                               stats=spec.stats, name="fssdp.dispatch")
         x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
         with torch.no_grad():
-            y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.group,
+            y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.token_group,
                                 stats=spec.stats, name="fssdp.combine")
         if spec.rematerialize:
             # Free the replicas now; the graph's views of them come back to life in backward.
@@ -137,7 +153,7 @@ class FssdpExperts(torch.autograd.Function):
         x_leaf, own, rep, y_recv, replicas = ctx.graph
         layout = spec.layer.expert_layout
         grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
-                                   group=spec.group, stats=spec.stats, name="fssdp.combine.backward")
+                                   group=spec.token_group, stats=spec.stats, name="fssdp.combine.backward")
         if spec.rematerialize:
             start = time.perf_counter()
             if spec.pending_regather is not None:  # issued by the next layer's backward
@@ -168,18 +184,18 @@ class FssdpExperts(torch.autograd.Function):
         if spec.rematerialize:
             replicas.untyped_storage().resize_(0)
         ctx.graph = None
-        grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.group,
+        grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.token_group,
                                  stats=spec.stats, name="fssdp.dispatch.backward")
         if not spec.replicated:
             return grad_x_ND, grad_owned, None
         if spec.pending is not None:
             # The other holders' rows arrive asynchronously; finish_backward adds the sum.
             spec.pending.append(PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
-                                              spec.group, spec.stats))
+                                              spec.weight_group, spec.stats))
             return grad_x_ND, None, None
         start = time.perf_counter()
-        grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan, spec.group,
-                                      spec.stats, async_op=False).wait()
+        grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
+                                      spec.weight_group, spec.stats, async_op=False).wait()
         spec.timings["blocking_reduce_s"] = (spec.timings.get("blocking_reduce_s", 0.0)
                                              + time.perf_counter() - start)
         return grad_x_ND, grad_owned, None
