@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hecate.models.attention import Attention, BAMAttention, MoHAttention, check_heads, rope_tables
+from hecate.models.mohd import MoHDFFN, check_mohd
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
 
@@ -52,6 +53,11 @@ class TransformerConfig:
     moh_balance_coeff: float = 0.01               # MoH: head load-balance loss weight
     bam_attention_experts: int = 1                # BAM: attention branches (soft-routed)
     bam_shared_kv: bool = False                   # BAM: branches share one K/V projection
+    mohd_sub_dims: int = 0                        # MoHD: dense FFNs split into this many sub-dimensions (0 = off)
+    mohd_shared: int = 0                          # MoHD: always-on sub-dimensions (the first ones)
+    mohd_top_k: int = 1                           # MoHD: routed sub-dimensions per token
+    mohd_balance_coeff: float = 0.01              # MoHD: routed sub-dimension balance loss weight
+    mohd_fusion: bool = True                      # MoHD: per-group fusion map (hecate.models.mohd)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
@@ -88,6 +94,9 @@ class TransformerConfig:
                 raise ValueError(f"model.moh_router={self.moh_router!r} must be 'learned' or 'query_norm'")
         if self.bam_attention_experts < 1:
             raise ValueError(f"model.bam_attention_experts must be >= 1, got {self.bam_attention_experts}")
+        if self.mohd_sub_dims:
+            check_mohd(self.dense_ffn_hidden, self.mohd_sub_dims, self.mohd_shared, self.mohd_top_k,
+                       self.mohd_balance_coeff, self.dense_activation)
         n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
         if self.moe_experts_per_layer is not None:
             counts = self.moe_experts_per_layer
@@ -166,7 +175,9 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.norm2 = None if self.parallel else RMSNorm(cfg.d_model)
         self.ffn = (MoELayer(moe_config or cfg.moe) if moe
-                    else DenseMLP(cfg.d_model, cfg.dense_ffn_hidden, cfg.dense_activation))
+                    else MoHDFFN(cfg.d_model, cfg.dense_ffn_hidden, cfg.mohd_sub_dims, cfg.mohd_shared,
+                                 cfg.mohd_top_k, cfg.dense_activation, cfg.mohd_balance_coeff, cfg.mohd_fusion)
+                    if cfg.mohd_sub_dims else DenseMLP(cfg.d_model, cfg.dense_ffn_hidden, cfg.dense_activation))
 
     def _attend(self, h, rope, aux: list):
         out = self.attn(h, rope)
@@ -181,7 +192,11 @@ class Block(nn.Module):
             aux.append(out.aux_loss)
             stats.append(out.stats)
             return out.y
-        return self.ffn(h)
+        out = self.ffn(h)
+        if isinstance(out, tuple):  # an FFN with an aux loss (MoHD sub-dimension balance)
+            out, ffn_aux = out
+            aux.append(ffn_aux)
+        return out
 
     def forward(self, x, aux: list, stats: list, rope=None):
         if self.parallel:
@@ -231,6 +246,8 @@ class MoETransformer(nn.Module):
             inactive += n - n * layer.config.top_k // layer.config.num_experts
         for block in self.blocks:
             inactive += block.attn.inactive_parameters()
+            if isinstance(block.ffn, MoHDFFN):
+                inactive += block.ffn.inactive_parameters()
         return total - inactive
 
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:

@@ -151,6 +151,11 @@ _register("tiny-moh", {**TINY, "n_heads": 4, "n_kv_heads": 2, "rope": True, "att
                        "moe": _moe(32, 48, 4, 2, aux_loss_coeff=0.01)},
           "tiny MoH: 1 shared + top-2 of 3 routed heads, GQA (2 KV heads), RoPE, learned router with "
           "head balance loss; an MoE FFN in the second layer so the strategies have experts to shard")
+_register("tiny-mohd", {**TINY, "dense_activation": "swiglu", "rope": True, "mohd_sub_dims": 4, "mohd_shared": 1,
+                        "mohd_top_k": 2, "moe_every": 2, "moe": _moe(32, 48, 4, 2, aux_loss_coeff=0.01)},
+          "tiny MoHD: the dense SwiGLU FFN (48 units) split into 4 sub-dimensions, 1 shared + top-2 of 3 "
+          "routed (36 of 48 units per token), activation scaling and group fusion; an MoE FFN in the "
+          "second layer so the strategies have experts to shard")
 _register("tiny-bam", {**TINY, "rope": True, "attention": "bam", "bam_attention_experts": 2,
                        "parallel_block": True, "dense_activation": "swiglu", "moe_every": 1,
                        "moe": _moe(32, 48, 2, 1, activation="swiglu", aux_loss_coeff=0.01, z_loss_coeff=0.001)},
