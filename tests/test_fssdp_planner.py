@@ -22,6 +22,8 @@ from hecate.parallel.fssdp import (
     reshard_moves,
     slots_per_rank,
     token_routes,
+    route_tokens,
+    TokenRoutes,
 )
 
 
@@ -304,16 +306,20 @@ def test_plan_splits_match_across_ranks_and_digest_is_stable():
     assert again.digest() == plan.digest()
     assert torch.equal(again.digest_words(), plan.digest_words())
     assert plan.digest_words().dtype == torch.int64 and plan.digest_words().shape == (4,)
-    routes = plan.routes_WEW.clone()
-    routes[2, 4, 2] -= 1
-    routes[2, 4, 0] += 1
-    assert Plan(plan.owner_E, plan.holders_WE, routes).digest() != plan.digest()
-    tiny = Plan(T([0]), torch.tensor([[True]]), T([[[2]]]))
-    # The format is pinned: tag, then (shape, little-endian int64 values) of owner, holders, routes.
-    words = [1, 0, 1, 1, 1, 1, 1, 1, 2]
-    expected = hashlib.sha256(b"hecate-fssdp-plan-v1" + np.asarray(words, "<i8").tobytes())
-    assert tiny.digest() == expected.hexdigest() == (
-        "f4084af1a0a08436328b0370c23421ef8a70f942f700be5db16620b9106eb55d")
+    r = plan.routes
+    moved = TokenRoutes(r.holders_WE, r.counts_WE, r.node_of_W, [[2, 4, 2, -1], [2, 4, 0, 1]])
+    assert torch.equal(Plan(plan.owner_E, plan.holders_WE, moved).routes_WEW - plan.routes_WEW,
+                       torch.sparse_coo_tensor([[2, 2], [4, 4], [2, 0]], [-1, 1], (3, 5, 3)).to_dense())
+    assert Plan(plan.owner_E, plan.holders_WE, moved).digest() != plan.digest()
+    tiny = Plan(T([0]), torch.tensor([[True]]), route_tokens(torch.tensor([[True]]), T([[2]]), T([0])))
+    # The format is pinned: tag, then (shape, little-endian int64 values) of owner, holders,
+    # counts, node of each rank and the moves [K, 4] (the routes are a function of these).
+    words = [1, 0, 1, 1, 1, 1, 1, 2, 1, 0, 0, 4]
+    expected = hashlib.sha256(b"hecate-fssdp-plan-v2" + np.asarray(words, "<i8").tobytes())
+    assert tiny.digest() == expected.hexdigest()
+    assert tiny.routes_WEW.tolist() == [[[2]]]
+    with pytest.raises(TypeError, match="TokenRoutes"):
+        Plan(T([0]), torch.tensor([[True]]), T([[[2]]]))
     with pytest.raises(TypeError, match="policy"):
         build_plan("hecate", counts.sum(0).double(), owner, counts, nodes, 1)
 

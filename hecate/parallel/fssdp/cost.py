@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hecate.parallel.fssdp.routes import TokenRoutes
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -65,13 +67,25 @@ class CostModel:
         same = node_of_W[:, None] == node_of_W[None, :]
         return np.where(same, self.intra_node_bw, self.inter_node_bw)
 
-    def compute_time_W(self, routes_WEW: np.ndarray) -> np.ndarray:
-        """Expert compute per rank: tokens it serves times token_compute_s."""
-        return routes_WEW.sum(axis=(0, 1)).astype(np.float64) * self.token_compute_s
+    def compute_time_W(self, routes) -> np.ndarray:
+        """Expert compute per rank: tokens it serves times token_compute_s.
 
-    def all_to_all_time_W(self, routes_WEW: np.ndarray, node_of_W: np.ndarray) -> np.ndarray:
+        `routes`: a TokenRoutes (O(W*E + replicas)) or dense routes [W_src, E, W_dst]."""
+        if isinstance(routes, TokenRoutes):
+            served = routes.rank_loads()["served"]
+        else:
+            served = np.asarray(routes).sum(axis=(0, 1))
+        return served.astype(np.float64) * self.token_compute_s
+
+    def all_to_all_time_W(self, routes, node_of_W: np.ndarray) -> np.ndarray:
         """Dispatch + combine time per rank (tokens that leave or reach it)."""
-        tokens_WW = routes_WEW.sum(axis=1).astype(np.float64)  # [src, dst]
+        if isinstance(routes, TokenRoutes):
+            loads = routes.rank_loads()
+            intra, inter = self.token_bytes / self.intra_node_bw, self.token_bytes / self.inter_node_bw
+            send_W = loads["send_intra"] * intra + loads["send_inter"] * inter
+            recv_W = loads["recv_intra"] * intra + loads["recv_inter"] * inter
+            return 2.0 * np.maximum(send_W, recv_W)
+        tokens_WW = np.asarray(routes).sum(axis=1).astype(np.float64)  # [src, dst]
         np.fill_diagonal(tokens_WW, 0.0)
         seconds_WW = tokens_WW * self.token_bytes / self._bw_WW(node_of_W)
         send_W = seconds_WW.sum(axis=1)
@@ -80,23 +94,27 @@ class CostModel:
 
     def gather_time_W(self, new_WE: np.ndarray, owner_E: np.ndarray,
                       node_of_W: np.ndarray) -> np.ndarray:
-        """Receive time per rank of the chunks marked in new_WE (bool [W, E])."""
-        bw_WE = self._bw_WW(node_of_W)[:, owner_E]  # bandwidth from each chunk's owner to each rank
-        return (new_WE * (self.chunk_bytes / bw_WE)).sum(axis=1)
+        """Receive time per rank of the chunks marked in new_WE (bool [W, E]); O(W*E)."""
+        same_WE = node_of_W[:, None] == node_of_W[owner_E][None, :]  # owner's node == rank's node
+        per_chunk = np.where(same_WE, self.chunk_bytes / self.intra_node_bw,
+                             self.chunk_bytes / self.inter_node_bw)
+        return (new_WE * per_chunk).sum(axis=1)
 
     # ---- whole plan ------------------------------------------------------
-    def plan_time(self, holders_WE, owner_E: np.ndarray, routes_WEW: np.ndarray,
+    def plan_time(self, holders_WE, owner_E: np.ndarray, routes,
                   node_of_W: np.ndarray, *, hidden_s: float | None = None,
                   gathered_WE=None) -> float:
         """Estimated layer time of a plan (seconds); accepts numpy arrays or CPU tensors.
 
-        `gathered_WE` marks the chunks whose gather is charged (default: every
-        held chunk that the rank does not own); `hidden_s` is how much of the
+        `routes` is a TokenRoutes (`Plan.routes`; O(W*E + replicas)) or dense int64 routes
+        [W_src, E, W_dst] (O(W^2 E)). `gathered_WE` marks the chunks whose gather is charged
+        (default: every held chunk that the rank does not own); `hidden_s` is how much of the
         gather overlaps other compute (default T_non_moe).
         """
         holders_WE = np.asarray(holders_WE, dtype=np.bool_)
         owner_E = np.asarray(owner_E, dtype=np.int64)
-        routes_WEW = np.asarray(routes_WEW, dtype=np.int64)
+        if not isinstance(routes, TokenRoutes):
+            routes = np.asarray(routes, dtype=np.int64)
         node_of_W = np.asarray(node_of_W, dtype=np.int64)
         if hidden_s is None:
             hidden_s = self.t_non_moe
@@ -105,6 +123,6 @@ class CostModel:
             gathered_WE[owner_E, np.arange(len(owner_E))] = False
         gathered_WE = np.asarray(gathered_WE, dtype=np.bool_)
         exposed = np.maximum(self.gather_time_W(gathered_WE, owner_E, node_of_W) - hidden_s, 0.0)
-        total = (self.compute_time_W(routes_WEW)
-                 + self.all_to_all_time_W(routes_WEW, node_of_W) + exposed)
+        total = (self.compute_time_W(routes)
+                 + self.all_to_all_time_W(routes, node_of_W) + exposed)
         return float(total.max())

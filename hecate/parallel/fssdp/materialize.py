@@ -17,6 +17,8 @@ All are deterministic: ties are broken by expert index, then rank.
 """
 from __future__ import annotations
 
+from bisect import bisect_left, insort
+
 import numpy as np
 import torch
 
@@ -28,7 +30,7 @@ from hecate.parallel.fssdp._checks import (
     to_numpy,
 )
 from hecate.parallel.fssdp.cost import CostModel
-from hecate.parallel.fssdp.routes import _routes_np
+from hecate.parallel.fssdp.routes import TokenRoutes
 
 
 def owner_holders(owner_E: np.ndarray, world_size: int) -> np.ndarray:
@@ -164,7 +166,16 @@ class HecatePolicy(MaterializationPolicy):
 
     @staticmethod
     def place(load_E, owner_E, node_of_W, m, t) -> np.ndarray:
-        """Algorithm 1 proper on numpy inputs (public for the simulator and tests)."""
+        """Algorithm 1 proper on numpy inputs (public for the simulator and tests).
+
+        Each copy of expert e goes to the free rank (a slot left, not holding e) that is
+        first by (its node lacks e, expected tokens, used slots, rank). Within one expert
+        only the chosen ranks' keys change, and a chosen rank cannot take e again, so the
+        copies of e are: the best free rank of each node that lacks e, in key order, then
+        the best remaining free ranks. Free ranks are kept sorted by key and re-inserted
+        when chosen, so placing all W * m copies costs O(W * m * (log W + ranks per node))
+        rather than a sort of all ranks per copy.
+        """
         W, E = len(node_of_W), len(load_E)
         holders = owner_holders(owner_E, W)
         if t <= m:
@@ -174,24 +185,43 @@ class HecatePolicy(MaterializationPolicy):
         share_E = load_E / (quota_E + 1)  # expected tokens per copy
         dev_load_W = np.zeros(W)
         np.add.at(dev_load_W, owner_E, share_E)
-        used_W = np.zeros(W, dtype=np.int64)
-        num_nodes = int(node_of_W.max()) + 1
-        node_has_NE = np.zeros((num_nodes, E), dtype=np.bool_)
-        node_has_NE[node_of_W[owner_E], np.arange(E)] = True
-        ranks = np.arange(W)
-        for e in np.lexsort((np.arange(E), -load_E, -quota_E)):
-            for _ in range(int(quota_E[e])):
-                free = ~holders[:, e] & (used_W < m)
-                if not free.any():
+        # Python floats are the same IEEE doubles: sums happen in the same order as a
+        # per-copy numpy update would do them, so the keys (and ties) are exact.
+        dev, used = dev_load_W.tolist(), [0] * W
+        node, owner, share = node_of_W.tolist(), owner_E.tolist(), share_E.tolist()
+        ready = sorted((dev[d], 0, d) for d in range(W))  # free ranks by key (m >= 1)
+        picks_d, picks_e = [], []
+        for e in np.lexsort((np.arange(E), -load_E, -quota_E)).tolist():
+            q = int(quota_E[e])
+            if q == 0:
+                break  # sorted by quota first: the rest have none
+            o = owner[e]
+            has = {node[o]}
+            picked = []
+            for key in ready:  # 1: the best free rank of each node lacking e
+                if len(picked) == q:
                     break
-                node_lacks = ~node_has_NE[node_of_W, e]
-                # lexsort: last key is primary. Non-candidates sort last.
-                order = np.lexsort((ranks, used_W, dev_load_W, ~node_lacks, ~free))
-                d = order[0]
-                holders[d, e] = True
-                used_W[d] += 1
-                dev_load_W[d] += share_E[e]
-                node_has_NE[node_of_W[d], e] = True
+                d = key[2]
+                if d != o and node[d] not in has:
+                    picked.append(key)
+                    has.add(node[d])
+            if len(picked) < q:  # 2: every node has e; the best remaining free ranks
+                chosen = {key[2] for key in picked}
+                for key in ready:
+                    if len(picked) == q:
+                        break
+                    if key[2] != o and key[2] not in chosen:
+                        picked.append(key)
+            for key in picked:
+                d = key[2]
+                del ready[bisect_left(ready, key)]
+                dev[d] += share[e]
+                used[d] += 1
+                if used[d] < m:
+                    insort(ready, (dev[d], used[d], d))
+                picks_d.append(d)
+                picks_e.append(e)
+        holders[picks_d, picks_e] = True
         return holders
 
     def _faster(self, predicted, real, owner_E, node_of_W, counts_WE) -> bool:
@@ -199,8 +229,8 @@ class HecatePolicy(MaterializationPolicy):
         own = owner_holders(owner_E, len(node_of_W))
         # The predicted plan's gather already ran (overlapped); the switch adds an exposed gather.
         base_W = np.maximum(cm.gather_time_W(predicted & ~own, owner_E, node_of_W) - cm.t_non_moe, 0)
-        r_pred = _routes_np(predicted, counts_WE, node_of_W)
-        r_real = _routes_np(real, counts_WE, node_of_W)
+        r_pred = TokenRoutes(predicted, counts_WE, node_of_W)
+        r_real = TokenRoutes(real, counts_WE, node_of_W)
         t_pred = (cm.compute_time_W(r_pred) + cm.all_to_all_time_W(r_pred, node_of_W)
                   + base_W).max()
         extra_W = cm.gather_time_W(real & ~predicted, owner_E, node_of_W)
@@ -235,7 +265,7 @@ class ShadowingPolicy(MaterializationPolicy):
         holders = own.copy()
 
         def estimate(h):
-            return cm.plan_time(h, owner_E, _routes_np(h, counts_WE, node_of_W), node_of_W,
+            return cm.plan_time(h, owner_E, TokenRoutes(h, counts_WE, node_of_W), node_of_W,
                                 hidden_s=0.0, gathered_WE=h & ~own)
 
         best = estimate(holders)
@@ -247,3 +277,36 @@ class ShadowingPolicy(MaterializationPolicy):
                 break
             holders, best = trial, cost
         return holders
+
+
+def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes: int,
+                chunk_passes: int, capacity_m: int) -> torch.Tensor:
+    """Fit P1 to bytes: keep a replica of e on rank d only when d's tokens of e cost more bytes
+    to move than the chunk, then spend each rank's free slots (capacity_m) on the replicas
+    that save the most (ties: the lower expert).
+
+    A token crosses 4 times (dispatch, combine and their backward), a chunk `chunk_passes`
+    times (spAG, spRS, and the re-gather with re-materialization). counts_WE may be real
+    counts (int) or predicted ones (float). Returns bool [W, E] with P0 always included.
+    O(W*E) plus a sort of the candidates; no loop over ranks.
+    """
+    holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
+    W, E = holders.shape
+    owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
+    check_owner(owner, W)
+    counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64, shape=(W, E))
+    check_nonnegative(counts, "counts_WE")
+    m = check_positive_int(capacity_m, "capacity_m")
+    saving = 4 * counts * token_bytes - chunk_passes * chunk_bytes
+    pays = saving > 0
+    owned = owner_holders(owner, W)
+    holders = (holders & pays) | owned  # P0 is always part of P1
+    free_W = m - (holders & ~owned).sum(axis=1)
+    d, e = np.nonzero(pays & ~holders & (free_W > 0)[:, None])
+    if d.size:
+        order = np.lexsort((e, -saving[d, e], d))  # per rank: most saved first, then lower expert
+        d, e = d[order], e[order]
+        rank_in_row = np.arange(d.size) - np.searchsorted(d, d)
+        keep = rank_in_row < free_W[d]
+        holders[d[keep], e[keep]] = True
+    return torch.from_numpy(holders)

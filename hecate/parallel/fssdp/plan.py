@@ -14,18 +14,27 @@ import numpy as np
 import torch
 
 from hecate.parallel.fssdp.materialize import MaterializationPolicy
-from hecate.parallel.fssdp.routes import rank_splits, token_routes
+from hecate.parallel.fssdp.routes import TokenRoutes, rank_splits, route_tokens
 
-_DIGEST_TAG = b"hecate-fssdp-plan-v1"
+_DIGEST_TAG = b"hecate-fssdp-plan-v2"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """owner_E int64 [E] (P0), holders_WE bool [W, E] (P1), routes_WEW int64 [W_src, E, W_dst]."""
+    """owner_E int64 [E] (P0), holders_WE bool [W, E] (P1), routes (TokenRoutes, sparse).
+
+    Every method costs O(W*E + replicas) except the dense views `routes_WEW` (O(W^2 E))
+    and `tokens_WW` (O(W^2)), which are meant for tests and small worlds.
+    """
 
     owner_E: torch.Tensor
     holders_WE: torch.Tensor
-    routes_WEW: torch.Tensor
+    routes: TokenRoutes
+
+    def __post_init__(self):
+        if not isinstance(self.routes, TokenRoutes):
+            raise TypeError(f"Plan.routes must be a TokenRoutes (routes.route_tokens), got "
+                            f"{type(self.routes).__name__}")
 
     @property
     def world_size(self) -> int:
@@ -43,27 +52,39 @@ class Plan:
         return gather
 
     @property
+    def routes_WEW(self) -> torch.Tensor:
+        """Dense int64 [W_src, E, W_dst] routes; O(W^2 E), for tests and small worlds."""
+        return torch.from_numpy(self.routes.dense())
+
+    @property
     def tokens_WW(self) -> torch.Tensor:
-        """int64 [W_src, W_dst]: all-to-all split sizes of every rank (row = its send splits)."""
-        return self.routes_WEW.sum(dim=1)
+        """int64 [W_src, W_dst]: all-to-all split sizes of every rank (row = its send splits); O(W^2)."""
+        return torch.from_numpy(self.routes.tokens_WW())
 
     def send_splits(self, rank: int) -> list[int]:
         """Tokens `rank` sends to each rank in the dispatch all-to-all."""
-        return rank_splits(self.routes_WEW, rank)[0].sum(dim=1).tolist()
+        return self.rank_splits(rank)[0].sum(dim=1).tolist()
 
     def recv_splits(self, rank: int) -> list[int]:
         """Tokens `rank` receives from each rank in the dispatch all-to-all."""
-        return rank_splits(self.routes_WEW, rank)[1].sum(dim=1).tolist()
+        return self.rank_splits(rank)[1].sum(dim=1).tolist()
 
     def rank_splits(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(send_WE, recv_WE) of `rank`, per peer and expert; see routes.rank_splits."""
-        return rank_splits(self.routes_WEW, rank)
+        return rank_splits(self.routes, rank)
+
+    def rank_loads(self) -> dict[str, np.ndarray]:
+        """Per-rank served rows and off-rank tokens (TokenRoutes.rank_loads)."""
+        return self.routes.rank_loads()
 
     def digest(self) -> str:
-        """Stable sha256 hex of (owner, holders, routes): equal plans give equal digests anywhere."""
+        """Stable sha256 hex of (owner, holders, the routes' inputs and moves): equal plans give
+        equal digests anywhere. Routes are a pure function of holders, counts, nodes and moves."""
         h = hashlib.sha256(_DIGEST_TAG)
-        for t in (self.owner_E, self.holders_WE.to(torch.int64), self.routes_WEW):
-            arr = np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<i8")
+        arrays = (self.owner_E.detach().cpu().numpy(), self.holders_WE.detach().cpu().numpy(),
+                  *self.routes.digest_arrays()[1:])
+        for arr in arrays:
+            arr = np.ascontiguousarray(arr, dtype="<i8")
             h.update(np.asarray(arr.shape, dtype="<i8").tobytes())
             h.update(arr.tobytes())
         return h.hexdigest()
@@ -80,6 +101,6 @@ def build_plan(policy: MaterializationPolicy, predicted_load_E, owner_E, counts_
     if not isinstance(policy, MaterializationPolicy):
         raise TypeError(f"policy must be a MaterializationPolicy, got {type(policy).__name__}")
     holders = policy.plan(predicted_load_E, owner_E, node_of_W, capacity_m, counts_WE=counts_WE)
-    routes = token_routes(holders, counts_WE, node_of_W)
+    routes = route_tokens(holders, counts_WE, node_of_W)
     owner = torch.as_tensor(owner_E, dtype=torch.int64).clone()
-    return Plan(owner_E=owner, holders_WE=holders, routes_WEW=routes)
+    return Plan(owner_E=owner, holders_WE=holders, routes=routes)

@@ -8,8 +8,20 @@ counts per expert, each (source rank, expert) pair sends its tokens to
 Tokens are split evenly over the chosen replicas with integer splits that sum
 exactly; the remainder tokens go to replicas in an order rotated by
 (source + expert), so that many small remainders do not all land on the
-lowest rank. The result is a pure function of its inputs (no randomness), so
-every rank computes the same routes.
+lowest rank. The result is a pure function of its inputs (no randomness, no
+floating point), so every rank computes the same routes.
+
+Representation (`TokenRoutes`): routes are never stored as a dense
+[W_src, E, W_dst] array (268M cells at W=1024, E=256). The holders of each expert
+are two lists of ranks ("members"): grouped by (expert, node) for rule 2 and by
+expert for rule 3, O(E + replicas) entries. Each routed (source, expert) pair is
+then one record: its group (start and length n in the member list), the even
+share q, the r remainder tokens and their rotation offset; the share of the
+member at position p is q + [(p - offset) mod n < r]. Building it costs O(W*E)
+(one pass over the counts); one rank's send / receive layout, every rank's
+served tokens and off-rank bytes cost O(W*E + replicas) and no more. Changes
+made after the rule (`balance_routes`) are a short list of signed moves
+(src, expert, dst, tokens) added on top.
 """
 from __future__ import annotations
 
@@ -18,54 +30,219 @@ import torch
 
 from hecate.parallel.fssdp._checks import check_nonnegative, node_array, to_numpy
 
+_SELF, _NODE, _ALL = 0, 1, 2
 
-def _routes_np(holders_WE: np.ndarray, counts_WE: np.ndarray, node_of_W: np.ndarray) -> np.ndarray:
-    W, E = holders_WE.shape
-    # Work in [W_dst, W_src, E] layout: reductions over dst then run along the outer axis,
-    # which numpy vectorizes far better than along a short inner axis.
-    same_node_WW = node_of_W[:, None] == node_of_W[None, :]
-    # Does src's node hold e at all: [W_src, E].
-    node_holds_WE = (same_node_WW.astype(np.int64) @ holders_WE.astype(np.int64)) > 0
-    local_1WE = holders_WE[None, :, :]
-    holder_W1E = holders_WE[:, None, :]
-    eye_WW1 = np.eye(W, dtype=np.bool_)[:, :, None]
-    near_WWE = same_node_WW[:, :, None] | ~node_holds_WE[None, :, :]
-    cand_WWE = (local_1WE & eye_WW1) | (~local_1WE & holder_W1E & near_WWE)
-    n_WE = cand_WWE.sum(axis=0, dtype=np.int64)
-    orphan = (counts_WE > 0) & (n_WE == 0)
-    if orphan.any():
-        src, e = np.argwhere(orphan)[0]
-        raise ValueError(
-            f"holders_WE has no holder of expert {e} but rank {src} routes "
-            f"{counts_WE[src, e]} tokens to it; every expert needs at least its owner in holders_WE"
-        )
-    safe_n = np.maximum(n_WE, 1)
-    q_WE, r_WE = np.divmod(counts_WE, safe_n)
-    # The r remainder tokens go to the candidates at positions offset .. offset + r - 1
-    # (mod n), counted in rank order.
-    pos_WWE = cand_WWE.astype(np.int32)
-    for d in range(1, W):  # a row loop beats np.cumsum over axis 0 by ~5x here
-        pos_WWE[d] += pos_WWE[d - 1]
-    pos_WWE -= 1
-    off_WE = (np.arange(W)[:, None] + np.arange(E)[None, :]) % safe_n
-    lo = off_WE.astype(np.int32)[None]
-    hi = (off_WE + r_WE).astype(np.int32)[None]
-    wrap = hi - safe_n.astype(np.int32)[None]
-    extra_WWE = cand_WWE & (((pos_WWE >= lo) & (pos_WWE < hi)) | (pos_WWE < wrap))
-    routes_WWE = cand_WWE * q_WE[None] + extra_WWE  # [dst, src, e]
-    return np.ascontiguousarray(routes_WWE.transpose(1, 2, 0))
 
-def token_routes(holders_WE: torch.Tensor, counts_WE: torch.Tensor,
-                 node_of_W: torch.Tensor) -> torch.Tensor:
-    """Tokens each source rank sends to each replica, int64 [W_src, E, W_dst].
+def _int_sum(index: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
+    """Exact integer bincount with weights (values stay far below 2**53, so float64 sums are exact)."""
+    if index.size == 0:
+        return np.zeros(length, dtype=np.int64)
+    return np.bincount(index, weights=weights, minlength=length).astype(np.int64)
 
-    holders_WE: bool [W, E], P1 (every expert with tokens needs >= 1 holder).
-    counts_WE: int64 [W_src, E], tokens of each source rank per expert.
-    node_of_W: int64 [W], node index of each rank.
-    Guarantees: routes.sum(-1) == counts_WE; routes[s, e, d] > 0 only if
-    holders_WE[d, e]; a source holding e keeps all of its tokens of e; the
-    chosen replicas' shares differ by at most one token.
+
+class TokenRoutes:
+    """Sparse token routes of one layer's iteration (see the module docstring).
+
+    Attributes (numpy, read-only by convention): holders_WE bool [W, E], counts_WE int64
+    [W, E], node_of_W int64 [W]; `moves` int64 [K, 4] rows (src, expert, dst, tokens)
+    added on top of the rule (sorted, merged, no zero rows).
     """
+
+    __slots__ = ("holders_WE", "counts_WE", "node_of_W", "moves", "_members", "_member_start",
+                 "_member_node_half", "_src", "_e", "_start", "_n", "_q", "_r", "_off", "_src_ptr",
+                 "_loads")
+
+    def __init__(self, holders_WE: np.ndarray, counts_WE: np.ndarray, node_of_W: np.ndarray,
+                 moves: np.ndarray | None = None):
+        self.holders_WE, self.counts_WE, self.node_of_W = holders_WE, counts_WE, node_of_W
+        self.moves = _canonical_moves(moves)
+        self._loads = None
+        self._build()
+
+    @property
+    def world_size(self) -> int:
+        return self.holders_WE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.holders_WE.shape[1]
+
+    # ---- construction: O(W*E + holders) ----------------------------------------------------
+    def _build(self) -> None:
+        holders, counts, nodes = self.holders_WE, self.counts_WE, self.node_of_W
+        W, E = holders.shape
+        N = int(nodes.max()) + 1
+        he, hd = np.nonzero(holders.T)  # holders sorted by (expert, rank)
+        H = he.size
+        node_key = he * N + nodes[hd]
+        by_node = np.argsort(node_key, kind="stable")  # (expert, node), ranks ascending inside
+        node_cnt = np.bincount(node_key, minlength=E * N)
+        node_ptr = np.concatenate(([0], np.cumsum(node_cnt)))
+        all_cnt = np.bincount(he, minlength=E)
+        all_ptr = np.concatenate(([0], np.cumsum(all_cnt)))
+        # members[0:H]: rule-2 groups (expert, node); members[H:2H]: rule-3 groups (expert).
+        self._members = np.concatenate((hd[by_node], hd))
+        self._member_start = np.concatenate((node_ptr[node_key[by_node]], H + all_ptr[he]))
+        self._member_node_half = H
+        # Routed pairs: (source, expert) with tokens that the source does not keep.
+        src, e = np.nonzero((counts > 0) & ~holders)  # source-major order
+        key = e * N + nodes[src]
+        n_node = node_cnt[key]
+        node_rule = n_node > 0
+        n = np.where(node_rule, n_node, all_cnt[e])
+        orphan = n == 0
+        if orphan.any():
+            i = int(np.argmax(orphan))
+            raise ValueError(
+                f"holders_WE has no holder of expert {int(e[i])} but rank {int(src[i])} routes "
+                f"{int(counts[src[i], e[i]])} tokens to it; every expert needs at least its owner "
+                "in holders_WE")
+        start = np.where(node_rule, node_ptr[key], H + all_ptr[e])
+        c = counts[src, e]
+        q, r, off = c.copy(), np.zeros_like(c), np.zeros_like(c)
+        many = n > 1  # a single candidate takes everything: skip the divisions for those
+        if many.any():
+            nm = n[many]
+            q[many], r[many] = np.divmod(c[many], nm)
+            off[many] = (src[many] + e[many]) % nm
+        self._src, self._e, self._start, self._n = src, e, start, n
+        self._q, self._r, self._off = q, r, off
+        self._src_ptr = np.searchsorted(src, np.arange(W + 1))
+
+    # ---- per-rank layouts --------------------------------------------------------------------
+    def send_WE(self, rank: int) -> np.ndarray:
+        """int64 [W_dst, E]: tokens of each expert `rank` sends to each rank (itself included)."""
+        W, E = self.holders_WE.shape
+        out = np.zeros((W, E), dtype=np.int64)
+        keep = self.holders_WE[rank]
+        out[rank, keep] = self.counts_WE[rank, keep]
+        lo, hi = self._src_ptr[rank], self._src_ptr[rank + 1]
+        if hi > lo:
+            n = self._n[lo:hi]
+            rep = np.repeat(np.arange(hi - lo), n)
+            pos = np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
+            dst = self._members[self._start[lo:hi][rep] + pos]
+            tok = self._q[lo:hi][rep] + (((pos - self._off[lo:hi][rep]) % n[rep]) < self._r[lo:hi][rep])
+            out[dst, self._e[lo:hi][rep]] = tok  # (dst, expert) pairs are distinct
+        if len(self.moves):
+            mv = self.moves[self.moves[:, 0] == rank]
+            np.add.at(out, (mv[:, 2], mv[:, 1]), mv[:, 3])
+        return out
+
+    def recv_WE(self, rank: int) -> np.ndarray:
+        """int64 [W_src, E]: tokens of each expert `rank` receives from each rank (itself included)."""
+        W, E = self.holders_WE.shape
+        out = np.zeros((W, E), dtype=np.int64)
+        held = np.nonzero(self.holders_WE[rank])[0]
+        if held.size:
+            out[:, held] = self._recv_base(rank, held)
+        if len(self.moves):
+            mv = self.moves[self.moves[:, 2] == rank]
+            np.add.at(out, (mv[:, 0], mv[:, 1]), mv[:, 3])
+        return out
+
+    def _recv_base(self, rank: int, experts: np.ndarray) -> np.ndarray:
+        """[W_src, len(experts)] tokens the rule sends to `rank` for experts it holds (no moves)."""
+        W = self.world_size
+        cols = np.zeros((W, experts.size), dtype=np.int64)
+        cols[rank] = self.counts_WE[rank, experts]  # it keeps its own tokens
+        col_of = np.full(self.num_experts, -1, dtype=np.int64)
+        col_of[experts] = np.arange(experts.size)
+        # Pairs that can reach `rank`: expert among `experts`, rank in the pair's group.
+        sel = col_of[self._e] >= 0
+        if not sel.any():
+            return cols
+        idx = np.nonzero(sel)[0]
+        start, n = self._start[idx], self._n[idx]
+        # Position of `rank` inside each pair's group (groups are short: at most the holders).
+        mine = np.nonzero(self._members == rank)[0]
+        pos = np.full(idx.size, -1, dtype=np.int64)
+        # A member index j of `rank` lies in the group [start, start + n) of at most one pair kind.
+        seg = self._member_start[mine]
+        order = np.argsort(seg)
+        seg_sorted, mine_sorted = seg[order], mine[order]
+        k = np.searchsorted(seg_sorted, start)
+        k = np.minimum(k, max(seg_sorted.size - 1, 0))
+        if seg_sorted.size:
+            hit = seg_sorted[k] == start
+            pos[hit] = mine_sorted[k[hit]] - start[hit]
+        ok = pos >= 0
+        idx, pos, n = idx[ok], pos[ok], n[ok]
+        tok = self._q[idx] + (((pos - self._off[idx]) % n) < self._r[idx])
+        cols[self._src[idx], col_of[self._e[idx]]] = tok
+        return cols
+
+    # ---- whole-world aggregates: O(W*E + holders) -------------------------------------------
+    def rank_loads(self) -> dict[str, np.ndarray]:
+        """Per rank, int64 [W]: `served` (rows it computes), `send_intra` / `send_inter` (tokens
+        it sends to other ranks on its node / other nodes), `recv_intra` / `recv_inter`."""
+        if self._loads is not None:
+            return self._loads
+        W = self.world_size
+        M, H = self._members.size, self._member_node_half
+        q, r, off, start, n = self._q, self._r, self._off, self._start, self._n
+        sum_q = _int_sum(start, q, M)  # at each group's first member
+        # Remainder tokens: +1 on the circular interval [off, off + r) of the group.
+        a = start + off
+        b = a + r
+        wrap = b > start + n
+        ends = np.where(wrap, start + n, b)
+        plus = np.concatenate((a, start[wrap]))
+        minus = np.concatenate((ends, (b - n)[wrap]))
+        diff = np.bincount(plus, minlength=M + 1)[: M + 1] - np.bincount(minus, minlength=M + 1)[: M + 1]
+        got = sum_q[self._member_start] + np.cumsum(diff)[:M]
+        recv_intra = _int_sum(self._members[:H], got[:H], W)
+        recv_inter = _int_sum(self._members[H:], got[H:], W)
+        c = self.counts_WE[self._src, self._e]
+        node_rule = start < H
+        send_intra = _int_sum(self._src[node_rule], c[node_rule], W)
+        send_inter = _int_sum(self._src[~node_rule], c[~node_rule], W)
+        kept = (self.counts_WE * self.holders_WE).sum(axis=1)
+        served = kept + recv_intra + recv_inter
+        if len(self.moves):
+            s, d, t = self.moves[:, 0], self.moves[:, 2], self.moves[:, 3]
+            served += _int_sum(d, t, W)
+            off_rank = s != d
+            same = self.node_of_W[s] == self.node_of_W[d]
+            for mask, send, recv in ((off_rank & same, send_intra, recv_intra),
+                                     (off_rank & ~same, send_inter, recv_inter)):
+                send += _int_sum(s[mask], t[mask], W)
+                recv += _int_sum(d[mask], t[mask], W)
+        self._loads = {"served": served, "send_intra": send_intra, "send_inter": send_inter,
+                       "recv_intra": recv_intra, "recv_inter": recv_inter}
+        return self._loads
+
+    def moved_tokens(self) -> int:
+        """Tokens that `moves` took away from the rule's replicas (0 without moves)."""
+        return int(self.moves[:, 3].clip(min=0).sum()) if len(self.moves) else 0
+
+    # ---- dense views (tests and small worlds only: O(W^2 E)) ----------------------------------
+    def dense(self) -> np.ndarray:
+        """int64 [W_src, E, W_dst]; O(W^2 E) memory, meant for tests and small worlds."""
+        return np.stack([self.send_WE(s).T for s in range(self.world_size)])
+
+    def tokens_WW(self) -> np.ndarray:
+        """int64 [W_src, W_dst] all-to-all split sizes of every rank; O(W^2) memory."""
+        return np.stack([self.send_WE(s).sum(axis=1) for s in range(self.world_size)])
+
+    def digest_arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays that determine the routes (the rule's inputs, then the moves)."""
+        return (self.holders_WE.astype(np.int64), self.counts_WE, self.node_of_W, self.moves)
+
+
+def _canonical_moves(moves) -> np.ndarray:
+    """Merge rows with equal (src, expert, dst), drop zero rows, sort: one form per route set."""
+    if moves is None or len(moves) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    moves = np.asarray(moves, dtype=np.int64).reshape(-1, 4)
+    keys, inverse = np.unique(moves[:, :3], axis=0, return_inverse=True)
+    tokens = np.zeros(len(keys), dtype=np.int64)
+    np.add.at(tokens, inverse.reshape(-1), moves[:, 3])
+    keep = tokens != 0
+    return np.concatenate((keys[keep], tokens[keep, None]), axis=1)
+
+
+def _inputs(holders_WE, counts_WE, node_of_W):
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
     W, E = holders.shape
     counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E))
@@ -73,30 +250,58 @@ def token_routes(holders_WE: torch.Tensor, counts_WE: torch.Tensor,
     nodes = node_array(node_of_W)
     if nodes.shape[0] != W:
         raise ValueError(f"node_of_W has {nodes.shape[0]} ranks but holders_WE has {W} rows")
-    return torch.from_numpy(_routes_np(holders, counts, nodes))
+    return holders, counts, nodes
 
 
-def rank_splits(routes_WEW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One rank's all-to-all layout from the global routes.
+def route_tokens(holders_WE, counts_WE, node_of_W) -> TokenRoutes:
+    """The sparse routes (TokenRoutes) for P1 `holders_WE` and the batch's `counts_WE`.
 
-    Returns (send_WE, recv_WE), both int64 [W, E]: send_WE[d, e] tokens of
-    expert e this rank sends to rank d (the send buffer is ordered by
-    destination, then expert); recv_WE[s, e] tokens of expert e it receives
-    from rank s. Per-peer split sizes are send_WE.sum(1) and recv_WE.sum(1).
+    holders_WE: bool [W, E], P1 (every expert with tokens needs >= 1 holder).
+    counts_WE: int64 [W_src, E], tokens of each source rank per expert.
+    node_of_W: int64 [W], node index of each rank.
+    Guarantees: every source's tokens of e are routed exactly once, only to holders of e;
+    a source holding e keeps all of its tokens of e; the chosen replicas' shares differ by
+    at most one token.
     """
-    if not isinstance(routes_WEW, torch.Tensor) or routes_WEW.dim() != 3:
-        raise ValueError("routes_WEW must be an int64 tensor [W_src, E, W_dst]")
-    W = routes_WEW.shape[0]
-    if routes_WEW.shape[2] != W:
-        raise ValueError(f"routes_WEW must be [W_src, E, W_dst] with W_src == W_dst, got "
-                         f"{tuple(routes_WEW.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < W:
+    return TokenRoutes(*_inputs(holders_WE, counts_WE, node_of_W))
+
+
+def token_routes(holders_WE, counts_WE, node_of_W) -> torch.Tensor:
+    """The same routes as a dense int64 tensor [W_src, E, W_dst] (tests and small worlds:
+    O(W^2 E) memory; the runtime uses `route_tokens`)."""
+    return torch.from_numpy(route_tokens(holders_WE, counts_WE, node_of_W).dense())
+
+
+def rank_splits(routes, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's all-to-all layout.
+
+    `routes` is a TokenRoutes or a dense int64 tensor [W_src, E, W_dst]. Returns (send_WE,
+    recv_WE), both int64 [W, E]: send_WE[d, e] tokens of expert e this rank sends to rank d
+    (the send buffer is ordered by destination, then expert); recv_WE[s, e] tokens of
+    expert e it receives from rank s. Per-peer split sizes are send_WE.sum(1) and recv_WE.sum(1).
+    """
+    if isinstance(routes, TokenRoutes):
+        W = routes.world_size
+        _check_rank(rank, W)
+        return torch.from_numpy(routes.send_WE(rank)), torch.from_numpy(routes.recv_WE(rank))
+    if not isinstance(routes, torch.Tensor) or routes.dim() != 3:
+        raise ValueError("routes must be a TokenRoutes or an int64 tensor [W_src, E, W_dst]")
+    W = routes.shape[0]
+    if routes.shape[2] != W:
+        raise ValueError(f"routes must be [W_src, E, W_dst] with W_src == W_dst, got "
+                         f"{tuple(routes.shape)}")
+    _check_rank(rank, W)
+    return routes[rank].T.contiguous(), routes[:, :, rank].contiguous()
+
+
+def _check_rank(rank, W: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < W:
         raise ValueError(f"rank must be an int in [0, {W}), got {rank!r}")
-    return routes_WEW[rank].T.contiguous(), routes_WEW[:, :, rank].contiguous()
 
 
-def balance_routes(routes_WEW: torch.Tensor, holders_WE: torch.Tensor, node_of_W: torch.Tensor,
-                   tolerance: float = 0.02, min_rows: int = 16) -> torch.Tensor:
+# ---- compute balancing -------------------------------------------------------------------------
+def balance_routes(routes, holders_WE=None, node_of_W=None, tolerance: float = 0.02,
+                   min_rows: int = 16):
     """Shift tokens among replicas on one node so that no rank computes far more rows than another.
 
     Local-first routes keep every source's tokens of a replicated expert at home, and send
@@ -108,17 +313,66 @@ def balance_routes(routes_WEW: torch.Tensor, holders_WE: torch.Tensor, node_of_W
     then h's own, which then cross to l). It stops when the gap is within
     max(min_rows, tolerance x mean rows) or no such pair exists. Never across nodes.
 
-    Keeps routes.sum(-1) (every token routed once) and routes only to holders. A pure
-    function of its inputs, so every rank computes the same result.
+    `routes` is a TokenRoutes (returns a TokenRoutes with the shifts as `moves`), or a dense
+    int64 tensor [W, E, W] with `holders_WE` and `node_of_W` (returns a dense tensor).
+    Keeps every token routed once and only to holders. A pure function of its inputs, so
+    every rank computes the same result.
     """
-    routes = to_numpy(routes_WEW, "routes_WEW", ndim=3).copy()
+    if isinstance(routes, TokenRoutes):
+        return _balance(routes, tolerance, min_rows)
+    dense = to_numpy(routes, "routes_WEW", ndim=3)
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
     nodes = node_array(node_of_W)
     W, E = holders.shape
-    if routes.shape != (W, E, W):
-        raise ValueError(f"routes_WEW must be [W, E, W] = {(W, E, W)}, got {routes.shape}")
-    load = routes.sum(axis=(0, 1))  # rows each rank computes
+    if dense.shape != (W, E, W):
+        raise ValueError(f"routes_WEW must be [W, E, W] = {(W, E, W)}, got {dense.shape}")
+    base = TokenRoutes(holders, dense.sum(axis=2), nodes)
+    diff = dense - base.dense()
+    s, e, d = np.nonzero(diff)
+    rows = np.stack((s, e, d, diff[s, e, d]), axis=1)
+    balanced = _balance(TokenRoutes(holders, base.counts_WE, nodes, rows), tolerance, min_rows)
+    return torch.from_numpy(balanced.dense())
+
+
+def _balance(routes: TokenRoutes, tolerance: float, min_rows: int) -> TokenRoutes:
+    holders, nodes = routes.holders_WE, routes.node_of_W
+    W, E = holders.shape
+    load = routes.rank_loads()["served"].copy()
     slack = max(min_rows, int(tolerance * load.sum() / max(W, 1)))
+    columns: dict = {}  # (expert, rank) -> current tokens per source served there
+    moves: list = []
+
+    def column(e: int, d: int) -> np.ndarray:
+        col = columns.get((e, d))
+        if col is None:
+            col = routes._recv_base(d, np.array([e]))[:, 0]
+            if len(routes.moves):
+                mv = routes.moves[(routes.moves[:, 1] == e) & (routes.moves[:, 2] == d)]
+                np.add.at(col, mv[:, 0], mv[:, 3])
+            columns[(e, d)] = col
+        return col
+
+    def shift(h: int, lo: int, want: int) -> int:
+        moved = 0
+        order = np.concatenate((np.arange(h), np.arange(h + 1, W), [h]))  # third ranks first
+        for e in np.nonzero(holders[h] & holders[lo])[0]:
+            e = int(e)
+            col = column(e, h)
+            avail = col[order]
+            before = np.cumsum(avail) - avail
+            take = np.clip(want - moved - before, 0, avail)
+            got = np.nonzero(take)[0]
+            if got.size:
+                srcs, amounts = order[got], take[got]
+                col[srcs] -= amounts
+                column(e, lo)[srcs] += amounts
+                moves.extend((int(s), e, h, -int(t)) for s, t in zip(srcs, amounts))
+                moves.extend((int(s), e, lo, int(t)) for s, t in zip(srcs, amounts))
+                moved += int(amounts.sum())
+            if moved == want:
+                break
+        return moved
+
     for _ in range(W * E):
         h = int(np.argmax(load))  # ties: the lowest rank
         moved = 0
@@ -126,26 +380,16 @@ def balance_routes(routes_WEW: torch.Tensor, holders_WE: torch.Tensor, node_of_W
             lo = int(lo)
             if lo == h or nodes[lo] != nodes[h] or load[h] - load[lo] <= slack:
                 continue
-            moved = _shift(routes, holders, h, lo, int(load[h] - load[lo]) // 2)
+            moved = shift(h, lo, int(load[h] - load[lo]) // 2)
             if moved:
                 load[h] -= moved
                 load[lo] += moved
                 break
         if not moved:
             break
-    return torch.from_numpy(routes)
-
-
-def _shift(routes: np.ndarray, holders: np.ndarray, h: int, lo: int, want: int) -> int:
-    """Move up to `want` of the rows rank h serves to rank lo (experts both hold); return how many."""
-    W = routes.shape[0]
-    moved = 0
-    for e in np.nonzero(holders[h] & holders[lo])[0]:
-        for s in [s for s in range(W) if s != h] + [h]:  # third ranks' tokens first: no new traffic
-            take = min(int(routes[s, e, h]), want - moved)
-            routes[s, e, h] -= take
-            routes[s, e, lo] += take
-            moved += take
-            if moved == want:
-                return moved
-    return moved
+    if not moves:
+        return routes
+    rows = np.array(moves, dtype=np.int64)
+    if len(routes.moves):
+        rows = np.concatenate((routes.moves, rows))
+    return TokenRoutes(routes.holders_WE, routes.counts_WE, routes.node_of_W, rows)

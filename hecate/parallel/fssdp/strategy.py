@@ -36,10 +36,15 @@ from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
 from hecate.parallel.fssdp.overlap import PendingGather
 from hecate.parallel.fssdp.load import LoadPredictor
-from hecate.parallel.fssdp.materialize import HecatePolicy, NoReplicationPolicy, ShadowingPolicy
+from hecate.parallel.fssdp.materialize import (
+    HecatePolicy,
+    NoReplicationPolicy,
+    ShadowingPolicy,
+    fit_holders,
+)
 from hecate.parallel.fssdp.options import FssdpOptions
-from hecate.parallel.fssdp.plan import Plan, build_plan
-from hecate.parallel.fssdp.routes import balance_routes, token_routes
+from hecate.parallel.fssdp.plan import Plan
+from hecate.parallel.fssdp.routes import balance_routes, route_tokens
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
 from hecate.parallel.strategy import ExpertStrategy
 
@@ -207,9 +212,10 @@ class FullyShardedSparse(ExpertStrategy):
         gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
         E = counts_E.numel()
         digests = gathered[:, E + 1:]
-        bad = [r for r in range(gathered.shape[0]) if not torch.equal(digests[r], digests[0])]
-        if bad:
-            good = [r for r in range(gathered.shape[0]) if r not in bad]
+        differs = (digests != digests[0]).any(1)  # one vector op, not a loop over W ranks
+        if bool(differs.any()):
+            bad = differs.nonzero().flatten().tolist()
+            good = (~differs).nonzero().flatten().tolist()
             raise AgreementError(
                 f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
@@ -223,18 +229,19 @@ class FullyShardedSparse(ExpertStrategy):
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
             holders = state.prefetched.holders_WE
-            plan = Plan(state.owner_E.clone(), holders, token_routes(holders, counts_WE, self.node_of_W))
         else:
-            plan = build_plan(self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1),
-                              state.predictor.predict(), state.owner_E, counts_WE, self.node_of_W,
-                              self.capacity_m(layer.expert_layout.num_experts))
+            policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1)
+            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
+                                  self.capacity_m(layer.expert_layout.num_experts), counts_WE=counts_WE)
             if self.fit_replicas:
-                plan = self._fit(plan, counts_WE, layer.expert_layout, token_bytes)
-        if self.balance_compute and bool((plan.holders_WE.sum(0) > 1).any()):
-            balanced = balance_routes(plan.routes_WEW, plan.holders_WE, self.node_of_W)
-            self.timings["balanced_rows"] = (self.timings.get("balanced_rows", 0)
-                                             + int((balanced - plan.routes_WEW).clamp(min=0).sum()))
-            plan = Plan(plan.owner_E, plan.holders_WE, balanced)
+                holders = self._fit_holders(holders, state.owner_E, counts_WE, layer.expert_layout,
+                                            token_bytes)
+        # Sparse routes (routes.TokenRoutes): O(W*E + replicas), never a [W, E, W] array.
+        routes = route_tokens(holders, counts_WE, self.node_of_W)
+        if self.balance_compute and bool((holders.sum(0) > 1).any()):
+            routes = balance_routes(routes)
+            self.timings["balanced_rows"] = self.timings.get("balanced_rows", 0) + routes.moved_tokens()
+        plan = Plan(state.owner_E.clone(), holders, routes)
         state.rank_history.append(counts_WE.to(torch.float64))
         state.predictor.update_from_rank_counts(counts_WE)
         state.observed_E = counts_WE.sum(0)
@@ -264,31 +271,13 @@ class FullyShardedSparse(ExpertStrategy):
                                          self.topology.stats, wire_dtype=self._wire)
 
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
-        """Fit P1 to bytes: drop replicas whose chunk traffic exceeds the token traffic they
-        save, then spend each rank's free slots (m) on the replicas that save the most."""
-        chunk_bytes = layout.chunk_numel * self._wire_itemsize()  # fp32 rows, or bf16 under autocast
-        chunk_passes = 3 if self.rematerialize else 2
-        saving_WE = 4 * counts_WE.to(torch.float64) * token_bytes - chunk_passes * chunk_bytes
-        E = owner_E.numel()
-        owned = torch.zeros_like(holders_WE)
-        owned[owner_E, torch.arange(E)] = True
-        holders = (holders_WE & (saving_WE > 0)) | owned  # P0 is always part of P1
-        free_W = self.capacity_m(E) - (holders & ~owned).sum(1)
-        for d in range(holders.shape[0]):
-            if free_W[d] <= 0:
-                continue
-            gain = torch.where(holders[d], torch.full_like(saving_WE[d], -1.0), saving_WE[d])
-            # Descending saving, ties to the lower expert id (stable sort of the negation).
-            order = torch.sort(-gain, stable=True).indices[:int(free_W[d])]
-            holders[d, order[gain[order] > 0]] = True
-        return holders
-
-    def _fit(self, plan, counts_WE: torch.Tensor, layout: ChunkLayout, token_bytes: int):
-        """The plan with P1 fitted to this batch's bytes (see _fit_holders)."""
-        holders = self._fit_holders(plan.holders_WE, plan.owner_E, counts_WE, layout, token_bytes)
-        if torch.equal(holders, plan.holders_WE):
-            return plan
-        return Plan(plan.owner_E, holders, token_routes(holders, counts_WE, self.node_of_W))
+        """Fit P1 to bytes (materialize.fit_holders): drop replicas whose chunk traffic exceeds
+        the token traffic they save, then spend each rank's free slots (m) on the replicas that
+        save the most."""
+        return fit_holders(holders_WE, owner_E, counts_WE,
+                           chunk_bytes=layout.chunk_numel * self._wire_itemsize(),  # fp32, or bf16
+                           token_bytes=token_bytes, chunk_passes=3 if self.rematerialize else 2,
+                           capacity_m=self.capacity_m(owner_E.numel()))
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
@@ -380,22 +369,22 @@ class FullyShardedSparse(ExpertStrategy):
     def _destination_bins(indices_TK, counts_E, send_WE) -> torch.Tensor:
         """bin = dst * E + e for each routed entry: entries of expert e, in token order, fill
         the destinations' shares (send_WE[:, e]) in rank order."""
-        E = counts_E.numel()
+        E, W = counts_E.numel(), send_WE.shape[0]
         device = indices_TK.device
         # Computed where the indices live (no round trip of T x K ids through the host on a
-        # GPU); only the small [E] / [W, E] plan tensors move there.
-        flat, counts_E, send_WE = indices_TK.reshape(-1), counts_E.to(device), send_WE.to(device)
+        # GPU); only the small [W, E] split table moves there.
+        flat, send_WE = indices_TK.reshape(-1), send_WE.to(device)
         valid = flat >= 0
         key = torch.where(valid, flat, torch.full_like(flat, E))
         order = torch.sort(key, stable=True).indices
-        sorted_e = key[order]
-        starts = torch.cumsum(counts_E, 0) - counts_E
-        starts = torch.cat([starts, starts.new_zeros(1)])
-        pos = torch.arange(flat.numel(), device=device) - starts[sorted_e]
-        ends_EW = torch.cat([send_WE.T.cumsum(1), send_WE.new_zeros(1, send_WE.shape[0])])
-        dst_sorted = (pos.unsqueeze(1) >= ends_EW[sorted_e]).sum(1)
+        # Sorted by expert, the entries of e fill positions [start_e, start_e + counts_E[e]); the
+        # running ends of send_WE.T (expert-major, then destination) cut the same range into
+        # the destinations' shares, so one binary search per entry finds its (e, dst) cell:
+        # O(T*K log(W*E)), no [T*K, W] comparison.
+        ends = send_WE.T.reshape(-1).cumsum(0)
+        cell = torch.searchsorted(ends, torch.arange(flat.numel(), device=device), right=True)
         dst = torch.empty_like(flat)
-        dst[order] = dst_sorted
+        dst[order] = cell.remainder(W)
         bins = torch.where(valid, dst * E + flat, torch.full_like(flat, -1))
         return bins.view(indices_TK.shape)
 
