@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hecate.models.attention import Attention, BAMAttention, MoHAttention, check_heads, rope_tables
+from hecate.models.attention_options import QK_NORMS, MLAttention, NormedAttention
 from hecate.models.mohd import MoHDFFN, check_mohd
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
 
-ATTENTIONS = ("mha", "moh", "bam")
+ATTENTIONS = ("mha", "moh", "bam", "mla")
 DENSE_ACTIVATIONS = ("gelu", "swiglu")
 
 
@@ -58,6 +59,18 @@ class TransformerConfig:
     mohd_top_k: int = 1                           # MoHD: routed sub-dimensions per token
     mohd_balance_coeff: float = 0.01              # MoHD: routed sub-dimension balance loss weight
     mohd_fusion: bool = True                      # MoHD: per-group fusion map (hecate.models.mohd)
+    # --- pretrained-checkpoint forms (hecate.integrations.hf); defaults change nothing ---
+    norm_eps: float = 1e-6                        # epsilon of every RMSNorm of the blocks and the final norm
+    moe_layers: Optional[list] = None             # explicit MoE layer indices (replaces moe_every/first_dense_layers)
+    qkv_bias: bool = False                        # mha: bias on the q/k/v projection (Qwen2)
+    out_bias: bool = False                        # mha: output-projection bias; mla: bias of q_a, kv_a, out
+    qk_norm: str = "none"                         # mha: none | head (Qwen3) | full (OLMoE) RMSNorm of q and k
+    mla_q_lora_rank: Optional[int] = None         # mla: query low-rank width (None = one q projection)
+    mla_kv_lora_rank: int = 0                     # mla: key/value latent width
+    mla_qk_nope_head_dim: int = 0                 # mla: per-head query/key width without RoPE
+    mla_qk_rope_head_dim: int = 0                 # mla: per-head rotary width (must equal head_dim)
+    mla_v_head_dim: int = 0                       # mla: per-head value width
+    mla_rope_interleave: bool = True              # mla: rotary pairs are interleaved (DeepSeek layout)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
@@ -92,6 +105,27 @@ class TransformerConfig:
                                  f"(n_heads - moh_shared_heads)")
             if self.moh_router not in ("learned", "query_norm"):
                 raise ValueError(f"model.moh_router={self.moh_router!r} must be 'learned' or 'query_norm'")
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"model.qk_norm={self.qk_norm!r} must be one of {QK_NORMS}")
+        if (self.qkv_bias or self.qk_norm != "none") and self.attention != "mha":
+            raise ValueError("model.qkv_bias / qk_norm apply to attention='mha' only, "
+                             f"got attention={self.attention!r}")
+        if self.out_bias and self.attention not in ("mha", "mla"):
+            raise ValueError(f"model.out_bias applies to attention='mha' or 'mla', got {self.attention!r}")
+        if self.attention == "mla":
+            if not self.rope or self.parallel_block:
+                raise ValueError("attention='mla' needs model.rope=true and model.parallel_block=false")
+            if self.mla_qk_rope_head_dim != hd:
+                raise ValueError(f"attention='mla': model.head_dim ({hd}) must equal model.mla_qk_rope_head_dim "
+                                 f"({self.mla_qk_rope_head_dim}), the width the RoPE tables are built for")
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if isinstance(i, bool) or not isinstance(i, int)
+                   or not 0 <= i < self.n_layers]
+            if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"model.moe_layers must list distinct layer indices in [0, n_layers="
+                                 f"{self.n_layers}), got {self.moe_layers!r}")
         if self.bam_attention_experts < 1:
             raise ValueError(f"model.bam_attention_experts must be >= 1, got {self.bam_attention_experts}")
         if self.mohd_sub_dims:
@@ -114,6 +148,8 @@ class TransformerConfig:
         self.moe.validate()
 
     def is_moe_layer(self, i: int) -> bool:
+        if self.moe_layers is not None:
+            return i in self.moe_layers
         return i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
 
     def moe_config(self, i: int) -> MoEConfig:
@@ -162,6 +198,14 @@ def build_attention(cfg: TransformerConfig) -> nn.Module:
     if cfg.attention == "bam":
         return BAMAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                             num_experts=cfg.bam_attention_experts, shared_kv=cfg.bam_shared_kv)
+    if cfg.attention == "mla":
+        return MLAttention(cfg.d_model, cfg.n_heads, q_lora_rank=cfg.mla_q_lora_rank,
+                           kv_lora_rank=cfg.mla_kv_lora_rank, nope_dim=cfg.mla_qk_nope_head_dim,
+                           rope_dim=cfg.mla_qk_rope_head_dim, v_dim=cfg.mla_v_head_dim, bias=cfg.out_bias,
+                           rope_interleave=cfg.mla_rope_interleave)
+    if cfg.qkv_bias or cfg.out_bias or cfg.qk_norm != "none":
+        return NormedAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias,
+                               out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
     return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
 
 
@@ -171,9 +215,9 @@ class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, moe: bool, moe_config: Optional[MoEConfig] = None):
         super().__init__()
         self.parallel = cfg.parallel_block
-        self.norm1 = RMSNorm(cfg.d_model)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = build_attention(cfg)
-        self.norm2 = None if self.parallel else RMSNorm(cfg.d_model)
+        self.norm2 = None if self.parallel else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = (MoELayer(moe_config or cfg.moe) if moe
                     else MoHDFFN(cfg.d_model, cfg.dense_ffn_hidden, cfg.mohd_sub_dims, cfg.mohd_shared,
                                  cfg.mohd_top_k, cfg.dense_activation, cfg.mohd_balance_coeff, cfg.mohd_fusion)
@@ -223,7 +267,7 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, cfg.is_moe_layer(i), cfg.moe_config(i) if cfg.is_moe_layer(i) else None)
             for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 

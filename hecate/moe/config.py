@@ -45,6 +45,8 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_hidden_size: Optional[int] = None  # per shared expert; None = ffn_hidden_size
     use_residual: bool = False
+    shared_expert_gate: bool = False      # Qwen2-MoE: shared output scaled by sigmoid(x @ g^T), g [1, D]
+    routed_scaling_factor: float = 1.0    # DeepSeek-V3: routed combine weights times this factor
     # balancing losses (already multiplied into Routing.aux_losses)
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
@@ -115,6 +117,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.bias_update_rate < 0:
             raise ValueError(f"MoEConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("MoEConfig.shared_expert_gate=True needs num_shared_experts >= 1")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_hidden_size is not None and self.shared_expert_hidden_size <= 0:

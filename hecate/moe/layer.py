@@ -52,6 +52,8 @@ class MoELayer(nn.Module):
             self.shared_experts = SharedExperts(
                 c.hidden_size, c.shared_expert_hidden_size or c.ffn_hidden_size,
                 c.num_shared_experts, c.activation)
+        # Qwen2-MoE's gate on the shared expert's output: sigmoid(x @ shared_gate^T).
+        self.shared_gate = nn.Linear(c.hidden_size, 1, bias=False) if c.shared_expert_gate else None
         self.residual = ResidualMix(c.hidden_size, c.ffn_hidden_size, c.activation) if c.use_residual else None
         # Load seen since the last update_bias() (aux-free balancing); a distributed trainer
         # all-reduces it before calling update_bias so every rank moves the bias alike.
@@ -83,6 +85,8 @@ class MoELayer(nn.Module):
               group_sizes: Sequence[int], seq_len: Optional[int] = None) -> Routing:
         """Router decision for every token plus the weighted aux losses."""
         routing = self.router(x_TD, top_k=top_k, capacity_factor=capacity_factor, group_sizes=group_sizes)
+        if self.config.routed_scaling_factor != 1.0:  # DeepSeek-V3: scales the combine weights only
+            routing = routing.replace(weights_TK=routing.weights_TK * self.config.routed_scaling_factor)
         return routing.replace(aux_losses=self.aux_losses(routing, group_sizes, seq_len),
                                group_sizes=list(group_sizes))
 
@@ -127,7 +131,10 @@ class MoELayer(nn.Module):
         """Residual mix (DeepSpeed) then shared experts (summed)."""
         y_TD = moe_TD if self.residual is None else self.residual(x_TD, moe_TD)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         return y_TD
 
     # ---- forward ------------------------------------------------------------------------------
