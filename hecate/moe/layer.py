@@ -18,6 +18,7 @@ from hecate.moe.experts import GroupedExperts, ResidualMix, SharedExperts
 from hecate.moe.metrics import MoEStats
 from hecate.moe.routers import build_router
 from hecate.moe.routing import Routing
+from hecate.moe.strategy import LocalStrategy
 
 
 class MoEOutput(NamedTuple):
@@ -60,7 +61,6 @@ class MoELayer(nn.Module):
         self.register_buffer("load_since_update_E", torch.zeros(c.num_experts, dtype=torch.int64),
                              persistent=False)
         if strategy is None:
-            from hecate.parallel.local import LocalStrategy
             strategy = LocalStrategy()
         self.strategy = strategy
         strategy.attach(self)

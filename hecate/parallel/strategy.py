@@ -1,64 +1,7 @@
-"""The interface every expert-parallel strategy implements.
+"""The strategy interface (defined in hecate.moe.strategy, below the MoE layer that calls it).
 
-A MoE layer's forward is route -> capacity -> dispatch -> experts -> combine.
-Routing and capacity are decided locally on each rank (for its own group of
-tokens); a strategy owns the rest: where the expert parameters live, how
-tokens reach them and how the weighted outputs come back. `local` (all experts
-on this process) is the oracle every other strategy must match.
+Re-exported here for the code that imports it from hecate.parallel.
 """
-from __future__ import annotations
+from hecate.moe.strategy import ExpertStrategy
 
-from typing import TYPE_CHECKING, Iterable
-
-import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from hecate.moe.layer import MoELayer
-    from hecate.moe.routing import Routing
-
-
-class ExpertStrategy:
-    """How the experts of MoE layers are parallelized.
-
-    Life cycle: `attach(layer)` once per MoE layer (may re-home or shard the
-    layer's expert parameters); `forward(layer, x_TD, routing)` each step;
-    `finish_backward(layers)` after loss.backward() and before the optimizer
-    step, to bring expert gradients to where the optimizer expects them.
-    """
-
-    name = "abstract"
-    # How many ranks hold an identical copy of each expert gradient after finish_backward
-    # (dp: the world; ep: the expert-data-parallel group; sharded strategies: 1).
-    def expert_replication(self) -> int:
-        return 1
-
-    def attach(self, layer: "MoELayer") -> None:
-        pass
-
-    def forward(self, layer: "MoELayer", x_TD: torch.Tensor, routing: "Routing") -> torch.Tensor:
-        """Return sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every local token t.
-
-        Entries with indices < 0 (dropped by capacity) contribute nothing.
-        """
-        raise NotImplementedError
-
-    def finish_backward(self, layers: Iterable["MoELayer"]) -> None:
-        pass
-
-    def expert_parameters(self, layer: "MoELayer") -> list[torch.nn.Parameter]:
-        """The expert parameters this rank's optimizer steps."""
-        return list(layer.experts.parameters())
-
-    def gather_experts(self, layer: "MoELayer", grads: bool = False) -> dict[str, torch.Tensor]:
-        """Full stacked expert weights (or their gradients) {name: [E, ...]} on every rank.
-
-        Collective for sharded strategies; used by checkpoints, export and tests.
-        """
-        return {n: (p.grad if grads else p.detach()).clone() for n, p in layer.experts.named_parameters()}
-
-    @torch.no_grad()
-    def load_experts(self, layer: "MoELayer", full: dict[str, torch.Tensor]) -> None:
-        """Set the layer's experts from full stacked weights {name: [E, ...]} (same on every rank);
-        each strategy keeps only its part. Used by checkpoint loading and import."""
-        for n, p in layer.experts.named_parameters():
-            p.copy_(full[n])
+__all__ = ["ExpertStrategy"]
