@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
     tr.add_argument("--nproc", type=int, default=None, help="local workers (default: parallel.nproc)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    tr.add_argument("--init", metavar="RUN_DIR", default=None,
+                    help="start from RUN_DIR's weights (`hecate convert --from-hf` output or a run's out_dir)")
     tr.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # never launch workers
     ins = sub.add_parser("inspect", help="parameter counts and per-rank memory of a config or model preset")
     ins.add_argument("config", nargs="?", help="YAML file, config name in configs/, or model-zoo preset name")
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=40)
     gen.add_argument("--samples", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="Hugging Face checkpoints in and out (docs/hf.md)")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="a transformers model directory to convert")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="a `convert --from-hf` output or a training run's out_dir")
+    conv.add_argument("--out", required=True, help="the directory to write")
+    conv.add_argument("--model-type", default=None, help="--to-hf: HF architecture (default: inferred)")
     sim = sub.add_parser("simulate", help="rank FSSDP policies at cluster scale with the cost model")
     from hecate.sim.report import add_arguments
 
@@ -56,6 +64,17 @@ def cmd_generate(args) -> int:
                           args.samples, args.seed)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from hecate.integrations.hf_run import convert_from_hf, convert_to_hf
+
+    if args.from_hf:
+        out = convert_from_hf(args.from_hf, args.out)
+        print(f"wrote {out}; train with: hecate train {out}/config.yaml --init {out}")
+    else:
+        print(f"wrote {convert_to_hf(args.to_hf, args.out, args.model_type)}")
     return 0
 
 
@@ -257,8 +276,10 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train" and args.init:  # a config key, so launched workers receive it too
+        args.overrides.append(f"train.init={os.path.abspath(args.init)}")
     try:
-        commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate,
+        commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate, "convert": cmd_convert,
                     "generate": cmd_generate}
         return commands[args.command](args)
     except (ValueError, TypeError, CheckpointError) as e:

@@ -67,6 +67,7 @@ class RunConfig:
     log_every: int = 10
     bf16: bool = False
     out_dir: str = "runs/default"
+    init: Optional[str] = None     # `--init RUN_DIR`: start from those weights (hecate.train.init_weights)
     peak_tflops: Optional[float] = None  # per rank, for the MFU estimate (None = a guess per device)
 
 

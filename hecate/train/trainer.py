@@ -102,6 +102,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
         self.model, self.strategy = build_model(cfg, self.topology, self.device)
+        if cfg.train.init:  # converted / earlier weights; a resumed run's own checkpoint overrides them below
+            from hecate.train.init_weights import load_initial_weights
+
+            load_initial_weights(cfg.train.init, self.model, self.strategy, cfg.model, self.topology)
         o = cfg.optim
         self.engine = Engine(self.model, self.strategy, self.topology, lr=o.lr, weight_decay=o.weight_decay,
                              betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm,
