@@ -5,10 +5,10 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 
 from hecate.train.checkpoint_io import CheckpointError
+from hecate.train.faults import RunDirInUseError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     tr.add_argument("--init", metavar="RUN_DIR", default=None,
                     help="start from RUN_DIR's weights (`hecate convert --from-hf` output or a run's out_dir)")
+    tr.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                    help="restart every rank from the newest checkpoint up to N times when a rank dies")
+    tr.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="several nodes: node 0's address; node 0 serves the rendezvous store on PORT "
+                         "on all its interfaces (default: one node, no network listener)")
+    tr.add_argument("--nnodes", type=int, default=1, help="nodes of a --rdzv-endpoint run")
+    tr.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, --nnodes)")
     tr.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # never launch workers
+    # the launcher's restarts: resume when a checkpoint exists, else start over (metrics truncated)
+    tr.add_argument("--resume-if-any", action="store_true", help=argparse.SUPPRESS)
     ins = sub.add_parser("inspect", help="parameter counts and per-rank memory of a config or model preset")
     ins.add_argument("config", nargs="?", help="YAML file, config name in configs/, or model-zoo preset name")
     ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=40)
     gen.add_argument("--samples", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0)
+    smp = sub.add_parser("sample", help="draw images from a trained image model's newest checkpoint (Switch-DiT)")
+    smp.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
+    smp.add_argument("--images", type=int, default=8)
+    smp.add_argument("--labels", type=int, nargs="*", default=None, help="class id per image")
+    smp.add_argument("--out", default=None, help="grid image path (default RUN_DIR/samples.ppm)")
+    smp.add_argument("--seed", type=int, default=0)
     conv = sub.add_parser("convert", help="Hugging Face checkpoints in and out (docs/hf.md)")
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="a transformers model directory to convert")
@@ -67,6 +82,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from hecate.train.sample_images import sample_images
+
+    info = sample_images(args.run_dir, args.images, args.out, args.seed, args.labels)
+    print(f"{info['num_images']} images from step {info['step']}: {info['image']} ({info['tensors']})")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from hecate.integrations.hf_run import convert_from_hf, convert_to_hf
 
@@ -84,50 +107,58 @@ def cmd_simulate(args) -> int:
     return simulate_main(args)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_local(nproc: int, worker_args: list[str]) -> None:
-    """Start `nproc` workers of `python -m hecate.train WORKER_ARGS` with torch's elastic launcher."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    # Workers share the cores; without this every worker starts one thread per core.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"hecate-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-                          monitor_interval=0.2, start_method="spawn")
-    elastic_launch(config, sys.executable)("-m", "hecate.train", *worker_args)
-
-
 def cmd_train(args) -> int:
     from hecate.train.config import load_config
 
     under_launcher = "RANK" in os.environ
     if under_launcher or args.worker:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg = load_config(args.config, args.overrides, world_size=world)
-        from hecate.train.trainer import train
+        return _run_worker(args)
+    from hecate.train.launch import LaunchSpec, launch
+    from hecate.train.preflight import preflight
 
-        summary = train(cfg, resume=args.resume)
-        if int(os.environ.get("RANK", "0")) == 0:
-            _print_summary(summary)
-        return 0
-    # Validate the whole layout here, before any worker process starts.
+    # Check everything that can be checked here, before any worker process starts.
     cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc or cfg.parallel.nproc
-    cfg.validate(nproc)
+    nproc = cfg.parallel.nproc if args.nproc is None else args.nproc
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc} must be >= 1")
+    spec = LaunchSpec(nproc=nproc, worker_args=[], max_restarts=args.max_restarts,
+                      rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes, node_rank=args.node_rank).validate()
+    cfg.validate(nproc * args.nnodes)
     worker_args = [args.config, *sum((["--set", o] for o in args.overrides), [])]
     if args.resume:
         worker_args.append("--resume")
-    launch_local(nproc, worker_args)
-    return 0
+    spec.worker_args = worker_args
+    lock = preflight(cfg, nproc * args.nnodes, resume=args.resume, node_rank=args.node_rank)
+    try:
+        return launch(spec)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_worker(args) -> int:
+    """One rank: train, and turn any error into one line (or a record for the launcher), exit 2."""
+    from hecate.train.faults import EXIT_STOPPED, die_with_parent, report_worker_error
+
+    if os.environ.get("HECATE_LAUNCHER_PID"):
+        die_with_parent(int(os.environ["HECATE_LAUNCHER_PID"]))
+    try:
+        from hecate.train.config import load_config
+        from hecate.train.trainer import train
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = load_config(args.config, args.overrides, world_size=world)
+        resume = "if_any" if args.resume_if_any else args.resume
+        summary = train(cfg, resume=resume)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line naming the rank
+        if os.environ.get("HECATE_DEBUG"):
+            raise
+        return report_worker_error(e)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    return EXIT_STOPPED if summary.get("stopped") else 0
 
 
 def _print_summary(summary: dict) -> None:
@@ -168,6 +199,10 @@ def inspect_config(config: str, overrides: list[str] | None = None, nproc: int |
     cfg = load_config(config, overrides)
     world = nproc or cfg.parallel.nproc
     cfg.validate(world)
+    from hecate.train import tasks
+
+    if tasks.arch_of(cfg) != tasks.TRANSFORMER:  # other model-zoo architectures
+        return tasks.inspect(cfg, world)
     counts = param_counts(build_meta_model(cfg.model))
     return {**counts, "moe_layers": sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers)),
             "memory_per_rank": memory_estimate(cfg, world, counts)}
@@ -268,7 +303,8 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     demo = REPO_ROOT / "configs" / "demo.yaml"
     ns = argparse.Namespace(config=str(demo), overrides=args.overrides, nproc=args.nproc,
-                            resume=False, worker=False)
+                            resume=False, worker=False, max_restarts=0, rdzv_endpoint=None, nnodes=1,
+                            node_rank=0, resume_if_any=False)
     print(f"hecate demo: training {demo.name} on {args.nproc} local CPU ranks "
           "(fssdp, fine-grained + shared experts)", flush=True)
     return cmd_train(ns)
@@ -280,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(f"train.init={os.path.abspath(args.init)}")
     try:
         commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate, "convert": cmd_convert,
-                    "generate": cmd_generate}
+                    "generate": cmd_generate, "sample": cmd_sample}
         return commands[args.command](args)
-    except (ValueError, TypeError, CheckpointError) as e:
+    except (ValueError, TypeError, CheckpointError, RunDirInUseError) as e:
         if os.environ.get("HECATE_DEBUG"):
             raise
         print(f"hecate {args.command}: error: {e}", file=sys.stderr)

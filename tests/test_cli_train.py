@@ -48,16 +48,20 @@ def test_inspect_human_and_errors(capsys):
 
 def test_train_rejects_layout_before_launch(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    import hecate.cli
+    import hecate.train.launch
 
     launched = []
-    monkeypatch.setattr(hecate.cli, "launch_local", lambda *a: launched.append(a))
+    monkeypatch.setattr(hecate.train.launch, "launch",
+                        lambda spec: launched.append((spec.nproc, spec.worker_args)) or 0)
     code, _, stderr = _main(capsys, "train", "tiny_ep", "--nproc", "3", "--set", f"train.out_dir={tmp_path}/run")
     assert code == 2 and "parallel.ep_size" in stderr and not launched
     code, _, stderr = _main(capsys, "train", "tiny_dp", "--set", "optim.lrr=1")
     assert code == 2 and "did you mean optim.lr?" in stderr and not launched
-    code, _, _ = _main(capsys, "train", "tiny_ep", "--nproc", "4", "--set", "optim.lr=1e-3")
-    assert code == 0 and launched == [(4, ["tiny_ep", "--set", "optim.lr=1e-3"])]
+    code, _, stderr = _main(capsys, "train", "tiny_dp", "--nproc", "0")
+    assert code == 2 and "--nproc=0 must be >= 1" in stderr and not launched
+    out = f"train.out_dir={tmp_path}/ok"
+    code, _, _ = _main(capsys, "train", "tiny_ep", "--nproc", "4", "--set", "optim.lr=1e-3", "--set", out)
+    assert code == 0 and launched == [(4, ["tiny_ep", "--set", "optim.lr=1e-3", "--set", out])]
 
 
 def test_two_rank_train_end_to_end(tmp_path):

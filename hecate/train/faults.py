@@ -1,0 +1,214 @@
+"""What a worker does when something goes wrong: named errors, stop requests, parent death,
+the run-directory lock, and the one-line error report its launcher prints.
+
+Everything here is imported by `python -m hecate.train` before torch, so it stays light.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+# A worker that stopped on SIGTERM/SIGINT after saving a checkpoint exits with this code,
+# so the launcher can tell "stopped on request" from "finished" and from "failed".
+EXIT_STOPPED = 143
+# Exit code of a run that failed with an error the user can act on (one line printed).
+EXIT_ERROR = 2
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm was NaN/inf and train.on_nonfinite says stop (or too many skips)."""
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within train.collective_timeout_s."""
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank failed first; this rank stops too (its launcher reports the other's error)."""
+
+
+class RunDirInUseError(RuntimeError):
+    """Another run holds the lock on train.out_dir."""
+
+
+def user_error_types() -> tuple[type, ...]:
+    """Errors whose message says what to fix: printed as one line, never restarted."""
+    from hecate.comm.agreement import AgreementError
+    from hecate.train.checkpoint_io import CheckpointError
+
+    return (ValueError, TypeError, CheckpointError, AgreementError, NonFiniteError, CollectiveTimeoutError,
+            RunDirInUseError)
+
+
+# ---- stop requests (SIGTERM / SIGINT) ---------------------------------------------------------
+class StopRequest:
+    """Records SIGTERM/SIGINT instead of dying mid-step: the trainer finishes the step, agrees with
+    the other ranks that someone was asked to stop, saves a checkpoint and exits. A second
+    SIGINT (an impatient Ctrl-C) restores the default handler, so a third one kills."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (e.g. under tests)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# ---- parent death --------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None, sig: int = signal.SIGTERM) -> str:
+    """Ask the kernel to send `sig` to this process when its parent (the launcher) dies.
+
+    Linux: prctl(PR_SET_PDEATHSIG) via ctypes; elsewhere a daemon thread polls getppid().
+    SIGTERM (not SIGKILL): the ranks then stop together after the current step and save.
+    Returns the mechanism used. If the parent is already gone, the signal is sent at once.
+    """
+    how = "watchdog"
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):
+            how = "watchdog"
+    parent = expected_parent if expected_parent is not None else os.getppid()
+    if how == "watchdog":
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), sig)
+
+        threading.Thread(target=watch, name="hecate-parent-watchdog", daemon=True).start()
+    elif os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), sig)
+    return how
+
+
+# ---- the run directory lock ----------------------------------------------------------------------
+LOCK_FILE = ".hecate.lock"
+
+
+class RunLock:
+    """An exclusive flock on OUT_DIR/.hecate.lock for the life of a run (released by the kernel
+    when the holder exits, even on SIGKILL). A second run on the same out_dir fails at once."""
+
+    def __init__(self, out_dir) -> None:
+        self.path = os.path.join(os.fspath(out_dir), LOCK_FILE)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise RunDirInUseError(
+                f"train.out_dir={os.path.dirname(self.path)} is in use by another run ({holder}); "
+                "wait for it to finish or choose another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+# ---- reporting a worker's error ------------------------------------------------------------------
+def one_line(exc: BaseException) -> str:
+    """The error as one line: user errors by their message, others with their type."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, user_error_types()):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def report_worker_error(exc: BaseException) -> int:
+    """Record this rank's error for the launcher (HECATE_ERROR_DIR) or print it as one line
+    (under torchrun); returns the worker's exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    user = isinstance(exc, user_error_types())
+    record = {"rank": rank, "time": time.time(), "type": type(exc).__name__, "message": one_line(exc),
+              "user_error": user, "secondary": isinstance(exc, PeerFailedError),
+              "traceback": "" if user or isinstance(exc, PeerFailedError) else traceback.format_exc()}
+    error_dir = os.environ.get("HECATE_ERROR_DIR")
+    if error_dir:
+        path = os.path.join(error_dir, f"rank_{rank:05d}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    else:
+        print(f"hecate train: error: rank {rank}: {record['message']}", file=sys.stderr, flush=True)
+        if not user:
+            print(record["traceback"], file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def read_worker_errors(error_dir: str) -> dict[int, dict]:
+    """{rank: record} of the error files written by report_worker_error."""
+    out = {}
+    if not os.path.isdir(error_dir):
+        return out
+    for name in os.listdir(error_dir):
+        if name.startswith("rank_") and name.endswith(".json"):
+            try:
+                with open(os.path.join(error_dir, name)) as f:
+                    rec = json.load(f)
+                out[int(rec["rank"])] = rec
+            except (OSError, ValueError, KeyError):
+                continue
+    return out
+
+
+# ---- fault injection for tests -------------------------------------------------------------------
+def injected_fault(rank: int, step: int) -> None:
+    """HECATE_FAULT="ACTION:RANK:STEP" (tests only): at the start of STEP on RANK, ACTION is
+    `raise` (a RuntimeError), `stop` (SIGSTOP itself: a hung rank) or `kill` (SIGKILL itself)."""
+    spec = os.environ.get("HECATE_FAULT")
+    if not spec or os.environ.get("HECATE_ATTEMPT", "0") != "0":  # a restarted group runs clean
+        return
+    action, r, s = spec.split(":")
+    if int(r) != rank or int(s) != step:
+        return
+    if action == "raise":
+        raise RuntimeError(f"injected fault at step {step}")
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
