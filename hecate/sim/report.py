@@ -1,62 +1,185 @@
-"""`hecate simulate`: rank FSSDP policies at cluster sizes that cannot run here.
+"""`hecate simulate`: predicted step time and memory per rank of ep, fsdp and fssdp at cluster scale.
 
-Builds the cost model from a model shape and link speeds, replays synthetic skewed
-routing through the real planners (hecate.sim.fssdp.simulate) and reports the
-estimated MoE time per step of each policy and its speed-up over expert parallelism.
-Estimates rank policies; they do not predict wall time.
+The step model (hecate.sim.step) runs the runtime's own fssdp planner on a routing trace: a
+synthetic one (Zipf-skewed expert popularity drifting from step to step, the default) or one
+recorded by `hecate train --set logging.trace=FILE` (`--trace FILE`). Hardware comes from a
+preset or from `--calibrate`, which measures this machine (hecate.sim.calibrate).
+To keep 1024-rank runs short, `--sample-layers` MoE layers are planned and repeated over the
+model's MoE layers (their routing is statistically alike in a synthetic trace).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import time
 
-from hecate.parallel.fssdp.cost import CostModel
-from hecate.sim.fssdp import Workload, simulate
+import numpy as np
+import yaml
+
+from hecate.sim.hardware import PRESETS, get_hardware, with_ranks_per_node
+from hecate.sim.step import STRATEGIES, StepSetup, simulate_steps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gpt-moe-s", help="model-zoo preset (e.g. gpt-moe-s, gpt-moe-l, deepseekmoe-16b)")
+    p.add_argument("--hardware", default="h100-ib400",
+                   help=f"hardware preset ({', '.join(sorted(PRESETS))}) or 'calibrated'")
+    p.add_argument("--calibration", default=None, help="calibration file (default ~/.cache/hecate/calibration.json)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (GEMM rate, AdamW rate, gloo latency / bandwidth) and save it")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64], help="world sizes to simulate")
-    p.add_argument("--ranks-per-node", type=int, default=8)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--ffn", type=int, default=1536, help="expert hidden size (paper: 2 d_model)")
-    p.add_argument("--tokens-per-rank", type=int, default=8192, help="token-expert assignments per rank")
-    p.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of expert popularity")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--intra-bw", type=float, default=150e9, help="bytes/s within a node")
-    p.add_argument("--inter-bw", type=float, default=12.5e9, help="bytes/s across nodes (100 Gbps)")
-    p.add_argument("--non-moe-ms", type=float, default=2.0, help="attention time a gather can hide behind")
-    p.add_argument("--tflops", type=float, default=100.0, help="sustained expert-GEMM TFLOP/s per rank")
-    p.add_argument("--memory-slots", type=int, default=None, help="m (default: ceil(E / W))")
-    p.add_argument("--bytes-per-param", type=int, default=2)
+    p.add_argument("--ranks-per-node", type=int, default=None, help="override the hardware's ranks per node")
+    p.add_argument("--experts", type=int, default=None, help="override the model's experts per MoE layer")
+    p.add_argument("--tokens-per-rank", type=int, default=8192, help="tokens per rank per step")
+    p.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the synthetic expert popularity")
+    p.add_argument("--drift", type=float, default=0.05, help="per-step drift of the synthetic popularity")
+    p.add_argument("--steps", type=int, default=3, help="measured steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3, help="steps that only build fssdp's load history")
+    p.add_argument("--sample-layers", type=int, default=2, help="MoE layers planned per step (repeated)")
+    p.add_argument("--memory-slots", type=int, default=None, help="fssdp m (default 2 * ceil(E / W))")
+    p.add_argument("--fssdp-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parallel.fssdp option for the fssdp plans (e.g. fit_replicas=false); repeatable")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--trace", default=None, help="routing trace recorded by `hecate train --set logging.trace=FILE`")
+    p.add_argument("--plot", default=None, help="write a PNG of speed-ups and memory against ranks")
     p.add_argument("--json", action="store_true")
 
 
-def run(args) -> dict:
-    for name in ("experts", "layers", "d_model", "ffn", "tokens_per_rank", "steps", "ranks_per_node"):
+def _check(args) -> None:
+    for name in ("tokens_per_rank", "steps", "sample_layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    chunk_bytes = 2 * args.d_model * args.ffn * args.bytes_per_param
-    # forward + backward of one token through one expert MLP: 3 x 2 GEMMs of 2*d*ffn flops
-    token_s = 6 * 2 * args.d_model * args.ffn / (args.tflops * 1e12)
-    cost = CostModel(intra_node_bw=args.intra_bw, inter_node_bw=args.inter_bw, chunk_bytes=chunk_bytes,
-                     t_non_moe=args.non_moe_ms * 1e-3, token_compute_s=token_s,
-                     token_bytes=args.d_model * args.bytes_per_param)
-    workload = Workload(num_layers=args.layers, num_experts=args.experts,
-                        tokens_per_rank=args.tokens_per_rank, zipf_skew=args.skew)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if any(w < 1 for w in args.ranks):
+        raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+
+
+def synthetic_trace(num_layers: int, num_experts: int, entries_per_rank: int, world_size: int, steps: int,
+                    skew: float, drift: float, seed: int = 0) -> list:
+    from hecate.sim.fssdp import Workload, _counts_stream
+
+    wl = Workload(num_layers=num_layers, num_experts=num_experts, tokens_per_rank=entries_per_rank,
+                  zipf_skew=skew, drift=drift, seed=seed)
+    return [[c.numpy() for c in layers] for layers in _counts_stream(wl, world_size, steps)]
+
+
+def memory_per_rank(model, strategy: str, world: int, memory_slots=None) -> int:
+    from hecate.train.model_stats import expert_state_estimate
+
+    return expert_state_estimate(model, strategy, world, memory_slots=memory_slots)["total_bytes"]
+
+
+def run(args) -> dict:
+    _check(args)
+    from hecate.models.registry import build_model, get_preset
+    from hecate.sim.shape import shape_of_preset
+
+    shape = shape_of_preset(args.model)
+    if args.experts:
+        shape = dataclasses.replace(shape, num_experts=args.experts)
+    hw = with_ranks_per_node(get_hardware(args.hardware, args.calibration), args.ranks_per_node)
+    preset = get_preset(args.model)
+    cfg = dict(preset.config)
+    if args.experts:
+        cfg["moe"] = {**cfg["moe"], "num_experts": args.experts}
+    meta = build_model(preset.arch, cfg, device="meta")
+    fssdp_opts = {"memory_slots": args.memory_slots} if args.memory_slots else {}
+    for item in args.fssdp_option:
+        key, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--fssdp-option {item!r} must be KEY=VALUE (e.g. fit_replicas=false)")
+        fssdp_opts[key] = yaml.safe_load(value)
+    trace = None
+    if args.trace:
+        from hecate.train.routing_trace import read_routing_trace
+
+        trace = read_routing_trace(args.trace)
+        if set(trace.num_experts) != {shape.num_experts}:
+            raise ValueError(f"--trace has {trace.num_experts} experts per layer but --model {args.model} has "
+                             f"{shape.num_experts}; pass the model the trace was recorded with (or --experts)")
+        ranks = [trace.world_size]
+        if args.ranks_per_node is None:
+            hw = with_ranks_per_node(hw, trace.ranks_per_node)
+    else:
+        ranks = args.ranks
     results = []
-    for W in args.ranks:
-        if W % args.ranks_per_node and W > args.ranks_per_node:
-            raise ValueError(f"--ranks {W} is not a multiple of --ranks-per-node {args.ranks_per_node}")
-        rpn = min(args.ranks_per_node, W)
-        m = args.memory_slots or -(-args.experts // W)
-        results.append(simulate(cost, workload, num_ranks=W, ranks_per_node=rpn, capacity_m=m,
-                                steps=args.steps, reshard_every=max(1, args.steps // 2)))
-    return {"chunk_bytes": chunk_bytes, "results": results}
+    for W in ranks:
+        if W > hw.ranks_per_node and W % hw.ranks_per_node:
+            raise ValueError(f"--ranks {W} is not a multiple of the {hw.ranks_per_node} ranks per node "
+                             f"of --hardware {hw.name} (or --ranks-per-node)")
+        if "ep" in args.strategies and shape.num_experts % W and W % shape.num_experts:
+            raise ValueError(f"ep needs --ranks {W} to divide the {shape.num_experts} experts (or be a multiple)")
+        t0 = time.perf_counter()
+        if trace is not None:
+            steps = [list(s) for s in trace.steps]
+            tokens = int(np.asarray(steps[0][0]).sum(1).mean()) // shape.top_k
+            warmup = min(args.warmup, len(steps) - 1)
+        else:
+            tokens, warmup = args.tokens_per_rank, args.warmup
+            steps = synthetic_trace(min(args.sample_layers, len(shape.moe_layers)), shape.num_experts,
+                                    tokens * shape.top_k, W, warmup + args.steps, args.skew, args.drift)
+        setup = StepSetup(shape, hw, W, tokens, fssdp_opts)
+        strategies = list(args.strategies)
+        sim = simulate_steps(setup, steps, strategies, warmup=warmup)
+        r = {"num_ranks": W, "ranks_per_node": setup.ranks_per_node, "tokens_per_rank": tokens,
+             "seconds_per_step": {k: v["seconds"] for k, v in sim.items()},
+             "parts": {k: v["parts"] for k, v in sim.items()},
+             "memory_per_rank_bytes": {k: memory_per_rank(meta, k, W, args.memory_slots) for k in strategies},
+             "wall_s": time.perf_counter() - t0}
+        sec = r["seconds_per_step"]
+        if "fssdp" in sec:
+            r["fssdp_speedup"] = {k: sec[k] / sec["fssdp"] for k in sec if k != "fssdp"}
+        results.append(r)
+    out = {"model": args.model, "hardware": dataclasses.asdict(hw), "num_experts": shape.num_experts,
+           "moe_layers": len(shape.moe_layers), "sampled_layers": min(args.sample_layers, len(shape.moe_layers)),
+           "trace": args.trace, "results": results}
+    if args.plot:
+        plot(out, args.plot)
+    return out
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = out["results"]
+    W = [r["num_ranks"] for r in res]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for base in ("ep", "fsdp"):
+        ys = [r.get("fssdp_speedup", {}).get(base) for r in res]
+        if any(y is not None for y in ys):
+            a.plot(W, ys, marker="o", label=f"fssdp over {base}")
+    a.axhline(1.0, color="grey", lw=0.8)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("ranks")
+    a.set_ylabel("predicted step-time speed-up")
+    a.legend()
+    for k in ("ep", "fsdp", "fssdp"):
+        ys = [r["memory_per_rank_bytes"].get(k) for r in res]
+        if any(y is not None for y in ys):
+            b.plot(W, [y / 2**30 if y else None for y in ys], marker="o", label=k)
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("ranks")
+    b.set_ylabel("params + grads + AdamW + transient experts, GiB/rank")
+    b.legend()
+    fig.suptitle(f"{out['model']} on {out['hardware']['name']} (simulated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(args) -> int:
+    if args.calibrate:
+        from hecate.sim.calibrate import calibrate
+
+        hw = calibrate(args.calibration)
+        print(hw.to_json())
+        return 0
     out = run(args)
     if args.json:
         print(json.dumps(out))
@@ -64,15 +187,22 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Estimated MoE time per step ({args.layers} layers, {args.experts} experts, "
-                        f"Zipf {args.skew})")
-    for col in ("ranks", "t", "m", "ep ms", "shadowing ms", "hecate ms", "shadowing x", "hecate x"):
+    hw = out["hardware"]
+    table = Table(title=f"{out['model']} on {hw['name']} ({hw['ranks_per_node']} ranks/node): predicted step")
+    for col in ("ranks", "ep ms", "fsdp ms", "fssdp ms", "fssdp vs ep", "fssdp vs fsdp", "GiB/rank ep / fsdp / fssdp"):
         table.add_column(col, justify="right")
     for r in out["results"]:
-        s, x = r["seconds_per_step"], r["speedup_vs_ep"]
-        table.add_row(str(r["num_ranks"]), str(r["overlap_degree"]), str(r["capacity_m"]),
-                      f"{s['ep'] * 1e3:.2f}", f"{s['shadowing'] * 1e3:.2f}", f"{s['hecate'] * 1e3:.2f}",
-                      f"{x['shadowing']:.2f}", f"{x['hecate']:.2f}")
+        s, x, m = r["seconds_per_step"], r.get("fssdp_speedup", {}), r["memory_per_rank_bytes"]
+
+        def ms(k):
+            return f"{s[k] * 1e3:.1f}" if k in s else "-"
+
+        def sp(k):
+            return f"{x[k]:.2f}x" if k in x else "-"
+
+        mem = " / ".join(f"{m[k] / 2**30:.1f}" if k in m else "-" for k in ("ep", "fsdp", "fssdp"))
+        table.add_row(str(r["num_ranks"]), ms("ep"), ms("fsdp"), ms("fssdp"), sp("ep"), sp("fsdp"), mem)
     Console().print(table)
-    print("Cost-model estimates that rank policies; they do not predict wall time.")
+    print(f"{out['sampled_layers']} of {out['moe_layers']} MoE layers planned per step and repeated; "
+          "a model of the step (docs/simulate.md), validated as docs/results.md reports.")
     return 0
