@@ -41,7 +41,7 @@ from hecate.train.checkpoint_io import (
 from hecate.train.checkpoint_layout import assemble, full_layout, local_params_and_state, save_part
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
-           "resolve_checkpoint", "read_manifest", "CheckpointError", "FORMAT_VERSION"]
+           "resolve_checkpoint", "read_manifest", "verify_checkpoint", "CheckpointError", "FORMAT_VERSION"]
 
 FORMAT = "hecate-checkpoint"
 EXPORT_FORMAT = "hecate-export"
@@ -232,47 +232,140 @@ def _prune(path: str, keep: int, current: str) -> None:
 
 
 # ---- load -----------------------------------------------------------------------------------------
+def _read_latest(latest: str, run_dir: str) -> str | None:
+    """The step directory `latest` names, or None (with a warning) when it is not a step name.
+    A name that resolves outside the run's checkpoint directory is refused: a planted
+    `../../other/checkpoints/step_N` must not be loaded without a word."""
+    with open(latest, "rb") as f:
+        raw = f.read(4096)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        warnings.warn(f"{latest} is not text (a step directory name is expected); falling back to the "
+                      "newest complete checkpoint", stacklevel=3)
+        return None
+    root = os.path.realpath(run_dir)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.dirname(target) != root or not _STEP_RE.match(os.path.basename(target)):
+        raise CheckpointError(f"{latest} names {name[:200]!r}, which resolves to {target}: not a step_NNNNNNNN "
+                              f"directory inside the run's checkpoint directory {root}; refusing to load it "
+                              f"(write the name of a step directory of {root} into {latest}, or delete it)")
+    return target
+
+
+def _step_candidates(path: str) -> list[str]:
+    """Step directories to try, best first: the one `latest` names, then the complete ones, newest first."""
+    out = []
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        target = _read_latest(latest, path)
+        if target is not None:
+            if _complete(target):
+                out.append(target)
+            else:
+                warnings.warn(f"{latest} points at {target}, which has no {MANIFEST} (half-written); "
+                              "falling back to the newest complete checkpoint", stacklevel=3)
+    root = os.path.realpath(path)
+    for _, d in reversed(_step_dirs(path)):
+        if _complete(d) and os.path.dirname(os.path.realpath(d)) == root and os.path.realpath(d) not in out:
+            out.append(os.path.realpath(d))
+    return out
+
+
 def resolve_checkpoint(path) -> str:
     """The step directory to load: `path` itself if it holds a manifest, else the run's `latest`,
-    else (latest missing or pointing at an incomplete step) the newest complete step."""
+    else (latest missing, not text, or pointing at an incomplete step) the newest complete step
+    whose manifest reads. `latest` naming a directory outside `path` is an error."""
     path = os.fspath(path)
     if _complete(path):
         return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            target = os.path.join(path, f.read().strip())
-        if _complete(target):
-            return target
-        warnings.warn(f"{latest} points at {target}, which has no {MANIFEST} (half-written); "
-                      "falling back to the newest complete checkpoint", stacklevel=2)
-    complete = [d for _, d in _step_dirs(path) if _complete(d)]
-    if not complete:
-        if _STEP_RE.match(os.path.basename(os.path.normpath(path))):
-            raise CheckpointError(f"{os.path.join(path, MANIFEST)} is missing: the checkpoint {path} "
-                                  "was never completed (the job stopped while writing it)")
-        raise CheckpointError(f"no complete checkpoint (step_*/{MANIFEST}) under {path}")
-    return complete[-1]
+    problems = []
+    for step_dir in _step_candidates(path):
+        try:
+            read_manifest(step_dir)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"{e}; trying an older checkpoint", stacklevel=2)
+            continue
+        return step_dir
+    if problems:
+        raise CheckpointError(f"no checkpoint under {path} has a readable manifest: {'; '.join(problems)}")
+    if _STEP_RE.match(os.path.basename(os.path.normpath(path))):
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)} is missing: the checkpoint {path} "
+                              "was never completed (the job stopped while writing it)")
+    raise CheckpointError(f"no complete checkpoint (step_*/{MANIFEST}) under {path}")
 
 
 def read_manifest(step_dir: str) -> dict:
-    """Parse and check a checkpoint manifest."""
+    """Parse and check a checkpoint manifest; every problem is a CheckpointError naming the file."""
     mpath = os.path.join(step_dir, MANIFEST)
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
+        with open(mpath, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{mpath} is missing: the checkpoint was never completed") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{mpath} is not UTF-8 text (byte {e.start}): the manifest is corrupted") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{mpath} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{mpath} cannot be read: {e}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath} is not a hecate checkpoint manifest (a JSON object is expected)")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not a hecate checkpoint manifest (format={manifest.get('format')!r})")
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{mpath} has format version {manifest.get('version')}, this hecate reads "
                               f"version {FORMAT_VERSION}")
+    _check_manifest_fields(manifest, mpath)
     return manifest
+
+
+def _check_manifest_fields(manifest: dict, mpath: str) -> None:
+    """The keys load_checkpoint relies on, with their types: a damaged manifest is named, not a KeyError."""
+    def bad(key: str, want: str):
+        raise CheckpointError(f"{mpath}: key {key!r} is missing or not {want}; the manifest is damaged "
+                              "(load an earlier step)")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        bad("files", "a non-empty mapping of shard file names")
+    for fname, meta in files.items():
+        if not re.fullmatch(r"rank_\d{5}\.safetensors", fname):
+            bad(f"files.{fname[:80]}", "a rank_NNNNN.safetensors name")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
+                or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool):
+            bad(f"files.{fname}", "a mapping with sha256 (string) and bytes (int)")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        bad("step", "a non-negative int")
+    if not isinstance(manifest.get("world_size"), int) or manifest["world_size"] < 1:
+        bad("world_size", "a positive int")
+    strategy = manifest.get("strategy")
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("name"), str):
+        bad("strategy", "a mapping with a name")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        bad("layers", "a list")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or not isinstance(entry.get("names"), list) \
+                or not isinstance(entry.get("shapes"), list) or not isinstance(entry.get("num_experts"), int):
+            bad(f"layers[{i}]", "a mapping with names, shapes and num_experts")
+    if manifest.get("optimizer") is not None and not isinstance(manifest["optimizer"], dict):
+        bad("optimizer", "a mapping or null")
+
+
+def verify_checkpoint(path) -> int:
+    """Resolve the checkpoint `path` would load, read every shard it lists and check size, sha256 and
+    safetensors header (no tensors are built). Returns its step; raises CheckpointError naming the file."""
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    for fname, meta in sorted(manifest["files"].items()):
+        fpath = os.path.join(step_dir, fname)
+        safetensors_metadata(read_verified(fpath, meta["sha256"], meta["bytes"]), fpath)
+    return int(manifest["step"])
 
 
 def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
@@ -285,6 +378,16 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
     the new layout). Under fssdp with the saved world size, the saved placement is restored.
     """
     step_dir = resolve_checkpoint(path)
+    try:
+        return _load(step_dir, model, strategy, engine, topology)
+    except (KeyError, IndexError, AttributeError) as e:
+        # read_manifest checked the keys every load needs; a strategy-specific key that is missing
+        # or malformed still ends here, named, rather than as a bare KeyError.
+        raise CheckpointError(f"{os.path.join(step_dir, MANIFEST)} does not fit its shards or this model "
+                              f"({type(e).__name__}: {e}); load an earlier step") from e
+
+
+def _load(step_dir, model, strategy, engine, topology) -> int:
     manifest = read_manifest(step_dir)
     rank, world = _rank_world(strategy, topology)
     optimizer = engine.optimizer if engine is not None else None
@@ -333,7 +436,7 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
 def _check_layer(i: int, entry: dict, layout) -> None:
     if entry["names"] != list(layout.names) or [tuple(s) for s in entry["shapes"]] != list(layout.shapes) \
             or entry["num_experts"] != layout.num_experts:
-        raise ValueError(f"MoE layer {i} ({entry['module']}): checkpoint experts {entry['num_experts']} x "
+        raise ValueError(f"MoE layer {i} ({entry.get('module')}): checkpoint experts {entry['num_experts']} x "
                          f"{dict(zip(entry['names'], entry['shapes']))} do not match the model's "
                          f"{layout.num_experts} x {dict(zip(layout.names, layout.shapes))}; build the "
                          "model from the checkpoint's config")

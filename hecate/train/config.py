@@ -69,6 +69,9 @@ class RunConfig:
     out_dir: str = "runs/default"
     init: Optional[str] = None     # `--init RUN_DIR`: start from those weights (hecate.train.init_weights)
     peak_tflops: Optional[float] = None  # per rank, for the MFU estimate (None = a guess per device)
+    collective_timeout_s: float = 300.0  # a collective not done by then fails naming the ranks (not a hang)
+    on_nonfinite: str = "skip"     # NaN/inf loss or gradient norm: skip the step, or stop the run
+    max_nonfinite_skips: int = 3   # consecutive skipped steps before the run stops anyway
 
 
 @dataclass
@@ -191,6 +194,11 @@ def _build(cls, data: dict, prefix: str):
 def from_dict(data: dict | None) -> TrainConfig:
     """Build a TrainConfig from a plain dict (a parsed YAML file); unknown keys are rejected."""
     data = dict(data or {})
+    from hecate.train.tasks import arch_config_from_dict  # other model-zoo architectures
+
+    other = arch_config_from_dict(data, _build)
+    if other is not None:
+        return other
     model = dict(data.get("model") or {})
     if "arch" in model or "preset" in model:
         model = _resolve_model_preset(model)
@@ -246,7 +254,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {item!r} has an empty key part; write e.g. optim.lr=1e-3")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() else None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -258,6 +266,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return data
+
+
+def parse_yaml(text: str, where: str):
+    """yaml.safe_load (never constructs Python objects), with errors as one ValueError line
+    naming `where` (the file) and the line: `configs/x.yaml:3: mapping values are not allowed here`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise ValueError(f"{where}{line}: invalid YAML: {' '.join(str(problem).split())}"
+                         + (f" ({' '.join(str(context).split())})" if context else "")) from None
 
 
 def configs_dir() -> Path:
@@ -281,10 +303,14 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_config(path: str, overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
     """Read YAML `path` (or a preset name), apply overrides, build and validate the config."""
-    with open(resolve_config_path(path)) as f:
-        data = yaml.safe_load(f) or {}
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config {resolved} is not UTF-8 text (byte {e.start}); is it a YAML file?") from None
+    data = parse_yaml(text, str(resolved)) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a YAML mapping at the top level")
+        raise ValueError(f"config {resolved} must be a YAML mapping at the top level, got {type(data).__name__}")
     apply_overrides(data, overrides or [])
     return from_dict(data).validate(world_size)
 
@@ -295,7 +321,27 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}{msg}" if msg.startswith("=") else f"{key} {msg}")
 
 
+def _nonfinite_keys(obj, prefix: str = "") -> list[str]:
+    """Dotted keys of every float in the config (nested dataclasses, lists) that is NaN or inf."""
+    import math
+
+    bad = []
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            bad += _nonfinite_keys(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += _nonfinite_keys(v, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        bad.append(prefix.rstrip("."))
+    return bad
+
+
 def _validate(cfg: TrainConfig, world: int | None) -> None:
+    bad = _nonfinite_keys(cfg)
+    if bad:
+        raise ValueError(f"{bad[0]} must be a finite number, got {_get_key(cfg, bad[0])}"
+                         + (f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""))
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -330,6 +376,10 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
     for name in ("eval_every", "eval_batches", "log_every"):
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null")
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s",
+           f"must be > 0 seconds, got {t.collective_timeout_s}")
+    _check(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", f"={t.on_nonfinite!r} must be skip or stop")
+    _check(t.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", f"must be >= 1, got {t.max_nonfinite_skips}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
@@ -358,6 +408,18 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
         _validate_layout(cfg, world)
 
 
+def _get_key(cfg, dotted: str):
+    import re
+
+    obj = cfg
+    for part in dotted.split("."):
+        m = re.fullmatch(r"(\w+)((?:\[\d+\])*)", part)
+        obj = getattr(obj, m.group(1))
+        for idx in re.findall(r"\[(\d+)\]", m.group(2)):
+            obj = obj[int(idx)]
+    return obj
+
+
 def _is_text(source: str) -> bool:
     return not source.endswith(".bin")
 
@@ -374,6 +436,10 @@ def _validate_layout(cfg: TrainConfig, world: int) -> None:
                f"={ep} must divide the world size {world}")
         _check(E % ep == 0, "parallel.ep_size",
                f"={ep} must divide model.moe.num_experts={E} (each EP rank holds the same number of experts)")
+        for j, e in enumerate(cfg.model.moe_experts_per_layer or []):
+            _check(e % ep == 0, "parallel.ep_size",
+                   f"={ep} must divide model.moe_experts_per_layer[{j}]={e} (each EP rank holds the same "
+                   "number of experts of every layer)")
     elif p.ep_size is not None:
         _check(False, "parallel.ep_size", f"is only used by strategy 'ep' (strategy is {p.strategy!r}); remove it")
     if p.strategy == "fssdp" and p.fssdp.memory_slots is not None:

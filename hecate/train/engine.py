@@ -20,8 +20,12 @@ class Engine:
     def __init__(self, model: nn.Module, strategy, topology=None, *, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  max_grad_norm: float | None = None, optimizer_impl: str = "fused",
-                 dense_optimizer: str = "auto"):
+                 dense_optimizer: str = "auto", skip_nonfinite: bool = False):
         self.model, self.strategy, self.topology = model, strategy, topology
+        # With skip_nonfinite, a step whose global gradient norm (or the caller's loss) is NaN/inf
+        # leaves parameters and optimizer state untouched: `last_step_skipped` says so.
+        self.skip_nonfinite = skip_nonfinite
+        self.last_step_skipped = False
         self.layers = moe_layers(model)
         self.max_grad_norm = max_grad_norm
         if dense_optimizer not in DENSE_OPTIMIZERS:
@@ -75,8 +79,8 @@ class Engine:
             dist.all_reduce(sharded_sq)
         return math.sqrt(dense_sq + float(sharded_sq))
 
-    def clip(self) -> float:
-        norm = self.grad_norm()
+    def clip(self, norm: float | None = None) -> float:
+        norm = self.grad_norm() if norm is None else norm
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             scale = self.max_grad_norm / (norm + 1e-6)
             for group in self.optimizer.param_groups:  # what will be stepped: owned rows, shards
@@ -102,13 +106,21 @@ class Engine:
         elif states:
             self.optimizer.state[self.dense_shard.shard] = self.dense_shard.shard_state(states)
 
-    def step(self) -> float:
-        """Sync gradients, clip, step the optimizer, zero grads, let the strategy re-shard."""
+    def step(self, loss_finite: bool = True) -> float:
+        """Sync gradients, clip, step the optimizer, zero grads, let the strategy re-shard.
+
+        With skip_nonfinite, a non-finite global gradient norm or `loss_finite=False` (the caller's
+        loss, agreed over ranks) skips the optimizer step on every rank alike: the norm is
+        all-reduced, so a NaN on any rank is a NaN on all (`norm > max` alone is False for NaN).
+        """
         self.sync_gradients()
-        norm = self.clip()
-        self.optimizer.step()
-        if self.dense_shard is not None:
-            self.dense_shard.all_gather_parameters(stats=self.topology.stats)
+        norm = self.grad_norm()
+        self.last_step_skipped = self.skip_nonfinite and not (loss_finite and math.isfinite(norm))
+        if not self.last_step_skipped:
+            self.clip(norm)
+            self.optimizer.step()
+            if self.dense_shard is not None:
+                self.dense_shard.all_gather_parameters(stats=self.topology.stats)
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.strategy, "step_end"):
             self.strategy.step_end(self.layers, self.optimizer)

@@ -25,12 +25,15 @@ def default_peak_tflops(device) -> float:
 class MetricsLogger:
     """Writes one JSON object per record to out_dir/metrics.jsonl; mirrors to TB / wandb if asked."""
 
-    def __init__(self, out_dir: Path, logging_cfg, config_dict: dict | None = None, enabled: bool = True):
+    def __init__(self, out_dir: Path, logging_cfg, config_dict: dict | None = None, enabled: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.tb = self.wandb = None
         self.path = Path(out_dir) / "metrics.jsonl"
         if not enabled:
             return
+        if resume_step is not None and logging_cfg.jsonl:
+            truncate_metrics(self.path, resume_step)  # the steps after it are about to be run again
         self.file = open(self.path, "a") if logging_cfg.jsonl else None
         if logging_cfg.tensorboard:
             self.tb = _open_tensorboard(Path(out_dir) / "tensorboard")
@@ -60,6 +63,31 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the records of steps <= `step` (and drop a torn last line) in metrics.jsonl, atomically,
+    so a resumed run logs every step once. Returns how many records were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        s = record.get("step") if isinstance(record, dict) else None
+        if isinstance(s, (int, float)) and s <= step and "summary" not in record:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".tmp.{path.name}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def _warn(text: str) -> None:
