@@ -300,15 +300,13 @@ def _unused_router_bias(cfg: TransformerConfig, state) -> list:
 
 
 def _hecate_tensors(model: MoETransformer) -> Dict[str, torch.Tensor]:
-    """Parameters and persistent buffers, full experts whatever the strategy (gathered when sharded)."""
-    state = {k: v for k, v in model.state_dict().items()}
-    for name, layer in model.named_modules():
-        strategy = getattr(layer, "strategy", None)
-        if strategy is not None and hasattr(layer, "experts") and type(strategy).__name__ != "LocalStrategy":
-            full = strategy.gather_experts(layer)
-            for n, t in full.items():
-                state[f"{name}.experts.{n}"] = t
-    return state
+    """Parameters and persistent buffers of a single-process model (every expert local)."""
+    for layer in model.moe_layers():
+        if type(layer.strategy).__name__ != "LocalStrategy":
+            raise ValueError(f"to_hf needs a single-process model; this one runs under "
+                             f"{type(layer.strategy).__name__}: save a checkpoint and use "
+                             "`hecate convert --to-hf RUN_DIR` (it loads any strategy's checkpoint)")
+    return dict(model.state_dict())
 
 
 # ---- public API ----------------------------------------------------------------------------------
