@@ -296,3 +296,36 @@ def test_index_range_check_does_not_read_back_off_cpu(monkeypatch):
         check.below("bins_TK", meta, 4, "num_bins", allow_negative=True)
     with pytest.raises(ValueError, match="bins_TK contains 7, out of range for num_bins = 4"):
         check.below("bins_TK", torch.tensor([0, 7]), 4, "num_bins", allow_negative=True)
+
+
+# ---- host-known row count: the accelerator path reads nothing back ---------------------------
+@pytest.mark.parametrize("T,K,B,seed", [(0, 2, 3, 0), (7, 1, 4, 1), (13, 2, 5, 2), (32, 3, 7, 3)])
+def test_permute_known_rows_matches_permute(T, K, B, seed):
+    from hecate.ops import permute_known_rows
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, 6, generator=g, dtype=torch.float64)
+    bins = torch.randint(-1, B, (T, K), generator=g)  # -1: unrouted entries
+    n = int((bins >= 0).sum())
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = ops.permute(xa, bins, B, num_rows=n)
+    got = permute_known_rows(xb, bins, B, n)
+    for a, b in zip(got, want):
+        assert torch.equal(a.detach(), b.detach())
+    gy = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    if n:
+        (got[0] * gy).sum().backward()
+        (want[0] * gy).sum().backward()
+        assert torch.equal(xb.grad, xa.grad)
+
+
+def test_permute_num_rows_must_be_exact_and_dropless():
+    x, bins = torch.randn(4, 2), torch.tensor([[0], [1], [-1], [1]])
+    with pytest.raises(ValueError, match="num_rows = 4"):
+        ops.permute(x, bins, 2, num_rows=4)
+    with pytest.raises(ValueError, match="dropless"):
+        ops.permute(x, bins, 2, capacity=1, num_rows=3)
+    from hecate.ops import permute_known_rows
+
+    with pytest.raises(RuntimeError, match="num_rows"):  # queued check (immediate on the CPU)
+        permute_known_rows(x, bins, 2, 2)

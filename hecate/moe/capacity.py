@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from hecate import ops
 from hecate.moe.routing import Routing
 
 
@@ -73,7 +74,8 @@ def kept_mask(indices_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: i
     experts = torch.where(routed, indices_TK, num_experts).reshape(-1)[order]
     by_expert = torch.sort(experts, stable=True)
     sorted_experts, order = by_expert.values, order[by_expert.indices]
-    counts = torch.bincount(sorted_experts, minlength=num_experts + 1)
+    # Per-expert totals without a read back (bincount sizes its output from the max value).
+    counts = ops.expert_histogram(sorted_experts.view(-1, 1), num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(t * k, device=dev) - starts[sorted_experts]
     kept = torch.zeros(t * k, dtype=torch.bool, device=dev)

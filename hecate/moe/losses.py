@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from hecate import ops
+
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
     # A zero that stays attached to the graph so callers may always backward().
@@ -27,8 +29,7 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 def _fraction_routed(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """f_i = count_i / (T*K) as fp32 [E] (no grad)."""
     t, k = indices_TK.shape
-    idx = indices_TK[indices_TK >= 0]
-    counts = torch.bincount(idx, minlength=num_experts).float()
+    counts = ops.expert_histogram(indices_TK, num_experts).float()  # no read back from a device
     return counts / float(t * k)
 
 

@@ -7,6 +7,8 @@ from typing import Dict, Optional
 
 import torch
 
+from hecate import ops
+
 
 @dataclass
 class Routing:
@@ -41,6 +43,6 @@ class Routing:
         return dataclasses.replace(self, **changes)
 
     def kept_per_expert(self) -> torch.Tensor:
-        """int64 [E]: (token, slot) entries each expert computes after drops."""
-        idx = self.indices_TK[self.indices_TK >= 0]
-        return torch.bincount(idx, minlength=self.num_experts)
+        """int64 [E]: (token, slot) entries each expert computes after drops (counted on the
+        indices' device without reading them back: no boolean mask, no bincount)."""
+        return ops.expert_histogram(self.indices_TK, self.num_experts)

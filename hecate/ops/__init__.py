@@ -13,18 +13,24 @@ import torch
 
 from hecate.ops import _validate as check
 from hecate.ops import reference
-from hecate.ops._autograd import Permute, TopkGating, Unpermute
+from hecate.ops._autograd import GatherRows, Permute, TopkGating, Unpermute
 from hecate.ops._backend import extension_available, op, use_extension
 
 __all__ = [
     "extension_available", "reference", "topk_gating", "expert_histogram", "permute", "unpermute",
     "unpermute_backward", "pack_chunks", "unpack_chunks", "scatter_add_chunks",
-    "plan_sparse_collective",
+    "plan_sparse_collective", "permute_known_rows", "to_device",
 ]
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
 
 extension_available()  # registers torch.ops.hecate.* when hecate._C is built
+
+
+def _device_path(device: torch.device) -> bool:
+    """Whether `device` takes the paths that avoid host reads (every accelerator; the CPU
+    reads values for free, so it keeps its kernels and immediate checks)."""
+    return device.type != "cpu"
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -72,7 +78,7 @@ def expert_histogram(indices_TK: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 def permute(x_TD: torch.Tensor, bins_TK: torch.Tensor, num_bins: int, capacity: int = -1,
-            priority_TK: Optional[torch.Tensor] = None):
+            priority_TK: Optional[torch.Tensor] = None, num_rows: Optional[int] = None):
     """Group token rows by destination bin: returns (x_ND, row_map_TK int64, counts_B int64).
 
     Rows are ordered by bin, then token, then k; x_ND holds only kept entries (N = counts_B.sum()).
@@ -80,6 +86,11 @@ def permute(x_TD: torch.Tensor, bins_TK: torch.Tensor, num_bins: int, capacity: 
     (GShard order: all 1st choices before any 2nd choice, lower token first) when priority_TK is
     None, else the highest priority (ties: lower token, then lower k). row_map_TK[t, k] is the row
     of x_ND holding (t, k), or -1 when dropped or when bins_TK[t, k] < 0. Differentiable in x_TD.
+
+    num_rows: the number of entries with bins_TK >= 0, when the caller knows it on the host
+    (dropless only). N is data dependent, so the kernel reads it back from the device (a
+    host-device sync); with num_rows an accelerator takes a path that reads nothing. It
+    must be exact: checked at once on the CPU, queued on the device elsewhere.
     """
     check.tensor("x_TD", x_TD, 2)
     check.tensor("bins_TK", bins_TK, 2, integer=True)
@@ -93,11 +104,48 @@ def permute(x_TD: torch.Tensor, bins_TK: torch.Tensor, num_bins: int, capacity: 
         check.shape("priority_TK", priority_TK, bins_TK.shape, "same as bins_TK")
     check.same_device(x_TD=x_TD, bins_TK=bins_TK, priority_TK=priority_TK)
     check.below("bins_TK", bins_TK, num_bins, "num_bins", allow_negative=True)
+    if num_rows is not None:
+        check.integer("num_rows", num_rows, minimum=0, maximum=bins_TK.numel())
+        if capacity >= 0 or priority_TK is not None:
+            raise ValueError("num_rows is for dropless permutes (capacity < 0, no priority_TK): with "
+                             "capacity the kept count is decided inside permute")
+        if _device_path(x_TD.device):
+            return permute_known_rows(x_TD, bins_TK, num_bins, num_rows)
     if not use_extension("permute", x_TD.device):
         return reference.permute(x_TD, bins_TK, num_bins, capacity, priority_TK)
     if _needs_grad(x_TD):
-        return Permute.apply(x_TD, bins_TK, num_bins, capacity, priority_TK)
-    return op("permute")(x_TD, bins_TK, num_bins, capacity, priority_TK)
+        out = Permute.apply(x_TD, bins_TK, num_bins, capacity, priority_TK)
+    else:
+        out = op("permute")(x_TD, bins_TK, num_bins, capacity, priority_TK)
+    if num_rows is not None and out[0].shape[0] != num_rows:  # the host: reading is free
+        raise ValueError(f"num_rows = {num_rows} but bins_TK has {out[0].shape[0]} entries >= 0; "
+                         "pass the exact count (or None)")
+    return out
+
+
+def permute_known_rows(x_TD: torch.Tensor, bins_TK: torch.Tensor, num_bins: int, num_rows: int):
+    """permute (dropless) when the kept row count is known on the host: a stable sort of the
+    bins and a row gather, with no value read back (the accelerator path of `permute`)."""
+    T, K = bins_TK.shape
+    device = bins_TK.device
+    flat = bins_TK.reshape(-1)
+    valid = flat >= 0
+    key = torch.where(valid, flat, torch.full_like(flat, num_bins))  # unrouted entries sort last
+    # The exact count, checked without a read (an error at the next synchronization).
+    torch._assert_async(valid.sum() == num_rows, f"permute: num_rows = {num_rows} is not the "
+                        "number of entries of bins_TK that are >= 0")
+    order = torch.sort(key, stable=True).indices[:num_rows]  # by bin, then (t, k)
+    row_map = torch.full((T * K,), -1, dtype=torch.int64, device=device)
+    row_map.scatter_(0, order, torch.arange(num_rows, device=device))
+    row_map_TK = row_map.view(T, K)
+    counts_B = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
+    counts_B.scatter_add_(0, key, torch.ones_like(key))
+    tokens_N = torch.div(order, K, rounding_mode="floor")
+    if _needs_grad(x_TD):
+        x_ND = GatherRows.apply(x_TD, tokens_N, row_map_TK)
+    else:
+        x_ND = x_TD.index_select(0, tokens_N)
+    return x_ND, row_map_TK, counts_B[:num_bins]
 
 
 def _check_unpermute_args(y_ND, row_map_TK, weights_TK):
@@ -205,3 +253,14 @@ def plan_sparse_collective(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank
     else:
         plan = reference.plan_sparse_collective(owner_cpu, holders_cpu, rank)
     return tuple(t.to(device) for t in plan)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (plan indices, split sizes) on `device`: through pinned memory without
+    blocking the host on an accelerator (a pageable copy is staged synchronously); as is
+    when it is already there. Call once per plan, not once per use."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

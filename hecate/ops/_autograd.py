@@ -73,3 +73,20 @@ class Unpermute(torch.autograd.Function):
         grad_y_ND, grad_weights_TK = op("unpermute_backward")(
             grad_TD.to(y_ND.dtype).contiguous(), y_ND, row_map_TK, weights_TK, need_weights)
         return grad_y_ND, None, (grad_weights_TK if need_weights else None)
+
+
+class GatherRows(torch.autograd.Function):
+    """x_ND = x_TD[tokens_N] whose backward sums each token's rows with the (deterministic)
+    unpermute, like Permute's, instead of index_select's index_add (atomics on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, tokens_N, row_map_TK):
+        ctx.save_for_backward(row_map_TK)
+        return x_TD.index_select(0, tokens_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (row_map_TK,) = ctx.saved_tensors
+        from hecate import ops  # the face picks the kernel or the reference for the device
+
+        return ops.unpermute(grad_ND.contiguous(), row_map_TK, None), None, None

@@ -53,8 +53,11 @@ def topk_gating(logits_TE: torch.Tensor, k: int, score_func: str = "softmax",
 def expert_histogram(indices_TK: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Number of entries per bin; negative entries are ignored."""
     flat = indices_TK.reshape(-1)
-    flat = flat[flat >= 0]
-    return torch.bincount(flat, minlength=num_bins).to(torch.int64)
+    # Negative entries land in an extra bin that is cut off: no boolean mask, no bincount,
+    # so a device without the kernel does not read values back either.
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_bins))
+    counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key))[:num_bins]
 
 
 def _kept_mask(bins_TK: torch.Tensor, num_bins: int, capacity: int,

@@ -199,10 +199,13 @@ class FullyShardedSparse(ExpertStrategy):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ."""
         state = layer.fssdp_state
         digest = _digest_words(state.owner_E, state.predictor.predict())
-        mine = torch.cat([counts_E.cpu(), torch.tensor([state.non_moe_us]), digest])
         from hecate.comm.all_to_all import all_gather_flat, comm_device
 
         dev = comm_device(self.token_group)
+        # Assembled where the counts are (the host parts go up): the only read back from
+        # the device in this layer's step is the gathered result below.
+        host = torch.cat([torch.tensor([state.non_moe_us]), digest])
+        mine = torch.cat([counts_E.to(dev), ops.to_device(host, dev)])
         W = self.topology.world_size
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
         all_gather_flat(gathered, mine.to(dev), group=self.token_group)
