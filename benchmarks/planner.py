@@ -1,33 +1,65 @@
-"""How long the FSSDP planners take at paper scale: 12 MoE layers x 64 experts x 32 ranks.
+"""How long the FSSDP per-step control plane takes, from 8 to 1024 ranks.
 
-Prints milliseconds per call (median of --repeat runs); --json prints one JSON
-object instead. No thresholds: the numbers are for reading, not asserting.
+For every world size W, expert count E, top-k and routing (uniform or Zipf-skewed) it
+times the whole plan of one MoE layer, as the runtime computes it on each rank
+(hecate/parallel/fssdp/strategy.py `plan` + `forward`):
 
-    .venv/bin/python benchmarks/planner.py [--layers 12 --experts 64 --ranks 32 --ranks-per-node 8]
+  load update + predict  ->  P1 (Algorithm 1, proportional case)  ->  P1 fitted to bytes
+  ->  token routes  ->  this rank's send / receive splits  ->  destination bins of its
+  T x k routed entries  ->  its spAG / spRS plan (hecate.comm.sparse.plan_sparse)
+
+and reports milliseconds per layer (CPU time of this process, so that other jobs on a
+shared machine do not inflate it: min and median of --repeat runs), the peak of
+numpy / Python memory during one plan (tracemalloc; torch's own allocations are not
+traced), the time of each stage, and for each series the growth exponent b of
+ms ~ W^b (least squares on log-log). One thread (torch.set_num_threads(1)).
+
+--reference also times the dense planner this one replaced (tests/fssdp_reference_planner.py:
+[W, E, W] routes, a sort over ranks per copy in Algorithm 1, a loop over ranks in the byte
+fit, a [T*k, W] comparison for the bins) on the same inputs, for W <= --reference-max-ranks
+(it needs O(W^2 E) memory), and the ratio reference / new.
+
+--policies prints the older table instead: all policies for --layers layers at one size.
+No thresholds: the numbers are for reading, not asserting.
+
+    .venv/bin/python benchmarks/planner.py [--ranks 8 64 256 1024] [--experts 64 256]
+        [--top-k 2 8] [--routing uniform skewed] [--reference] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from hecate.parallel.fssdp import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from hecate.comm.sparse import plan_sparse  # noqa: E402
+from hecate.parallel.fssdp import (  # noqa: E402
     CostModel,
     HecatePolicy,
     LoadPredictor,
     NoReplicationPolicy,
     ShadowingPolicy,
     build_plan,
+    fit_holders,
     heterogeneous_sharding,
     node_of_ranks,
+    proportional_quota,
+    route_tokens,
 )
+from hecate.parallel.fssdp.sharding import even_sharding  # noqa: E402
+from hecate.parallel.fssdp.strategy import FullyShardedSparse  # noqa: E402
+
+# A GPT-MoE-like expert (d=768, ffn 3072) in bf16; tokens of d=768 in bf16; RM on.
+FIT = dict(chunk_bytes=2 * 768 * 3072 * 2, token_bytes=768 * 2, chunk_passes=3)
 
 
 def zipf_counts(rng, W, E, tokens_per_rank, skew=1.2):
@@ -36,27 +68,159 @@ def zipf_counts(rng, W, E, tokens_per_rank, skew=1.2):
     return torch.from_numpy(np.stack([rng.multinomial(tokens_per_rank, p) for _ in range(W)]))
 
 
-def median_ms(fn, repeat):
+class Case:
+    """One layer's inputs: counts of every rank, rank 0's routed indices, owners, nodes."""
+
+    def __init__(self, W, E, k, routing, tokens, ranks_per_node, seed=0):
+        rng = np.random.default_rng(seed)
+        p = np.ones(E) if routing == "uniform" else 1.0 / np.arange(1, E + 1) ** 1.2
+        p = rng.permutation(p / p.sum())
+        self.W, self.E, self.k = W, E, k
+        # Top-k picks k distinct experts per token; for counts the multinomial is close enough.
+        self.counts = torch.from_numpy(rng.multinomial(tokens * k, p, size=W).astype(np.int64))
+        self.indices = torch.from_numpy(
+            np.stack([rng.choice(E, size=k, replace=False, p=p) for _ in range(tokens)]))
+        self.counts_E = torch.bincount(self.indices.flatten(), minlength=E)
+        self.counts[0] = self.counts_E  # rank 0's row is its real routing
+        self.nodes = node_of_ranks(W, min(ranks_per_node, W))
+        self.owner = (even_sharding(E, W) + 0) % W
+        self.m = 2 * math.ceil(E / W)  # the runtime's default memory slots
+        self.policy = HecatePolicy(overlap_degree=4 * self.m)  # t > m: the proportional case
+        self.predictor = LoadPredictor(E)
+        self.predictor.update_from_rank_counts(self.counts)
+
+
+def plan_new(case: Case, stages: dict | None = None):
+    """The runtime's whole plan of one layer, as rank 0 computes it."""
+    clock = time.process_time
+    t = clock()
+
+    def lap(name):
+        nonlocal t
+        if stages is not None:
+            now = clock()
+            stages[name] = stages.get(name, 0.0) + now - t
+            t = now
+
+    case.predictor.update_from_rank_counts(case.counts)
+    load = case.predictor.predict()
+    lap("load")
+    holders = case.policy.plan(load, case.owner, case.nodes, case.m, counts_WE=case.counts)
+    lap("p1")
+    holders = fit_holders(holders, case.owner, case.counts, capacity_m=case.m, **FIT)
+    lap("fit")
+    routes = route_tokens(holders, case.counts, case.nodes)
+    lap("routes")
+    layout = routes.layout(0)
+    lap("splits")
+    FullyShardedSparse._destination_bins(case.indices, case.E, layout)
+    lap("bins")
+    if bool(holders.sum() > case.E):
+        plan_sparse(case.owner, holders, 0)
+    lap("sparse")
+    return holders, routes
+
+
+def plan_reference(case: Case, ref):
+    """The same steps with the dense planner it replaced."""
+    case.predictor.update_from_rank_counts(case.counts)
+    load = case.predictor.predict().numpy()
+    owner, nodes, counts = case.owner.numpy(), case.nodes.numpy(), case.counts.numpy()
+    quota = proportional_quota(load, case.W * case.m, case.W - 1)
+    holders = ref.place(load, owner, nodes, case.m, 4 * case.m, quota)
+    holders = ref.fit_holders(holders, owner, counts, FIT["chunk_bytes"], FIT["token_bytes"],
+                              FIT["chunk_passes"], case.m)
+    routes = ref.routes(holders, counts, nodes)
+    send_WE = torch.from_numpy(np.ascontiguousarray(routes[0].T))
+    ref.destination_bins(case.indices, case.counts_E, send_WE)
+    holders_t = torch.from_numpy(holders)
+    if bool(holders_t.sum() > case.E):
+        plan_sparse(case.owner, holders_t, 0)
+    return holders, routes
+
+
+def cpu_ms(fn, repeat):
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        times.append((time.process_time() - start) * 1e3)
+    return min(times), statistics.median(times)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--ranks", type=int, default=32)
-    ap.add_argument("--ranks-per-node", type=int, default=8)
-    ap.add_argument("--capacity", type=int, default=4, help="memory capacity m (chunks per rank)")
-    ap.add_argument("--tokens-per-rank", type=int, default=8192, help="tokens x top-k per rank")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    L, E, W, m = args.layers, args.experts, args.ranks, args.capacity
+def peak_mib(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def growth_exponent(ws, ms):
+    if len(ws) < 2:
+        return None
+    b, _ = np.polyfit(np.log(ws), np.log(np.maximum(ms, 1e-6)), 1)
+    return round(float(b), 3)
+
+
+def scale_grid(args):
+    ref = None
+    if args.reference:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import fssdp_reference_planner as ref
+    rows = []
+    for E in args.experts:
+        for k in args.top_k:
+            for routing in args.routing:
+                for W in args.ranks:
+                    case = Case(W, E, k, routing, args.tokens_per_rank, args.ranks_per_node)
+                    plan_new(case)  # warm up (imports, caches)
+                    best, med = cpu_ms(lambda: plan_new(case), args.repeat)
+                    stages = {}
+                    for _ in range(args.repeat):
+                        plan_new(case, stages)
+                    holders, routes = plan_new(case)
+                    row = {"W": W, "E": E, "top_k": k, "routing": routing, "m": case.m,
+                           "replicas": int(holders.sum()) - E, "ms_min": round(best, 3),
+                           "ms_median": round(med, 3),
+                           "peak_mib": round(peak_mib(lambda: plan_new(case)), 2),
+                           "stages_ms": {n: round(v * 1e3 / args.repeat, 3) for n, v in stages.items()}}
+                    if ref is not None and W <= args.reference_max_ranks:
+                        ref_holders, ref_routes = plan_reference(case, ref)
+                        row["same_plan_as_reference"] = bool(
+                            np.array_equal(ref_holders, holders.numpy())
+                            and np.array_equal(ref_routes, routes.dense()))
+                        rbest, rmed = cpu_ms(lambda: plan_reference(case, ref), args.repeat)
+                        row["reference_ms_min"] = round(rbest, 3)
+                        row["reference_peak_mib"] = round(peak_mib(lambda: plan_reference(case, ref)), 2)
+                        row["reference_over_new"] = round(rbest / max(best, 1e-6), 2)
+                    rows.append(row)
+                    if not args.json:
+                        print(_fmt(row), flush=True)
+    series = {}
+    for row in rows:
+        series.setdefault((row["E"], row["top_k"], row["routing"]), []).append(row)
+    growth = {f"E={E} k={k} {routing}": growth_exponent([r["W"] for r in rs], [r["ms_min"] for r in rs])
+              for (E, k, routing), rs in series.items()}
+    return {"tokens_per_rank": args.tokens_per_rank, "ranks_per_node": args.ranks_per_node,
+            "cpu_threads": torch.get_num_threads(), "rows": rows, "growth_exponent_in_W": growth}
+
+
+def _fmt(row):
+    text = (f"W={row['W']:5d} E={row['E']:4d} k={row['top_k']} {row['routing']:8s} "
+            f"replicas={row['replicas']:5d}  {row['ms_min']:8.3f} ms/layer (median "
+            f"{row['ms_median']:.3f})  peak {row['peak_mib']:7.2f} MiB  "
+            + " ".join(f"{n}={v:.2f}" for n, v in row["stages_ms"].items()))
+    if "reference_ms_min" in row:
+        text += (f"  | reference {row['reference_ms_min']:.3f} ms, {row['reference_peak_mib']:.1f} MiB"
+                 f" ({row['reference_over_new']}x, same plan: {row['same_plan_as_reference']})")
+    return text
+
+
+def policies_table(args):
+    """The older table: every policy, all layers of one step, at one size."""
+    L, E, W, m = args.layers, args.experts[0], args.ranks[0], args.capacity
     rng = np.random.default_rng(0)
     nodes = node_of_ranks(W, args.ranks_per_node)
     counts_L = [zipf_counts(rng, W, E, args.tokens_per_rank) for _ in range(L)]
@@ -84,17 +248,51 @@ def main():
               "capacity_m": m, "overlap_degree_model": cm.overlap_degree(True),
               "ms_per_step_all_layers": {}}
     for name, policy in cases.items():
-        result["ms_per_step_all_layers"][name] = round(median_ms(all_layers(policy), args.repeat), 3)
-    result["ms_heterogeneous_sharding_all_layers"] = round(median_ms(
-        lambda: heterogeneous_sharding(loads_LE, W, args.ranks_per_node, m), args.repeat), 3)
+        result["ms_per_step_all_layers"][name] = round(cpu_ms(all_layers(policy), args.repeat)[0], 3)
+    result["ms_heterogeneous_sharding_all_layers"] = round(cpu_ms(
+        lambda: heterogeneous_sharding(loads_LE, W, args.ranks_per_node, m), args.repeat)[0], 3)
+    if not args.json:
+        print(f"planning {L} layers x {E} experts x {W} ranks ({W // args.ranks_per_node} nodes), m={m}")
+        for name, ms in result["ms_per_step_all_layers"].items():
+            print(f"  {name:32s} {ms:9.3f} ms per step (all layers: load + P1 + routes)")
+        print(f"  {'heterogeneous_sharding':32s} {result['ms_heterogeneous_sharding_all_layers']:9.3f}"
+              " ms per re-shard (all layers)")
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024])
+    ap.add_argument("--experts", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--top-k", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--routing", nargs="+", default=["uniform", "skewed"],
+                    choices=["uniform", "skewed"])
+    ap.add_argument("--ranks-per-node", type=int, default=8)
+    ap.add_argument("--tokens-per-rank", type=int, default=4096, help="tokens per rank (x top-k entries)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--reference", action="store_true", help="also time the dense planner it replaced")
+    ap.add_argument("--reference-max-ranks", type=int, default=64)
+    ap.add_argument("--policies", action="store_true", help="the per-policy table at one size instead")
+    ap.add_argument("--layers", type=int, default=12, help="--policies: MoE layers")
+    ap.add_argument("--capacity", type=int, default=4, help="--policies: memory capacity m")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.policies:
+        if args.ranks == ap.get_default("ranks"):
+            args.ranks = [32]
+        if args.experts == ap.get_default("experts"):
+            args.experts = [64]
+        if args.tokens_per_rank == ap.get_default("tokens_per_rank"):
+            args.tokens_per_rank = 8192
+        result = policies_table(args)
+    else:
+        result = scale_grid(args)
+        if not args.json:
+            for name, b in result["growth_exponent_in_W"].items():
+                print(f"growth exponent in W ({name}): {b}")
     if args.json:
         print(json.dumps(result))
-        return
-    print(f"planning {L} layers x {E} experts x {W} ranks ({W // args.ranks_per_node} nodes), m={m}")
-    for name, ms in result["ms_per_step_all_layers"].items():
-        print(f"  {name:32s} {ms:9.3f} ms per step (all layers: load + P1 + routes)")
-    print(f"  {'heterogeneous_sharding':32s} {result['ms_heterogeneous_sharding_all_layers']:9.3f} ms"
-          " per re-shard (all layers)")
 
 
 if __name__ == "__main__":

@@ -151,3 +151,24 @@ def plan_time(cm, holders_WE, owner_E, routes_WEW, node_of_W, hidden_s=None, gat
     seconds_WW = tokens_WW * cm.token_bytes / bw_WW
     a2a = 2.0 * np.maximum(seconds_WW.sum(axis=1), seconds_WW.sum(axis=0))
     return float((compute + a2a + np.maximum(gather - hidden_s, 0.0)).max())
+
+
+def destination_bins(indices_TK, counts_E, send_WE):
+    """The old destination bins: a [T*K, W] comparison per entry (torch)."""
+    import torch
+
+    E = counts_E.numel()
+    flat = indices_TK.reshape(-1)
+    valid = flat >= 0
+    key = torch.where(valid, flat, torch.full_like(flat, E))
+    order = torch.sort(key, stable=True).indices
+    sorted_e = key[order]
+    starts = torch.cumsum(counts_E, 0) - counts_E
+    starts = torch.cat([starts, starts.new_zeros(1)])
+    pos = torch.arange(flat.numel()) - starts[sorted_e]
+    ends_EW = torch.cat([send_WE.T.cumsum(1), send_WE.new_zeros(1, send_WE.shape[0])])
+    dst_sorted = (pos.unsqueeze(1) >= ends_EW[sorted_e]).sum(1)
+    dst = torch.empty_like(flat)
+    dst[order] = dst_sorted
+    bins = torch.where(valid, dst * E + flat, torch.full_like(flat, -1))
+    return bins.view(indices_TK.shape)

@@ -15,7 +15,7 @@ def to_numpy(x, name: str, *, ndim: int, dtype=np.int64, shape=None) -> np.ndarr
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
-        arr = x.detach().cpu().numpy()
+        arr = (x.detach() if x.requires_grad else x).cpu().numpy()
     elif isinstance(x, (np.ndarray, list, tuple)):
         arr = np.asarray(x)
     else:
@@ -29,16 +29,17 @@ def to_numpy(x, name: str, *, ndim: int, dtype=np.int64, shape=None) -> np.ndarr
                     f"{name} has shape {tuple(arr.shape)} but dim {axis} must be {want} "
                     f"(expected {tuple('*' if s is None else s for s in shape)})"
                 )
+    kind = arr.dtype.kind  # dtype.kind checks: np.issubdtype costs microseconds per call
     if dtype == np.bool_:
-        if arr.dtype != np.bool_:
+        if kind != "b":
             raise TypeError(f"{name} must be a bool tensor, got dtype {arr.dtype}")
         return arr.astype(np.bool_, copy=True)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+    if kind not in "iuf":
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
-    if dtype == np.int64 and not np.issubdtype(arr.dtype, np.integer):
+    if dtype == np.int64 and kind == "f":
         raise TypeError(f"{name} must be an integer tensor (int64), got dtype {arr.dtype}")
     out = arr.astype(dtype, copy=True)
-    if dtype == np.float64 and not np.all(np.isfinite(out)):
+    if dtype == np.float64 and kind == "f" and not np.isfinite(out).all():
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     return out
 

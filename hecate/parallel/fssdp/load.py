@@ -40,10 +40,14 @@ class LoadPredictor:
 
     def update_from_rank_counts(self, counts_WE) -> None:
         """Record one iteration from per-rank counts [W, E] (the all-gathered tensor)."""
-        counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64,
+        floating = (counts_WE.is_floating_point() if isinstance(counts_WE, torch.Tensor)
+                    else np.asarray(counts_WE).dtype.kind == "f")
+        # Integer counts are summed as int64 (exact, and a plain copy rather than a float cast
+        # of W x E values); the float64 result equals a float64 sum of the same integers.
+        counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64 if floating else np.int64,
                           shape=(None, self.num_experts))
         check_nonnegative(counts, "counts_WE")
-        self._history.append(counts.sum(axis=0))
+        self._history.append(counts.sum(axis=0).astype(np.float64))
 
     def predict(self) -> torch.Tensor:
         """Predicted load per expert, float64 [E]; uniform ones before any history."""

@@ -18,6 +18,7 @@ All are deterministic: ties are broken by expert index, then rank.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from itertools import islice
 
 import numpy as np
 import torch
@@ -75,6 +76,44 @@ def proportional_quota(load_E: np.ndarray, total: int, cap: int) -> np.ndarray:
         quota[active] = base[active]
         break
     return quota
+
+
+_FEW = 16  # copies of one expert placed with a plain scan; more use the C-level passes
+
+
+def _pick_few(ready: list, node: list, o: int, q: int) -> list:
+    """The q free ranks Algorithm 1 picks for one expert (owner o), scanning keys in order:
+    first the best rank of each node lacking the expert, then the best remaining ranks."""
+    has, picked = {node[o]}, []
+    for key in ready:
+        if len(picked) == q:
+            return picked
+        d = key[2]
+        if d != o and node[d] not in has:
+            picked.append(key)
+            has.add(node[d])
+    if len(picked) < q:
+        chosen = {key[2] for key in picked}
+        for key in ready:
+            if len(picked) == q:
+                break
+            if key[2] != o and key[2] not in chosen:
+                picked.append(key)
+    return picked
+
+
+def _pick_many(ready: list, node: list, o: int, q: int) -> list:
+    """Same picks as _pick_few, for large q: the per-node bests come from one dict pass
+    (reversed, so each node keeps its first key in order) instead of a Python loop."""
+    ranks = [key[2] for key in ready]
+    best = dict(zip(map(node.__getitem__, reversed(ranks)), reversed(ready)))
+    best.pop(node[o], None)
+    picked = sorted(best.values())[:q]
+    if len(picked) < q:
+        chosen = {key[2] for key in picked}
+        chosen.add(o)
+        picked += list(islice((key for key in ready if key[2] not in chosen), q - len(picked)))
+    return picked
 
 
 class MaterializationPolicy:
@@ -193,34 +232,29 @@ class HecatePolicy(MaterializationPolicy):
         picks_d, picks_e = [], []
         for e in np.lexsort((np.arange(E), -load_E, -quota_E)).tolist():
             q = int(quota_E[e])
-            if q == 0:
-                break  # sorted by quota first: the rest have none
+            if q == 0 or not ready:
+                break  # sorted by quota first: the rest have none; or no slot is left anywhere
             o = owner[e]
-            has = {node[o]}
-            picked = []
-            for key in ready:  # 1: the best free rank of each node lacking e
-                if len(picked) == q:
-                    break
-                d = key[2]
-                if d != o and node[d] not in has:
-                    picked.append(key)
-                    has.add(node[d])
-            if len(picked) < q:  # 2: every node has e; the best remaining free ranks
-                chosen = {key[2] for key in picked}
-                for key in ready:
-                    if len(picked) == q:
-                        break
-                    if key[2] != o and key[2] not in chosen:
-                        picked.append(key)
+            if q <= _FEW:
+                picked = _pick_few(ready, node, o, q)
+            else:
+                picked = _pick_many(ready, node, o, q)
             for key in picked:
                 d = key[2]
-                del ready[bisect_left(ready, key)]
                 dev[d] += share[e]
                 used[d] += 1
-                if used[d] < m:
-                    insort(ready, (dev[d], used[d], d))
                 picks_d.append(d)
                 picks_e.append(e)
+            if len(picked) <= _FEW:  # re-insert the few chosen ranks with their new keys
+                for key in picked:
+                    del ready[bisect_left(ready, key)]
+                    d = key[2]
+                    if used[d] < m:
+                        insort(ready, (dev[d], used[d], d))
+            else:  # many: one merge (timsort of two sorted runs) beats many insertions
+                gone = {key[2] for key in picked}
+                ready = sorted([key for key in ready if key[2] not in gone]
+                               + [(dev[d], used[d], d) for d in gone if used[d] < m])
         holders[picks_d, picks_e] = True
         return holders
 
@@ -294,19 +328,41 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     W, E = holders.shape
     owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
     check_owner(owner, W)
-    counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64, shape=(W, E))
-    check_nonnegative(counts, "counts_WE")
+    counts = _counts_array(counts_WE, W, E)
     m = check_positive_int(capacity_m, "capacity_m")
-    saving = 4 * counts * token_bytes - chunk_passes * chunk_bytes
+    cost = chunk_passes * chunk_bytes
+    # Only entries above the break-even count can pay; a scalar comparison finds them (with a
+    # margin far above rounding), and the exact saving is computed for those alone.
+    if token_bytes > 0:
+        maybe = counts > cost / (4 * token_bytes) * (1 - 1e-9) if cost > 0 else counts >= 0
+    else:
+        maybe = np.full(counts.shape, cost < 0)
+    d, e = np.nonzero(maybe)  # row-major: rank, then expert
+    saving = 4 * counts[d, e].astype(np.float64) * token_bytes - cost
     pays = saving > 0
+    d, e, saving = d[pays], e[pays], saving[pays]
     owned = owner_holders(owner, W)
-    holders = (holders & pays) | owned  # P0 is always part of P1
-    free_W = m - (holders & ~owned).sum(axis=1)
-    d, e = np.nonzero(pays & ~holders & (free_W > 0)[:, None])
+    out = owned.copy()
+    # Replicas the policy proposed are kept where they pay (P0 is always part of P1).
+    held = holders[d, e] & ~owned[d, e]
+    out[d[held], e[held]] = True
+    free_W = m - np.bincount(d[held], minlength=W)
+    add = ~holders[d, e] & ~owned[d, e] & (free_W[d] > 0)
+    d, e, saving = d[add], e[add], saving[add]
     if d.size:
-        order = np.lexsort((e, -saving[d, e], d))  # per rank: most saved first, then lower expert
+        order = np.lexsort((e, -saving, d))  # per rank: most saved first, then lower expert
         d, e = d[order], e[order]
         rank_in_row = np.arange(d.size) - np.searchsorted(d, d)
         keep = rank_in_row < free_W[d]
-        holders[d[keep], e[keep]] = True
-    return torch.from_numpy(holders)
+        out[d[keep], e[keep]] = True
+    return torch.from_numpy(out)
+
+
+def _counts_array(counts_WE, W: int, E: int) -> np.ndarray:
+    """counts_WE as int64 when integer (a plain copy), float64 when not (predicted counts)."""
+    floating = (counts_WE.is_floating_point() if isinstance(counts_WE, torch.Tensor)
+                else np.asarray(counts_WE).dtype.kind == "f")
+    counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64 if floating else np.int64,
+                      shape=(W, E))
+    check_nonnegative(counts, "counts_WE")
+    return counts

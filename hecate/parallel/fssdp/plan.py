@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hecate.parallel.fssdp.materialize import MaterializationPolicy
-from hecate.parallel.fssdp.routes import TokenRoutes, rank_splits, route_tokens
+from hecate.parallel.fssdp.routes import RankLayout, TokenRoutes, rank_splits, route_tokens
 
 _DIGEST_TAG = b"hecate-fssdp-plan-v2"
 
@@ -72,6 +72,14 @@ class Plan:
     def rank_splits(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(send_WE, recv_WE) of `rank`, per peer and expert; see routes.rank_splits."""
         return rank_splits(self.routes, rank)
+
+    def rank_layout(self, rank: int) -> RankLayout:
+        """`rank`'s sends (sparse, by expert then destination), receives [W, E] and per-peer
+        splits; O(E + replicas + W * experts it holds). What the runtime uses each step."""
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
+                or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
+        return self.routes.layout(int(rank))
 
     def rank_loads(self) -> dict[str, np.ndarray]:
         """Per-rank served rows and off-rank tokens (TokenRoutes.rank_loads)."""

@@ -25,6 +25,8 @@ made after the rule (`balance_routes`) are a short list of signed moves
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -40,24 +42,55 @@ def _int_sum(index: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
     return np.bincount(index, weights=weights, minlength=length).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """One rank's side of the token exchange (all int64 numpy):
+
+    send_e / send_dst / send_tokens: what it sends (itself included), sorted by (expert,
+    destination): the order in which its routed entries of each expert fill the shares.
+    recv_WE [W_src, E]: what it receives per source and expert (itself included).
+    send_splits / recv_splits: tokens per peer of the dispatch all-to-all.
+    """
+
+    rank: int
+    send_e: np.ndarray
+    send_dst: np.ndarray
+    send_tokens: np.ndarray
+    recv_WE: np.ndarray
+    send_splits: list
+    recv_splits: list
+
+    def send_WE(self) -> np.ndarray:
+        """Dense int64 [W_dst, E] view of the sends."""
+        out = np.zeros_like(self.recv_WE)
+        np.add.at(out, (self.send_dst, self.send_e), self.send_tokens)
+        return out
+
+
 class TokenRoutes:
     """Sparse token routes of one layer's iteration (see the module docstring).
 
     Attributes (numpy, read-only by convention): holders_WE bool [W, E], counts_WE int64
     [W, E], node_of_W int64 [W]; `moves` int64 [K, 4] rows (src, expert, dst, tokens)
     added on top of the rule (sorted, merged, no zero rows).
+
+    Construction only indexes the holders (O(W*E) scans, O(H log H) sorts for H = E +
+    replicas holders). One rank's layout (`layout`, `send_WE`, `recv_WE`) then costs
+    O(E + replicas + W * experts it holds); the whole world's per-pair records, which
+    `rank_loads`, `dense` and balancing need, are built on first use in O(W*E).
     """
 
-    __slots__ = ("holders_WE", "counts_WE", "node_of_W", "moves", "_members", "_member_start",
-                 "_member_node_half", "_src", "_e", "_start", "_n", "_q", "_r", "_off", "_src_ptr",
-                 "_loads")
+    __slots__ = ("holders_WE", "counts_WE", "node_of_W", "moves", "_N", "_H", "_all_cnt",
+                 "_all_ptr", "_all_key", "_node_cnt", "_node_ptr", "_node_key", "_members",
+                 "_member_start", "_pairs", "_loads")
 
     def __init__(self, holders_WE: np.ndarray, counts_WE: np.ndarray, node_of_W: np.ndarray,
                  moves: np.ndarray | None = None):
         self.holders_WE, self.counts_WE, self.node_of_W = holders_WE, counts_WE, node_of_W
         self.moves = _canonical_moves(moves)
+        self._pairs = None
         self._loads = None
-        self._build()
+        self._index_holders()
 
     @property
     def world_size(self) -> int:
@@ -67,63 +100,107 @@ class TokenRoutes:
     def num_experts(self) -> int:
         return self.holders_WE.shape[1]
 
-    # ---- construction: O(W*E + holders) ----------------------------------------------------
-    def _build(self) -> None:
+    # ---- construction: O(W*E) scans, O(H log H) sorts ----------------------------------------
+    def _index_holders(self) -> None:
         holders, counts, nodes = self.holders_WE, self.counts_WE, self.node_of_W
         W, E = holders.shape
         N = int(nodes.max()) + 1
-        he, hd = np.nonzero(holders.T)  # holders sorted by (expert, rank)
+        hd, he = np.nonzero(holders)
+        all_key = he * W + hd
+        order = np.argsort(all_key)  # holders sorted by (expert, rank)
+        he, hd, all_key = he[order], hd[order], all_key[order]
         H = he.size
-        node_key = he * N + nodes[hd]
-        by_node = np.argsort(node_key, kind="stable")  # (expert, node), ranks ascending inside
-        node_cnt = np.bincount(node_key, minlength=E * N)
-        node_ptr = np.concatenate(([0], np.cumsum(node_cnt)))
+        node_key = (he * N + nodes[hd]) * W + hd
+        by_node = np.argsort(node_key)  # (expert, node, rank)
+        node_cnt = np.bincount(he * N + nodes[hd], minlength=E * N)
         all_cnt = np.bincount(he, minlength=E)
-        all_ptr = np.concatenate(([0], np.cumsum(all_cnt)))
+        self._N, self._H = N, H
+        self._all_cnt, self._all_ptr, self._all_key = all_cnt, _ptr(all_cnt), all_key
+        self._node_cnt, self._node_ptr, self._node_key = node_cnt, _ptr(node_cnt), node_key[by_node]
         # members[0:H]: rule-2 groups (expert, node); members[H:2H]: rule-3 groups (expert).
         self._members = np.concatenate((hd[by_node], hd))
-        self._member_start = np.concatenate((node_ptr[node_key[by_node]], H + all_ptr[he]))
-        self._member_node_half = H
-        # Routed pairs: (source, expert) with tokens that the source does not keep.
-        src, e = np.nonzero((counts > 0) & ~holders)  # source-major order
-        key = e * N + nodes[src]
-        n_node = node_cnt[key]
-        node_rule = n_node > 0
-        n = np.where(node_rule, n_node, all_cnt[e])
-        orphan = n == 0
+        self._member_start = np.concatenate((self._node_ptr[(he * N + nodes[hd])[by_node]],
+                                             H + self._all_ptr[he]))
+        orphan = (all_cnt == 0) & (counts.sum(axis=0) > 0)
         if orphan.any():
-            i = int(np.argmax(orphan))
+            e = int(np.argmax(orphan))
+            src = int(np.argmax(counts[:, e] > 0))
             raise ValueError(
-                f"holders_WE has no holder of expert {int(e[i])} but rank {int(src[i])} routes "
-                f"{int(counts[src[i], e[i]])} tokens to it; every expert needs at least its owner "
+                f"holders_WE has no holder of expert {e} but rank {src} routes "
+                f"{int(counts[src, e])} tokens to it; every expert needs at least its owner "
                 "in holders_WE")
-        start = np.where(node_rule, node_ptr[key], H + all_ptr[e])
-        c = counts[src, e]
+
+    def _groups(self, src: np.ndarray, e: np.ndarray):
+        """(start in members, n) of the group that serves each (src, expert) pair the source
+        does not hold: its node's holders if any, else every holder."""
+        key = e * self._N + self.node_of_W[src]
+        n_node = self._node_cnt[key]
+        node_rule = n_node > 0
+        n = np.where(node_rule, n_node, self._all_cnt[e])
+        start = np.where(node_rule, self._node_ptr[key], self._H + self._all_ptr[e])
+        return start, n
+
+    @staticmethod
+    def _split(c, n, src, e):
+        """Even share q, remainder r and its rotation offset of c tokens over n replicas."""
         q, r, off = c.copy(), np.zeros_like(c), np.zeros_like(c)
         many = n > 1  # a single candidate takes everything: skip the divisions for those
         if many.any():
             nm = n[many]
             q[many], r[many] = np.divmod(c[many], nm)
             off[many] = (src[many] + e[many]) % nm
-        self._src, self._e, self._start, self._n = src, e, start, n
-        self._q, self._r, self._off = q, r, off
-        self._src_ptr = np.searchsorted(src, np.arange(W + 1))
+        return q, r, off
 
-    # ---- per-rank layouts --------------------------------------------------------------------
+    def _pair_arrays(self):
+        """Every routed (source, expert) pair's record, source-major; built on first use."""
+        if self._pairs is None:
+            src, e = np.nonzero((self.counts_WE > 0) & ~self.holders_WE)
+            start, n = self._groups(src, e)
+            q, r, off = self._split(self.counts_WE[src, e], n, src, e)
+            self._pairs = (src, e, start, n, q, r, off)
+        return self._pairs
+
+    # ---- per-rank layouts: O(E + replicas + W * held experts) ---------------------------------
+    def _send_entries(self, rank: int):
+        """(expert, dst, tokens) this rank sends under the rule (no moves), unsorted."""
+        row, keep = self.counts_WE[rank], self.holders_WE[rank]
+        local = np.flatnonzero(keep & (row > 0))
+        es = np.flatnonzero(~keep & (row > 0))
+        if es.size == 0:
+            return local, np.full(local.size, rank, dtype=np.int64), row[local]
+        src = np.full(es.size, rank, dtype=np.int64)
+        start, n = self._groups(src, es)
+        q, r, off = self._split(row[es], n, src, es)
+        rep = np.repeat(np.arange(es.size), n)
+        pos = np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
+        dst = self._members[start[rep] + pos]
+        tok = q[rep] + (((pos - off[rep]) % n[rep]) < r[rep])
+        return (np.concatenate((local, es[rep])), np.concatenate((np.full(local.size, rank), dst)),
+                np.concatenate((row[local], tok)))
+
+    def layout(self, rank: int) -> RankLayout:
+        """This rank's sends (sparse, sorted by expert then destination) and receives."""
+        W = self.world_size
+        e, dst, tok = self._send_entries(rank)
+        if len(self.moves):
+            mv = self.moves[self.moves[:, 0] == rank]
+            e, dst, tok = (np.concatenate((e, mv[:, 1])), np.concatenate((dst, mv[:, 2])),
+                           np.concatenate((tok, mv[:, 3])))
+            key, inv = np.unique(e * W + dst, return_inverse=True)
+            tok = np.bincount(inv.reshape(-1), weights=tok, minlength=key.size).astype(np.int64)
+            e, dst = key // W, key % W
+        else:
+            order = np.argsort(e * W + dst)
+            e, dst, tok = e[order], dst[order], tok[order]
+        recv = self.recv_WE(rank)
+        return RankLayout(rank, e, dst, tok, recv, _int_sum(dst, tok, W).tolist(),
+                          recv.sum(axis=1).tolist())
+
     def send_WE(self, rank: int) -> np.ndarray:
         """int64 [W_dst, E]: tokens of each expert `rank` sends to each rank (itself included)."""
-        W, E = self.holders_WE.shape
-        out = np.zeros((W, E), dtype=np.int64)
-        keep = self.holders_WE[rank]
-        out[rank, keep] = self.counts_WE[rank, keep]
-        lo, hi = self._src_ptr[rank], self._src_ptr[rank + 1]
-        if hi > lo:
-            n = self._n[lo:hi]
-            rep = np.repeat(np.arange(hi - lo), n)
-            pos = np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
-            dst = self._members[self._start[lo:hi][rep] + pos]
-            tok = self._q[lo:hi][rep] + (((pos - self._off[lo:hi][rep]) % n[rep]) < self._r[lo:hi][rep])
-            out[dst, self._e[lo:hi][rep]] = tok  # (dst, expert) pairs are distinct
+        out = np.zeros(self.holders_WE.shape, dtype=np.int64)
+        e, dst, tok = self._send_entries(rank)
+        out[dst, e] = tok  # (dst, expert) pairs are distinct
         if len(self.moves):
             mv = self.moves[self.moves[:, 0] == rank]
             np.add.at(out, (mv[:, 2], mv[:, 1]), mv[:, 3])
@@ -131,9 +208,8 @@ class TokenRoutes:
 
     def recv_WE(self, rank: int) -> np.ndarray:
         """int64 [W_src, E]: tokens of each expert `rank` receives from each rank (itself included)."""
-        W, E = self.holders_WE.shape
-        out = np.zeros((W, E), dtype=np.int64)
-        held = np.nonzero(self.holders_WE[rank])[0]
+        out = np.zeros(self.holders_WE.shape, dtype=np.int64)
+        held = np.flatnonzero(self.holders_WE[rank])
         if held.size:
             out[:, held] = self._recv_base(rank, held)
         if len(self.moves):
@@ -143,33 +219,29 @@ class TokenRoutes:
 
     def _recv_base(self, rank: int, experts: np.ndarray) -> np.ndarray:
         """[W_src, len(experts)] tokens the rule sends to `rank` for experts it holds (no moves)."""
-        W = self.world_size
-        cols = np.zeros((W, experts.size), dtype=np.int64)
-        cols[rank] = self.counts_WE[rank, experts]  # it keeps its own tokens
-        col_of = np.full(self.num_experts, -1, dtype=np.int64)
-        col_of[experts] = np.arange(experts.size)
-        # Pairs that can reach `rank`: expert among `experts`, rank in the pair's group.
-        sel = col_of[self._e] >= 0
-        if not sel.any():
-            return cols
-        idx = np.nonzero(sel)[0]
-        start, n = self._start[idx], self._n[idx]
-        # Position of `rank` inside each pair's group (groups are short: at most the holders).
-        mine = np.nonzero(self._members == rank)[0]
-        pos = np.full(idx.size, -1, dtype=np.int64)
-        # A member index j of `rank` lies in the group [start, start + n) of at most one pair kind.
-        seg = self._member_start[mine]
-        order = np.argsort(seg)
-        seg_sorted, mine_sorted = seg[order], mine[order]
-        k = np.searchsorted(seg_sorted, start)
-        k = np.minimum(k, max(seg_sorted.size - 1, 0))
-        if seg_sorted.size:
-            hit = seg_sorted[k] == start
-            pos[hit] = mine_sorted[k[hit]] - start[hit]
-        ok = pos >= 0
-        idx, pos, n = idx[ok], pos[ok], n[ok]
-        tok = self._q[idx] + (((pos - self._off[idx]) % n) < self._r[idx])
-        cols[self._src[idx], col_of[self._e[idx]]] = tok
+        W, N, nodes = self.world_size, self._N, self.node_of_W
+        counts = self.counts_WE[:, experts]
+        held = self.holders_WE[:, experts]
+        me = nodes[rank]
+        # rank's place in its node's group and in the all-holders group of each expert.
+        node_group = experts * N + me
+        n_node = self._node_cnt[node_group]
+        pos_node = np.searchsorted(self._node_key, node_group * W + rank) - self._node_ptr[node_group]
+        n_all = self._all_cnt[experts]
+        pos_all = np.searchsorted(self._all_key, experts * W + rank) - self._all_ptr[experts]
+        # Sources whose tokens can reach `rank`: not holding e, and either on its node (rule
+        # 2) or on a node without any holder of e (rule 3).
+        src_node_has = self._node_cnt.reshape(-1, N)[experts][:, nodes].T > 0  # [W, len(experts)]
+        by_node = (nodes == me)[:, None] & ~held
+        by_all = ~src_node_has
+        reach = by_node | by_all
+        n = np.where(by_node, n_node, n_all)
+        pos = np.where(by_node, pos_node, pos_all)
+        src = np.arange(W)[:, None]
+        q, r = np.divmod(counts, n)
+        off = (src + experts[None, :]) % n
+        cols = np.where(reach, q + (((pos - off) % n) < r), 0)
+        cols[rank] = counts[rank]  # it keeps its own tokens
         return cols
 
     # ---- whole-world aggregates: O(W*E + holders) -------------------------------------------
@@ -179,8 +251,8 @@ class TokenRoutes:
         if self._loads is not None:
             return self._loads
         W = self.world_size
-        M, H = self._members.size, self._member_node_half
-        q, r, off, start, n = self._q, self._r, self._off, self._start, self._n
+        M, H = self._members.size, self._H
+        src, e, start, n, q, r, off = self._pair_arrays()
         sum_q = _int_sum(start, q, M)  # at each group's first member
         # Remainder tokens: +1 on the circular interval [off, off + r) of the group.
         a = start + off
@@ -193,10 +265,10 @@ class TokenRoutes:
         got = sum_q[self._member_start] + np.cumsum(diff)[:M]
         recv_intra = _int_sum(self._members[:H], got[:H], W)
         recv_inter = _int_sum(self._members[H:], got[H:], W)
-        c = self.counts_WE[self._src, self._e]
+        c = self.counts_WE[src, e]
         node_rule = start < H
-        send_intra = _int_sum(self._src[node_rule], c[node_rule], W)
-        send_inter = _int_sum(self._src[~node_rule], c[~node_rule], W)
+        send_intra = _int_sum(src[node_rule], c[node_rule], W)
+        send_inter = _int_sum(src[~node_rule], c[~node_rule], W)
         kept = (self.counts_WE * self.holders_WE).sum(axis=1)
         served = kept + recv_intra + recv_inter
         if len(self.moves):
@@ -228,6 +300,12 @@ class TokenRoutes:
     def digest_arrays(self) -> tuple[np.ndarray, ...]:
         """The arrays that determine the routes (the rule's inputs, then the moves)."""
         return (self.holders_WE.astype(np.int64), self.counts_WE, self.node_of_W, self.moves)
+
+
+def _ptr(cnt: np.ndarray) -> np.ndarray:
+    out = np.zeros(cnt.size + 1, dtype=np.int64)
+    np.cumsum(cnt, out=out[1:])
+    return out
 
 
 def _canonical_moves(moves) -> np.ndarray:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -296,8 +297,8 @@ class FullyShardedSparse(ExpertStrategy):
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
         plan = self.plan(layer, counts_E, self._token_bytes)
-        send_WE, recv_WE = plan.rank_splits(rank)
-        bins_TK = self._destination_bins(indices_TK, counts_E, send_WE)
+        layout = plan.rank_layout(rank)  # this rank's sends (sparse) and receives: no [W, E, W]
+        bins_TK = self._destination_bins(indices_TK, E, layout)
         x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
         prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
         sparse = None
@@ -311,8 +312,8 @@ class FullyShardedSparse(ExpertStrategy):
         slot_of_E = torch.zeros(E, dtype=torch.int64)
         slot_of_E[slot_ids] = torch.arange(slot_ids.numel())
         spec = ExchangeSpec(layer=layer, owner_E=plan.owner_E, holders_WE=plan.holders_WE,
-                            send_splits=send_WE.sum(1).tolist(), recv_splits=recv_WE.sum(1).tolist(),
-                            recv_WE=recv_WE, slot_of_E=slot_of_E, rank=rank,
+                            send_splits=layout.send_splits, recv_splits=layout.recv_splits,
+                            recv_WE=torch.from_numpy(layout.recv_WE), slot_of_E=slot_of_E, rank=rank,
                             rematerialize=self.rematerialize, token_group=self.token_group,
                             weight_group=self.weight_group, stats=self.topology.stats,
                             pending=self._pending if self.overlap_reduce else None,
@@ -369,27 +370,48 @@ class FullyShardedSparse(ExpertStrategy):
         return now - self._last_exit < 1.0
 
     @staticmethod
-    def _destination_bins(indices_TK, counts_E, send_WE) -> torch.Tensor:
+    def _destination_bins(indices_TK, num_experts: int, layout, compact: bool | None = None) -> torch.Tensor:
         """bin = dst * E + e for each routed entry: entries of expert e, in token order, fill
-        the destinations' shares (send_WE[:, e]) in rank order."""
-        E, W = counts_E.numel(), send_WE.shape[0]
+        the destinations' shares in rank order.
+
+        `layout` (routes.RankLayout) lists this rank's sends sorted by (expert, destination).
+        Sorted by expert (a stable radix sort of 16-bit keys), the routed entries line up with
+        those shares one after another: O(T*K + E + replicas), no [T*K, W] comparison and no
+        [W, E] table. `compact` (default on CPU) expands the shares with numpy (a few us per
+        call, where torch's per-op dispatch would dominate a tiny batch); otherwise (GPU) a
+        binary search over the shares' running ends finds each entry's share with torch ops,
+        without a host sync. Both give the same bins.
+        """
+        E = num_experts
         device = indices_TK.device
+        cell_bin = layout.send_dst * E + layout.send_e
+        if compact if compact is not None else device.type == "cpu":
+            flat = indices_TK.detach().reshape(-1).cpu().numpy()
+            valid = flat >= 0
+            key = np.where(valid, flat, E).astype(np.int16 if E < 2**15 else np.int32)
+            order = np.argsort(key, kind="stable")
+            routed, n_valid = int(layout.send_tokens.sum()), int(valid.sum())
+            if routed != n_valid:
+                raise RuntimeError(f"fssdp destination bins: the plan routes {routed} entries of "
+                                   f"rank {layout.rank} but it has {n_valid}; the all-gathered "
+                                   "counts disagree with the local routing")
+            bins = np.full(flat.shape, -1, dtype=np.int64)
+            bins[order[:routed]] = np.repeat(cell_bin, layout.send_tokens)
+            return torch.from_numpy(bins).view(indices_TK.shape).to(device)
         # Computed where the indices live (no round trip of T x K ids through the host on a
-        # GPU); only the small [W, E] split table moves there.
-        flat, send_WE = indices_TK.reshape(-1), send_WE.to(device)
+        # GPU); only the rank's few share entries move there.
+        flat = indices_TK.reshape(-1)
         valid = flat >= 0
-        key = torch.where(valid, flat, torch.full_like(flat, E))
+        if cell_bin.size == 0:
+            return torch.full_like(flat, -1).view(indices_TK.shape)
+        key = torch.where(valid, flat, E).to(torch.int16 if E < 2**15 else torch.int32)
         order = torch.sort(key, stable=True).indices
-        # Sorted by expert, the entries of e fill positions [start_e, start_e + counts_E[e]); the
-        # running ends of send_WE.T (expert-major, then destination) cut the same range into
-        # the destinations' shares, so one binary search per entry finds its (e, dst) cell:
-        # O(T*K log(W*E)), no [T*K, W] comparison.
-        ends = send_WE.T.reshape(-1).cumsum(0)
+        ends = torch.from_numpy(layout.send_tokens).to(device).cumsum(0)
         cell = torch.searchsorted(ends, torch.arange(flat.numel(), device=device), right=True)
-        dst = torch.empty_like(flat)
-        dst[order] = cell.remainder(W)
-        bins = torch.where(valid, dst * E + flat, torch.full_like(flat, -1))
-        return bins.view(indices_TK.shape)
+        cell = cell.clamp(max=cell_bin.size - 1)  # positions past the routed ones are invalid
+        bins = torch.empty_like(flat)
+        bins[order] = torch.from_numpy(cell_bin).to(device)[cell]
+        return torch.where(valid, bins, torch.full_like(flat, -1)).view(indices_TK.shape)
 
     # ---- backward / optimizer ---------------------------------------------------------------
     def finish_backward(self, layers) -> None:
