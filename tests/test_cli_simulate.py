@@ -1,25 +1,37 @@
-"""`hecate simulate`: cost-model ranking of FSSDP policies at cluster sizes."""
+"""`hecate simulate`: whole-step predictions of ep / fsdp / fssdp at cluster scale."""
 import json
 
 from hecate.cli import main
 
 
-def test_simulate_json(capsys):
-    rc = main(["simulate", "--ranks", "8", "16", "--ranks-per-node", "4", "--steps", "2", "--layers", "2",
-               "--experts", "16", "--json"])
+def _json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_simulate_json(capsys, tmp_path):
+    png = tmp_path / "scale.png"
+    rc = main(["simulate", "--model", "gpt-moe-s", "--ranks", "8", "16", "--steps", "1", "--warmup", "2",
+               "--sample-layers", "1", "--json", "--plot", str(png)])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = _json(capsys)
     assert [r["num_ranks"] for r in out["results"]] == [8, 16]
     for r in out["results"]:
-        assert set(r["seconds_per_step"]) == {"ep", "shadowing", "hecate"}
-        assert r["speedup_vs_ep"]["ep"] == 1.0
-        # Skewed routing: replication must not be estimated slower than plain EP.
-        assert r["speedup_vs_ep"]["hecate"] >= 1.0
-    assert out["chunk_bytes"] == 2 * 768 * 1536 * 2
+        assert set(r["seconds_per_step"]) == {"ep", "fsdp", "fssdp"}
+        assert all(s > 0 for s in r["seconds_per_step"].values())
+        assert set(r["fssdp_speedup"]) == {"ep", "fsdp"}
+        mem = r["memory_per_rank_bytes"]
+        assert mem["fssdp"] < mem["ep"]  # fssdp shards the dense AdamW state too
+    # more ranks, smaller shards
+    assert out["results"][1]["memory_per_rank_bytes"]["fssdp"] < out["results"][0]["memory_per_rank_bytes"]["fssdp"]
+    assert png.stat().st_size > 1000
 
 
-def test_simulate_rejects_bad_sizes(capsys):
-    assert main(["simulate", "--experts", "0"]) == 2
-    assert "--experts must be >= 1" in capsys.readouterr().err
-    assert main(["simulate", "--ranks", "12", "--ranks-per-node", "8"]) == 2
-    assert "multiple of --ranks-per-node" in capsys.readouterr().err
+def test_simulate_rejects_bad_input(capsys):
+    assert main(["simulate", "--tokens-per-rank", "0"]) == 2
+    assert "--tokens-per-rank must be >= 1" in capsys.readouterr().err
+    assert main(["simulate", "--ranks", "12"]) == 2
+    assert "multiple of the 8 ranks per node" in capsys.readouterr().err
+    assert main(["simulate", "--hardware", "tpu"]) == 2
+    assert "is not a preset" in capsys.readouterr().err
+    assert main(["simulate", "--trace", "/nonexistent.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err

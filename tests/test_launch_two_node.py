@@ -1,7 +1,8 @@
 """A real two-node launch on localhost: launch/torchrun_multi_node.sh started twice (node ranks
 0 and 1, one rank each) with a c10d rendezvous on 127.0.0.1 trains configs/tiny_fssdp.yaml for
-a few steps; the run spans 2 nodes (checkpoint manifest: 1 rank per node) and its losses equal
-those of the same config trained as 2 ranks of one node."""
+a few steps; the run spans 2 nodes (checkpoint manifest: 1 rank per node), its losses equal
+those of the same config trained as 2 ranks of one node, and the routing trace it recorded
+(logging.trace) replays through `hecate simulate --trace`."""
 import json
 import os
 import socket
@@ -49,13 +50,16 @@ def train_one_node(rank, world, out_dir):
     train(cfg)
 
 
-def test_two_torchrun_nodes_on_localhost_train_like_one_node(tmp_path):
+def test_two_torchrun_nodes_on_localhost_train_like_one_node(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     out2 = tmp_path / "two_nodes"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NNODES": "2",
            "NPROC": "1", "RDZV_ID": f"test-{uuid.uuid4().hex[:8]}", "OMP_NUM_THREADS": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("LOCAL_WORLD_SIZE", None)
-    cmd = ["bash", str(REPO / "launch" / "torchrun_multi_node.sh"), "configs/tiny_fssdp.yaml", *_overrides(out2)]
+    trace = out2 / "trace.jsonl"
+    cmd = ["bash", str(REPO / "launch" / "torchrun_multi_node.sh"), "configs/tiny_fssdp.yaml", *_overrides(out2),
+           "--set", f"logging.trace={trace}"]
     nodes = [subprocess.Popen(cmd, env={**env, "NODE_RANK": str(n)}, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     outputs = []
@@ -76,3 +80,12 @@ def test_two_torchrun_nodes_on_localhost_train_like_one_node(tmp_path):
     losses2, losses1 = _losses(out2), _losses(out1)
     assert len(losses2) == STEPS and len(losses1) == STEPS
     torch.testing.assert_close(torch.tensor(losses2), torch.tensor(losses1), rtol=1e-4, atol=1e-5)
+
+    # The run's routing trace replays through the simulator (2 nodes of 1 rank, 3 steps).
+    from hecate.cli import main
+
+    assert main(["simulate", "--trace", str(trace), "--config", "configs/tiny_fssdp.yaml", "--warmup", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (r,) = out["results"]
+    assert r["num_ranks"] == 2 and r["ranks_per_node"] == 1 and set(r["seconds_per_step"]) == {"ep", "fsdp", "fssdp"}

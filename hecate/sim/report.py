@@ -23,6 +23,7 @@ from hecate.sim.step import STRATEGIES, StepSetup, simulate_steps
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gpt-moe-s", help="model-zoo preset (e.g. gpt-moe-s, gpt-moe-l, deepseekmoe-16b)")
+    p.add_argument("--config", default=None, help="take the model from this training config instead of --model")
     p.add_argument("--hardware", default="h100-ib400",
                    help=f"hardware preset ({', '.join(sorted(PRESETS))}) or 'calibrated'")
     p.add_argument("--calibration", default=None, help="calibration file (default ~/.cache/hecate/calibration.json)")
@@ -76,15 +77,25 @@ def run(args) -> dict:
     from hecate.models.registry import build_model, get_preset
     from hecate.sim.shape import shape_of_preset
 
-    shape = shape_of_preset(args.model)
-    if args.experts:
-        shape = dataclasses.replace(shape, num_experts=args.experts)
+    if args.config:  # the model of a training config (e.g. the one a --trace was recorded with)
+        from hecate.sim.shape import shape_of_config
+        from hecate.train.config import load_config
+        from hecate.train.model_stats import build_meta_model
+
+        model_cfg = load_config(args.config).model
+        if args.experts:
+            model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, num_experts=args.experts))
+        shape, meta = shape_of_config(model_cfg, args.config), build_meta_model(model_cfg)
+        args.model = args.config
+    else:
+        shape = shape_of_preset(args.model)
+        preset = get_preset(args.model)
+        cfg = dict(preset.config)
+        if args.experts:
+            shape = dataclasses.replace(shape, num_experts=args.experts)
+            cfg["moe"] = {**cfg["moe"], "num_experts": args.experts}
+        meta = build_model(preset.arch, cfg, device="meta")
     hw = with_ranks_per_node(get_hardware(args.hardware, args.calibration), args.ranks_per_node)
-    preset = get_preset(args.model)
-    cfg = dict(preset.config)
-    if args.experts:
-        cfg["moe"] = {**cfg["moe"], "num_experts": args.experts}
-    meta = build_model(preset.arch, cfg, device="meta")
     fssdp_opts = {"memory_slots": args.memory_slots} if args.memory_slots else {}
     for item in args.fssdp_option:
         key, _, value = item.partition("=")

@@ -89,6 +89,7 @@ class LoggingConfig:
     wandb_mode: str = "offline"
     progress: bool = True
     heatmap: bool = True
+    trace: str = ""  # routing trace (hecate.train.routing_trace) to write, for `hecate simulate --trace`; "" = none
 
 
 @dataclass

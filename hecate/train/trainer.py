@@ -186,6 +186,14 @@ class Trainer:
                                     resume_step=self.start_step if resume else None)
         self.progress = ProgressDisplay(cfg.train.steps, enabled=is0 and cfg.logging.progress,
                                         start=self.start_step)
+        self.routing_trace = None  # logging.trace: every rank's expert counts per step (hecate simulate --trace)
+        if cfg.logging.trace and moe_layers(self.model):
+            from hecate.train.routing_trace import RoutingTraceWriter
+
+            layers = moe_layers(self.model)
+            self.routing_trace = RoutingTraceWriter(cfg.logging.trace, self.topology,
+                                                    [layer.config.num_experts for layer in layers],
+                                                    d_model=cfg.model.d_model, top_k=layers[0].config.top_k)
         self._install_where_hooks()
 
     def _take_lock_and_write_config(self) -> None:
@@ -329,6 +337,8 @@ class Trainer:
                     layer.load_since_update_E.zero_()
         else:
             self.update_expert_bias()
+        if self.routing_trace is not None and load is not None:  # this rank's counts (collective)
+            self.routing_trace.record(step, load)
         if load is not None and self.world > 1:
             load = load.to(self._comm_device())
             dist.all_reduce(load)
@@ -561,6 +571,8 @@ class Trainer:
         return texts
 
     def close(self) -> None:
+        if getattr(self, "routing_trace", None) is not None:
+            self.routing_trace.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
