@@ -41,3 +41,14 @@ def test_restored_step_matches_torch_fused_adamw_on_cpu():
     got = optimizer_step_tensor(torch.tensor(1.0), p, opt)
     want = opt.state[p]["step"]
     assert (got.device, got.dtype, float(got)) == (want.device, want.dtype, float(want))
+
+
+def test_sparse_plan_row_maps_move_to_the_chunks_device_once():
+    from hecate.parallel.fssdp.strategy import device_plan
+
+    owner_E = torch.tensor([0, 1, 1, 0])
+    holders_WE = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    plan = device_plan(owner_E, holders_WE, 0, torch.device("meta"))
+    assert {plan.send_rows.device.type, plan.recv_rows.device.type, plan.owned_rows_M.device.type} == {"meta"}
+    assert plan.recv_ids.device.type == "cpu" and plan.recv_ids.tolist() == [1]
+    assert plan.send_counts == [0, 1] and plan.recv_counts == [0, 1]

@@ -18,6 +18,7 @@ optimizer state; nobody else keeps any of it. Every iteration:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -74,6 +75,15 @@ def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.int64)[:_DIGEST_WORDS].clone()
+
+
+def device_plan(owner_E: torch.Tensor, holders_WE: torch.Tensor, rank: int, device: torch.device):
+    """plan_sparse with its row maps moved to the chunks' device once (pinned, non-blocking),
+    instead of by every gather, re-gather and reduce that uses them. The chunk ids stay on
+    the host (the expert slots are laid out there)."""
+    sparse = plan_sparse(owner_E, holders_WE, rank)
+    return dataclasses.replace(sparse, **{k: ops.to_device(getattr(sparse, k), device)
+                                          for k in ("send_rows", "recv_rows", "owned_rows_M")})
 
 
 def kept_rows(new_owner_E: torch.Tensor, held_ids: torch.Tensor, rank: int) -> torch.Tensor:
@@ -270,7 +280,7 @@ class FullyShardedSparse(ExpertStrategy):
                                           token_bytes)
         if int(holders.sum()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
-        sparse = plan_sparse(state.owner_E, holders, self.topology.rank)
+        sparse = device_plan(state.owner_E, holders, self.topology.rank, layer.expert_chunks.device)
         state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, self.weight_group,
                                          self.topology.stats, wire_dtype=self._wire)
 
@@ -299,12 +309,13 @@ class FullyShardedSparse(ExpertStrategy):
         plan = self.plan(layer, counts_E, self._token_bytes)
         layout = plan.rank_layout(rank)  # this rank's sends (sparse) and receives: no [W, E, W]
         bins_TK = self._destination_bins(indices_TK, E, layout)
-        x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1)
+        # The plan knows on the host how many rows this rank sends: permute reads nothing back.
+        x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1, num_rows=int(layout.send_tokens.sum()))
         prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
         sparse = None
         if bool(plan.holders_WE.sum() > E):
-            sparse = prefetched.plan if prefetched is not None else plan_sparse(
-                plan.owner_E, plan.holders_WE, rank)
+            sparse = prefetched.plan if prefetched is not None else device_plan(
+                plan.owner_E, plan.holders_WE, rank, layer.expert_chunks.device)
         # Expert slots: the owned chunks (ascending) computed in place, then the received
         # replicas in arrival order (hecate.comm.sparse.start_replica_gather).
         owned = (plan.owner_E == rank).nonzero().flatten()
