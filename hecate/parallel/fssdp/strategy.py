@@ -311,6 +311,10 @@ class FullyShardedSparse(ExpertStrategy):
         bins_TK = self._destination_bins(indices_TK, E, layout)
         # The plan knows on the host how many rows this rank sends: permute reads nothing back.
         x_ND, row_map_TK, _ = ops.permute(x_TD, bins_TK, W * E, -1, num_rows=int(layout.send_tokens.sum()))
+        # Under autocast the experts only use a bf16 (fp16) cast of the tokens: cast them before
+        # they travel (half the dispatch and combine bytes, the same numbers). Cast after the
+        # permute, so its backward still sums each token's rows in x's dtype.
+        x_ND = x_ND.to(self._token_wire_dtype(x_TD))
         prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
         sparse = None
         if bool(plan.holders_WE.sum() > E):
@@ -340,7 +344,7 @@ class FullyShardedSparse(ExpertStrategy):
             spec.previous = self._last_spec if self.prefetch else None
             self._last_spec = spec
         y_ND = fssdp_experts(x_ND, layer.expert_chunks, spec)
-        out = ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
+        out = ops.unpermute(y_ND.to(x_TD.dtype), row_map_TK, routing.weights_TK)
         nxt = self._next_layer(layer)
         if nxt is not None:
             self._issue_prefetch(nxt, self._token_bytes)
@@ -349,9 +353,15 @@ class FullyShardedSparse(ExpertStrategy):
 
     @staticmethod
     def _token_wire_bytes(x_TD: torch.Tensor) -> int:
-        """Bytes of one token row in the dispatch / combine all-to-alls: the tokens travel
-        in x_TD's dtype (the cost model and the replica fitting price tokens with this)."""
-        return x_TD.shape[1] * x_TD.element_size()
+        """Bytes of one token row in the dispatch / combine all-to-alls (the cost model and
+        the replica fitting price tokens with this): the wire dtype's."""
+        return x_TD.shape[1] * FullyShardedSparse._token_wire_dtype(x_TD).itemsize
+
+    @staticmethod
+    def _token_wire_dtype(x_TD: torch.Tensor) -> torch.dtype:
+        """The dtype tokens travel in: autocast's when it is on and narrower, else x_TD's."""
+        dtype = autocast_dtype(x_TD.device.type)
+        return dtype if dtype is not None and dtype.itemsize < x_TD.element_size() else x_TD.dtype
 
     def _wire_itemsize(self) -> int:
         return 4 if self._wire is None else self._wire.itemsize
