@@ -49,3 +49,31 @@ def test_autocast_tokens_travel_in_bf16_half_the_bytes():
         # bf16 experts: close to fp32, not equal (the point is the bytes, not the rounding)
         assert torch.allclose(y16, y32, atol=5e-2, rtol=5e-2)
         assert torch.allclose(g16, g32, atol=5e-2, rtol=5e-2)
+
+
+def grad_accum_case(rank, world, overlap_reduce, micro_batches):
+    from hecate.models.transformer import MoETransformer
+    from tests.training_cases import batch, tiny_config
+
+    torch.manual_seed(0)
+    strat = build_strategy("fssdp", Topology(), overlap_degree=2, fit_replicas=False,
+                           overlap_reduce=overlap_reduce)
+    model = parallelize(MoETransformer(tiny_config()), strat)
+    layers = model.moe_layers()
+    alive = []
+    for micro in range(micro_batches):
+        loss, _ = model.loss(*batch(micro, rank, True))
+        (loss / micro_batches).backward()
+        alive.append(len(strat._pending))  # reduces in flight after this micro-batch's backward
+    strat.finish_backward(layers)
+    return alive, [layer.expert_chunks.grad.clone() for layer in layers], len(layers)
+
+
+def test_grad_accumulation_drains_reduces_at_the_next_forward():
+    overlapped = run_distributed(grad_accum_case, 2, True, 4)
+    blocking = run_distributed(grad_accum_case, 2, False, 4)
+    for (alive, grads, num_layers), (alive_b, want, _) in zip(overlapped, blocking):
+        assert 0 < max(alive) <= num_layers, alive  # not 4 micro-batches' worth
+        assert alive_b == [0, 0, 0, 0]
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)

@@ -301,6 +301,8 @@ class FullyShardedSparse(ExpertStrategy):
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
         self._wire = self._wire_dtype(x_TD)
         self._token_bytes = self._token_wire_bytes(x_TD)
+        if self._pending and (not self._layers or layer is self._layers[0]):
+            self.drain_reduces()  # the previous micro-batch's (gradient accumulation)
         if self._layers and layer is self._layers[0]:
             self._drop_stale_prefetches()
             self._last_spec = None
@@ -435,14 +437,22 @@ class FullyShardedSparse(ExpertStrategy):
         return torch.where(valid, bins, torch.full_like(flat, -1)).view(indices_TK.shape)
 
     # ---- backward / optimizer ---------------------------------------------------------------
-    def finish_backward(self, layers) -> None:
-        """spRS summed every rank's contribution into the owners; average like dense DP grads."""
+    def drain_reduces(self) -> None:
+        """Complete the pending spRS of earlier backwards, in issue order (the same on every
+        rank), and add them into the owners' gradients. finish_backward calls it, and so does
+        the first MoE layer's forward: under gradient accumulation each micro-batch's reduces
+        (their send and receive buffers) are freed at the next forward, not all kept alive
+        until the optimizer step."""
         pending, self._pending[:] = list(self._pending), []
-        for reduce in pending:  # issue order: the same on every rank
+        for reduce in pending:
             rows, blocked = reduce.wait()
             self.timings["exposed_reduce_s"] += blocked
             p = reduce.layer.expert_chunks
             p.grad = rows if p.grad is None else p.grad + rows
+
+    def finish_backward(self, layers) -> None:
+        """spRS summed every rank's contribution into the owners; average like dense DP grads."""
+        self.drain_reduces()
         for layer in layers:
             p = layer.expert_chunks
             if p.grad is None:
