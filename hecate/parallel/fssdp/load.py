@@ -45,7 +45,7 @@ class LoadPredictor:
         # Integer counts are summed as int64 (exact, and a plain copy rather than a float cast
         # of W x E values); the float64 result equals a float64 sum of the same integers.
         counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64 if floating else np.int64,
-                          shape=(None, self.num_experts))
+                          shape=(None, self.num_experts), copy=False)
         check_nonnegative(counts, "counts_WE")
         self._history.append(counts.sum(axis=0).astype(np.float64))
 

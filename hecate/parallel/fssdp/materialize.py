@@ -28,6 +28,7 @@ from hecate.parallel.fssdp._checks import (
     check_owner,
     check_positive_int,
     node_array,
+    sparse_nonzero,
     to_numpy,
 )
 from hecate.parallel.fssdp.cost import CostModel
@@ -120,6 +121,7 @@ class MaterializationPolicy:
     """Base class: validates inputs, then calls `_plan(...)` on numpy arrays."""
 
     name = "abstract"
+    uses_counts = False  # whether _plan reads the batch's counts_WE
 
     def plan(self, predicted_load_E, owner_E, node_of_W, capacity_m: int,
              counts_WE=None) -> torch.Tensor:
@@ -134,8 +136,12 @@ class MaterializationPolicy:
         m = check_positive_int(capacity_m, "capacity_m")
         counts = None
         if counts_WE is not None:
-            counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E))
-            check_nonnegative(counts, "counts_WE")
+            shape = tuple(getattr(counts_WE, "shape", np.shape(counts_WE)))
+            if shape != (W, E):
+                raise ValueError(f"counts_WE has shape {shape} but must be [W, E] = {(W, E)}")
+            if self.uses_counts:  # converted and checked (O(W*E)) only where it is read
+                counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E), copy=False)
+                check_nonnegative(counts, "counts_WE")
         holders = self._plan(load, owner, nodes, m, counts)
         return torch.from_numpy(holders)
 
@@ -185,6 +191,10 @@ class HecatePolicy(MaterializationPolicy):
         self.calibrate = calibrate
         self.last_calibrated = False
 
+    @property
+    def uses_counts(self) -> bool:
+        return self.calibrate
+
     def overlap_degree(self, node_of_W: np.ndarray) -> int:
         if self.fixed_t is not None:
             return self.fixed_t
@@ -230,29 +240,28 @@ class HecatePolicy(MaterializationPolicy):
         node, owner, share = node_of_W.tolist(), owner_E.tolist(), share_E.tolist()
         ready = sorted((dev[d], 0, d) for d in range(W))  # free ranks by key (m >= 1)
         picks_d, picks_e = [], []
+        quota = quota_E.tolist()
         for e in np.lexsort((np.arange(E), -load_E, -quota_E)).tolist():
-            q = int(quota_E[e])
+            q = quota[e]
             if q == 0 or not ready:
                 break  # sorted by quota first: the rest have none; or no slot is left anywhere
-            o = owner[e]
-            if q <= _FEW:
-                picked = _pick_few(ready, node, o, q)
-            else:
-                picked = _pick_many(ready, node, o, q)
-            for key in picked:
-                d = key[2]
-                dev[d] += share[e]
-                used[d] += 1
-                picks_d.append(d)
-                picks_e.append(e)
+            o, se = owner[e], share[e]
+            picked = _pick_few(ready, node, o, q) if q <= _FEW else _pick_many(ready, node, o, q)
+            picks_d.extend([key[2] for key in picked])
+            picks_e.extend([e] * len(picked))
             if len(picked) <= _FEW:  # re-insert the few chosen ranks with their new keys
                 for key in picked:
                     del ready[bisect_left(ready, key)]
                     d = key[2]
+                    dev[d] += se
+                    used[d] += 1
                     if used[d] < m:
                         insort(ready, (dev[d], used[d], d))
             else:  # many: one merge (timsort of two sorted runs) beats many insertions
                 gone = {key[2] for key in picked}
+                for d in gone:
+                    dev[d] += se
+                    used[d] += 1
                 ready = sorted([key for key in ready if key[2] not in gone]
                                + [(dev[d], used[d], d) for d in gone if used[d] < m])
         holders[picks_d, picks_e] = True
@@ -284,6 +293,7 @@ class ShadowingPolicy(MaterializationPolicy):
     """
 
     name = "shadowing"
+    uses_counts = True
 
     def __init__(self, cost_model: CostModel):
         if not isinstance(cost_model, CostModel):
@@ -324,7 +334,7 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     counts (int) or predicted ones (float). Returns bool [W, E] with P0 always included.
     O(W*E) plus a sort of the candidates; no loop over ranks.
     """
-    holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
+    holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_, copy=False)
     W, E = holders.shape
     owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
     check_owner(owner, W)
@@ -337,7 +347,7 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
         maybe = counts > cost / (4 * token_bytes) * (1 - 1e-9) if cost > 0 else counts >= 0
     else:
         maybe = np.full(counts.shape, cost < 0)
-    d, e = np.nonzero(maybe)  # row-major: rank, then expert
+    d, e = sparse_nonzero(maybe)  # row-major: rank, then expert
     saving = 4 * counts[d, e].astype(np.float64) * token_bytes - cost
     pays = saving > 0
     d, e, saving = d[pays], e[pays], saving[pays]
@@ -363,6 +373,6 @@ def _counts_array(counts_WE, W: int, E: int) -> np.ndarray:
     floating = (counts_WE.is_floating_point() if isinstance(counts_WE, torch.Tensor)
                 else np.asarray(counts_WE).dtype.kind == "f")
     counts = to_numpy(counts_WE, "counts_WE", ndim=2, dtype=np.float64 if floating else np.int64,
-                      shape=(W, E))
+                      shape=(W, E), copy=False)
     check_nonnegative(counts, "counts_WE")
     return counts

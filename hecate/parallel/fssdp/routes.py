@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hecate.parallel.fssdp._checks import check_nonnegative, node_array, to_numpy
+from hecate.parallel.fssdp._checks import check_nonnegative, node_array, sparse_nonzero, to_numpy
 
 _SELF, _NODE, _ALL = 0, 1, 2
 
@@ -105,7 +105,7 @@ class TokenRoutes:
         holders, counts, nodes = self.holders_WE, self.counts_WE, self.node_of_W
         W, E = holders.shape
         N = int(nodes.max()) + 1
-        hd, he = np.nonzero(holders)
+        hd, he = sparse_nonzero(holders)  # P1 is sparse: owners plus a few replicas
         all_key = he * W + hd
         order = np.argsort(all_key)  # holders sorted by (expert, rank)
         he, hd, all_key = he[order], hd[order], all_key[order]
@@ -121,9 +121,10 @@ class TokenRoutes:
         self._members = np.concatenate((hd[by_node], hd))
         self._member_start = np.concatenate((self._node_ptr[(he * N + nodes[hd])[by_node]],
                                              H + self._all_ptr[he]))
-        orphan = (all_cnt == 0) & (counts.sum(axis=0) > 0)
-        if orphan.any():
-            e = int(np.argmax(orphan))
+        unheld = np.flatnonzero(all_cnt == 0)  # none when P1 contains P0, as the policies ensure
+        orphan = unheld[counts[:, unheld].sum(axis=0) > 0] if unheld.size else unheld
+        if orphan.size:
+            e = int(orphan[0])
             src = int(np.argmax(counts[:, e] > 0))
             raise ValueError(
                 f"holders_WE has no holder of expert {e} but rank {src} routes "
