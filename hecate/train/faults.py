@@ -199,7 +199,8 @@ def read_worker_errors(error_dir: str) -> dict[int, dict]:
 # ---- fault injection for tests -------------------------------------------------------------------
 def injected_fault(rank: int, step: int) -> None:
     """HECATE_FAULT="ACTION:RANK:STEP" (tests only): at the start of STEP on RANK, ACTION is
-    `raise` (a RuntimeError), `stop` (SIGSTOP itself: a hung rank) or `kill` (SIGKILL itself)."""
+    `raise` (a RuntimeError), `stop` (SIGSTOP itself: a hung rank), `kill` (SIGKILL itself) or
+    `term` (SIGTERM itself: a preemption notice)."""
     spec = os.environ.get("HECATE_FAULT")
     if not spec or os.environ.get("HECATE_ATTEMPT", "0") != "0":  # a restarted group runs clean
         return
@@ -212,3 +213,5 @@ def injected_fault(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)

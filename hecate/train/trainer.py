@@ -474,8 +474,8 @@ class Trainer:
             self.logger.log({"step": step, "nonfinite": what, "stopped": True})
             raise NonFiniteError(f"step {step}: non-finite {what}; stopping ({why}). The step was not applied "
                                  f"and no checkpoint was written after it; the newest good checkpoint is under "
-                                 f"{self.ckpt_dir}. Lower optim.lr (now {self.cfg.optim.lr}) or set "
-                                 "optim.max_grad_norm")
+                                 f"{self.ckpt_dir}. Lower optim.lr (now {self.cfg.optim.lr})"
+                                 + (" or set optim.max_grad_norm" if self.cfg.optim.max_grad_norm is None else ""))
         self.progress.message(f"[hecate] step {step}: non-finite {what}; step skipped "
                               f"({skips} of train.max_nonfinite_skips={t.max_nonfinite_skips} in a row)")
 
