@@ -190,3 +190,16 @@ def test_large_world_never_builds_dense_routes():
     assert peak < 64 * W * E * 8  # O(W*E) buffers, not W x W x E
     assert int(loads["served"].sum()) == int(counts.sum())
     assert sum(layout.send_splits) == int(counts[7].sum())
+
+
+@pytest.mark.parametrize("E,routing", [(64, "uniform"), (64, "zipf"), (16, "zipf")])
+def test_algorithm1_on_a_large_world_equals_the_reference(E, routing):
+    """W=512 over 64 nodes: experts with more copies than nodes take the long-list path."""
+    W, m = 512, 2
+    rng = np.random.default_rng(E)
+    p = np.ones(E) if routing == "uniform" else 1.0 / np.arange(1, E + 1) ** 1.2
+    load = np.round(rng.permutation(p) * 1000)
+    owner = np.arange(E) * 7 % W
+    nodes = np.arange(W) // 8
+    want = ref.place(load, owner, nodes, m, 4 * m, proportional_quota(load, W * m, W - 1))
+    assert np.array_equal(HecatePolicy.place(load, owner, nodes, m, 4 * m), want)

@@ -79,7 +79,7 @@ def proportional_quota(load_E: np.ndarray, total: int, cap: int) -> np.ndarray:
     return quota
 
 
-_FEW = 16  # copies of one expert placed with a plain scan; more use the C-level passes
+_REINSERT = 64  # chosen ranks re-inserted one by one; more are merged back in one sort
 
 
 def _pick_few(ready: list, node: list, o: int, q: int) -> list:
@@ -239,6 +239,7 @@ class HecatePolicy(MaterializationPolicy):
         dev, used = dev_load_W.tolist(), [0] * W
         node, owner, share = node_of_W.tolist(), owner_E.tolist(), share_E.tolist()
         ready = sorted((dev[d], 0, d) for d in range(W))  # free ranks by key (m >= 1)
+        num_nodes = len(set(node))
         picks_d, picks_e = [], []
         quota = quota_E.tolist()
         for e in np.lexsort((np.arange(E), -load_E, -quota_E)).tolist():
@@ -246,10 +247,15 @@ class HecatePolicy(MaterializationPolicy):
             if q == 0 or not ready:
                 break  # sorted by quota first: the rest have none; or no slot is left anywhere
             o, se = owner[e], share[e]
-            picked = _pick_few(ready, node, o, q) if q <= _FEW else _pick_many(ready, node, o, q)
+            # A scan stops once q nodes are found; when q reaches the node count it walks every
+            # free rank in Python, and on long lists the C-level passes of _pick_many are faster.
+            if q >= num_nodes and len(ready) > 256:
+                picked = _pick_many(ready, node, o, q)
+            else:
+                picked = _pick_few(ready, node, o, q)
             picks_d.extend([key[2] for key in picked])
             picks_e.extend([e] * len(picked))
-            if len(picked) <= _FEW:  # re-insert the few chosen ranks with their new keys
+            if len(picked) <= _REINSERT:  # re-insert the chosen ranks with their new keys
                 for key in picked:
                     del ready[bisect_left(ready, key)]
                     d = key[2]
