@@ -18,12 +18,13 @@ DeepSpeed itself is never imported here: the layer runs without it.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from hecate.integrations.expert_module import expert_mlp_weights
+from hecate.integrations.expert_module import expert_mlp_weights, module_experts_for
 from hecate.integrations.strategy_choice import attach, resolve_strategy
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
@@ -144,20 +145,29 @@ class MoE(nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        w1_FD, w2_DF, _ = expert_mlp_weights(expert, hidden_size)
-        cfg = deepspeed_moe_config(hidden_size, w1_FD.shape[0], num_experts, ep_size, k, capacity_factor,
+        try:  # the built-in grouped GELU MLP: the fastest path
+            w1_FD, w2_DF, _ = expert_mlp_weights(expert, hidden_size)
+            module_experts, ffn = None, w1_FD.shape[0]
+        except ValueError:  # any other module: its parameters stacked per expert (ModuleExperts)
+            module_experts, ffn = module_experts_for(expert, hidden_size, num_experts), hidden_size
+        cfg = deepspeed_moe_config(hidden_size, ffn, num_experts, ep_size, k, capacity_factor,
                                    eval_capacity_factor, min_capacity, use_residual, noisy_gate_policy,
                                    drop_tokens, use_rts, use_tutel, enable_expert_tensor_parallelism,
                                    top2_2nd_expert_sampling)
         self.hidden_size, self.num_experts, self.ep_size, self.k = hidden_size, num_experts, ep_size, k
         self.use_residual = bool(use_residual)
         self.moe = DeepSpeedGateMoELayer(cfg, jitter=noisy_gate_policy == "Jitter")
-        with torch.no_grad():
-            self.moe.experts.w1_EFD.copy_(w1_FD.expand_as(self.moe.experts.w1_EFD))
-            self.moe.experts.w2_EDF.copy_(w2_DF.expand_as(self.moe.experts.w2_EDF))
-            if self.moe.residual is not None:
-                self.moe.residual.mlp.w1_FD.copy_(w1_FD)
-                self.moe.residual.mlp.w2_DF.copy_(w2_DF)
+        if module_experts is not None:
+            self.moe.experts = module_experts
+            if self.moe.residual is not None:  # DeepSpeed's residual MLP is a copy of the expert too
+                self.moe.residual.mlp = copy.deepcopy(expert)
+        else:
+            with torch.no_grad():
+                self.moe.experts.w1_EFD.copy_(w1_FD.expand_as(self.moe.experts.w1_EFD))
+                self.moe.experts.w2_EDF.copy_(w2_DF.expand_as(self.moe.experts.w2_EDF))
+                if self.moe.residual is not None:
+                    self.moe.residual.mlp.w1_FD.copy_(w1_FD)
+                    self.moe.residual.mlp.w2_DF.copy_(w2_DF)
         strat = resolve_strategy(strategy, strategy_options, topology, ep_size)
         attach(self.moe, strat)
 

@@ -1,10 +1,15 @@
-"""Read a user's expert nn.Module (DeepSpeed passes one and deep-copies it) as Hecate weights.
+"""Read a user's expert nn.Module (DeepSpeed passes one and deep-copies it) as Hecate experts.
 
-Hecate's experts are bias-free two-layer MLPs, act(x @ w1^T) @ w2^T, with act = exact GELU
-(swiglu needs a third, gate matrix, which a plain two-Linear module does not have). A module
-is accepted when it holds exactly two bias-free nn.Linear layers D -> F -> D and, checked
-numerically on random rows, computes exactly that MLP; anything else raises ValueError
-saying what to change, so nothing about the user's expert is silently dropped.
+Two routes, tried in order by the drop-in `MoE`:
+
+- `expert_mlp_weights`: a module holding exactly two bias-free nn.Linear layers D -> F -> D
+  that computes act(x @ w1^T) @ w2^T with the exact GELU (checked numerically on random
+  rows) becomes Hecate's built-in GroupedExperts (w1_EFD / w2_EDF), the fastest path.
+  Anything else raises ValueError saying why.
+- `module_experts_for`: every other module becomes `hecate.moe.module_experts.ModuleExperts`
+  (its parameters stacked per expert; a grouped path for Linear/elementwise graphs such as
+  biased MLPs, ReLU / SiLU / tanh-GELU, SwiGLU / GeGLU and dropout, and a generic per-expert
+  functional_call path for the rest). It must map [T, D] rows to [T, D] rows.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 
 from hecate.moe.experts import dense_mlp
+from hecate.moe.module_experts import ModuleExperts
 
 # Activation modules Hecate can run, by what they compute.
 _SUPPORTED = "nn.GELU() (exact, approximate='none')"
@@ -78,3 +84,27 @@ def _check_numerically(expert: nn.Module, w1_FD, w2_DF, hidden_size: int) -> Non
         raise ValueError("expert does not compute gelu(x @ fc1.weight^T) @ fc2.weight^T "
                          f"(max difference {float((ref.float() - want).abs().max()):.3g}); Hecate's "
                          f"experts support only that form with {_SUPPORTED}")
+
+
+def module_experts_for(expert: nn.Module, hidden_size: int, num_experts: int) -> ModuleExperts:
+    """ModuleExperts of `num_experts` copies of `expert`; ValueError unless it maps [T, D] to [T, D]."""
+    if not isinstance(expert, nn.Module):
+        raise TypeError(f"expert must be an nn.Module, got {type(expert).__name__}")
+    experts = ModuleExperts(expert, num_experts)
+    dtype = next(expert.parameters()).dtype
+    with torch.no_grad():
+        was = experts.training
+        experts.eval()
+        try:
+            y = experts.expert_forward(0, torch.randn(3, hidden_size, dtype=dtype))
+        except Exception as e:  # noqa: BLE001 - reported with the shapes the expert must accept
+            raise ValueError(f"expert cannot run on [tokens, hidden_size={hidden_size}] rows: "
+                             f"{type(e).__name__}: {e}") from e
+        finally:
+            experts.train(was)
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    if tuple(y.shape) != (3, hidden_size):
+        raise ValueError(f"expert maps [3, {hidden_size}] rows to shape {tuple(y.shape)}; an MoE expert must "
+                         f"return [tokens, hidden_size={hidden_size}]")
+    return experts

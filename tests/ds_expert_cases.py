@@ -1,0 +1,140 @@
+"""Expert modules of every form and the worker that compares the drop-in MoE built from them
+with DeepSpeed's own MoE (run on every rank by run_distributed; DeepSpeed imported inside)."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tests.integration_cases import ISOLATED, D, _deepspeed  # noqa: F401 - ISOLATED re-exported
+
+H = 24
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, bias=False):
+        super().__init__()
+        self.gate, self.up = nn.Linear(D, H, bias=bias), nn.Linear(D, H, bias=bias)
+        self.down = nn.Linear(H, D, bias=bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class GeGLU(nn.Module):
+    """One fused projection split with chunk (the form many codebases use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, 2 * H)
+        self.out = nn.Linear(H, D)
+
+    def forward(self, x):
+        a, b = self.proj(x).chunk(2, dim=-1)
+        return self.out(F.gelu(a, approximate="tanh") * b)
+
+
+class NormedMLP(nn.Module):
+    """A LayerNorm inside the expert: not a Linear/elementwise graph (generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(D, H), nn.LayerNorm(H), nn.Linear(H, D, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def make_expert(form: str) -> nn.Module:
+    if form == "linear_bias_gelu":
+        return nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))
+    if form == "tanh_gelu_mixed_bias":
+        return nn.Sequential(nn.Linear(D, H, bias=True), nn.GELU(approximate="tanh"), nn.Linear(H, D, bias=False))
+    if form == "relu":
+        return nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D))
+    if form == "silu_dropout":
+        return nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(), nn.Dropout(0.25), nn.Linear(H, D, bias=False))
+    if form == "swiglu":
+        return SwiGLU()
+    if form == "swiglu_bias":
+        return SwiGLU(bias=True)
+    if form == "geglu":
+        return GeGLU()
+    if form == "generic_norm":
+        return NormedMLP()
+    raise ValueError(form)
+
+
+FORMS = ["linear_bias_gelu", "tanh_gelu_mixed_bias", "relu", "silu_dropout", "swiglu", "swiglu_bias", "geglu",
+         "generic_norm"]
+
+
+def distinct_weights(expert: nn.Module, num_experts: int, seed=11) -> dict:
+    """Different random values per expert for every parameter, stacked [E, ...] under
+    ModuleExperts' names."""
+    g = torch.Generator().manual_seed(seed)
+    return {n.replace(".", "__"): torch.randn(num_experts, *p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5
+            for n, p in expert.named_parameters()}
+
+
+def ds_form_equivalence(rank, world, form, k, ep_size, drop_tokens, use_residual, tokens, strategy, train=True):
+    """DeepSpeed MoE vs the drop-in MoE, both built from make_expert(form), on the same weights:
+    max abs differences of the output, l_aux, dx, the gate gradient and every expert gradient."""
+    _deepspeed()
+    from deepspeed.moe.layer import MoE as DSMoE
+    from deepspeed.utils import groups
+
+    from hecate.integrations.deepspeed import MoE, finish_backward
+
+    E = 8
+    torch.manual_seed(0)
+    expert = make_expert(form)
+    kw = dict(num_experts=E, ep_size=ep_size, k=k, capacity_factor=1.0, min_capacity=0, use_residual=use_residual,
+              drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
+    ds = DSMoE(D, expert, **kw)
+    ds.set_deepspeed_parallelism()
+    hm = MoE(D, expert, **kw, strategy=strategy)
+    full = distinct_weights(expert, E)
+    ep_rank = groups._get_expert_parallel_rank(ds.expert_group_name)
+    nl = ds.num_local_experts
+    with torch.no_grad():
+        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            for n, p in ex.named_parameters():
+                p.copy_(full[n.replace(".", "__")][ep_rank * nl + i])
+        hm.moe.router.weight_ED.copy_(ds.deepspeed_moe.gate.wg.weight)
+        if use_residual:
+            hm.moe.residual.coefficient.load_state_dict(ds.coefficient.state_dict())
+            hm.moe.residual.mlp.load_state_dict(ds.mlp.state_dict())
+    hm.strategy.load_experts(hm.moe, full)
+    if not train:
+        ds.eval()
+        hm.eval()
+    n = tokens[rank]
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(n, D, generator=g)
+    dy = torch.randn(n, D, generator=g)
+    outs = []
+    for layer in (ds, hm):
+        xi = x.clone().requires_grad_(True)
+        y, l_aux, counts = layer(xi)
+        ((y * dy).sum() + 0.5 * l_aux).backward()
+        outs.append((y.detach(), l_aux.detach(), counts.detach().long(), xi.grad))
+    (y0, a0, c0, gx0), (y1, a1, c1, gx1) = outs
+    res = {"y": float((y0 - y1).abs().max()), "l_aux": abs(float(a0) - float(a1)),
+           "counts_equal": bool(torch.equal(c0, c1)), "dx": float((gx0 - gx1).abs().max()),
+           "dgate": float((ds.deepspeed_moe.gate.wg.weight.grad - hm.moe.router.weight_ED.grad).abs().max()),
+           "scale": float(y0.abs().max()), "mode": hm.moe.experts.mode}
+    finish_backward(hm)
+    hg = hm.strategy.gather_experts(hm.moe, grads=True)
+    worst = 0.0
+    for name, v in full.items():
+        dg = torch.zeros_like(v)
+        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            dg[ep_rank * nl + i] = dict(ex.named_parameters())[name.replace("__", ".")].grad
+        dist.all_reduce(dg)
+        dg /= world  # the data-parallel mean DeepSpeed's engine applies
+        worst = max(worst, float((hg[name] - dg).abs().max()))
+    res["dexperts"] = worst
+    if use_residual:
+        res["dresidual"] = max(float((a.grad - b.grad).abs().max()) for a, b in
+                               zip(ds.mlp.parameters(), hm.moe.residual.mlp.parameters()))
+    return res
