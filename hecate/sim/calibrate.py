@@ -4,9 +4,9 @@
   the CPU benchmarks uses), median of repeats;
 * adam_params_per_s: the runtime's fused AdamW (hecate.train.engine's default) on 4M fp32
   parameters;
-* alpha, beta: 2 gloo ranks on this host (hecate.testing.run_distributed) time
-  all_to_all_single round trips of 8 B and 8 MiB; alpha is the small one, beta = bytes /
-  (large - small). Both ranks share a host, so intra- and inter-node links get the same
+* alpha, beta: 2 gloo ranks on this host (hecate.testing.run_distributed) time the runtime's
+  all_to_all_v (Python wrapper included) with 64 B and 8 MiB per peer; alpha is the small one,
+  beta = bytes / (large - small). Both ranks share a host, so intra- and inter-node links get the same
   figures, and ranks_per_node is 2 (the CPU benchmarks' layout).
 Median over repeats; the machine is shared, so calibrate right before comparing.
 """
@@ -56,24 +56,28 @@ def adam_rate() -> float:
 
 
 def _link_task(rank, world, sizes, repeats):
+    """Median seconds of hecate's all_to_all_v (the runtime's token exchange, Python included)
+    sending `n` bytes to every peer, for each n in `sizes`."""
     import torch.distributed as dist
+
+    from hecate.comm.all_to_all import all_to_all_v
 
     out = {}
     for n in sizes:
-        x = torch.zeros(n // 4 * world)
-        y = torch.empty_like(x)
+        rows = max(n // 64, 1)
+        x = torch.zeros(rows * world, 16)
         times = []
         for i in range(repeats + 1):
             dist.barrier()
             t = time.perf_counter()
-            dist.all_to_all_single(y, x)
+            all_to_all_v(x, [rows] * world, [rows] * world)
             if i:
                 times.append(time.perf_counter() - t)
         out[n] = statistics.median(times)
     return out
 
 
-def link_rates(small: int = 8, large: int = 8 << 20, repeats: int = 9) -> tuple[float, float]:
+def link_rates(small: int = 64, large: int = 8 << 20, repeats: int = 9) -> tuple[float, float]:
     """(alpha seconds, beta bytes/s) of a 2-rank gloo all_to_all on this host."""
     from hecate.testing import run_distributed
 

@@ -13,6 +13,7 @@ holding e's contiguous slice.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ class LayerPlan:
     plan: object
     prefetched: bool
     replicated: bool
+    plan_s: float = 0.0  # seconds this host spent planning the layer (policy, fit, routes, prefetch)
 
 
 class FssdpReplay:
@@ -86,13 +88,16 @@ class FssdpReplay:
         for layer, counts_WE, t in zip(self.layers, counts_LWE, non_moe):
             s.injected = (torch.as_tensor(counts_WE, dtype=torch.int64), int(t * 1e6))
             prefetched = layer.fssdp_state.prefetched is not None
+            start = time.perf_counter()
             plan = s.plan(layer, None, token_bytes)
             layer.fssdp_state.prefetched = None
             E = layer.expert_layout.num_experts
-            out.append(LayerPlan(plan, prefetched, bool(plan.holders_WE.sum() > E)))
+            lp = LayerPlan(plan, prefetched, bool(plan.holders_WE.sum() > E))
             nxt = s._next_layer(layer)
             if nxt is not None:
                 self._prefetch(nxt, token_bytes)
+            lp.plan_s = time.perf_counter() - start
+            out.append(lp)
         s.step_end(self.layers)
         return out
 

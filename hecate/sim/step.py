@@ -15,7 +15,10 @@ What a step is made of (per rank; phases that synchronize ranks take the slowest
   re-materialization each layer's backward starts the previous MoE layer's re-gather (the
   last MoE layer's is blocking); spRS runs asynchronously and is waited for after backward;
 * dense gradient sync (ep, fsdp: all-reduce; fssdp: reduce-scatter + all-gather of the sharded
-  dense optimizer) and the AdamW step over the parameters each rank owns.
+  dense optimizer) and the AdamW step over the parameters each rank owns;
+* fssdp's planning, as long as the runtime's planner took for the layer on this host (it runs
+  on the critical path, on every rank); `overhead_s`, a per-step framework time that a FLOP
+  count misses (calibrated on CPU runs; 0 for the GPU presets).
 
 Two timelines per step: compute + token collectives (blocking, in order), and the weight group
 (asynchronous gathers / reduces, in issue order). Link sharing between the two and contention
@@ -73,6 +76,8 @@ class StepSetup:
     world_size: int
     tokens_per_rank: int        # tokens (sequence positions) per rank per step
     fssdp_options: dict = field(default_factory=dict)
+    overhead_s: float = 0.0     # per-step framework time the FLOP model misses (calibrated, CPU runs)
+    count_planning: bool = True  # charge fssdp's planning, timed on this host, to its step
 
     @property
     def multi_node(self) -> bool:
@@ -118,6 +123,8 @@ def _optimizer_and_dense_sync(tl: _Timeline, setup: StepSetup, strategy: str) ->
         else:
             ring = 2 * (W - 1) * dense_bytes / W
             tl.run("dense_sync", phase_time(uniform_traffic_fast(ring, node), hw, setup.multi_node))
+    if setup.overhead_s:
+        tl.run("overhead", setup.overhead_s)
     dense_stepped = s.dense_params / W if strategy == "fssdp" else s.dense_params
     tl.run("optimizer", (dense_stepped + owned_experts) / hw.adam_params_per_s)
     if W > 1 and strategy == "fssdp":
@@ -208,7 +215,8 @@ def fssdp_step(setup: StepSetup, layer_plans) -> dict:
         tokens = token_traffic(lp.plan, node, row)
         gather = phase_time(chunk_traffic(lp.plan, node, chunk), hw, multi) if lp.replicated else 0.0
         layers.append({"a2a": phase_time(tokens, hw, multi), "expert": setup.expert_s(tokens.extra["served"]).max(),
-                       "gather": gather, "prefetched": lp.prefetched, "replicated": lp.replicated})
+                       "gather": gather, "prefetched": lp.prefetched, "replicated": lp.replicated,
+                       "plan": lp.plan_s if setup.count_planning else 0.0})
     tl = _Timeline()
     blk = setup.dense_block_s()
     n_moe = len(setup.shape.moe_layers)
@@ -219,6 +227,7 @@ def fssdp_step(setup: StepSetup, layer_plans) -> dict:
             continue
         L = layers[j % len(layers)]
         tl.run("counts", counts_s)
+        tl.run("planning", L["plan"])
         if L["replicated"]:
             if pending_gather is not None and L["prefetched"]:
                 tl.wait("exposed_gather", pending_gather)
