@@ -20,6 +20,17 @@ TORCH_LIBRARY(hecate, m) {
   m.def("scatter_add_chunks(Tensor recv, Tensor chunk_ids, Tensor(a!) out) -> ()");
   m.def("plan_sparse_collective(Tensor owner, Tensor holders, int rank)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
+  // Attention (csrc/cpu/attention.cpp, docs/ops.md "Attention"): out is [B, H, Sq, d], lse fp32.
+  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window,"
+        " int sinks, Tensor? block_offsets, Tensor? block_cols, int block_size) -> (Tensor, Tensor)");
+  m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " float scale, bool causal, int window, int sinks, Tensor? block_offsets, Tensor? block_cols,"
+        " int block_size) -> (Tensor, Tensor, Tensor)");
+  m.def("moh_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor head_idx, Tensor head_weight,"
+        " float scale, bool causal, int window, int sinks) -> (Tensor, Tensor, Tensor)");
+  m.def("moh_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor head_idx,"
+        " Tensor head_weight, Tensor out_raw, Tensor lse, float scale, bool causal, int window,"
+        " int sinks) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hecate, CPU, m) {
@@ -32,6 +43,10 @@ TORCH_LIBRARY_IMPL(hecate, CPU, m) {
   m.impl("unpack_chunks", &hecate::cpu::unpack_chunks);
   m.impl("scatter_add_chunks", &hecate::cpu::scatter_add_chunks);
   m.impl("plan_sparse_collective", &hecate::cpu::plan_sparse_collective);
+  m.impl("flash_attention_fwd", &hecate::cpu::flash_attention_fwd);
+  m.impl("flash_attention_bwd", &hecate::cpu::flash_attention_bwd);
+  m.impl("moh_attention_fwd", &hecate::cpu::moh_attention_fwd);
+  m.impl("moh_attention_bwd", &hecate::cpu::moh_attention_bwd);
 }
 
 PYBIND11_MODULE(_C, m) {

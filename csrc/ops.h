@@ -34,4 +34,23 @@ void scatter_add_chunks(const at::Tensor& recv_nS, const at::Tensor& chunk_ids_n
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_sparse_collective(
     const at::Tensor& owner_C, const at::Tensor& holders_WC, int64_t rank);
 
+// Attention (csrc/cpu/attention.cpp). q [B, H, Sq, d], k / v [B, G, Sk, d] with G | H; outputs
+// [B, H, Sq, d] are views of [B, Sq, H, d] buffers. scale <= 0 means 1 / sqrt(d).
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal,
+    int64_t window, int64_t sinks, const std::optional<at::Tensor>& block_offsets,
+    const std::optional<at::Tensor>& block_cols, int64_t block_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool causal, int64_t window,
+    int64_t sinks, const std::optional<at::Tensor>& block_offsets,
+    const std::optional<at::Tensor>& block_cols, int64_t block_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moh_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_idx,
+    const at::Tensor& head_weight, double scale, bool causal, int64_t window, int64_t sinks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& head_idx, const at::Tensor& head_weight, const at::Tensor& out_raw,
+    const at::Tensor& lse, double scale, bool causal, int64_t window, int64_t sinks);
+
 }  // namespace hecate::cpu

@@ -275,6 +275,166 @@ void scatter_add_chunks(const Tensor& recv_nS, const Tensor& chunk_ids_n, const 
 }  // namespace
 }  // namespace hecate::cuda
 
+// ---------------------------------------------------------------- attention (attention.cu)
+namespace hecate::cuda {
+namespace {
+
+struct AttnInputs {
+  Tensor q, k, v, offsets, cols;
+  int64_t B, H, G, Sq, Sk, d, block_size;
+  double scale;
+};
+
+AttnInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t window,
+                            int64_t sinks, const std::optional<Tensor>& block_offsets,
+                            const std::optional<Tensor>& block_cols, int64_t block_size) {
+  require_cuda(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(),
+                    "q must be [B, H, Sq, d] and k, v one [B, G, Sk, d] shape, got ", q.sizes(), ", ",
+                    k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                    "q, k and v must have one dtype");
+  check_device(k, "k", q, "q");
+  check_device(v, "v", q, "q");
+  AttnInputs in;
+  in.B = q.size(0); in.H = q.size(1); in.Sq = q.size(2); in.d = q.size(3);
+  in.G = k.size(1); in.Sk = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == in.B && k.size(3) == in.d, "k must have q's batch and head_dim");
+  TORCH_CHECK_VALUE(in.G >= 1 && in.H % in.G == 0, "the kv heads (", in.G, ") must divide the query heads (",
+                    in.H, ")");
+  TORCH_CHECK_VALUE(in.d >= 1 && in.d <= 256, "head_dim must be in [1, 256], got ", in.d);
+  TORCH_CHECK_VALUE(window >= 0 && sinks >= 0, "window and sinks must be >= 0");
+  TORCH_CHECK_VALUE(in.B <= 65535 && in.H <= 65535, "the CUDA attention takes at most 65535 batches and heads");
+  in.q = q.contiguous(); in.k = k.contiguous(); in.v = v.contiguous();
+  in.scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(in.d));
+  in.block_size = 0;
+  if (block_offsets.has_value() && block_offsets->defined()) {
+    TORCH_CHECK_VALUE(block_cols.has_value() && block_cols->defined() && block_size >= 1,
+                      "a block list needs block_offsets, block_cols and block_size >= 1");
+    const int64_t nqb = (in.Sq + block_size - 1) / block_size;
+    in.offsets = block_offsets->to(q.device(), at::kLong).contiguous();
+    in.cols = block_cols->to(q.device(), at::kLong).contiguous();
+    TORCH_CHECK_VALUE(in.offsets.dim() == 2 && in.offsets.size(0) == in.H && in.offsets.size(1) == nqb + 1,
+                      "block_offsets must have shape [", in.H, ", ", nqb + 1, "], got ", in.offsets.sizes());
+    in.block_size = block_size;
+  }
+  return in;
+}
+
+const int64_t* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
+
+std::tuple<Tensor, Tensor> flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                                               bool causal, int64_t window, int64_t sinks,
+                                               const std::optional<Tensor>& block_offsets,
+                                               const std::optional<Tensor>& block_cols, int64_t block_size) {
+  AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, block_offsets, block_cols, block_size);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options());
+  auto lse = at::empty({in.B, in.H, in.Sq}, in.q.options().dtype(math_dtype(q.scalar_type())));
+  C10_CUDA_CHECK(hecate_attention_fwd(in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
+                                      dtype_code(in.q, "q"), in.B, in.H, in.G, in.Sq, in.Sk, in.d, in.scale,
+                                      causal, window, sinks, ptr_or_null(in.offsets), ptr_or_null(in.cols),
+                                      in.block_size, nullptr, nullptr, out.mutable_data_ptr(), nullptr,
+                                      lse.mutable_data_ptr(), current_stream()));
+  return {out, lse};
+}
+
+// dq, dk, dv from dout (math type, MoH weights folded in) and delta = rowsum(dout * out).
+std::tuple<Tensor, Tensor, Tensor> attention_grads(const AttnInputs& in, const Tensor& dout, const Tensor& lse,
+                                                   const Tensor& delta, bool causal, int64_t window,
+                                                   int64_t sinks) {
+  const auto math = math_dtype(in.q.scalar_type());
+  auto dq = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options().dtype(math));
+  auto dk = at::zeros({in.B, in.G, in.Sk, in.d}, in.q.options().dtype(math));
+  auto dv = at::zeros_like(dk);
+  auto lse_c = lse.to(math).contiguous();
+  C10_CUDA_CHECK(hecate_attention_bwd(in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
+                                      dtype_code(in.q, "q"), in.B, in.H, in.G, in.Sq, in.Sk, in.d, in.scale,
+                                      causal, window, sinks, ptr_or_null(in.offsets), ptr_or_null(in.cols),
+                                      in.block_size, dout.const_data_ptr(), lse_c.const_data_ptr(),
+                                      delta.const_data_ptr(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
+                                      dv.mutable_data_ptr(), current_stream()));
+  const auto dtype = in.q.scalar_type();
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, double scale, bool causal, int64_t window, int64_t sinks,
+    const std::optional<Tensor>& block_offsets, const std::optional<Tensor>& block_cols, int64_t block_size) {
+  AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, block_offsets, block_cols, block_size);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "grad_out and out must have q's shape ", q.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto math = math_dtype(q.scalar_type());
+  auto dout = grad_out.to(math).contiguous();
+  auto delta = (dout * out.to(math)).sum(-1).contiguous();
+  return attention_grads(in, dout, lse, delta, causal, window, sinks);
+}
+
+// MoH routing as per-(b, h, s) maps: selected (uint8) and weight (math type), [B, H, S].
+std::tuple<Tensor, Tensor, Tensor, Tensor> routing_maps(const AttnInputs& in, const Tensor& head_idx,
+                                                        const Tensor& head_weight) {
+  TORCH_CHECK_VALUE(in.Sq == in.Sk, "moh_attention needs q and k of one length");
+  TORCH_CHECK_VALUE(head_idx.dim() == 3 && head_idx.size(0) == in.B && head_idx.size(1) == in.Sq &&
+                        head_idx.scalar_type() == at::kLong,
+                    "head_idx must be int64 [B, S, K], got ", head_idx.sizes());
+  TORCH_CHECK_VALUE(head_weight.sizes() == head_idx.sizes(), "head_weight must have head_idx's shape");
+  check_device(head_idx, "head_idx", in.q, "q");
+  check_device(head_weight, "head_weight", in.q, "q");
+  const auto math = math_dtype(in.q.scalar_type());
+  auto selected = head_idx >= 0;
+  auto column = at::where(selected, head_idx, in.H);  // unused slots land in a dropped column H
+  auto active = at::zeros({in.B, in.Sq, in.H + 1}, head_idx.options().dtype(at::kByte))
+                    .scatter_(2, column, 1)
+                    .narrow(2, 0, in.H).permute({0, 2, 1}).contiguous();
+  auto weight = at::zeros({in.B, in.Sq, in.H + 1}, head_idx.options().dtype(math))
+                    .scatter_(2, column, head_weight.to(math))
+                    .narrow(2, 0, in.H).permute({0, 2, 1}).contiguous();
+  return {active, weight, selected, column};
+}
+
+std::tuple<Tensor, Tensor, Tensor> moh_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Tensor& head_idx, const Tensor& head_weight,
+                                                     double scale, bool causal, int64_t window, int64_t sinks) {
+  AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, std::nullopt, std::nullopt, 0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [active, weight, selected, column] = routing_maps(in, head_idx, head_weight);
+  auto out = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options());
+  auto out_raw = at::zeros_like(out);
+  auto lse = at::empty({in.B, in.H, in.Sq}, in.q.options().dtype(math_dtype(q.scalar_type())));
+  C10_CUDA_CHECK(hecate_attention_fwd(in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
+                                      dtype_code(in.q, "q"), in.B, in.H, in.G, in.Sq, in.Sk, in.d, in.scale,
+                                      causal, window, sinks, nullptr, nullptr, 0,
+                                      active.const_data_ptr<uint8_t>(), weight.const_data_ptr(),
+                                      out.mutable_data_ptr(), out_raw.mutable_data_ptr(), lse.mutable_data_ptr(),
+                                      current_stream()));
+  return {out, out_raw, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> moh_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_idx,
+    const Tensor& head_weight, const Tensor& out_raw, const Tensor& lse, double scale, bool causal,
+    int64_t window, int64_t sinks) {
+  AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, std::nullopt, std::nullopt, 0);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out_raw.sizes() == q.sizes(),
+                    "grad_out and out_raw must have q's shape ", q.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [active, weight, selected, column] = routing_maps(in, head_idx, head_weight);
+  const auto math = math_dtype(q.scalar_type());
+  auto go = grad_out.to(math);
+  auto dots = (go * out_raw.to(math)).sum(-1);  // <dY, O> per (b, h, s): the weight gradient
+  auto dout = (go * weight.unsqueeze(-1)).contiguous();
+  auto delta = (dots * weight).contiguous();
+  auto [dq, dk, dv] = attention_grads(in, dout, lse, delta, causal, window, sinks);
+  auto dots_BSH = at::cat({dots.permute({0, 2, 1}), at::zeros({in.B, in.Sq, 1}, dots.options())}, 2);
+  auto dw = at::where(selected, dots_BSH.gather(2, column), at::zeros({}, dots.options()));
+  return {dq, dk, dv, dw.to(head_weight.scalar_type())};
+}
+
+}  // namespace
+}  // namespace hecate::cuda
+
 TORCH_LIBRARY_IMPL(hecate, CUDA, m) {
   m.impl("topk_gating", &hecate::cuda::topk_gating);
   m.impl("expert_histogram", &hecate::cuda::expert_histogram);
@@ -284,4 +444,8 @@ TORCH_LIBRARY_IMPL(hecate, CUDA, m) {
   m.impl("pack_chunks", &hecate::cuda::pack_chunks);
   m.impl("unpack_chunks", &hecate::cuda::unpack_chunks);
   m.impl("scatter_add_chunks", &hecate::cuda::scatter_add_chunks);
+  m.impl("flash_attention_fwd", &hecate::cuda::flash_attention_fwd);
+  m.impl("flash_attention_bwd", &hecate::cuda::flash_attention_bwd);
+  m.impl("moh_attention_fwd", &hecate::cuda::moh_attention_fwd);
+  m.impl("moh_attention_bwd", &hecate::cuda::moh_attention_bwd);
 }

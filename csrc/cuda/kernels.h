@@ -102,6 +102,31 @@ cudaError_t hecate_scatter_add_chunks(const void* recv_nS, hecate_dtype dtype,
                                       const int64_t* chunk_ids_n, int64_t n, int64_t S,
                                       void* out_CS, int64_t C, cudaStream_t stream);
 
+// ---- attention (csrc/cuda/attention.cu; contract in docs/ops.md "Attention") ----
+// q [B, H, Sq, d], k / v [B, G, Sk, d] (G divides H), contiguous, in `dtype`; d <= 256.
+// Masks: causal (query row s sits at position s + Sk - Sq), window (0 = none), sinks, and an
+// optional block list (block_offsets [H, ceil(Sq / block_size) + 1], block_cols ascending key
+// blocks; both NULL for none). `scale` > 0 multiplies the scores. lse, row_weight, dout,
+// delta and the gradient buffers are in the math type.
+// Forward: out [B, H, Sq, d] (dtype); row_active (uint8 [B, H, Sq], NULL = all rows) skips
+// unselected MoH pairs (out stays as the caller filled it, lse -inf); row_weight ([B, H, Sq],
+// NULL = 1) multiplies out; out_raw (NULL = not wanted) receives the unweighted output.
+cudaError_t hecate_attention_fwd(const void* q, const void* k, const void* v, hecate_dtype dtype,
+                                 int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, int64_t d,
+                                 double scale, int causal, int64_t window, int64_t sinks,
+                                 const int64_t* block_offsets, const int64_t* block_cols,
+                                 int64_t block_size, const uint8_t* row_active, const void* row_weight,
+                                 void* out, void* out_raw, void* lse, cudaStream_t stream);
+// Backward: dout [B, H, Sq, d] (already multiplied by MoH weights), lse and delta
+// (= rowsum(dout * out)) [B, H, Sq]; accumulates (atomicAdd) into zeroed dq [B, H, Sq, d] and
+// dk / dv [B, G, Sk, d]. Rows with lse = -inf contribute nothing.
+cudaError_t hecate_attention_bwd(const void* q, const void* k, const void* v, hecate_dtype dtype,
+                                 int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, int64_t d,
+                                 double scale, int causal, int64_t window, int64_t sinks,
+                                 const int64_t* block_offsets, const int64_t* block_cols,
+                                 int64_t block_size, const void* dout, const void* lse,
+                                 const void* delta, void* dq, void* dk, void* dv, cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -264,3 +264,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+# Attention kernels (hecate/ops/attention.py): flash_attention, moh_attention, BlockSparse.
+from hecate.ops.attention import BlockSparse, flash_attention, moh_attention  # noqa: E402
+
+__all__ += ["BlockSparse", "flash_attention", "moh_attention"]

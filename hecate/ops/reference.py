@@ -185,3 +185,76 @@ def plan_sparse_collective(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank
         return torch.tensor(values, dtype=torch.int64, device=owner_C.device)
 
     return as_tensor(send_ids), as_tensor(send_counts), as_tensor(recv_ids), as_tensor(recv_counts)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention_mask(Sq: int, Sk: int, H: int, *, causal: bool = True, window: int = 0, sinks: int = 0,
+                   block_offsets: Optional[torch.Tensor] = None, block_cols: Optional[torch.Tensor] = None,
+                   block_size: int = 0, device=None) -> torch.Tensor:
+    """Visible (query, key) pairs per head, bool [H, Sq, Sk] (docs/ops.md, "Attention masks").
+
+    Query row s sits at position p = s + Sk - Sq. causal: key j <= p. window w > 0: p - j < w
+    (causal) or |p - j| < w. Keys j < sinks ignore the window and the block list (not causality).
+    A block list keeps only the listed (query block, key block) pairs of each head.
+    """
+    p = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
+    j = torch.arange(Sk, device=device)[None, :]
+    pattern = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    if window > 0:
+        pattern = pattern & (((p - j) if causal else (p - j).abs()) < window)
+    pattern = pattern.expand(H, Sq, Sk)
+    if block_offsets is not None:
+        nqb = -(-Sq // block_size)
+        nkb = -(-Sk // block_size)
+        listed = torch.zeros(H, nqb, nkb, dtype=torch.bool, device=device)
+        offs, cols = block_offsets.tolist(), block_cols.tolist()
+        for h in range(H):
+            for qb in range(nqb):
+                for i in range(offs[h][qb], offs[h][qb + 1]):
+                    listed[h, qb, cols[i]] = True
+        listed = listed.repeat_interleave(block_size, 1)[:, :Sq].repeat_interleave(block_size, 2)[:, :, :Sk]
+        pattern = pattern & listed
+    visible = pattern | (j < sinks)
+    if causal:
+        visible = visible & (j <= p)
+    return visible
+
+
+def flash_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, *,
+                    scale: Optional[float] = None, causal: bool = True, window: int = 0, sinks: int = 0,
+                    block_offsets: Optional[torch.Tensor] = None, block_cols: Optional[torch.Tensor] = None,
+                    block_size: int = 0) -> torch.Tensor:
+    """Materialised softmax attention in the math dtype; rows that see no key give 0."""
+    B, H, Sq, d = q_BHSd.shape
+    G, Sk = k_BGSd.shape[1], k_BGSd.shape[2]
+    math = _math_dtype(q_BHSd.dtype)
+    scale = d ** -0.5 if scale is None or scale <= 0 else scale
+    k = k_BGSd.to(math).repeat_interleave(H // G, dim=1)
+    v = v_BGSd.to(math).repeat_interleave(H // G, dim=1)
+    scores = torch.matmul(q_BHSd.to(math), k.transpose(-1, -2)) * scale
+    visible = attention_mask(Sq, Sk, H, causal=causal, window=window, sinks=sinks,
+                             block_offsets=block_offsets, block_cols=block_cols,
+                             block_size=block_size, device=q_BHSd.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    any_visible = visible.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1) * any_visible
+    return torch.matmul(probs, v).to(q_BHSd.dtype)
+
+
+def moh_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+                  head_idx_BSK: torch.Tensor, head_weight_BSK: torch.Tensor, *,
+                  scale: Optional[float] = None, causal: bool = True, window: int = 0,
+                  sinks: int = 0) -> torch.Tensor:
+    """Head-routed attention: out[b, h, s] = w * attention of head h at s when the token routed
+    to head h with weight w (slot of head_idx_BSK), else 0. Computed densely, then masked."""
+    H = q_BHSd.shape[1]
+    math = _math_dtype(q_BHSd.dtype)
+    dense = flash_attention(q_BHSd, k_BGSd, v_BGSd, scale=scale, causal=causal, window=window,
+                            sinks=sinks).to(math)
+    chosen = head_idx_BSK >= 0
+    gate_BSH = torch.zeros(*head_idx_BSK.shape[:2], H + 1, dtype=math, device=q_BHSd.device)
+    gate_BSH = gate_BSH.scatter_add(2, torch.where(chosen, head_idx_BSK, H),
+                                    torch.where(chosen, head_weight_BSK.to(math), 0.0))[..., :H]
+    return (dense * gate_BSH.permute(0, 2, 1).unsqueeze(-1)).to(q_BHSd.dtype)
