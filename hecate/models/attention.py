@@ -10,11 +10,14 @@ auxiliary loss (MoH with a learned router); the transformer Block collects the l
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hecate.ops import attention as attention_ops
 
 Rope = Tuple[torch.Tensor, torch.Tensor]  # (cos_SR, sin_SR), R = head_dim // 2
 
@@ -35,8 +38,45 @@ def apply_rope(x_BHSd: torch.Tensor, rope: Rope) -> torch.Tensor:
     return torch.cat((x1 * cos_SR - x2 * sin_SR, x2 * cos_SR + x1 * sin_SR), dim=-1)
 
 
+_BACKENDS = ("kernel", "sdpa")
+_forced_backend: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_built_for(device_type: str) -> bool:
+    return attention_ops.use_extension("flash_attention_fwd", torch.device(device_type)) and \
+        attention_ops.use_extension("moh_attention_fwd", torch.device(device_type))
+
+
+def set_attention_backend(name: Optional[str]) -> None:
+    """Force "kernel" (hecate's flash_attention / moh_attention) or "sdpa" (F.scaled_dot_product_attention
+    and masking) for every attention block; None restores the default: the kernels on every device
+    hecate._C has them for, SDPA elsewhere (decided once per device type)."""
+    global _forced_backend
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"attention backend must be one of {_BACKENDS} or None, got {name!r}")
+    _forced_backend = name
+
+
+def use_attention_kernels(device: torch.device) -> bool:
+    """Whether attention on `device` runs on hecate's kernels (see set_attention_backend)."""
+    if _forced_backend == "sdpa":
+        return False
+    built = _kernels_built_for(device.type)
+    if _forced_backend == "kernel" and not built:
+        raise RuntimeError(f"attention backend 'kernel' was forced but hecate._C has no attention kernel for "
+                           f"{device.type}; run `make build` or set_attention_backend(None)")
+    return built
+
+
 def causal_attention(q_BHSd, k_BGSd, v_BGSd) -> torch.Tensor:
-    """Causal softmax attention; G key/value heads each serve H // G query heads (GQA)."""
+    """Causal softmax attention; G key/value heads each serve H // G query heads (GQA).
+
+    Runs hecate's flash_attention kernel (GQA without repeating K/V) when use_attention_kernels,
+    SDPA otherwise, and for value widths that differ from the query/key width (MLA)."""
+    d = q_BHSd.shape[-1]
+    if v_BGSd.shape[-1] == d and d <= attention_ops.MAX_HEAD_DIM and use_attention_kernels(q_BHSd.device):
+        return attention_ops.flash_attention(q_BHSd, k_BGSd, v_BGSd, causal=True)
     rep = q_BHSd.shape[1] // k_BGSd.shape[1]
     if rep > 1:
         k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
@@ -148,12 +188,17 @@ class MoHAttention(Attention):
 
     def gates(self, x_TD: torch.Tensor, qnorm_TR: Optional[torch.Tensor]):
         """Head gates [T, H] (fp32) and the weighted head-balance loss (or None)."""
+        g_TH, aux, _ = self.route(x_TD, qnorm_TR)
+        return g_TH, aux
+
+    def route(self, x_TD: torch.Tensor, qnorm_TR: Optional[torch.Tensor]):
+        """(gates [T, H] fp32, balance loss or None, routed head choices [T, top_k] among the routed heads)."""
         T, k = x_TD.shape[0], self.top_k
         if self.router is None:  # parameter-free: query norms, standardized per token
             z = (qnorm_TR - qnorm_TR.mean(-1, keepdim=True)) / (qnorm_TR.std(-1, keepdim=True, unbiased=False) + 1e-6)
             idx_TK = torch.topk(torch.softmax(z, -1), k, dim=-1).indices
             routed_TR = torch.zeros_like(qnorm_TR).scatter_(1, idx_TK, 1.0)
-            return torch.cat([routed_TR.new_ones(T, self.n_shared), routed_TR], dim=1), None
+            return torch.cat([routed_TR.new_ones(T, self.n_shared), routed_TR], dim=1), None, idx_TK
         x32 = x_TD.float()
         p_TR = torch.softmax(F.linear(x32, self.router.routed.weight.float()), -1)
         idx_TK = torch.sort(p_TR, dim=-1, descending=True, stable=True).indices[:, :k]
@@ -170,19 +215,32 @@ class MoHAttention(Attention):
         if self.balance_coeff:
             f_R = mask_TR.mean(0).detach()
             aux = self.balance_coeff * (p_TR.mean(0) * f_R).sum()
-        return g_TH, aux
+        return g_TH, aux, idx_TK
 
     def forward(self, x_BSD, rope: Optional[Rope] = None):
         B, S, D = x_BSD.shape
         q, k, v = self.project(x_BSD, rope)
-        o_BSHd = causal_attention(q, k, v).transpose(1, 2)
         qnorm_TR = None
         if self.router is None:
             qnorm_TR = q.detach()[:, self.n_shared:].float().norm(dim=-1).permute(0, 2, 1).reshape(B * S, -1)
-        g_TH, aux = self.gates(x_BSD.reshape(-1, D), qnorm_TR)
-        o_BSHd = o_BSHd * g_TH.view(B, S, -1, 1).to(o_BSHd.dtype)
+        g_TH, aux, idx_TK = self.route(x_BSD.reshape(-1, D), qnorm_TR)
+        if self.head_dim <= attention_ops.MAX_HEAD_DIM and use_attention_kernels(x_BSD.device):
+            # Only the selected (token, head) pairs are computed; the kernel applies the gates.
+            T = B * S
+            shared_TS = torch.arange(self.n_shared, device=idx_TK.device).expand(T, self.n_shared)
+            heads_TA = torch.cat([shared_TS, idx_TK + self.n_shared], dim=1)
+            o_BHSd = attention_ops.moh_attention(q, k, v, heads_TA.view(B, S, -1),
+                                                 g_TH.gather(1, heads_TA).view(B, S, -1), causal=True)
+            o_BSHd = o_BHSd.transpose(1, 2)
+        else:
+            o_BSHd = causal_attention(q, k, v).transpose(1, 2)
+            o_BSHd = o_BSHd * g_TH.view(B, S, -1, 1).to(o_BSHd.dtype)
         y = self.out(o_BSHd.reshape(B, S, -1))
         return (y, aux) if aux is not None else y
+
+    def active_head_share(self) -> float:
+        """Share of heads a token runs: (shared + top_k routed) / n_heads."""
+        return (self.n_shared + self.top_k) / self.n_heads
 
     def inactive_parameters(self) -> int:
         """Query rows and output columns of the routed heads a token skips (K/V always run)."""

@@ -1,0 +1,88 @@
+"""Models on hecate's attention kernels train like models on SDPA: same losses, gradients and
+parameters over a few optimizer steps (Attention with GQA + RoPE, MoH with shared heads and
+both routers, BAM with and without shared K/V)."""
+import copy
+
+import pytest
+import torch
+
+import hecate.ops as ops
+from hecate.models import attention as attention_mod
+from hecate.models.transformer import MoETransformer, TransformerConfig
+from hecate.moe.config import MoEConfig
+
+CASES = {
+    "gqa_rope": dict(attention="mha", n_kv_heads=2, rope=True),
+    "moh_learned": dict(attention="moh", moh_shared_heads=1, moh_top_k=2),
+    "moh_query_norm": dict(attention="moh", moh_top_k=2, moh_router="query_norm", rope=True),
+    "bam": dict(attention="bam", bam_attention_experts=2, n_kv_heads=2),
+    "bam_shared_kv": dict(attention="bam", bam_attention_experts=2, bam_shared_kv=True, parallel_block=True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    attention_mod.set_attention_backend(None)
+
+
+def _train(model, tokens, backend, steps=3):
+    attention_mod.set_attention_backend(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses, grads = [], None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    return torch.stack(losses), grads, {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_path_trains_like_sdpa(name):
+    assert ops.extension_available(), "hecate._C is not built: run `make build`"
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=160,
+                            dense_ffn_hidden=32, moe=MoEConfig(hidden_size=32, ffn_hidden_size=32,
+                                                               num_experts=4, top_k=2), **CASES[name])
+    model = MoETransformer(cfg)
+    twin = copy.deepcopy(model)
+    # 150 tokens: more than one query tile (128 rows) of the CPU kernel
+    tokens = torch.randint(0, 64, (2, 151), generator=torch.Generator().manual_seed(1))
+    loss_k, grads_k, params_k = _train(model, tokens, "kernel")
+    loss_s, grads_s, params_s = _train(twin, tokens, "sdpa")
+    torch.testing.assert_close(loss_k, loss_s, rtol=1e-5, atol=1e-5)
+    assert grads_k.keys() == grads_s.keys()
+    for n in grads_k:
+        torch.testing.assert_close(grads_k[n], grads_s[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    for n in params_k:
+        torch.testing.assert_close(params_k[n], params_s[n], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_is_the_default_on_cpu_when_built():
+    assert ops.extension_available()
+    assert attention_mod.use_attention_kernels(torch.device("cpu"))
+    attention_mod.set_attention_backend("sdpa")
+    assert not attention_mod.use_attention_kernels(torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be one of"):
+        attention_mod.set_attention_backend("flash")
+
+
+def test_moh_kernel_path_skips_unselected_heads(monkeypatch):
+    """The MoH block hands the kernel only the chosen heads: shared + top_k per token."""
+    seen = {}
+    real = attention_mod.attention_ops.moh_attention
+
+    def spy(q, k, v, heads, weights, **kw):
+        seen["heads"] = heads
+        return real(q, k, v, heads, weights, **kw)
+
+    monkeypatch.setattr(attention_mod.attention_ops, "moh_attention", spy)
+    attention_mod.set_attention_backend("kernel")
+    block = attention_mod.MoHAttention(32, 8, n_shared=2, top_k=3)
+    block(torch.randn(2, 9, 32))
+    heads = seen["heads"]
+    assert heads.shape == (2, 9, 5)
+    assert bool((heads[..., :2] == torch.tensor([0, 1])).all()) and bool((heads[..., 2:] >= 2).all())
