@@ -26,7 +26,7 @@ def test_preset_is_the_base_and_file_keys_override(preset):
 
 
 @pytest.mark.parametrize("model,error,match", [
-    ({"arch": "switch_dit"}, ValueError, r"model.arch='switch_dit': `hecate train` trains arch 'transformer' only"),
+    ({"arch": "no_such_arch"}, ValueError, r"model.arch='no_such_arch' is not a model-zoo architecture"),
     ({"preset": "test-config-bse"}, ValueError, r"model.preset: unknown preset 'test-config-bse'; did you mean"),
     ({"preset": 3}, TypeError, r"model.preset must be a preset name"),
     ({"preset": "test-config-base", "arch": "switch_dit"}, ValueError, r"model.arch='switch_dit' contradicts"),

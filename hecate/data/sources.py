@@ -64,3 +64,59 @@ class InterleavedTokenData:
 
     def val_batches(self, num_batches: int, rank: int = 0, world: int = 1):
         return [self._batch(self.val_seed, (i * world + rank) * self.batch_size) for i in range(num_batches)]
+
+
+@dataclass
+class CorpusInterleavedData:
+    """Real text interleaved with generated image tokens, for Mixture-of-Mamba through the trainer.
+
+    `text` is a byte array (e.g. the embedded corpus, ids 0-255, modality 0); image segments are
+    the drifting ramps of hecate.data.modalities over ids [text_vocab, text_vocab + image_vocab)
+    (modality 1). Each sequence alternates a text slice (16-48 bytes at a random offset of the
+    split) and an image segment (8-16 tokens), starting with text. The last val_fraction of the
+    text is the validation split; a sample depends only on (seed, index)."""
+    text: object           # 1-D uint8 array
+    batch_size: int
+    seq_len: int
+    image_vocab: int = 32
+    text_vocab: int = 256
+    val_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.text) < 10 * (self.seq_len + 1):
+            raise ValueError(f"the text source holds {len(self.text)} bytes, too few for seq_len={self.seq_len}")
+        self.split = int(len(self.text) * (1 - self.val_fraction))
+
+    def _sequence(self, index: int, val: bool):
+        import torch
+
+        g = torch.Generator().manual_seed((2 * self.seed + int(val)) * 1_000_003 + index)
+        lo, hi = (self.split, len(self.text)) if val else (0, self.split)
+        out, pos, text_turn = [], 0, True
+        while pos < self.seq_len + 1:
+            if text_turn:
+                n = int(torch.randint(16, 49, (), generator=g))
+                at = lo + int(torch.randint(0, max(1, hi - lo - n), (), generator=g))
+                seg = torch.as_tensor(self.text[at:at + n].astype("int64"))
+            else:
+                n = int(torch.randint(8, 17, (), generator=g))
+                start = int(torch.randint(0, self.image_vocab, (), generator=g))
+                seg = self.text_vocab + (start + torch.randint(-1, 2, (n,), generator=g).cumsum(0)) % self.image_vocab
+            out.append(seg)
+            pos += len(seg)
+            text_turn = not text_turn
+        return torch.cat(out)[:self.seq_len + 1]
+
+    def _batch(self, first: int, val: bool):
+        import torch
+
+        rows = torch.stack([self._sequence(first + b, val) for b in range(self.batch_size)])
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0, world: int = 1):
+        _check(self.batch_size, micro, grad_accum, rank, world)
+        return self._batch(((step * grad_accum + micro) * world + rank) * self.batch_size, False)
+
+    def val_batches(self, num_batches: int, rank: int = 0, world: int = 1):
+        return [self._batch((i * world + rank) * self.batch_size, True) for i in range(num_batches)]

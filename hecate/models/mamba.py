@@ -14,7 +14,7 @@ projections are dense parameters, replicated and all-reduced like any dense weig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,6 +24,9 @@ from torch import nn
 from hecate.models.selective_scan import selective_scan
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
+
+
+PROJECTIONS = ("in", "x", "dt", "out")
 
 
 @dataclass
@@ -37,6 +40,10 @@ class MambaConfig:
     dt_rank: Optional[int] = None        # None = ceil(d_model / 16)
     num_modalities: int = 2
     modality_specific: bool = True       # False: one shared set of projections (dense Mamba)
+    # Which projections are modality-specific (the paper's decoupling ablation); the others are
+    # shared by all modalities. Subset of in, x, dt, out; ignored when modality_specific is false.
+    decoupled: list = field(default_factory=lambda: ["in", "x", "dt", "out"])
+    max_seq_len: int = 2048              # longest sequence `hecate train` / generate feed it
     moe_every: int = 0                   # MoE FFN after every n-th mixer (0 = none, pure Mamba)
     moe: Optional[MoEConfig] = None
     tie_embeddings: bool = True
@@ -63,6 +70,12 @@ class MambaConfig:
                                    or starts[-1] >= self.vocab_size):
             raise ValueError(f"MambaConfig.modality_vocab_starts={starts} must be {self.num_modalities} "
                              f"increasing ids starting at 0 and below vocab_size={self.vocab_size}")
+        bad = [c for c in self.decoupled if c not in PROJECTIONS] if isinstance(self.decoupled, (list, tuple)) else None
+        if bad is None or bad or len(set(self.decoupled)) != len(self.decoupled):
+            raise ValueError(f"MambaConfig.decoupled={self.decoupled!r} must list distinct projections of "
+                             f"{list(PROJECTIONS)}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
+            raise ValueError(f"MambaConfig.max_seq_len must be a positive int, got {self.max_seq_len!r}")
         if self.moe_every < 0:
             raise ValueError(f"MambaConfig.moe_every must be >= 0, got {self.moe_every}")
         if self.moe_every and self.moe is None:
@@ -79,6 +92,10 @@ class MambaConfig:
     @property
     def rank(self) -> int:
         return self.dt_rank or math.ceil(self.d_model / 16)
+
+    def copies(self, projection: str) -> int:
+        """How many weight sets `projection` has: num_modalities when it is decoupled, else 1."""
+        return self.num_modalities if self.modality_specific and projection in self.decoupled else 1
 
 
 def modality_linear(x_TI: torch.Tensor, modality_T: torch.Tensor, w_MOI: torch.Tensor,
@@ -118,13 +135,14 @@ class ModalityMamba(nn.Module):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
-        m = cfg.num_modalities if cfg.modality_specific else 1
+        c = cfg.copies
         d, e, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank
-        self.in_proj_MXD = nn.Parameter(torch.empty(m, 2 * e, d))
-        self.x_proj_MPE = nn.Parameter(torch.empty(m, r + 2 * n, e))
-        self.dt_proj_MER = nn.Parameter(torch.empty(m, e, r))
-        self.dt_bias_ME = nn.Parameter(torch.empty(m, e))
-        self.out_proj_MDE = nn.Parameter(torch.empty(m, d, e))
+        # Leading dim: one weight set per modality for a decoupled projection, else 1 (shared).
+        self.in_proj_MXD = nn.Parameter(torch.empty(c("in"), 2 * e, d))
+        self.x_proj_MPE = nn.Parameter(torch.empty(c("x"), r + 2 * n, e))
+        self.dt_proj_MER = nn.Parameter(torch.empty(c("dt"), e, r))
+        self.dt_bias_ME = nn.Parameter(torch.empty(c("dt"), e))
+        self.out_proj_MDE = nn.Parameter(torch.empty(c("out"), d, e))
         # shared across modalities
         self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1)
         self.A_log_EN = nn.Parameter(torch.empty(e, n))

@@ -27,7 +27,9 @@ def load_run(run_dir: str | Path):
     ckpt = run / "checkpoints"
     if not ckpt.is_dir():
         raise ValueError(f"{run} has no checkpoints/; train with checkpoint.every > 0 to sample later")
-    model = parallelize(MoETransformer(cfg.model), build_strategy("local"))
+    from hecate.train import tasks
+
+    model = parallelize(tasks.build_model(cfg), build_strategy("local"))
     step = load_checkpoint(str(ckpt), model, model.moe_layers()[0].strategy if model.moe_layers()
                            else build_strategy("local"))
     if cfg.data.tokenizer == "bpe":
@@ -39,10 +41,15 @@ def load_run(run_dir: str | Path):
 
 def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int = 40, num_samples: int = 1, seed: int = 0) -> list[str]:
+    from hecate.train import tasks
+
+    cfg = load_config(str(Path(run_dir) / "config.yaml")) if (Path(run_dir) / "config.yaml").is_file() else None
+    if cfg is not None and tasks.arch_of(cfg) == "switch_dit":
+        raise ValueError(f"{run_dir} trained an image model (switch_dit); sample it with `hecate sample {run_dir}`")
     model, tokenizer, _ = load_run(run_dir)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("--prompt must encode to at least one token")
     g = torch.Generator().manual_seed(seed)
-    return [tokenizer.decode(generate(model, ids, max_new_tokens, temperature, top_k, g))
+    return [tasks.decode(cfg, tokenizer, generate(model, ids, max_new_tokens, temperature, top_k, g))
             for _ in range(num_samples)]
