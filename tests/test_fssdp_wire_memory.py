@@ -77,3 +77,38 @@ def test_grad_accumulation_drains_reduces_at_the_next_forward():
         assert alive_b == [0, 0, 0, 0]
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def regather_case(rank, world, prefetch):
+    from hecate.models.transformer import MoETransformer
+    from hecate.parallel.fssdp import overlap
+    from tests.training_cases import batch, tiny_config
+
+    torch.manual_seed(0)
+    strat = build_strategy("fssdp", Topology(), overlap_degree=2, fit_replicas=False, prefetch=prefetch)
+    model = parallelize(MoETransformer(tiny_config()), strat)
+    calls, real = [], overlap.start_replica_gather
+
+    def spy(owned_OS, plan, group, async_op=False, wire_dtype=None, out=None):
+        pending = real(owned_OS, plan, group, async_op=async_op, wire_dtype=wire_dtype, out=out)
+        calls.append(out)
+        return pending
+
+    overlap.start_replica_gather = spy
+    try:
+        loss, _ = model.loss(*batch(0, rank, True))
+        forward_calls = len(calls)
+        loss.backward()
+    finally:
+        overlap.start_replica_gather = real
+    strat.finish_backward(model.moe_layers())
+    backward = calls[forward_calls:]
+    return forward_calls, [out is not None for out in backward], [out is None for out in calls[:forward_calls]]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_rematerialized_replicas_are_regathered_into_their_own_storage(prefetch):
+    for forward_calls, backward_into_storage, forward_fresh in run_distributed(regather_case, 2, prefetch):
+        assert forward_calls > 0 and all(forward_fresh)
+        # every re-gather of the backward receives into the replicas' re-grown storage
+        assert backward_into_storage and all(backward_into_storage)

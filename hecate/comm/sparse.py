@@ -196,7 +196,8 @@ def start_sprs(grads_MS, plan: SparsePlan, group, async_op: bool = False) -> Pen
 
 
 def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = False,
-                         wire_dtype: torch.dtype | None = None) -> PendingExchange:
+                         wire_dtype: torch.dtype | None = None,
+                         out: torch.Tensor | None = None) -> PendingExchange:
     """spAG without the owner's own rows: `wait()` returns only the chunks received from
     other owners, [R, S] in `plan.recv_ids` order (sources ascending, then chunk id).
 
@@ -205,11 +206,17 @@ def start_replica_gather(owned_OS, plan: SparsePlan, group, async_op: bool = Fal
     which on a rank owning many chunks copies far more bytes than the exchange moves.
     `wire_dtype` (e.g. bf16 when the receivers only compute with a bf16 cast of the rows):
     rows are cast before they travel and arrive in that dtype.
+    `out`: receive into this [R, S] buffer (e.g. storage re-grown for the replicas) instead
+    of a new one.
     """
     send_nS = ops.pack_chunks(owned_OS, plan.send_rows.to(owned_OS.device))
     if wire_dtype is not None and wire_dtype != send_nS.dtype:
         send_nS = send_nS.to(wire_dtype)
-    recv_RS = send_nS.new_empty((sum(plan.recv_counts), owned_OS.shape[1]))
+    shape = (sum(plan.recv_counts), owned_OS.shape[1])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != send_nS.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {send_nS.dtype} tensor of shape {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    recv_RS = send_nS.new_empty(shape) if out is None else out
     work = dist.all_to_all_single(recv_RS, send_nS, output_split_sizes=plan.recv_counts,
                                   input_split_sizes=plan.send_counts, group=group, async_op=async_op)
     return PendingExchange(work, send_nS, lambda: recv_RS)

@@ -70,6 +70,7 @@ class ExchangeSpec:
     previous: Any = None
     pending_regather: Any = None
     saved_owned: torch.Tensor | None = None
+    replicas: torch.Tensor | None = None  # the forward's replicas (storage freed under RM)
 
     def __post_init__(self) -> None:
         # P1 == P0 (no replica anywhere, e.g. every replica pruned): every rank computes with
@@ -80,9 +81,19 @@ class ExchangeSpec:
             raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
         self.rematerialize = self.rematerialize and self.replicated
 
-    def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True) -> PendingGather:
+    def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True,
+                     out: torch.Tensor | None = None) -> PendingGather:
         return PendingGather(owned_OS, self.sparse_plan, self.holders_WE, self.weight_group, self.stats,
-                             async_op=async_op, wire_dtype=self.wire_dtype)
+                             async_op=async_op, wire_dtype=self.wire_dtype, out=out)
+
+    def regrow_replicas(self) -> torch.Tensor:
+        """Re-grow the storage re-materialization freed after the forward and return the
+        buffer to receive the re-gather into: the rows land where the graph's views of the
+        replicas look, with no second [R, S] buffer alive beside them. (`.data`: writing it
+        does not bump the version counter that the graph's saved views check.)"""
+        r = self.replicas
+        r.untyped_storage().resize_(r.numel() * r.element_size())
+        return r.data
 
     def gather(self, owned_OS: torch.Tensor) -> torch.Tensor:
         """The replicas this rank holds but does not own, [R, S] (empty without replicas)."""
@@ -145,6 +156,7 @@ class FssdpExperts(torch.autograd.Function):
         ctx.spec = spec
         ctx.graph = (x_leaf, own, rep, y_recv, replicas)
         spec.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
+        spec.replicas = replicas if spec.rematerialize else None
         return y_ND
 
     @staticmethod
@@ -156,22 +168,19 @@ class FssdpExperts(torch.autograd.Function):
                                    group=spec.token_group, stats=spec.stats, name="fssdp.combine.backward")
         if spec.rematerialize:
             start = time.perf_counter()
+            # The re-gather receives into the replicas' re-grown storage (regrow_replicas).
             if spec.pending_regather is not None:  # issued by the next layer's backward
-                regathered, _ = spec.pending_regather.wait()
+                spec.pending_regather.wait()
                 spec.pending_regather = None
                 key = "exposed_regather_s"
             else:
-                regathered = spec.gather(spec.saved_owned)
+                spec.start_gather(spec.saved_owned, async_op=False, out=spec.regrow_replicas()).wait()
                 key = "blocking_regather_s"
             spec.timings[key] = spec.timings.get(key, 0.0) + time.perf_counter() - start
-            replicas.untyped_storage().resize_(regathered.numel() * regathered.element_size())
-            # .data: no version bump, so the graph's saved views of this storage stay valid.
-            replicas.data.copy_(regathered)
-            del regathered
         prev = spec.previous
         if prev is not None and prev.rematerialize and prev.pending_regather is None:
             # Start the previous layer's re-gather now, behind this layer's expert backward.
-            prev.pending_regather = prev.start_gather(prev.saved_owned)
+            prev.pending_regather = prev.start_gather(prev.saved_owned, out=prev.regrow_replicas())
         spec.previous = None
         leaves = [x_leaf, *own.values(), *rep.values()]
         if y_recv.requires_grad and y_recv.numel():

@@ -48,14 +48,15 @@ class PendingGather:
     """
 
     def __init__(self, owned_OS: torch.Tensor, plan: SparsePlan, holders_WE, group, stats,
-                 name: str = "fssdp.spAG", async_op: bool = True, wire_dtype: torch.dtype | None = None):
+                 name: str = "fssdp.spAG", async_op: bool = True, wire_dtype: torch.dtype | None = None,
+                 out: torch.Tensor | None = None):
         self.plan, self.holders_WE, self.wire_dtype = plan, holders_WE, wire_dtype
         if stats is not None:
             row = owned_OS.shape[1] * (wire_dtype or owned_OS.dtype).itemsize
             stats.record_peers(name, [n * row for n in plan.send_counts],
                                [n * row for n in plan.recv_counts], plan.rank, group_ranks(group))
         self._pending = start_replica_gather(owned_OS.detach(), plan, group, async_op=async_op,
-                                             wire_dtype=wire_dtype)
+                                             wire_dtype=wire_dtype, out=out)
 
     def wait(self) -> tuple[torch.Tensor, float]:
         return self._pending.wait()
