@@ -193,9 +193,16 @@ class TokenRoutes:
         else:
             order = np.argsort(e * W + dst)
             e, dst, tok = e[order], dst[order], tok[order]
-        recv = self.recv_WE(rank)
-        return RankLayout(rank, e, dst, tok, recv, _int_sum(dst, tok, W).tolist(),
-                          recv.sum(axis=1).tolist())
+        recv = np.zeros(self.holders_WE.shape, dtype=np.int64)
+        held = np.flatnonzero(self.holders_WE[rank])
+        cols = self._recv_base(rank, held) if held.size else np.zeros((W, 0), dtype=np.int64)
+        recv[:, held] = cols
+        recv_splits = cols.sum(axis=1)  # W x held experts, not a pass over [W, E]
+        if len(self.moves):
+            mv = self.moves[self.moves[:, 2] == rank]
+            np.add.at(recv, (mv[:, 0], mv[:, 1]), mv[:, 3])
+            recv_splits += _int_sum(mv[:, 0], mv[:, 3], W)
+        return RankLayout(rank, e, dst, tok, recv, _int_sum(dst, tok, W).tolist(), recv_splits.tolist())
 
     def send_WE(self, rank: int) -> np.ndarray:
         """int64 [W_dst, E]: tokens of each expert `rank` sends to each rank (itself included)."""
