@@ -138,3 +138,71 @@ def ds_form_equivalence(rank, world, form, k, ep_size, drop_tokens, use_residual
         res["dresidual"] = max(float((a.grad - b.grad).abs().max()) for a, b in
                                zip(ds.mlp.parameters(), hm.moe.residual.mlp.parameters()))
     return res
+
+
+def ds_sampling_equivalence(rank, world, k, gate_kw, drop_tokens, use_residual, tokens, strategy, train=True,
+                            form="linear_bias_gelu"):
+    """DeepSpeed MoE vs the drop-in with DeepSpeed's random gate options (gate_kw: use_rts,
+    top2_2nd_expert_sampling, noisy_gate_policy), both run from the same generator state:
+    the draws, hence every output and gradient, must be the same."""
+    _deepspeed()
+    from deepspeed.moe.layer import MoE as DSMoE
+    from deepspeed.utils import groups
+
+    from hecate.integrations.deepspeed import MoE, finish_backward
+
+    E = 8
+    torch.manual_seed(0)
+    expert = make_expert(form)
+    kw = dict(num_experts=E, ep_size=2 if world >= 2 else 1, k=k, capacity_factor=1.0, min_capacity=0,
+              use_residual=use_residual, drop_tokens=drop_tokens, **gate_kw)
+    ds = DSMoE(D, expert, **kw)
+    ds.set_deepspeed_parallelism()
+    hm = MoE(D, expert, **kw, strategy=strategy)
+    full = distinct_weights(expert, E)
+    ep_rank = groups._get_expert_parallel_rank(ds.expert_group_name)
+    nl = ds.num_local_experts
+    with torch.no_grad():
+        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            for n, p in ex.named_parameters():
+                p.copy_(full[n.replace(".", "__")][ep_rank * nl + i])
+        hm.moe.router.weight_ED.copy_(ds.deepspeed_moe.gate.wg.weight)
+        if use_residual:
+            hm.moe.residual.coefficient.load_state_dict(ds.coefficient.state_dict())
+            hm.moe.residual.mlp.load_state_dict(ds.mlp.state_dict())
+    hm.strategy.load_experts(hm.moe, full)
+    if not train:
+        ds.eval()
+        hm.eval()
+    n = tokens[rank]
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(n, D, generator=g)
+    dy = torch.randn(n, D, generator=g)
+    outs = []
+    for layer in (ds, hm):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1234 + rank)  # the same generator state for both gates' draws
+        y, l_aux, counts = layer(xi)
+        ((y * dy).sum() + 0.5 * l_aux).backward()
+        outs.append((y.detach(), l_aux.detach(), counts.detach().long(), xi.grad))
+    (y0, a0, c0, gx0), (y1, a1, c1, gx1) = outs
+    res = {"y": float((y0 - y1).abs().max()), "l_aux": abs(float(a0) - float(a1)),
+           "counts_equal": bool(torch.equal(c0, c1)), "dx": float((gx0 - gx1).abs().max()),
+           "dgate": float((ds.deepspeed_moe.gate.wg.weight.grad - hm.moe.router.weight_ED.grad).abs().max()),
+           "scale": float(y0.abs().max())}
+    with torch.no_grad():  # how many entries the capacity dropped on this rank (the test wants > 0)
+        torch.manual_seed(1234 + rank)
+        stats = hm.moe(x).stats
+        res["dropped"] = int(stats.tokens_per_expert_E.sum() - stats.kept_per_expert_E.sum())
+    finish_backward(hm)
+    hg = hm.strategy.gather_experts(hm.moe, grads=True)
+    worst = 0.0
+    for name, v in full.items():
+        dg = torch.zeros_like(v)
+        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            dg[ep_rank * nl + i] = dict(ex.named_parameters())[name.replace("__", ".")].grad
+        dist.all_reduce(dg)
+        dg /= world
+        worst = max(worst, float((hg[name] - dg).abs().max()))
+    res["dexperts"] = worst
+    return res

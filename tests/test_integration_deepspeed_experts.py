@@ -36,3 +36,31 @@ def test_expert_form_matches_deepspeed(form, k, ep_size, drop, residual, tokens,
         assert r["mode"] == ("generic" if form.startswith("generic") else "grouped"), r
         for key in ("y", "l_aux", "dx", "dgate", "dexperts") + (("dresidual",) if residual else ()):
             assert r[key] <= TOL * max(1.0, r["scale"]), (key, r)
+
+
+# DeepSpeed's random gate options, DeepSpeed's defaults included: (k, gate kwargs, drop_tokens,
+# use_residual, tokens per rank, strategy, world, train)
+DEFAULTS = {}  # use_rts=True, top2_2nd_expert_sampling=True, noisy_gate_policy=None
+SAMPLING = [
+    (1, DEFAULTS, True, False, [16, 16], "fssdp", 2, True),                    # RTS decides the drops
+    (1, DEFAULTS, True, True, [24, 24], "ep", 2, False),                       # RTS in eval too
+    (1, DEFAULTS, False, False, [9, 14], "fssdp", 2, True),                    # RTS drawn, nothing dropped
+    (1, {"noisy_gate_policy": "RSample"}, True, False, [16, 16], "fsdp", 2, True),
+    (1, {"noisy_gate_policy": "Jitter", "use_rts": True}, True, False, [16, 16], "fssdp", 2, True),
+    (2, DEFAULTS, True, False, [16, 16], "fssdp", 2, True),                    # sampled 2nd expert
+    (2, DEFAULTS, False, True, [7, 13], "ep", 2, False),                       # sampled in eval too
+    (2, {"noisy_gate_policy": "Jitter"}, True, True, [16, 16, 16, 16], "fssdp", 4, True),
+    (3, {"noisy_gate_policy": "Jitter"}, False, False, [5, 12], "dp", 2, True),
+]
+
+
+@pytest.mark.parametrize("k,gate_kw,drop,residual,tokens,strategy,world,train", SAMPLING)
+def test_random_gate_options_draw_what_deepspeed_draws(k, gate_kw, drop, residual, tokens, strategy, world, train):
+    res = run_distributed(cases.ds_sampling_equivalence, world, k, gate_kw, drop, residual, tokens, strategy,
+                          train, timeout=300, **cases.ISOLATED)
+    for r in res:
+        assert r["counts_equal"], r
+        for key in ("y", "l_aux", "dx", "dgate", "dexperts"):
+            assert r[key] <= TOL * max(1.0, r["scale"]), (key, r)
+    if drop and k == 1:
+        assert sum(r["dropped"] for r in res) > 0, "the scenario should exercise random token selection"

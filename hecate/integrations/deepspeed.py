@@ -12,7 +12,13 @@ gate reproduces DeepSpeed's TopKGate (see docs/deepspeed.md for the mapping):
   to the largest load, which computes the same result);
 - l_aux = E * sum_e mean_t(p_te) * frac_e with frac over 1st choices (k <= 2), or
   E / k * sum_e mean_t(p_te) * frac_e over all k choices (k > 2);
-- exp_counts = this rank's (token, choice) entries per expert before drops.
+- exp_counts = this rank's (token, choice) entries per expert before drops;
+- DeepSpeed's random parts with DeepSpeed's defaults: 'Jitter' (router input times
+  U(0.99, 1.01), training), 'RSample' (k = 1: Gumbel noise on the logits picks the expert,
+  training), use_rts (k = 1: which tokens an over-full expert keeps is decided by uniforms),
+  top2_2nd_expert_sampling (k = 2: the 2nd expert is the argmax of Gumbel-noised logits
+  without the 1st; DeepSpeed samples in eval too). Each is drawn with DeepSpeed's sampler in
+  DeepSpeed's order, so the same generator state gives the same draws.
 
 DeepSpeed itself is never imported here: the layer runs without it.
 """
@@ -26,6 +32,7 @@ from torch import nn
 
 from hecate.integrations.expert_module import expert_mlp_weights, module_experts_for
 from hecate.integrations.strategy_choice import attach, resolve_strategy
+from hecate.moe.capacity import compute_capacity, kept_mask
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
 from hecate.moe.routing import Routing
@@ -58,15 +65,10 @@ def deepspeed_moe_config(hidden_size: int, ffn_hidden_size: int, num_experts: in
         raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
     if noisy_gate_policy not in (None, "None", "Jitter", "RSample"):
         raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} must be None, 'Jitter' or 'RSample'")
-    if noisy_gate_policy == "RSample" and k == 1:
-        raise ValueError("noisy_gate_policy='RSample' (Gumbel-noised top-1 selection) is not supported; "
-                         "use None or 'Jitter' (for k >= 2 DeepSpeed ignores RSample, and so does Hecate)")
-    if use_rts and k == 1 and drop_tokens:
-        raise ValueError("use_rts=True (random token selection when top-1 drops tokens) is not supported: "
-                         "Hecate keeps the earliest tokens. Pass use_rts=False (or drop_tokens=False)")
-    if top2_2nd_expert_sampling and k == 2:
-        raise ValueError("top2_2nd_expert_sampling=True (Gumbel-sampled 2nd expert) is not supported: "
-                         "Hecate's top-2 picks the 2nd-highest score. Pass top2_2nd_expert_sampling=False")
+    for name, v in (("use_rts", use_rts), ("top2_2nd_expert_sampling", top2_2nd_expert_sampling),
+                    ("drop_tokens", drop_tokens), ("use_residual", use_residual)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be a bool, got {v!r}")
     if enable_expert_tensor_parallelism:
         raise ValueError("enable_expert_tensor_parallelism=True is not supported: Hecate shards whole "
                          "experts (fssdp/fsdp/ep), never slices one expert's matrices; pass False")
@@ -93,19 +95,60 @@ def deepspeed_l_aux(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.T
     return (probs_TE.float().mean(0) * mask_TE.mean(0)).sum() * scale
 
 
-class DeepSpeedGateMoELayer(MoELayer):
-    """MoELayer whose routing stages follow DeepSpeed's TopKGate (jitter, l_aux, post-drop
-    renormalization); dispatch, experts and combine stay the strategy's."""
+def _uniform(low: float, high: float, shape, device) -> torch.Tensor:
+    """U(low, high) drawn exactly as DeepSpeed draws it (torch.distributions Uniform.rsample)."""
+    return torch.distributions.uniform.Uniform(torch.tensor(low, device=device),
+                                               torch.tensor(high, device=device)).rsample(shape)
 
-    def __init__(self, config: MoEConfig, jitter: bool = False, strategy=None):
+
+def _gumbel(shape, device) -> torch.Tensor:
+    """Gumbel(0, 1) noise drawn exactly as DeepSpeed's gumbel_rsample draws it."""
+    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0, device=device),
+                                             torch.tensor(1.0, device=device)).rsample(shape)
+
+
+class DeepSpeedGateMoELayer(MoELayer):
+    """MoELayer whose routing stages follow DeepSpeed's TopKGate (jitter, RSample, random token
+    selection, the sampled 2nd expert, l_aux, post-drop renormalization); dispatch, experts and
+    combine stay the strategy's. Random draws are made in DeepSpeed's order with DeepSpeed's
+    samplers, so with the same generator state they are DeepSpeed's draws."""
+
+    def __init__(self, config: MoEConfig, jitter: bool = False, strategy=None, *, rsample: bool = False,
+                 use_rts: bool = False, second_expert_sampling: bool = False):
         super().__init__(config, strategy)
-        self.jitter = jitter
+        self.jitter, self.rsample = jitter, rsample
+        self.use_rts, self.second_expert_sampling = use_rts, second_expert_sampling
+        self._rts_priority_TK = None
 
     def route(self, x_TD, *, top_k, capacity_factor, group_sizes, seq_len=None) -> Routing:
         if self.jitter and self.training:  # DeepSpeed 'Jitter': noise on the router input only
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - JITTER_EPS, 1.0 + JITTER_EPS)
-        return super().route(x_TD, top_k=top_k, capacity_factor=capacity_factor,
-                             group_sizes=group_sizes, seq_len=seq_len)
+            x_TD = x_TD.float() * _uniform(1.0 - JITTER_EPS, 1.0 + JITTER_EPS, x_TD.shape, x_TD.device)
+        self._rts_priority_TK = None
+        k = top_k
+        sampled = (k == 1 and (self.use_rts or (self.rsample and self.training))) or \
+                  (k == 2 and self.second_expert_sampling)
+        if not sampled:
+            return super().route(x_TD, top_k=top_k, capacity_factor=capacity_factor,
+                                 group_sizes=group_sizes, seq_len=seq_len)
+        logits_TE = self.router.logits(x_TD)
+        gates_TE = torch.softmax(logits_TE, dim=1)
+        with torch.no_grad():
+            if k == 1:  # top1gating: RSample noise (training), then the RTS uniforms
+                select_TE = gates_TE
+                if self.rsample and self.training:
+                    select_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device)
+                indices_TK = torch.argmax(select_TE, dim=1).unsqueeze(1)
+                if self.use_rts:  # DeepSpeed draws them whether or not tokens are dropped
+                    u_TE = _uniform(0.0, 1.0, logits_TE.shape, logits_TE.device)
+                    self._rts_priority_TK = u_TE.gather(1, indices_TK)
+            else:  # top2gating: 1st = argmax; 2nd = argmax of Gumbel-noised logits without the 1st
+                first_T = torch.argmax(gates_TE, dim=1)
+                noisy_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device)
+                noisy_TE.scatter_(1, first_T.unsqueeze(1), float("-inf"))
+                indices_TK = torch.stack([first_T, torch.argmax(noisy_TE, dim=1)], dim=1)
+        routing = self.router._routing(indices_TK, gates_TE.gather(1, indices_TK), gates_TE, logits_TE)
+        return routing.replace(aux_losses=self.aux_losses(routing, group_sizes, seq_len),
+                               group_sizes=list(group_sizes))
 
     def aux_losses(self, routing: Routing, group_sizes: Sequence[int], seq_len) -> dict:
         per_group, start = [], 0
@@ -116,6 +159,20 @@ class DeepSpeedGateMoELayer(MoELayer):
         return {"l_aux": torch.stack(per_group).mean()}
 
     def apply_capacity(self, routing: Routing, capacity_factor, group_sizes) -> Routing:
+        priority, self._rts_priority_TK = self._rts_priority_TK, None
+        if priority is not None and capacity_factor is not None:
+            # Random token selection: each expert keeps the tokens with the largest uniforms
+            # (DeepSpeed's topk over mask * U), decided per group (a rank's tokens).
+            e = routing.num_experts
+            keep, start = [], 0
+            for size in group_sizes:
+                sl = slice(start, start + size)
+                cap = compute_capacity(size, 1, e, capacity_factor, self.config.min_capacity)
+                keep.append(kept_mask(routing.indices_TK[sl], priority[sl], e, cap, "probability"))
+                start += size
+            keep_TK = torch.cat(keep) if keep else routing.indices_TK >= 0
+            return routing.replace(indices_TK=torch.where(keep_TK, routing.indices_TK, -1),
+                                   weights_TK=routing.weights_TK * keep_TK.to(routing.weights_TK.dtype))
         routing = super().apply_capacity(routing, capacity_factor, group_sizes)
         if routing.indices_TK.shape[1] == 1:
             return routing  # top-1: the raw probability (DeepSpeed's top1gating)
@@ -156,7 +213,10 @@ class MoE(nn.Module):
                                    top2_2nd_expert_sampling)
         self.hidden_size, self.num_experts, self.ep_size, self.k = hidden_size, num_experts, ep_size, k
         self.use_residual = bool(use_residual)
-        self.moe = DeepSpeedGateMoELayer(cfg, jitter=noisy_gate_policy == "Jitter")
+        self.moe = DeepSpeedGateMoELayer(cfg, jitter=noisy_gate_policy == "Jitter",
+                                         rsample=noisy_gate_policy == "RSample" and k == 1,
+                                         use_rts=use_rts and k == 1,
+                                         second_expert_sampling=top2_2nd_expert_sampling and k == 2)
         if module_experts is not None:
             self.moe.experts = module_experts
             if self.moe.residual is not None:  # DeepSpeed's residual MLP is a copy of the expert too
