@@ -7,9 +7,11 @@ placement this prints, per configuration:
 - bytes received over all ranks by spAG / spRS (CommStats), by a dense all-gather /
   all-reduce of the same buffers, and the lower bound (each rank receives only the
   chunks it needs and does not own);
-- wall time (median over iterations of the slowest rank) of spAG and spRS issued
-  from Python and from C++ (hecate._C on the c10d ProcessGroup), of the dense
-  collectives, and of spAG with the placement agreement check switched on.
+- wall time (median over iterations of the slowest rank) of spAG and spRS (the
+  autograd functions checkpoints and re-sharding use), of their replica-only
+  asynchronous forms (what FSSDP training issues: start_replica_gather /
+  start_replica_reduce, then wait), of the dense collectives, and of spAG with the
+  placement agreement check switched on.
 
 Usage: python benchmarks/collectives.py --nproc 4 [--json]
 (--json prints one JSON object on the last line). No timed asserts: numbers only.
@@ -58,28 +60,31 @@ def _time(fn, iters: int) -> list[float]:
 
 def bench_task(rank: int, world_size: int, chunks_per_rank: int, S: int, hot: int, iters: int) -> dict:
     """Runs on every rank: per-iteration times and this rank's CommStats snapshot."""
-    from hecate.comm import CommStats, cpp_issuer_available, sparse_all_gather, sparse_reduce_scatter
+    from hecate.comm import CommStats, plan_sparse, sparse_all_gather, sparse_reduce_scatter
+    from hecate.comm.sparse import start_replica_gather, start_replica_reduce
 
     owner_C, holders_WC = skewed_placement(world_size, chunks_per_rank, hot)
     C = owner_C.numel()
     owned_OS = torch.randn(int((owner_C == rank).sum()), S)
     grads_MS = torch.randn(int(holders_WC[rank].sum()), S)
     full_CS = torch.empty(C, S)
-    issuers = ["python"] + (["cpp"] if cpp_issuer_available() else [])
     stats = CommStats()
+    plan = plan_sparse(owner_C, holders_WC, rank)
+    replicas_RS = torch.randn(sum(plan.recv_counts), S)
+    owned_grads_OS = torch.zeros_like(owned_OS)
 
     from hecate.comm.all_to_all import all_gather_flat
 
-    # Issuers are compared without the agreement check (one extra tiny collective that both
-    # pay alike); one row measures the check on top of the Python issuer.
-    cases = {}
-    for issuer in issuers:
-        cases[f"spAG {issuer}"] = lambda i=issuer: sparse_all_gather(
-            owned_OS, owner_C, holders_WC, stats=stats, issuer=i, check=False)
-        cases[f"spRS {issuer}"] = lambda i=issuer: sparse_reduce_scatter(
-            grads_MS, owner_C, holders_WC, stats=stats, issuer=i, check=False)
-    cases["spAG python + check"] = lambda: sparse_all_gather(
-        owned_OS, owner_C, holders_WC, check=True, issuer="python")
+    # Without the agreement check (one extra tiny collective); one row measures it on top.
+    cases = {
+        "spAG": lambda: sparse_all_gather(owned_OS, owner_C, holders_WC, stats=stats, check=False),
+        "spRS": lambda: sparse_reduce_scatter(grads_MS, owner_C, holders_WC, stats=stats, check=False),
+        "spAG + check": lambda: sparse_all_gather(owned_OS, owner_C, holders_WC, check=True),
+        # The training path: planned once per layer, issued asynchronously, waited on later.
+        "spAG replicas async": lambda: start_replica_gather(owned_OS, plan, None, async_op=True).wait(),
+        "spRS replicas async": lambda: start_replica_reduce(replicas_RS, owned_grads_OS, plan, None,
+                                                            async_op=True).wait(),
+    }
     # Dense baselines over the same buffers (round robin: every rank owns C/W chunks).
     cases["dense all-gather"] = lambda: all_gather_flat(full_CS, owned_OS)
     cases["dense all-reduce"] = lambda: dist.all_reduce(full_CS)
@@ -129,16 +134,16 @@ def _table(name: str, summary: dict):
     lb = max(b["lower_bound"], 1)
     table = Table(title=f"{name}: W={summary['world_size']}, C={summary['chunks']}, "
                         f"chunk={summary['chunk_bytes'] // 1024} KiB, hot={summary['hot_chunks']}")
-    for col in ("collective", "MiB received (all ranks)", "x lower bound", "ms python", "ms C++"):
+    for col in ("collective", "MiB received (all ranks)", "x lower bound", "ms", "ms replicas async"):
         table.add_column(col, justify="right" if col != "collective" else "left")
     mib = lambda n: f"{n / 2**20:.2f}"  # noqa: E731
     fmt = lambda key: f"{t[key]:.2f}" if key in t else "-"  # noqa: E731
     table.add_row("lower bound", mib(b["lower_bound"]), "1.00", "", "")
-    table.add_row("spAG", mib(b["spAG"]), f"{b['spAG'] / lb:.2f}", fmt("spAG python"), fmt("spAG cpp"))
-    table.add_row("spAG + agreement check", "", "", fmt("spAG python + check"), "")
+    table.add_row("spAG", mib(b["spAG"]), f"{b['spAG'] / lb:.2f}", fmt("spAG"), fmt("spAG replicas async"))
+    table.add_row("spAG + agreement check", "", "", fmt("spAG + check"), "")
     table.add_row("dense all-gather", mib(b["dense_all_gather"]), f"{b['dense_all_gather'] / lb:.2f}",
                   fmt("dense all-gather"), "")
-    table.add_row("spRS", mib(b["spRS"]), f"{b['spRS'] / lb:.2f}", fmt("spRS python"), fmt("spRS cpp"))
+    table.add_row("spRS", mib(b["spRS"]), f"{b['spRS'] / lb:.2f}", fmt("spRS"), fmt("spRS replicas async"))
     table.add_row("dense all-reduce", mib(b["dense_all_reduce"]), f"{b['dense_all_reduce'] / lb:.2f}",
                   fmt("dense all-reduce"), "")
     return table

@@ -2,7 +2,6 @@
 // CUDA kernels register themselves with TORCH_LIBRARY_IMPL(hecate, CUDA, m) in csrc/cuda/.
 #include <torch/extension.h>
 
-#include "c10d_bindings.h"
 #include "ops.h"
 
 TORCH_LIBRARY(hecate, m) {
@@ -50,6 +49,6 @@ TORCH_LIBRARY_IMPL(hecate, CPU, m) {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hecate C++/CUDA kernels (torch.ops.hecate.*) and c10d bindings";
-  hecate::register_c10d_bindings(m);
+  // The kernels are torch ops (torch.ops.hecate.*); this module only makes the library loadable.
+  m.doc() = "hecate C++/CUDA kernels (torch.ops.hecate.*)";
 }

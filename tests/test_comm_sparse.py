@@ -52,14 +52,14 @@ def _expected_bytes(owner_C, holders_WC, rank, elsize=4):
     return ag_sent, ag_recv
 
 
-def _random_placements_task(rank, world_size, seeds, issuer):
+def _random_placements_task(rank, world_size, seeds):
     failures = []
     for seed in seeds:
         owner_C, holders_WC = random_placement(world_size, seed)
         values_CS = chunk_values(owner_C.numel(), seed)
         stats = CommStats()
         owned_OS = values_CS[owner_C == rank]
-        out_MS, ids_M = sparse_all_gather(owned_OS, owner_C, holders_WC, stats=stats, issuer=issuer)
+        out_MS, ids_M = sparse_all_gather(owned_OS, owner_C, holders_WC, stats=stats)
         if not torch.equal(ids_M, holders_WC[rank].nonzero().view(-1)):
             failures.append((seed, "spAG ids"))
         if not torch.equal(out_MS, _dense_gather_then_select(owned_OS, owner_C, holders_WC, rank)):
@@ -67,7 +67,7 @@ def _random_placements_task(rank, world_size, seeds, issuer):
         if not torch.equal(out_MS, values_CS[ids_M]):
             failures.append((seed, "spAG vs truth"))
         grads_MS = chunk_values(int(holders_WC[rank].sum()), 1000 * seed + rank)
-        red_OS = sparse_reduce_scatter(grads_MS, owner_C, holders_WC, stats=stats, issuer=issuer)
+        red_OS = sparse_reduce_scatter(grads_MS, owner_C, holders_WC, stats=stats)
         if not torch.equal(red_OS, _dense_reduce_then_slice(grads_MS, owner_C, holders_WC, rank)):
             failures.append((seed, "spRS values"))
         sent, recv = _expected_bytes(owner_C, holders_WC, rank)
@@ -79,31 +79,25 @@ def _random_placements_task(rank, world_size, seeds, issuer):
     return failures
 
 
-@pytest.mark.parametrize("issuer", ["python", "cpp"])
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_matches_dense_collectives(world_size, issuer):
-    if issuer == "cpp":
-        from hecate.comm import cpp_issuer_available
-
-        if not cpp_issuer_available():
-            pytest.skip("hecate._C lacks the c10d issuer (not built)")
-    results = run_distributed(_random_placements_task, world_size, list(range(20)), issuer)
+def test_matches_dense_collectives(world_size):
+    results = run_distributed(_random_placements_task, world_size, list(range(20)))
     for rank, failures in enumerate(results):
         assert failures == [], f"rank {rank}: {failures}"
 
 
-def _autograd_task(rank, world_size, issuer):
+def _autograd_task(rank, world_size):
     owner_C, holders_WC = random_placement(world_size, 11)
     owner_C, holders_WC = owner_C, holders_WC
     torch.manual_seed(rank)
     owned_OS = torch.randn(int((owner_C == rank).sum()), S, dtype=torch.float64, requires_grad=True)
-    out_MS, _ = sparse_all_gather(owned_OS, owner_C, holders_WC, issuer=issuer)
+    out_MS, _ = sparse_all_gather(owned_OS, owner_C, holders_WC)
     g_MS = torch.randn_like(out_MS)
     (out_MS * g_MS).sum().backward()
     ag_backward_ok = torch.allclose(owned_OS.grad, sparse_reduce_scatter(g_MS, owner_C, holders_WC))
 
     grads_MS = torch.randn(int(holders_WC[rank].sum()), S, dtype=torch.float64, requires_grad=True)
-    red_OS = sparse_reduce_scatter(grads_MS, owner_C, holders_WC, issuer=issuer)
+    red_OS = sparse_reduce_scatter(grads_MS, owner_C, holders_WC)
     h_OS = torch.randn_like(red_OS)
     (red_OS * h_OS).sum().backward()
     rs_backward_ok = torch.allclose(grads_MS.grad, sparse_all_gather(h_OS, owner_C, holders_WC)[0])
@@ -118,9 +112,8 @@ def _autograd_task(rank, world_size, issuer):
     return ag_backward_ok, rs_backward_ok, torch.allclose(lhs, rhs)
 
 
-@pytest.mark.parametrize("issuer", ["python", "cpp"])
-def test_autograd_each_is_the_others_backward(issuer):
-    results = run_distributed(_autograd_task, 3, issuer)
+def test_autograd_each_is_the_others_backward():
+    results = run_distributed(_autograd_task, 3)
     assert results == [(True, True, True)] * 3
 
 
@@ -167,8 +160,6 @@ def _bad_input_task(rank, world_size, case):
         owned_OS = torch.zeros(2)
     elif case == "grads_rows":
         return sparse_reduce_scatter(torch.zeros(1, S), owner_C, holders_WC)
-    elif case == "issuer":
-        return sparse_all_gather(owned_OS, owner_C, holders_WC, issuer="mpi")
     return sparse_all_gather(owned_OS, owner_C, holders_WC)
 
 
@@ -182,7 +173,6 @@ def _bad_input_task(rank, world_size, case):
     ("owner_not_holder", ValueError, "owner 1 of chunk 1 does not hold it"),
     ("owned_1d", ValueError, "owned_OS must be a 2-D tensor"),
     ("grads_rows", ValueError, "grads_MS has 1 rows but rank 0 holds 3 chunks"),
-    ("issuer", ValueError, "issuer must be"),
 ])
 def test_bad_input(case, error, match):
     with pytest.raises(error, match=match):

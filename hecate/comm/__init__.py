@@ -3,7 +3,6 @@ from hecate.comm.agreement import AgreementError, check_agreement, digest
 from hecate.comm.all_to_all import all_to_all_v, exchange_splits
 from hecate.comm.sparse import (
     SparsePlan,
-    cpp_issuer_available,
     plan_sparse,
     sparse_all_gather,
     sparse_reduce_scatter,
@@ -13,6 +12,6 @@ from hecate.comm.topology import ExpertGroups, Topology
 
 __all__ = [
     "AgreementError", "check_agreement", "digest", "all_to_all_v", "exchange_splits", "SparsePlan",
-    "cpp_issuer_available", "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter", "CommStats",
+    "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter", "CommStats",
     "ExpertGroups", "Topology",
 ]

@@ -10,10 +10,10 @@ holders_WC[r, c] says whether rank r holds chunk c this iteration (P1, P0 a subs
   (the owner's own contribution first, then the other holders by ascending rank).
 
 Each is the autograd backward of the other. The split planning and packing run
-in hecate.ops (C++ kernels); the transport is one `all_to_all_single` with uneven
-splits on the group. Two issuers exist: "python" (hecate.ops + torch.distributed)
-and "cpp" (the whole collective in one call into hecate._C on the c10d
-ProcessGroup, GIL released while it waits); see docs/comm.md for which is default.
+in hecate.ops (C++ / CUDA kernels); the transport is one `all_to_all_single` with
+uneven splits on the group, issued from Python, synchronously or asynchronously
+(`start_*`). This is the only transport: training (FSSDP's replica exchanges),
+checkpoint gathers and re-sharding all use it (docs/comm.md).
 """
 from __future__ import annotations
 
@@ -30,11 +30,7 @@ from hecate.comm.all_to_all import group_rank_and_size, group_ranks
 from hecate.comm.stats import CommStats
 
 __all__ = ["SparsePlan", "plan_sparse", "sparse_all_gather", "sparse_reduce_scatter",
-           "start_spag", "start_sprs", "start_replica_gather", "start_replica_reduce",
-           "cpp_issuer_available", "DEFAULT_ISSUER"]
-
-# Chosen from benchmarks/collectives.py (docs/comm.md); "python" where hecate._C lacks the binding.
-DEFAULT_ISSUER = "cpp"
+           "start_spag", "start_sprs", "start_replica_gather", "start_replica_reduce"]
 
 
 @dataclass(frozen=True)
@@ -57,17 +53,6 @@ class SparsePlan:
     send_rows: torch.Tensor      # owned_OS row of each send_ids entry
     recv_rows: torch.Tensor      # materialized_MS row of each recv_ids entry
     owned_rows_M: torch.Tensor   # materialized_MS row of each owned chunk
-
-
-def cpp_issuer_available() -> bool:
-    """Whether hecate._C has the c10d (ProcessGroup) issuer of spAG / spRS."""
-    from hecate import _extension
-
-    if not _extension.load():
-        return False
-    import hecate._C as _C
-
-    return hasattr(_C, "sparse_all_gather_pg") and hasattr(_C, "sparse_reduce_scatter_pg")
 
 
 def _validate_placement(owner_C, holders_WC, world_size: int) -> None:
@@ -115,10 +100,6 @@ def plan_sparse(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int) -> S
     )
 
 
-def _resolve_group(group):
-    return dist.group.WORLD if group is None else group
-
-
 def _record(stats: CommStats | None, name: str, owner_C, holders_WC, rank: int, group, row_bytes: int,
             reduce: bool = False) -> None:
     """Count an spAG (spRS when `reduce`) per peer: a gather sends each owned chunk to its
@@ -135,16 +116,7 @@ def _record(stats: CommStats | None, name: str, owner_C, holders_WC, rank: int, 
                        group_ranks(group))
 
 
-def _pick_issuer(issuer: str | None) -> str:
-    issuer = DEFAULT_ISSUER if issuer is None else issuer
-    if issuer not in ("python", "cpp"):
-        raise ValueError(f"issuer must be 'python', 'cpp' or None (default), got {issuer!r}")
-    if issuer == "cpp" and not cpp_issuer_available():
-        return "python"
-    return issuer
-
-
-# --- the two transports, without autograd -------------------------------------------------------
+# --- the transport, without autograd -------------------------------------------------------
 
 class PendingExchange:
     """An spAG or spRS whose all-to-all may still be in flight; `wait()` completes it.
@@ -173,7 +145,7 @@ class PendingExchange:
 
 
 def start_spag(owned_OS, plan: SparsePlan, group, async_op: bool = False) -> PendingExchange:
-    """Start an spAG (Python issuer); `wait()` returns every held chunk, [M, S] ascending id:
+    """Start an spAG; `wait()` returns every held chunk, [M, S] ascending id:
     the replica exchange below, with the owned rows and the arrivals unpacked into one buffer."""
     device = owned_OS.device
     out_MS = owned_OS.new_empty((plan.held_ids.numel(), owned_OS.shape[1]))
@@ -242,70 +214,48 @@ def start_replica_reduce(grads_RS, owned_grads_OS, plan: SparsePlan, group,
     return PendingExchange(work, grads_RS, finish)
 
 
-def _spag_python(owned_OS, plan: SparsePlan, group) -> torch.Tensor:
-    return start_spag(owned_OS, plan, group).wait()[0]
-
-
-def _sprs_python(grads_MS, plan: SparsePlan, group) -> torch.Tensor:
-    return start_sprs(grads_MS, plan, group).wait()[0]
-
-
-def _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
+def _spag(owned_OS, owner_C, holders_WC, rank, group, stats, name):
     row_bytes = owned_OS.shape[1] * owned_OS.element_size()
-    if issuer == "cpp":
-        import hecate._C as _C
-
-        out_MS, held_ids, sent, received = _C.sparse_all_gather_pg(
-            _resolve_group(group), owned_OS, owner_C, holders_WC, rank)
-        _record(stats, name, owner_C, holders_WC, rank, group, row_bytes)
-        return out_MS, held_ids
     plan = plan_sparse(owner_C, holders_WC, rank)
     _record(stats, name, owner_C, holders_WC, rank, group, row_bytes)
-    return _spag_python(owned_OS, plan, group), plan.held_ids
+    return start_spag(owned_OS, plan, group).wait()[0], plan.held_ids
 
 
-def _sprs(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name):
+def _sprs(grads_MS, owner_C, holders_WC, rank, group, stats, name):
     row_bytes = grads_MS.shape[1] * grads_MS.element_size()
-    if issuer == "cpp":
-        import hecate._C as _C
-
-        out_OS, sent, received = _C.sparse_reduce_scatter_pg(
-            _resolve_group(group), grads_MS, owner_C, holders_WC, rank)
-        _record(stats, name, owner_C, holders_WC, rank, group, row_bytes, reduce=True)
-        return out_OS
     plan = plan_sparse(owner_C, holders_WC, rank)
     _record(stats, name, owner_C, holders_WC, rank, group, row_bytes, reduce=True)
-    return _sprs_python(grads_MS, plan, group)
+    return start_sprs(grads_MS, plan, group).wait()[0]
 
 
 class _SparseAllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name):
-        ctx.saved = (owner_C, holders_WC, rank, group, issuer, stats, name)
-        out_MS, held_ids = _spag(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name)
+    def forward(ctx, owned_OS, owner_C, holders_WC, rank, group, stats, name):
+        ctx.saved = (owner_C, holders_WC, rank, group, stats, name)
+        out_MS, held_ids = _spag(owned_OS, owner_C, holders_WC, rank, group, stats, name)
         ctx.mark_non_differentiable(held_ids)
         return out_MS, held_ids
 
     @staticmethod
     def backward(ctx, grad_MS, _grad_ids):
-        owner_C, holders_WC, rank, group, issuer, stats, name = ctx.saved
-        grad_OS = _sprs(grad_MS.contiguous(), owner_C, holders_WC, rank, group, issuer, stats,
+        owner_C, holders_WC, rank, group, stats, name = ctx.saved
+        grad_OS = _sprs(grad_MS.contiguous(), owner_C, holders_WC, rank, group, stats,
                         name + ".backward")
-        return grad_OS, None, None, None, None, None, None, None
+        return grad_OS, None, None, None, None, None, None
 
 
 class _SparseReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name):
-        ctx.saved = (owner_C, holders_WC, rank, group, issuer, stats, name)
-        return _sprs(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name)
+    def forward(ctx, grads_MS, owner_C, holders_WC, rank, group, stats, name):
+        ctx.saved = (owner_C, holders_WC, rank, group, stats, name)
+        return _sprs(grads_MS, owner_C, holders_WC, rank, group, stats, name)
 
     @staticmethod
     def backward(ctx, grad_OS):
-        owner_C, holders_WC, rank, group, issuer, stats, name = ctx.saved
-        grad_MS, _ = _spag(grad_OS.contiguous(), owner_C, holders_WC, rank, group, issuer, stats,
+        owner_C, holders_WC, rank, group, stats, name = ctx.saved
+        grad_MS, _ = _spag(grad_OS.contiguous(), owner_C, holders_WC, rank, group, stats,
                            name + ".backward")
-        return grad_MS, None, None, None, None, None, None, None
+        return grad_MS, None, None, None, None, None, None
 
 
 def _validate_owners(owner_C, holders_WC) -> None:
@@ -362,26 +312,25 @@ def _prepare(buf, buf_name, rows_expected, rows_what, owner_C, holders_WC, group
 
 def sparse_all_gather(owned_OS: torch.Tensor, owner_C: torch.Tensor, holders_WC: torch.Tensor,
                       group=None, stats: CommStats | None = None, *, check: bool = True,
-                      issuer: str | None = None, name: str = "spAG"):
+                      name: str = "spAG"):
     """spAG: materialize every chunk this rank holds. Returns (materialized_MS, materialized_ids_M).
 
     owned_OS: the rows of the chunks this rank owns (`owner_C == rank`), ascending chunk id.
     owner_C: [C] owner rank (in `group`) of each chunk. holders_WC: [W, C] bool, rank r holds
     chunk c this iteration; every owner must hold its chunks. Every rank of `group` calls this
     with the same owner_C / holders_WC, chunk size S and dtype (checked with one tiny
-    all-gather when `check`). Differentiable: the backward is spRS. `issuer` picks "python"
-    or "cpp" (None: DEFAULT_ISSUER). Bytes are counted in `stats` under `name`.
+    all-gather when `check`). Differentiable: the backward is spRS. Bytes are counted in
+    `stats` under `name`.
     """
-    issuer = _pick_issuer(issuer)
     rank, owner_C, holders_WC, owned_OS = _prepare(
         owned_OS, "owned_OS", lambda o, h, r: (o == r).sum(), "owns", owner_C, holders_WC,
         group, check, name)
-    return _SparseAllGather.apply(owned_OS, owner_C, holders_WC, rank, group, issuer, stats, name)
+    return _SparseAllGather.apply(owned_OS, owner_C, holders_WC, rank, group, stats, name)
 
 
 def sparse_reduce_scatter(grads_MS: torch.Tensor, owner_C: torch.Tensor, holders_WC: torch.Tensor,
                           group=None, stats: CommStats | None = None, *, check: bool = True,
-                          issuer: str | None = None, name: str = "spRS") -> torch.Tensor:
+                          name: str = "spRS") -> torch.Tensor:
     """spRS: sum every holder's gradient of a chunk into its owner. Returns owned_grads_OS.
 
     grads_MS: this rank's gradient of every chunk it holds (`holders_WC[rank]`), ascending
@@ -389,8 +338,7 @@ def sparse_reduce_scatter(grads_MS: torch.Tensor, owner_C: torch.Tensor, holders
     ascending: the owner's own gradient plus the other holders' in ascending rank order.
     Differentiable: the backward is spAG. Same arguments and checks as sparse_all_gather.
     """
-    issuer = _pick_issuer(issuer)
     rank, owner_C, holders_WC, grads_MS = _prepare(
         grads_MS, "grads_MS", lambda o, h, r: h[r].sum(), "holds", owner_C, holders_WC,
         group, check, name)
-    return _SparseReduceScatter.apply(grads_MS, owner_C, holders_WC, rank, group, issuer, stats, name)
+    return _SparseReduceScatter.apply(grads_MS, owner_C, holders_WC, rank, group, stats, name)
