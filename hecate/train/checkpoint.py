@@ -380,7 +380,7 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
     step_dir = resolve_checkpoint(path)
     try:
         return _load(step_dir, model, strategy, engine, topology)
-    except (KeyError, IndexError, AttributeError) as e:
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
         # read_manifest checked the keys every load needs; a strategy-specific key that is missing
         # or malformed still ends here, named, rather than as a bare KeyError.
         raise CheckpointError(f"{os.path.join(step_dir, MANIFEST)} does not fit its shards or this model "
