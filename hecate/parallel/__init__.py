@@ -5,7 +5,7 @@ from torch import nn
 
 from hecate.parallel.strategy import ExpertStrategy
 
-STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp")
+STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp", "fssdp_hybrid")
 
 
 def build_strategy(name: str, topology=None, **options) -> ExpertStrategy:
@@ -34,6 +34,10 @@ def build_strategy(name: str, topology=None, **options) -> ExpertStrategy:
         from hecate.parallel.fsdp import FullySharded
 
         return FullySharded(topology, **options)
+    if name == "fssdp_hybrid":  # shard groups of `shard_group_size` ranks (hecate/parallel/fssdp/hybrid.py)
+        from hecate.parallel.fssdp.hybrid import HybridFullyShardedSparse
+
+        return HybridFullyShardedSparse(topology, **options)
     from hecate.parallel.fssdp.strategy import FullyShardedSparse
 
     return FullyShardedSparse(topology, **options)
