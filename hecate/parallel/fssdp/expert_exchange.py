@@ -20,7 +20,6 @@ replicas are alive at a time.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from hecate.comm.all_to_all import all_to_all_v
 from hecate.comm.sparse import SparsePlan
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.expert_compute import experts_on_received
+from hecate.parallel.fssdp.clock import timed
 from hecate.parallel.fssdp.overlap import PendingGather, PendingReduce
 
 
@@ -134,16 +134,15 @@ class FssdpExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, owned_OS, spec: ExchangeSpec):
         with torch.no_grad():
+            # Timings on the device's clock (CUDA events, read when done; host clock on CPU).
             if spec.prefetched is not None:  # gathered while the block's attention computed
-                replicas, blocked = spec.prefetched.wait()
-                spec.timings["exposed_gather_s"] = spec.timings.get("exposed_gather_s", 0.0) + blocked
+                with timed(spec.timings, "exposed_gather_s", owned_OS.device) as interval:
+                    replicas, interval.host_seconds = spec.prefetched.wait()
                 spec.timings["prefetched_layers"] = spec.timings.get("prefetched_layers", 0) + 1
                 spec.prefetched = None
             else:
-                start = time.perf_counter()
-                replicas = spec.gather(owned_OS)
-                spec.timings["blocking_gather_s"] = (spec.timings.get("blocking_gather_s", 0.0)
-                                                     + time.perf_counter() - start)
+                with timed(spec.timings, "blocking_gather_s", owned_OS.device):
+                    replicas = spec.gather(owned_OS)
         x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.token_group,
                               stats=spec.stats, name="fssdp.dispatch")
         x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
@@ -167,16 +166,15 @@ class FssdpExperts(torch.autograd.Function):
         grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
                                    group=spec.token_group, stats=spec.stats, name="fssdp.combine.backward")
         if spec.rematerialize:
-            start = time.perf_counter()
             # The re-gather receives into the replicas' re-grown storage (regrow_replicas).
-            if spec.pending_regather is not None:  # issued by the next layer's backward
-                spec.pending_regather.wait()
-                spec.pending_regather = None
-                key = "exposed_regather_s"
-            else:
-                spec.start_gather(spec.saved_owned, async_op=False, out=spec.regrow_replicas()).wait()
-                key = "blocking_regather_s"
-            spec.timings[key] = spec.timings.get(key, 0.0) + time.perf_counter() - start
+            early = spec.pending_regather is not None  # issued by the next layer's backward
+            key = "exposed_regather_s" if early else "blocking_regather_s"
+            with timed(spec.timings, key, spec.saved_owned.device):
+                if early:
+                    spec.pending_regather.wait()
+                    spec.pending_regather = None
+                else:
+                    spec.start_gather(spec.saved_owned, async_op=False, out=spec.regrow_replicas()).wait()
         prev = spec.previous
         if prev is not None and prev.rematerialize and prev.pending_regather is None:
             # Start the previous layer's re-gather now, behind this layer's expert backward.
@@ -202,11 +200,9 @@ class FssdpExperts(torch.autograd.Function):
             spec.pending.append(PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
                                               spec.weight_group, spec.stats))
             return grad_x_ND, None, None
-        start = time.perf_counter()
-        grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
-                                      spec.weight_group, spec.stats, async_op=False).wait()
-        spec.timings["blocking_reduce_s"] = (spec.timings.get("blocking_reduce_s", 0.0)
-                                             + time.perf_counter() - start)
+        with timed(spec.timings, "blocking_reduce_s", grad_owned.device):
+            grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
+                                          spec.weight_group, spec.stats, async_op=False).wait()
         return grad_x_ND, grad_owned, None
 
 

@@ -34,6 +34,7 @@ from hecate.comm.agreement import AgreementError
 from hecate.comm.sparse import plan_sparse, sparse_all_gather
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
+from hecate.parallel.fssdp.clock import DeviceTimings, Interval, timed
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
 from hecate.parallel.fssdp.overlap import PendingGather
@@ -66,6 +67,8 @@ class LayerState:
     rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
     prefetched: object = None  # PendingGather issued for this layer's next forward
     non_moe_agreed_s: float = 0.0  # max over ranks of the measured non-MoE time (agreed)
+    # Measured non-MoE gaps before this layer not yet read (CUDA events complete later).
+    gaps: deque = field(default_factory=lambda: deque(maxlen=4))
 
 
 def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,10 @@ class FullyShardedSparse(ExpertStrategy):
         self._token_bytes = None  # bytes of one token row on the wire in the current forward
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
         # finish_backward), blocking_reduce_s without it. benchmarks/overlap.py compares them.
-        self.timings = {"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0, "exposed_gather_s": 0.0}
+        # On a GPU these are CUDA-event intervals added once complete (clock.DeviceTimings).
+        self.timings = DeviceTimings({"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0,
+                                      "exposed_gather_s": 0.0})
+        self._gap = None  # Interval from the previous MoE layer's exit (the non-MoE compute)
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -296,8 +302,10 @@ class FullyShardedSparse(ExpertStrategy):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
         start = time.perf_counter()
-        if self._last_exit is not None and self.training_step_time_known(start):
-            layer.fssdp_state.non_moe_us = int((start - self._last_exit) * 1e6)
+        gap, self._gap = self._gap, None
+        if gap is not None and self.training_step_time_known(start):
+            layer.fssdp_state.gaps.append(gap.stop())
+        self._read_non_moe_time(layer.fssdp_state)
         E, W, rank = layer.expert_layout.num_experts, self.topology.world_size, self.topology.rank
         self._wire = self._wire_dtype(x_TD)
         self._token_bytes = self._token_wire_bytes(x_TD)
@@ -351,7 +359,15 @@ class FullyShardedSparse(ExpertStrategy):
         if nxt is not None:
             self._issue_prefetch(nxt, self._token_bytes)
         self._last_exit = time.perf_counter()
+        self._gap = Interval(x_TD.device).start()  # on the device's clock: events on a GPU
         return out
+
+    @staticmethod
+    def _read_non_moe_time(state) -> None:
+        """non_moe_us = the newest gap that can be read without waiting: this forward's on
+        the CPU, the previous step's on a GPU (its events have completed by now)."""
+        while state.gaps and state.gaps[0].done():
+            state.non_moe_us = int(state.gaps.popleft().seconds() * 1e6)
 
     @staticmethod
     def _token_wire_bytes(x_TD: torch.Tensor) -> int:
@@ -445,8 +461,8 @@ class FullyShardedSparse(ExpertStrategy):
         until the optimizer step."""
         pending, self._pending[:] = list(self._pending), []
         for reduce in pending:
-            rows, blocked = reduce.wait()
-            self.timings["exposed_reduce_s"] += blocked
+            with timed(self.timings, "exposed_reduce_s", reduce.layer.expert_chunks.device) as interval:
+                rows, interval.host_seconds = reduce.wait()
             p = reduce.layer.expert_chunks
             p.grad = rows if p.grad is None else p.grad + rows
 
