@@ -85,11 +85,14 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alph
 // ---------------------------------------------------------------- vectorised softmax pieces
 
 // e^x for x <= ~0; exactly 0 below -87 (covers -inf = masked). Round-to-nearest range
-// reduction x = (n + f) ln2 with |f| <= 1/2 and a degree-6 Taylor polynomial of 2^f: ~1 ulp.
+// reduction x = (n + f) ln2 with |f| <= 1/2 (the 1.5 * 2^23 trick: no floor call, no branch, so
+// the loops below vectorise) and a degree-6 Taylor polynomial of e^(f ln2): ~1 ulp.
 inline __attribute__((always_inline)) float fast_exp(float x) {
-  const float t = x * 1.4426950408889634f;
-  const float n = __builtin_floorf(t + 0.5f);
-  const float f = (t - n) * 0.6931471805599453f;
+  const bool under = x < -87.0f;
+  const float t = (under ? -87.0f : x) * 1.4426950408889634f;
+  const float r = t + 12582912.0f;
+  const int32_t n = std::bit_cast<int32_t>(r) - 0x4B400000;
+  const float f = (t - (r - 12582912.0f)) * 0.6931471805599453f;
   float p = 1.3888889e-3f;
   p = p * f + 8.3333333e-3f;
   p = p * f + 4.1666667e-2f;
@@ -97,48 +100,39 @@ inline __attribute__((always_inline)) float fast_exp(float x) {
   p = p * f + 0.5f;
   p = p * f + 1.0f;
   p = p * f + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  const float scale = std::bit_cast<float>(x < -87.0f ? 0 : e);
-  return x < -87.0f ? 0.0f : p * scale;
+  const float scale = std::bit_cast<float>((n + 127) << 23);
+  return under ? 0.0f : p * scale;
 }
 
+// The loops carry `omp simd` (the extension is built with -fopenmp) so that reductions
+// vectorise without -ffast-math.
 HECATE_VECTOR_CLONES float row_max(const float* x, int64_t n) {
-  float lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
   float m = -std::numeric_limits<float>::infinity();
-  for (int l = 0; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
 // x = exp(x - shift); returns the sum.
 HECATE_VECTOR_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) {
-      const float e = fast_exp(x[i + l] - shift);
-      x[i + l] = e;
-      lanes[l] += e;
-    }
   float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += lanes[l];
-  for (; i < n; ++i) {
-    x[i] = fast_exp(x[i] - shift);
-    s += x[i];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = fast_exp(x[i] - shift);
+    x[i] = e;
+    s += e;
   }
   return s;
 }
 
 HECATE_VECTOR_CLONES void exp_shift(float* x, int64_t n, float shift) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = fast_exp(x[i] - shift);
 }
 
 // dp = p * (dp - delta)
 HECATE_VECTOR_CLONES void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
 }
 
@@ -174,11 +168,6 @@ struct Mask {
   const int64_t* block_offsets = nullptr;  // [H, n_qblocks + 1], into block_cols
   const int64_t* block_cols = nullptr;
   int64_t n_qblocks = 0;
-
-  bool window_ok(int64_t p, int64_t j) const {
-    if (window <= 0) return true;
-    return causal ? p - j < window : (p >= j ? p - j : j - p) < window;
-  }
 };
 
 struct KeyTile {
@@ -226,15 +215,24 @@ void key_tiles(const Mask& mk, int64_t h, int64_t qb, int64_t pmin, int64_t pmax
   }
 }
 
-// Sets masked scores of one tile row (query position p) to -inf.
+// Sets masked scores of one tile row (query position p) to -inf. Visible keys of a row are
+// [0, sink_end) and, where the tile's pattern applies, one range [lo, hi].
 template <typename acc_t>
 void mask_row(acc_t* s, int64_t p, const KeyTile& kt, const Mask& mk) {
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < kt.len; ++c) {
-    const int64_t j = kt.j0 + c;
-    const bool ok = (!mk.causal || j <= p) && (j < mk.sinks || (kt.pattern && mk.window_ok(p, j)));
-    if (!ok) s[c] = ninf;
+  int64_t lo = 0, hi = mk.Sk - 1;
+  if (mk.window > 0) {
+    lo = p - mk.window + 1;
+    if (!mk.causal) hi = p + mk.window - 1;
   }
+  if (mk.causal) hi = std::min(hi, p);
+  if (!kt.pattern) hi = lo - 1;
+  const int64_t sink_end = mk.causal ? std::min(mk.sinks, p + 1) : mk.sinks;
+  lo -= kt.j0;
+  hi -= kt.j0;
+  const int64_t sink_c = sink_end - kt.j0;
+  for (int64_t c = 0; c < kt.len; ++c)
+    if (!(c < sink_c || (c >= lo && c <= hi))) s[c] = ninf;
 }
 
 // ---------------------------------------------------------------- strided 4-D row access
