@@ -19,7 +19,7 @@ from types import SimpleNamespace
 def _args(**kw):
     base = dict(model="gpt-moe-s", config=None, hardware="h100-ib400", calibration=None, calibrate=False,
                 ranks=[16], ranks_per_node=None, experts=None, tokens_per_rank=8192, skew=1.2, drift=0.05,
-                steps=3, warmup=3, sample_layers=2, memory_slots=None, fssdp_option=[],
+                steps=3, warmup=3, sample_layers=2, memory_slots=None, fssdp_option=[], shard_group_size=None,
                 strategies=["ep", "fsdp", "fssdp"], trace=None, plot=None, json=True)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -52,18 +52,23 @@ def projection(plot_path: str | None) -> list[dict]:
     ranks = [16, 32, 64, 128, 256, 512, 1024]
     outs = []
     for model in ("gpt-moe-l", "deepseekmoe-16b"):
-        out = run(_args(model=model, hardware="h200-ib400", ranks=ranks))
+        out = run(_args(model=model, hardware="h200-ib400", ranks=ranks,
+                        strategies=["ep", "fsdp", "fssdp", "fssdp_hybrid"]))
         outs.append(out)
         if plot_path:
             plot(out, plot_path.replace(".png", f"_{model}.png"))
-    print("| model | GPUs | ep ms | fsdp ms | fssdp ms | fssdp vs ep | fssdp vs fsdp | GiB/rank ep / fsdp / fssdp | sim s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | GPUs | ep ms | fsdp ms | fssdp ms | hybrid ms | fssdp vs ep | fssdp vs fsdp | hybrid vs ep | "
+          "hybrid vs fsdp | GiB/rank ep / fsdp / fssdp / hybrid | sim s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for out in outs:
         for r in out["results"]:
             s, x, m = r["seconds_per_step"], r["fssdp_speedup"], r["memory_per_rank_bytes"]
+            h = r["hybrid_speedup"]
             print(f"| {out['model']} | {r['num_ranks']} | {s['ep'] * 1e3:.0f} | {s['fsdp'] * 1e3:.0f} | "
-                  f"{s['fssdp'] * 1e3:.0f} | {x['ep']:.2f}x | {x['fsdp']:.2f}x | "
-                  + " / ".join(f"{m[k] / 2**30:.1f}" for k in ("ep", "fsdp", "fssdp")) + f" | {r['wall_s']:.1f} |")
+                  f"{s['fssdp'] * 1e3:.0f} | {s['fssdp_hybrid'] * 1e3:.0f} | {x['ep']:.2f}x | {x['fsdp']:.2f}x | "
+                  f"{h['ep']:.2f}x | {h['fsdp']:.2f}x | "
+                  + " / ".join(f"{m[k] / 2**30:.1f}" for k in ("ep", "fsdp", "fssdp", "fssdp_hybrid"))
+                  + f" | {r['wall_s']:.1f} |")
     return outs
 
 

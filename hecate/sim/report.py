@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-slots", type=int, default=None, help="fssdp m (default 2 * ceil(E / W))")
     p.add_argument("--fssdp-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a parallel.fssdp option for the fssdp plans (e.g. fit_replicas=false); repeatable")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=["ep", "fsdp", "fssdp"], choices=list(STRATEGIES))
+    p.add_argument("--shard-group-size", type=int, default=None,
+                   help="fssdp_hybrid's shard group G (default: the ranks of one node)")
     p.add_argument("--trace", default=None, help="routing trace recorded by `hecate train --set logging.trace=FILE`")
     p.add_argument("--plot", default=None, help="write a PNG of speed-ups and memory against ranks")
     p.add_argument("--json", action="store_true")
@@ -66,9 +68,12 @@ def synthetic_trace(num_layers: int, num_experts: int, entries_per_rank: int, wo
     return [[c.numpy() for c in layers] for layers in _counts_stream(wl, world_size, steps)]
 
 
-def memory_per_rank(model, strategy: str, world: int, memory_slots=None) -> int:
+def memory_per_rank(model, strategy: str, world: int, memory_slots=None, group: int = 0) -> int:
     from hecate.train.model_stats import expert_state_estimate
 
+    if strategy == "fssdp_hybrid":  # experts sharded over the shard group; dense AdamW replicated
+        return expert_state_estimate(model, "fssdp", group, memory_slots=memory_slots,
+                                     dense_optimizer="replicated")["total_bytes"]
     return expert_state_estimate(model, strategy, world, memory_slots=memory_slots)["total_bytes"]
 
 
@@ -131,17 +136,21 @@ def run(args) -> dict:
             tokens, warmup = args.tokens_per_rank, args.warmup
             steps = synthetic_trace(min(args.sample_layers, len(shape.moe_layers)), shape.num_experts,
                                     tokens * shape.top_k, W, warmup + args.steps, args.skew, args.drift)
-        setup = StepSetup(shape, hw, W, tokens, fssdp_opts)
+        setup = StepSetup(shape, hw, W, tokens, fssdp_opts, hybrid_group=args.shard_group_size or 0)
         strategies = list(args.strategies)
         sim = simulate_steps(setup, steps, strategies, warmup=warmup)
         r = {"num_ranks": W, "ranks_per_node": setup.ranks_per_node, "tokens_per_rank": tokens,
              "seconds_per_step": {k: v["seconds"] for k, v in sim.items()},
              "parts": {k: v["parts"] for k, v in sim.items()},
-             "memory_per_rank_bytes": {k: memory_per_rank(meta, k, W, args.memory_slots) for k in strategies},
+             "memory_per_rank_bytes": {k: memory_per_rank(meta, k, W, args.memory_slots,
+                                                          min(args.shard_group_size or hw.ranks_per_node, W))
+                                       for k in strategies},
              "wall_s": time.perf_counter() - t0}
         sec = r["seconds_per_step"]
         if "fssdp" in sec:
             r["fssdp_speedup"] = {k: sec[k] / sec["fssdp"] for k in sec if k != "fssdp"}
+        if "fssdp_hybrid" in sec:
+            r["hybrid_speedup"] = {k: sec[k] / sec["fssdp_hybrid"] for k in sec if k != "fssdp_hybrid"}
         results.append(r)
     out = {"model": args.model, "hardware": dataclasses.asdict(hw), "num_experts": shape.num_experts,
            "moe_layers": len(shape.moe_layers), "sampled_layers": min(args.sample_layers, len(shape.moe_layers)),
@@ -160,23 +169,25 @@ def plot(out: dict, path: str) -> None:
     res = out["results"]
     W = [r["num_ranks"] for r in res]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for base in ("ep", "fsdp"):
-        ys = [r.get("fssdp_speedup", {}).get(base) for r in res]
-        if any(y is not None for y in ys):
-            a.plot(W, ys, marker="o", label=f"fssdp over {base}")
+    for key, label in (("fssdp_speedup", "fssdp"), ("hybrid_speedup", "fssdp_hybrid")):
+        for base in ("ep", "fsdp"):
+            ys = [r.get(key, {}).get(base) for r in res]
+            if any(y is not None for y in ys):
+                a.plot(W, ys, marker="o", label=f"{label} over {base}")
     a.axhline(1.0, color="grey", lw=0.8)
     a.set_xscale("log", base=2)
+    a.set_yscale("log", base=2)
     a.set_xlabel("ranks")
     a.set_ylabel("predicted step-time speed-up")
     a.legend()
-    for k in ("ep", "fsdp", "fssdp"):
+    for k in ("ep", "fsdp", "fssdp", "fssdp_hybrid"):
         ys = [r["memory_per_rank_bytes"].get(k) for r in res]
         if any(y is not None for y in ys):
             b.plot(W, [y / 2**30 if y else None for y in ys], marker="o", label=k)
     b.set_xscale("log", base=2)
     b.set_yscale("log")
     b.set_xlabel("ranks")
-    b.set_ylabel("params + grads + AdamW + transient experts, GiB/rank")
+    b.set_ylabel("GiB per rank (state + one layer's experts)")
     b.legend()
     fig.suptitle(f"{out['model']} on {out['hardware']['name']} (simulated)")
     fig.tight_layout()
@@ -200,7 +211,10 @@ def main(args) -> int:
 
     hw = out["hardware"]
     table = Table(title=f"{out['model']} on {hw['name']} ({hw['ranks_per_node']} ranks/node): predicted step")
-    for col in ("ranks", "ep ms", "fsdp ms", "fssdp ms", "fssdp vs ep", "fssdp vs fsdp", "GiB/rank ep / fsdp / fssdp"):
+    hybrid = any("fssdp_hybrid" in r["seconds_per_step"] for r in out["results"])
+    cols = ["ranks", "ep ms", "fsdp ms", "fssdp ms"] + (["hybrid ms"] if hybrid else []) + [
+        "fssdp vs ep", "fssdp vs fsdp"] + (["hybrid vs ep"] if hybrid else []) + ["GiB/rank ep / fsdp / fssdp"]
+    for col in cols:
         table.add_column(col, justify="right")
     for r in out["results"]:
         s, x, m = r["seconds_per_step"], r.get("fssdp_speedup", {}), r["memory_per_rank_bytes"]
@@ -212,7 +226,11 @@ def main(args) -> int:
             return f"{x[k]:.2f}x" if k in x else "-"
 
         mem = " / ".join(f"{m[k] / 2**30:.1f}" if k in m else "-" for k in ("ep", "fsdp", "fssdp"))
-        table.add_row(str(r["num_ranks"]), ms("ep"), ms("fsdp"), ms("fssdp"), sp("ep"), sp("fsdp"), mem)
+        row = [str(r["num_ranks"]), ms("ep"), ms("fsdp"), ms("fssdp")] + ([ms("fssdp_hybrid")] if hybrid else [])
+        row += [sp("ep"), sp("fsdp")]
+        if hybrid:
+            row.append(f"{s['ep'] / s['fssdp_hybrid']:.2f}x" if "ep" in s and "fssdp_hybrid" in s else "-")
+        table.add_row(*row, mem)
     Console().print(table)
     print(f"{out['sampled_layers']} of {out['moe_layers']} MoE layers planned per step and repeated; "
           "a model of the step (docs/simulate.md), validated as docs/results.md reports.")

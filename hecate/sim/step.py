@@ -26,6 +26,7 @@ inside a node are not modelled; nor are kernel launch overheads.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from hecate.sim.plans import (FssdpReplay, Traffic, chunk_traffic, ep_tokens_WW,
                               traffic_of_WW, uniform_traffic_fast)
 from hecate.sim.shape import ModelShape
 
-STRATEGIES = ("ep", "fsdp", "fssdp")
+STRATEGIES = ("ep", "fsdp", "fssdp", "fssdp_hybrid")
 
 
 def phase_time(t: Traffic, hw: Hardware, multi_node: bool) -> float:
@@ -76,6 +77,7 @@ class StepSetup:
     world_size: int
     tokens_per_rank: int        # tokens (sequence positions) per rank per step
     fssdp_options: dict = field(default_factory=dict)
+    hybrid_group: int = 0       # fssdp_hybrid's shard group size G (0: one node)
     overhead_s: float = 0.0     # per-step framework time the FLOP model misses (calibrated, CPU runs)
     count_planning: bool = True  # charge fssdp's planning, timed on this host, to its step
 
@@ -270,6 +272,36 @@ def fssdp_step(setup: StepSetup, layer_plans) -> dict:
     return {"seconds": tl.now, "parts": tl.parts}
 
 
+def shard_group(setup: StepSetup) -> int:
+    G = setup.hybrid_group or setup.ranks_per_node
+    if setup.world_size % G:
+        raise ValueError(f"fssdp_hybrid: shard group size {G} must divide the {setup.world_size} ranks")
+    return G
+
+
+def hybrid_step(setup: StepSetup, group_setup: StepSetup, layer_plans) -> dict:
+    """fssdp_hybrid (hecate/parallel/fssdp/hybrid.py): FSSDP inside shard group 0 (its plans,
+    its ranks' routing), then the owned rows' gradients all-reduced over the W / G replica
+    groups, the dense gradients all-reduced over the world, AdamW on the dense parameters
+    (replicated) and the rows a rank owns in its group."""
+    r = fssdp_step(group_setup, layer_plans)
+    parts = {k: v for k, v in r["parts"].items() if k not in ("dense_sync", "optimizer")}
+    tl = _Timeline(now=sum(parts.values()), parts=parts)
+    s, hw, W, G = setup.shape, setup.hw, setup.world_size, group_setup.world_size
+    node = setup.node_of_W()
+    k = W // G
+    if k > 1:
+        owned = s.routed_params / G * 4
+        t = uniform_traffic_fast(2 * (k - 1) * owned / k, node)
+        if G >= hw.ranks_per_node:  # replica peers sit in other nodes
+            t = Traffic(np.zeros(W), t.send_intra + t.send_inter, np.zeros(W), t.recv_intra + t.recv_inter)
+        tl.run("replica_all_reduce", phase_time(t, hw, setup.multi_node))
+        ring = 2 * (W - 1) * s.dense_params * 4 / W
+        tl.run("dense_sync", phase_time(uniform_traffic_fast(ring, node), hw, setup.multi_node))
+    tl.run("optimizer", (s.dense_params + s.routed_params / G) / hw.adam_params_per_s)
+    return {"seconds": tl.now, "parts": tl.parts}
+
+
 def simulate_steps(setup: StepSetup, trace_steps, strategies=STRATEGIES, warmup: int = 0,
                    fssdp_replay: FssdpReplay | None = None) -> dict:
     """Mean step seconds (and their parts) of each strategy over `trace_steps` (per step, one
@@ -288,16 +320,32 @@ def simulate_steps(setup: StepSetup, trace_steps, strategies=STRATEGIES, warmup:
         o.setdefault("token_compute_s", float(setup.expert_s(1)) * 3)
         replay = FssdpReplay(setup.world_size, setup.ranks_per_node, setup.shape.num_experts,
                              setup.shape.chunk_numel, len(trace_steps[0]), wire_bytes=setup.hw.wire_bytes, **o)
+    group_setup = group_replay = None
+    if "fssdp_hybrid" in strategies:
+        G = shard_group(setup)
+        group_setup = dataclasses.replace(setup, world_size=G)
+        o = dict(setup.fssdp_options)
+        o.setdefault("bandwidth", (setup.hw.bw_intra, setup.hw.bw_inter))
+        o.setdefault("token_compute_s", float(setup.expert_s(1)) * 3)
+        o["reshard_interval"] = 0
+        group_replay = FssdpReplay(G, group_setup.ranks_per_node, setup.shape.num_experts, setup.shape.chunk_numel,
+                                   len(trace_steps[0]), wire_bytes=setup.hw.wire_bytes, **o)
     measured = 0
     non_moe = setup.dense_block_s() * setup.shape.n_layers / max(len(setup.shape.moe_layers), 1)
     for i, step in enumerate(trace_steps):
         plans = replay.step(step, setup.token_row_bytes(), non_moe) if replay is not None else None
+        group_plans = None
+        if group_replay is not None:  # shard group 0: its ranks' counts
+            group_plans = group_replay.step([np.asarray(c)[:group_setup.world_size] for c in step],
+                                            setup.token_row_bytes(), non_moe)
         if i < warmup:
             continue
         measured += 1
         for name in strategies:
             if name == "fssdp":
                 r = fssdp_step(setup, plans)
+            elif name == "fssdp_hybrid":
+                r = hybrid_step(setup, group_setup, group_plans)
             elif name == "ep":
                 r = ep_step(setup, step)
             else:
