@@ -179,3 +179,54 @@ def test_build_router_unknown_kind():
     c.router = "bogus"
     with pytest.raises(ValueError, match="router"):
         build_router(c)
+
+
+def _plain_topk(logits_TE, k, score_func, renormalize, bias_E):
+    """The router's math in plain PyTorch (the oracle of the fused gating kernel's path)."""
+    scores_TE = torch.softmax(logits_TE, -1) if score_func == "softmax" else torch.sigmoid(logits_TE)
+    select_TE = scores_TE.detach() + (0 if bias_E is None else bias_E)
+    indices_TK = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights_TK = scores_TE.gather(1, indices_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK, indices_TK, scores_TE
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("biased", [False, True])
+def test_topk_router_uses_the_gating_kernels_outputs_and_gradients(monkeypatch, score_func, renormalize,
+                                                                    biased):
+    import hecate.moe.routers as routers
+
+    calls = []
+    kernel = routers.ops.topk_gating
+
+    def spy(*args, **kwargs):
+        out = kernel(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(routers.ops, "topk_gating", spy)
+    torch.manual_seed(0)
+    r = TopKRouter(cfg(hidden_size=8, num_experts=6, top_k=2, score_func=score_func,
+                       renormalize=renormalize, aux_free_bias=biased))
+    if biased:
+        r.expert_bias_E.copy_(torch.randn(6) * 0.1)
+    x = torch.randn(40, 8)
+    out = r(x)
+    # The routing IS the kernel's output (weights, indices, scores), not a recomputation.
+    assert len(calls) == 1
+    weights, indices, scores = calls[0]
+    assert out.weights_TK is weights and out.indices_TK is indices and out.scores_TE is scores
+    g_w, g_s = torch.randn_like(out.weights_TK), torch.randn_like(out.scores_TE)
+    ((out.weights_TK * g_w).sum() + (out.scores_TE * g_s).sum()).backward()
+
+    w_ED = r.weight_ED.detach().clone().requires_grad_(True)
+    want_w, want_i, want_s = _plain_topk(x @ w_ED.T, 2, score_func, renormalize,
+                                         r.expert_bias_E if biased else None)
+    ((want_w * g_w).sum() + (want_s * g_s).sum()).backward()
+    assert torch.equal(out.indices_TK, want_i)
+    torch.testing.assert_close(out.weights_TK, want_w)
+    torch.testing.assert_close(out.scores_TE, want_s)
+    torch.testing.assert_close(r.weight_ED.grad, w_ED.grad, rtol=1e-5, atol=1e-6)

@@ -63,8 +63,10 @@ void gating_rows(const scalar_t* logits, const acc_t* bias, int64_t T, int64_t E
         total += w[j];
       }
       if (renormalize) {
-        const acc_t inv = acc_t(1) / std::max(total, static_cast<acc_t>(kRenormEps));
-        for (int64_t j = 0; j < k; ++j) w[j] *= inv;
+        // Divide (not multiply by 1/total), as the reference does: a lone top-1 weight is
+        // exactly 1, and the router's weights match PyTorch's to the last bit for k <= 2.
+        const acc_t denom = std::max(total, static_cast<acc_t>(kRenormEps));
+        for (int64_t j = 0; j < k; ++j) w[j] /= denom;
       }
     }
   });

@@ -108,8 +108,9 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits_TE, const A* __r
     }
   }
   if (renormalize && lane == 0) {
-    const A inv = A(1) / (weight_sum > A(kRenormEps) ? weight_sum : A(kRenormEps));
-    for (int r = 0; r < K; ++r) weights_TK[t * K + r] *= inv;  // this thread wrote them
+    // Divide, as the CPU kernel and the reference do (a lone top-1 weight is exactly 1).
+    const A denom = weight_sum > A(kRenormEps) ? weight_sum : A(kRenormEps);
+    for (int r = 0; r < K; ++r) weights_TK[t * K + r] /= denom;  // this thread wrote them
   }
 }
 

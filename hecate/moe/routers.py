@@ -96,13 +96,11 @@ class TopKRouter(Router):
     """
 
     def _gate(self, logits_TE: torch.Tensor, k: int, renormalize: bool) -> Routing:
-        scores_TE = score(logits_TE, self.config.score_func)
-        with torch.no_grad():  # selection only; weights are re-gathered below with grad
-            _, indices_TK, _ = ops.topk_gating(logits_TE.detach(), k, self.config.score_func,
-                                               False, self.selection_bias())
-        weights_TK = scores_TE.gather(1, indices_TK)
-        if renormalize:
-            weights_TK = _renorm(weights_TK)
+        # One fused kernel computes scores, the biased selection and the weights; its
+        # autograd (hecate.ops._autograd.TopkGating) carries the gradient of the weights
+        # and of the scores (the aux losses use them) back to the logits.
+        weights_TK, indices_TK, scores_TE = ops.topk_gating(logits_TE, k, self.config.score_func,
+                                                            renormalize, self.selection_bias())
         return self._routing(indices_TK, weights_TK, scores_TE, logits_TE)
 
     def forward(self, x_TD, *, top_k=None, capacity_factor=None, group_sizes=None):

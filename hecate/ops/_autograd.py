@@ -31,13 +31,16 @@ class TopkGating(torch.autograd.Function):
             weights_TK = selected_TK / total_T1
             grad_selected_TK = (grad_selected_TK
                                 - (grad_selected_TK * weights_TK).sum(dim=1, keepdim=True)) / total_T1
-        grad_s_TE = torch.zeros_like(scores_TE).scatter_add_(1, indices_TK, grad_selected_TK)
         if grad_scores_TE is not None:
-            grad_s_TE += grad_scores_TE.to(scores_TE.dtype)
-        if ctx.score_func == "softmax":
-            grad_logits_TE = scores_TE * (grad_s_TE - (grad_s_TE * scores_TE).sum(dim=1, keepdim=True))
+            grad_s_TE = grad_scores_TE.to(scores_TE.dtype).scatter_add(1, indices_TK, grad_selected_TK)
         else:
-            grad_logits_TE = grad_s_TE * scores_TE * (1 - scores_TE)
+            grad_s_TE = torch.zeros_like(scores_TE).scatter_add_(1, indices_TK, grad_selected_TK)
+        # aten's fused backward kernels of softmax / sigmoid (one pass over [T, E], where the
+        # spelled-out formulas take three or four): the router's backward is [T, E]-bound.
+        if ctx.score_func == "softmax":
+            grad_logits_TE = torch.ops.aten._softmax_backward_data(grad_s_TE, scores_TE, 1, scores_TE.dtype)
+        else:
+            grad_logits_TE = torch.ops.aten.sigmoid_backward(grad_s_TE, scores_TE)
         return grad_logits_TE.to(ctx.logits_dtype), None, None, None, None
 
 
