@@ -86,3 +86,37 @@ def test_moh_kernel_path_skips_unselected_heads(monkeypatch):
     heads = seen["heads"]
     assert heads.shape == (2, 9, 5)
     assert bool((heads[..., :2] == torch.tensor([0, 1])).all()) and bool((heads[..., 2:] >= 2).all())
+
+
+def test_lightning_attention_option():
+    """model.attention = lightning: the block equals its defining equation and a model trains on it."""
+    from hecate.models.attention import LightningAttention, lightning_decays
+    from hecate.ops import reference as ref
+
+    torch.manual_seed(0)
+    block = LightningAttention(32, 4, n_kv_heads=2, block_size=5)
+    x = torch.randn(2, 23, 32)
+    q, k, v = block.qkv(x).split([32, 16, 16], dim=-1)
+    q = torch.nn.functional.silu(q).view(2, 23, 4, 8).transpose(1, 2)
+    k = torch.nn.functional.silu(k).view(2, 23, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    v = v.view(2, 23, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    o = ref.lightning_attention(q, k, v, lightning_decays(4))
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(block(x), block.out(o.transpose(1, 2).reshape(2, 23, 32)), rtol=1e-4, atol=1e-5)
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, dense_ffn_hidden=32,
+                            moe=MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2),
+                            attention="lightning", lightning_block_size=16, rope=True)
+    model = MoETransformer(cfg)
+    tokens = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    with pytest.raises(ValueError, match="lightning_block_size"):
+        TransformerConfig(attention="lightning", lightning_block_size=0).validate()

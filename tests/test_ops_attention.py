@@ -182,3 +182,14 @@ def test_bad_input_is_named(call, match):
     q, k, v = torch.randn(1, 4, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
     with pytest.raises((ValueError, TypeError), match=match):
         call(q, k, v)
+
+
+@SETTINGS
+@given(st.sampled_from([0, 1, 5, 64, 130]), st.sampled_from([1, 7, 64]), st.sampled_from([torch.float32, torch.float64]),
+       st.integers(0, 2**31 - 1))
+def test_lightning_attention_tiles_match_reference(S, block, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, S, 8, generator=gen).to(dtype) for _ in range(3))
+    decay = torch.tensor([0.5, 0.9, 1.0])
+    compare(lambda q, k, v: attn.lightning_attention(q, k, v, decay, block),
+            lambda q, k, v: ref.lightning_attention(q, k, v, decay), [q, k, v], dtype)

@@ -309,3 +309,49 @@ class BAMAttention(nn.Module):
     def inactive_parameters(self) -> int:
         return 0
 
+
+
+def lightning_decays(n_heads: int) -> torch.Tensor:
+    """Per-head decay exp(-2^(-8 (h + 1) / H)): ALiBi-like slopes, from fast (head 0) to slow."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads)
+    return torch.exp(-slopes)
+
+
+class LightningAttention(nn.Module):
+    """Lightning Attention (TransNormerLLM / Lightning Attention-2): causal linear attention
+    o_t = sum_{s <= t} decay_h^(t - s) (q_t . k_s) v_s with SiLU feature maps on q and k, a fixed
+    per-head decay (lightning_decays), an RMS norm of each head's output, then the output
+    projection. Computed block by block (hecate.ops.attention.lightning_attention, intra-block
+    masked products + an inter-block key-value state): time and memory grow linearly with S.
+    GQA K/V heads are repeated to the query heads. No softmax, so no flash kernel is involved.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, *, block_size: int = 64, eps: float = 1e-6):
+        super().__init__()
+        if block_size < 1:
+            raise ValueError(f"model.lightning_block_size must be >= 1, got {block_size}")
+        self.n_kv_heads, self.head_dim = check_heads(d_model, n_heads, n_kv_heads, head_dim)
+        self.n_heads, self.block_size, self.eps = n_heads, block_size, eps
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.register_buffer("decay", lightning_decays(n_heads), persistent=False)
+
+    def forward(self, x_BSD, rope: Optional[Rope] = None):
+        B, S, _ = x_BSD.shape
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).split([H * d, G * d, G * d], dim=-1)
+        q = F.silu(q).view(B, S, H, d).transpose(1, 2)
+        k = F.silu(k).view(B, S, G, d).transpose(1, 2)
+        v = v.view(B, S, G, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if G != H:
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        o = attention_ops.lightning_attention(q, k, v, self.decay, self.block_size)
+        o = o.float()
+        o = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)).to(x_BSD.dtype)
+        return self.out(o.transpose(1, 2).reshape(B, S, -1))
+
+    def inactive_parameters(self) -> int:
+        return 0

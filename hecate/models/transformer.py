@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hecate.models.attention import Attention, BAMAttention, MoHAttention, check_heads, rope_tables
+from hecate.models.attention import (Attention, BAMAttention, LightningAttention, MoHAttention, check_heads,
+                                     rope_tables)
 from hecate.models.attention_options import QK_NORMS, MLAttention, NormedAttention
 from hecate.models.mohd import MoHDFFN, check_mohd
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
 
-ATTENTIONS = ("mha", "moh", "bam", "mla")
+ATTENTIONS = ("mha", "moh", "bam", "mla", "lightning")
 DENSE_ACTIVATIONS = ("gelu", "swiglu")
 
 
@@ -46,7 +47,7 @@ class TransformerConfig:
     head_dim: Optional[int] = None                # None = d_model // n_heads
     rope: bool = False                            # rotary positions instead of learned ones
     rope_theta: float = 10000.0
-    attention: str = "mha"                        # mha | moh | bam
+    attention: str = "mha"                        # mha | moh | bam | mla | lightning
     parallel_block: bool = False                  # BAM: x + attn(n(x)) + ffn(n(x))
     moh_shared_heads: int = 0                     # MoH: always-on heads (the first ones)
     moh_top_k: Optional[int] = None               # MoH: routed heads per token (None = all)
@@ -54,6 +55,7 @@ class TransformerConfig:
     moh_balance_coeff: float = 0.01               # MoH: head load-balance loss weight
     bam_attention_experts: int = 1                # BAM: attention branches (soft-routed)
     bam_shared_kv: bool = False                   # BAM: branches share one K/V projection
+    lightning_block_size: int = 64                # lightning: tokens per intra-block tile
     mohd_sub_dims: int = 0                        # MoHD: dense FFNs split into this many sub-dimensions (0 = off)
     mohd_shared: int = 0                          # MoHD: always-on sub-dimensions (the first ones)
     mohd_top_k: int = 1                           # MoHD: routed sub-dimensions per token
@@ -126,6 +128,8 @@ class TransformerConfig:
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 raise ValueError(f"model.moe_layers must list distinct layer indices in [0, n_layers="
                                  f"{self.n_layers}), got {self.moe_layers!r}")
+        if self.lightning_block_size < 1:
+            raise ValueError(f"model.lightning_block_size must be >= 1, got {self.lightning_block_size}")
         if self.bam_attention_experts < 1:
             raise ValueError(f"model.bam_attention_experts must be >= 1, got {self.bam_attention_experts}")
         if self.mohd_sub_dims:
@@ -198,6 +202,9 @@ def build_attention(cfg: TransformerConfig) -> nn.Module:
     if cfg.attention == "bam":
         return BAMAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                             num_experts=cfg.bam_attention_experts, shared_kv=cfg.bam_shared_kv)
+    if cfg.attention == "lightning":
+        return LightningAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                  block_size=cfg.lightning_block_size, eps=cfg.norm_eps)
     if cfg.attention == "mla":
         return MLAttention(cfg.d_model, cfg.n_heads, q_lora_rank=cfg.mla_q_lora_rank,
                            kv_lora_rank=cfg.mla_kv_lora_rank, nope_dim=cfg.mla_qk_nope_head_dim,

@@ -21,7 +21,7 @@ from hecate.ops import _validate as check
 from hecate.ops import reference
 from hecate.ops._backend import op, use_extension
 
-__all__ = ["BlockSparse", "flash_attention", "moh_attention", "MAX_HEAD_DIM"]
+__all__ = ["BlockSparse", "flash_attention", "moh_attention", "lightning_attention", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -202,3 +202,43 @@ class MoHAttentionFn(torch.autograd.Function):
         dq, dk, dv, dw = op("moh_attention_bwd")(grad_out, q, k, v, head_idx, head_weight, out_raw, lse,
                                                  *ctx.args)
         return dq, dk, dv, None, dw, None, None, None, None
+
+
+def lightning_attention(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+                        decay_H: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """Lightning Attention (causal linear attention with decay), tiled: o_t = sum_{s <= t}
+    decay_h^(t - s) (q_t . k_s) v_s, O(S * block_size) time and memory per head.
+
+    Intra-block: the masked, decayed [block, block] products (q k^T * decay^(i - j)) v. Inter-block:
+    q_i decay^(i + 1) times a running [d, d_v] key-value state, then state = decay^block * state +
+    sum_j decay^(block - 1 - j) k_j v_j^T. Plain PyTorch (a few GEMMs per block, differentiable by
+    autograd): nothing here is a fused kernel. decay_H in (0, 1], one per head; math in fp32.
+    """
+    for name, t in (("q_BHSd", q_BHSd), ("k_BHSd", k_BHSd), ("v_BHSd", v_BHSd)):
+        check.tensor(name, t, 4, floating=True)
+    if k_BHSd.shape != q_BHSd.shape or v_BHSd.shape[:3] != q_BHSd.shape[:3]:
+        raise ValueError(f"lightning_attention needs k_BHSd of q's shape {tuple(q_BHSd.shape)} and v_BHSd of its "
+                         f"[B, H, S], got {tuple(k_BHSd.shape)} and {tuple(v_BHSd.shape)}")
+    check.tensor("decay_H", decay_H, 1, floating=True)
+    check.shape("decay_H", decay_H, (q_BHSd.shape[1],), "one decay per head")
+    check.integer("block_size", block_size, minimum=1)
+    B, H, S, d = q_BHSd.shape
+    math = torch.float64 if q_BHSd.dtype == torch.float64 else torch.float32
+    q, k, v = q_BHSd.to(math), k_BHSd.to(math), v_BHSd.to(math)
+    log_decay_H11 = decay_H.to(math).log().view(H, 1, 1)
+    kv_BHdv = q.new_zeros(B, H, d, v.shape[-1])
+    outs = []
+    for start in range(0, S, block_size):
+        n = min(block_size, S - start)
+        qb, kb, vb = (t[:, :, start:start + n] for t in (q, k, v))
+        i = torch.arange(n, device=q.device, dtype=math)
+        dist = i[:, None] - i[None, :]
+        mask_Hnn = torch.where(dist >= 0, torch.exp(log_decay_H11 * dist.clamp_min(0)), torch.zeros((), dtype=math,
+                                                                                                    device=q.device))
+        intra = torch.matmul(torch.matmul(qb, kb.transpose(-1, -2)) * mask_Hnn, vb)
+        inter = torch.matmul(qb * torch.exp(log_decay_H11 * (i + 1)[:, None]), kv_BHdv)
+        outs.append(intra + inter)
+        k_decayed = kb * torch.exp(log_decay_H11 * (n - 1 - i)[:, None])
+        kv_BHdv = torch.exp(log_decay_H11 * n) * kv_BHdv + torch.matmul(k_decayed.transpose(-1, -2), vb)
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
+    return out.to(q_BHSd.dtype)

@@ -258,3 +258,17 @@ def moh_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tens
     gate_BSH = gate_BSH.scatter_add(2, torch.where(chosen, head_idx_BSK, H),
                                     torch.where(chosen, head_weight_BSK.to(math), 0.0))[..., :H]
     return (dense * gate_BSH.permute(0, 2, 1).unsqueeze(-1)).to(q_BHSd.dtype)
+
+
+def lightning_attention(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+                        decay_H: torch.Tensor) -> torch.Tensor:
+    """Causal linear attention with per-head decay, materialised:
+    o_t = sum_{s <= t} decay_h^(t - s) (q_t . k_s) v_s, in the math dtype."""
+    S = q_BHSd.shape[2]
+    math = _math_dtype(q_BHSd.dtype)
+    t = torch.arange(S, device=q_BHSd.device)
+    dist = (t[:, None] - t[None, :]).to(math)
+    log_decay = decay_H.to(math).log()[:, None, None]
+    weights = torch.where(dist >= 0, torch.exp(log_decay * dist.clamp_min(0)), torch.zeros((), dtype=math))
+    scores = torch.matmul(q_BHSd.to(math), k_BHSd.to(math).transpose(-1, -2)) * weights
+    return torch.matmul(scores, v_BHSd.to(math)).to(q_BHSd.dtype)
