@@ -24,7 +24,7 @@ from hecate.parallel.chunks import is_expert_parameter
 from hecate.train.config import TrainConfig
 from hecate.train.data import build_data, train_bpe
 from hecate.train.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer
-from hecate.train import tasks
+from hecate.train import checkpoint, tasks
 from hecate.train.engine import Engine
 from hecate.train.faults import (CollectiveTimeoutError, NonFiniteError, PeerFailedError, RunLock, StopRequest,
                                  injected_fault)
@@ -123,15 +123,6 @@ def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
     return parallelize(model, strategy), strategy
 
 
-def _checkpoint_module():
-    """hecate.train.checkpoint when it exists (written separately); None otherwise."""
-    try:
-        from hecate.train import checkpoint
-    except ImportError:
-        return None
-    return checkpoint
-
-
 class Trainer:
     """Owns one rank's model, strategy, engine, data and loggers for one run."""
 
@@ -175,7 +166,7 @@ class Trainer:
         self.data = tasks.build_data(cfg, self.tokenizer)
         self.val = self.data.val_batches(cfg.train.eval_batches, self.rank, self.world)
         self.start_step = 0
-        self.ckpt = _checkpoint_module()
+        self.ckpt = checkpoint  # imported at the top: a broken checkpoint module fails the run, loudly
         if resume == "if_any":
             if self._has_checkpoint():
                 self._resume()
@@ -252,8 +243,6 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def _resume(self) -> None:
-        if self.ckpt is None:
-            raise ValueError("--resume needs hecate.train.checkpoint, which this build lacks")
         if not self.ckpt_dir.is_dir():
             raise ValueError(f"--resume: no checkpoints under {self.ckpt_dir}; train without --resume "
                              "first (with checkpoint.every > 0)")
