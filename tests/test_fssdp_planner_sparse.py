@@ -21,6 +21,7 @@ from hecate.parallel.fssdp import (
     proportional_quota,
     route_tokens,
 )
+from hecate.parallel.fssdp.materialize import place_copies
 from hecate.parallel.fssdp.strategy import FullyShardedSparse
 from tests import fssdp_reference_planner as ref
 
@@ -201,5 +202,40 @@ def test_algorithm1_on_a_large_world_equals_the_reference(E, routing):
     load = np.round(rng.permutation(p) * 1000)
     owner = np.arange(E) * 7 % W
     nodes = np.arange(W) // 8
-    want = ref.place(load, owner, nodes, m, 4 * m, proportional_quota(load, W * m, W - 1))
+    quota = proportional_quota(load, W * m, W - 1)
+    want = ref.place(load, owner, nodes, m, 4 * m, quota)
     assert np.array_equal(HecatePolicy.place(load, owner, nodes, m, 4 * m), want)
+    # The Python loop too (its long-list path runs only on worlds this large).
+    share = load / (quota + 1)
+    dev = np.zeros(W)
+    np.add.at(dev, owner, share)
+    order = np.lexsort((np.arange(E), -load, -quota))
+    d, e = place_copies(dev, nodes, owner, order[quota[order] > 0], quota, share, m, use_kernel=False)
+    got = ref.owner_holders(owner, W)
+    got[d, e] = True
+    assert np.array_equal(got, want)
+
+
+@SETTINGS
+@given(cases(), st.integers(1, 5))
+def test_placement_kernel_and_python_loop_pick_the_same_copies(case, m):
+    """csrc/cpu/placement.cpp and the Python loop of materialize.place_copies are one algorithm."""
+    from hecate.ops._backend import use_extension
+
+    _, _, nodes, owner, load = case
+    W, E = len(nodes), len(load)
+    quota = proportional_quota(load, W * m, W - 1)
+    share = load / (quota + 1)
+    dev = np.zeros(W)
+    np.add.at(dev, owner, share)
+    order = np.lexsort((np.arange(E), -load, -quota))
+    order = order[quota[order] > 0]
+    py = place_copies(dev, nodes, owner, order, quota, share, m, use_kernel=False)
+    want = ref.place(load, owner, nodes, m, m + 1, quota)
+    got = ref.owner_holders(owner, W)
+    got[py[0], py[1]] = True
+    assert np.array_equal(got, want)
+    if not use_extension("place_copies", torch.device("cpu")):
+        pytest.skip("hecate._C is not built (make build): only the Python loop was checked")
+    kernel = place_copies(dev, nodes, owner, order, quota, share, m, use_kernel=True)
+    assert np.array_equal(kernel[0], py[0]) and np.array_equal(kernel[1], py[1])

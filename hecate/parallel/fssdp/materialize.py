@@ -31,6 +31,7 @@ from hecate.parallel.fssdp._checks import (
     sparse_nonzero,
     to_numpy,
 )
+from hecate.ops._backend import use_extension
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.routes import TokenRoutes
 
@@ -115,6 +116,68 @@ def _pick_many(ready: list, node: list, o: int, q: int) -> list:
         chosen.add(o)
         picked += list(islice((key for key in ready if key[2] not in chosen), q - len(picked)))
     return picked
+
+
+def place_copies(dev_load_W, node_of_W, owner_E, order, quota_E, share_E, m: int,
+                 use_kernel: bool | None = None):
+    """Algorithm 1's copy-by-copy loop: (ranks, experts) of the copies, in placement order.
+
+    Experts in `order` each take quota_E[e] copies on the free rank first by (its node lacks
+    e, expected tokens, used slots, rank); see HecatePolicy.place. Runs the C++ kernel
+    (csrc/cpu/placement.cpp) when hecate._C is built, else the same loop in Python; both
+    give bit-identical picks (tests/test_fssdp_planner_sparse.py runs both). ~1.5 us per
+    copy in Python, a 1024-rank world places 2048 copies per layer.
+    """
+    if use_kernel is None:
+        use_kernel = use_extension("place_copies", torch.device("cpu"))
+    if use_kernel:
+        as_t = torch.from_numpy
+        d, e = torch.ops.hecate.place_copies(
+            as_t(np.ascontiguousarray(dev_load_W, dtype=np.float64)),
+            as_t(np.ascontiguousarray(node_of_W, dtype=np.int64)),
+            as_t(np.ascontiguousarray(owner_E, dtype=np.int64)),
+            as_t(np.ascontiguousarray(order, dtype=np.int64)),
+            as_t(np.ascontiguousarray(quota_E, dtype=np.int64)),
+            as_t(np.ascontiguousarray(share_E, dtype=np.float64)), int(m))
+        return d.numpy(), e.numpy()
+    W = len(node_of_W)
+    # Python floats are the same IEEE doubles: sums happen in the same order as a
+    # per-copy numpy update would do them, so the keys (and ties) are exact.
+    dev, used = dev_load_W.tolist(), [0] * W
+    node, owner, share = node_of_W.tolist(), owner_E.tolist(), share_E.tolist()
+    ready = sorted((dev[d], 0, d) for d in range(W))  # free ranks by key (m >= 1)
+    num_nodes = len(set(node))
+    picks_d, picks_e = [], []
+    quota = quota_E.tolist()
+    for e in order.tolist():
+        q = quota[e]
+        if q == 0 or not ready:
+            break  # sorted by quota first: the rest have none; or no slot is left anywhere
+        o, se = owner[e], share[e]
+        # A scan stops once q nodes are found; when q reaches the node count it walks every
+        # free rank in Python, and on long lists the C-level passes of _pick_many are faster.
+        if q >= num_nodes and len(ready) > 256:
+            picked = _pick_many(ready, node, o, q)
+        else:
+            picked = _pick_few(ready, node, o, q)
+        picks_d.extend([key[2] for key in picked])
+        picks_e.extend([e] * len(picked))
+        if len(picked) <= _REINSERT:  # re-insert the chosen ranks with their new keys
+            for key in picked:
+                del ready[bisect_left(ready, key)]
+                d = key[2]
+                dev[d] += se
+                used[d] += 1
+                if used[d] < m:
+                    insort(ready, (dev[d], used[d], d))
+        else:  # many: one merge (timsort of two sorted runs) beats many insertions
+            gone = {key[2] for key in picked}
+            for d in gone:
+                dev[d] += se
+                used[d] += 1
+            ready = sorted([key for key in ready if key[2] not in gone]
+                           + [(dev[d], used[d], d) for d in gone if used[d] < m])
+    return np.asarray(picks_d, dtype=np.int64), np.asarray(picks_e, dtype=np.int64)
 
 
 class MaterializationPolicy:
@@ -234,42 +297,9 @@ class HecatePolicy(MaterializationPolicy):
         share_E = load_E / (quota_E + 1)  # expected tokens per copy
         dev_load_W = np.zeros(W)
         np.add.at(dev_load_W, owner_E, share_E)
-        # Python floats are the same IEEE doubles: sums happen in the same order as a
-        # per-copy numpy update would do them, so the keys (and ties) are exact.
-        dev, used = dev_load_W.tolist(), [0] * W
-        node, owner, share = node_of_W.tolist(), owner_E.tolist(), share_E.tolist()
-        ready = sorted((dev[d], 0, d) for d in range(W))  # free ranks by key (m >= 1)
-        num_nodes = len(set(node))
-        picks_d, picks_e = [], []
-        quota = quota_E.tolist()
-        for e in np.lexsort((np.arange(E), -load_E, -quota_E)).tolist():
-            q = quota[e]
-            if q == 0 or not ready:
-                break  # sorted by quota first: the rest have none; or no slot is left anywhere
-            o, se = owner[e], share[e]
-            # A scan stops once q nodes are found; when q reaches the node count it walks every
-            # free rank in Python, and on long lists the C-level passes of _pick_many are faster.
-            if q >= num_nodes and len(ready) > 256:
-                picked = _pick_many(ready, node, o, q)
-            else:
-                picked = _pick_few(ready, node, o, q)
-            picks_d.extend([key[2] for key in picked])
-            picks_e.extend([e] * len(picked))
-            if len(picked) <= _REINSERT:  # re-insert the chosen ranks with their new keys
-                for key in picked:
-                    del ready[bisect_left(ready, key)]
-                    d = key[2]
-                    dev[d] += se
-                    used[d] += 1
-                    if used[d] < m:
-                        insort(ready, (dev[d], used[d], d))
-            else:  # many: one merge (timsort of two sorted runs) beats many insertions
-                gone = {key[2] for key in picked}
-                for d in gone:
-                    dev[d] += se
-                    used[d] += 1
-                ready = sorted([key for key in ready if key[2] not in gone]
-                               + [(dev[d], used[d], d) for d in gone if used[d] < m])
+        order = np.lexsort((np.arange(E), -load_E, -quota_E))
+        order = order[quota_E[order] > 0]  # sorted by quota first: the rest place nothing
+        picks_d, picks_e = place_copies(dev_load_W, node_of_W, owner_E, order, quota_E, share_E, m)
         holders[picks_d, picks_e] = True
         return holders
 
