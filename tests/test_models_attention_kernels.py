@@ -120,3 +120,16 @@ def test_lightning_attention_option():
     assert losses[-1] < losses[0] - 0.3, losses
     with pytest.raises(ValueError, match="lightning_block_size"):
         TransformerConfig(attention="lightning", lightning_block_size=0).validate()
+
+
+def test_inspect_reports_active_attention_flops():
+    """MoH's active attention FLOPs are the dense ones times (shared + top_k) / heads."""
+    from hecate.train.model_stats import build_meta_model, param_counts
+
+    base = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=8, max_seq_len=128, dense_ffn_hidden=32,
+                moe=MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=4, top_k=2))
+    mha = param_counts(build_meta_model(TransformerConfig(**base)))
+    assert mha["attention_flops_per_seq"] == mha["active_attention_flops_per_seq"] == 2 * 8 * 2 * 8 * 128 * 129
+    moh = param_counts(build_meta_model(TransformerConfig(**base, attention="moh", moh_shared_heads=2, moh_top_k=2)))
+    assert moh["attention_flops_per_seq"] == mha["attention_flops_per_seq"]
+    assert moh["active_attention_flops_per_seq"] == mha["attention_flops_per_seq"] // 2

@@ -24,7 +24,33 @@ def param_counts(model: MoETransformer) -> dict:
         routed += n
         active_routed += n * layer.config.top_k // layer.config.num_experts
     return {"total_params": total, "routed_expert_params": routed,
-            "dense_params": total - routed, "active_params": total - routed + active_routed}
+            "dense_params": total - routed, "active_params": total - routed + active_routed,
+            **attention_flops(model)}
+
+
+def attention_flops(model: MoETransformer) -> dict:
+    """Forward FLOPs of the attention cores (QK^T and PV; projections excluded) for one
+    sequence of model.max_seq_len tokens: every head's (attention_flops_per_seq) and the heads
+    that run (active_attention_flops_per_seq: MoH computes only shared + top_k heads per token)."""
+    from hecate.models.attention import BAMAttention, LightningAttention, MoHAttention
+
+    S = model.cfg.max_seq_len
+    dense = active = 0
+    for block in model.blocks:
+        attn = block.attn
+        heads = attn.n_heads * attn.num_experts if isinstance(attn, BAMAttention) else getattr(attn, "n_heads", 0)
+        d = getattr(attn, "head_dim", 0)
+        if isinstance(attn, LightningAttention):  # intra-block causal products + the d x d state
+            b = min(attn.block_size, S)
+            per_head = 2 * d * S * (b + 1) + 4 * S * d * d
+        elif hasattr(attn, "v_dim"):  # MLA: q.k over nope + rope dims, p.v over v_dim
+            per_head = S * (S + 1) * (attn.nope_dim + attn.rope_dim + attn.v_dim)
+        else:  # causal softmax attention: S (S + 1) / 2 query-key pairs, 2 FLOPs x d twice
+            per_head = 2 * d * S * (S + 1)
+        dense += heads * per_head
+        share = attn.active_head_share() if isinstance(attn, MoHAttention) else 1.0
+        active += round(heads * per_head * share)
+    return {"attention_flops_per_seq": dense, "active_attention_flops_per_seq": active}
 
 
 def expert_state_estimate(model, strategy: str, world: int, ep_size: int | None = None,
