@@ -228,7 +228,9 @@ class FullyShardedSparse(ExpertStrategy):
         all_gather_flat(gathered, mine.to(dev), group=self.token_group)
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
-            self.topology.stats.record("fssdp.counts", crossing, crossing)
+            from hecate.comm.all_to_all import group_ranks  # the group's peers, for the link classes
+
+            self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=group_ranks(self.token_group))
         gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
         E = counts_E.numel()
         digests = gathered[:, E + 1:]
