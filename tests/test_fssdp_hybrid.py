@@ -12,7 +12,7 @@ OPTIONS = {"overlap_degree": 2, "fit_replicas": False}  # replicas in every step
 
 @pytest.mark.parametrize("world,group", [(4, 2), (6, 3)])
 def test_hybrid_trains_like_single_process(world, group):
-    results = run_distributed(train_case, world, "fssdp_hybrid", {**OPTIONS, "shard_group_size": group}, 4,
+    results = run_distributed(train_case, world, "fssdp_hybrid", {**OPTIONS, "shard_group_size": group}, 3,
                               skew=True, timeout=300)
     check_training(results)
 

@@ -10,7 +10,7 @@ from hecate.train.routing_trace import read_routing_trace
 from tests.multinode_cases import train_and_trace
 from tests.training_cases import D
 
-STEPS = 3
+STEPS = 2
 # t pinned: by default Algorithm 1 derives it from the measured non-MoE time (wall clock).
 FSSDP = {"overlap_degree": 2, "reshard_interval": 0}
 
