@@ -291,6 +291,9 @@ def cmd_inspect(args) -> int:
     print(f"total params:        {info['total_params']:,}")
     print(f"active params/token: {info['active_params']:,}")
     print(f"routed expert params:{info['routed_expert_params']:>12,} in {info['moe_layers']} MoE layers")
+    if "attention_flops_per_seq" in info:  # forward attention cores, one max_seq_len sequence
+        print(f"attention FLOPs/seq: {info['active_attention_flops_per_seq']:,} active of "
+              f"{info['attention_flops_per_seq']:,}")
     line = (f"memory per rank ({mem['strategy']}, world {mem['world_size']}): "
             f"{mem['total_bytes'] / 2**20:,.1f} MiB (params+grads+AdamW {mem['param_state_bytes'] / 2**20:,.1f}, "
             f"transient experts {mem['transient_expert_bytes'] / 2**20:,.1f}")
