@@ -23,13 +23,19 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-# GPU architectures: machine code for A100 (sm_80) and H100/H200 (sm_90), plus compute_90 PTX
-# that the driver JIT-compiles on newer GPUs (without it they would find no kernel image).
-NVCC_ARCH_FLAGS = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+# GPU architectures: machine code for A100 (sm_80) and H100/H200 (sm_90), plus PTX of the
+# newest (compute_90) that the driver JIT-compiles on newer GPUs (without it they would find
+# no kernel image). HECATE_CUDA_ARCHS="90" (say) builds for fewer, e.g. one machine's GPU.
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def nvcc_arch_flags(archs: str) -> list:
+    """-gencode flags: sm_XX machine code for each arch in "80;90", and the newest one's PTX."""
+    values = sorted({int(a) for a in archs.replace(",", ";").split(";") if a.strip()})
+    if not values:
+        raise ValueError(f"HECATE_CUDA_ARCHS={archs!r} names no architecture (e.g. '80;90')")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in values]
+    return flags + [f"-gencode=arch=compute_{values[-1]},code=compute_{values[-1]}"]
 
 
 def build_flags(with_cuda: bool) -> dict:
@@ -41,7 +47,8 @@ def build_flags(with_cuda: bool) -> dict:
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     flags = {"cxx": cxx, "link": ["-fopenmp"]}
     if with_cuda:
-        flags["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS]
+        archs = os.environ.get("HECATE_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS
+        flags["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *nvcc_arch_flags(archs)]
     return flags
 
 

@@ -59,3 +59,13 @@ def test_extension_passes_the_flags(monkeypatch):
         if want_cuda:
             assert "-gencode=arch=compute_90,code=compute_90" in made["extra_compile_args"]["nvcc"]
             assert any(s.endswith(".cu") for s in made["sources"])
+
+
+def test_archs_override_builds_one_gpu_with_its_ptx(monkeypatch):
+    ns = _setup_namespace()
+    monkeypatch.setenv("HECATE_CUDA_ARCHS", "90")
+    nvcc = ns["build_flags"](with_cuda=True)["nvcc"]
+    assert [f for f in nvcc if f.startswith("-gencode")] == [
+        "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+    with pytest.raises(ValueError, match="HECATE_CUDA_ARCHS"):
+        ns["nvcc_arch_flags"](";")

@@ -16,6 +16,7 @@ from hecate.moe.capacity import apply_capacity, check_group_sizes
 from hecate.moe.config import MoEConfig
 from hecate.moe.experts import GroupedExperts, ResidualMix, SharedExperts
 from hecate.moe.metrics import MoEStats
+from hecate.moe.module_experts import biased_mlp_experts
 from hecate.moe.routers import build_router
 from hecate.moe.routing import Routing
 from hecate.moe.strategy import LocalStrategy
@@ -47,7 +48,10 @@ class MoELayer(nn.Module):
         self.config = config.validate()
         c = config
         self.router = build_router(c)
-        self.experts = GroupedExperts(c.num_experts, c.hidden_size, c.ffn_hidden_size, c.activation)
+        if c.expert_bias:  # Megatron add_bias_linear: biased experts, stacked per expert (grouped path)
+            self.experts = biased_mlp_experts(c.num_experts, c.hidden_size, c.ffn_hidden_size, c.activation)
+        else:
+            self.experts = GroupedExperts(c.num_experts, c.hidden_size, c.ffn_hidden_size, c.activation)
         self.shared_experts = None
         if c.num_shared_experts:
             self.shared_experts = SharedExperts(

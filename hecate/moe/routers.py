@@ -50,6 +50,8 @@ class Router(nn.Module):
         self.weight_ED = nn.Parameter(torch.empty(e, d))
         # DeepSeek-V3 aux-free balancing: steers selection only, never the weights.
         self.register_buffer("expert_bias_E", torch.zeros(e), persistent=True)
+        # A learned logit bias (Megatron's router with add_bias_linear); None when bias-free.
+        self.bias_E = nn.Parameter(torch.zeros(e)) if getattr(config, "router_bias", False) else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,7 +61,8 @@ class Router(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [T, E] (autocast off so bf16 runs keep fp32 routing)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight_ED.float())
+            bias = None if self.bias_E is None else self.bias_E.float()
+            return F.linear(x_TD.float(), self.weight_ED.float(), bias)
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         return self.expert_bias_E if self.config.aux_free_bias else None
