@@ -19,10 +19,8 @@ PERF_KEYS = ("moe_grouped_gemm", "moe_use_legacy_grouped_gemm", "moe_token_dispa
              "moe_deepep_num_sms", "moe_hybridep_num_sms", "moe_pad_expert_input_to_capacity")
 # Supported only at these (Megatron default) values.
 DEFAULT_ONLY = {
-    "moe_router_topk_scaling_factor": (None, "Hecate's routers have no routed-weight scaling factor"),
     "moe_input_jitter_eps": (None, "Hecate jitters the router input only in its top-1 'switch' router, "
                                    "whose weight is the probability, not Megatron's 1.0"),
-    "moe_shared_expert_gate": (False, "Hecate's shared experts are summed without a sigmoid gate"),
     "moe_router_topk_limited_devices": (None, "use moe_router_num_groups / moe_router_group_topk"),
     "moe_router_force_load_balancing": (False, "a benchmarking mode that overrides the router"),
     "moe_router_padding_for_fp8": (False, "fp8 padding is not supported"),
@@ -36,7 +34,6 @@ DEFAULT_ONLY = {
     "expert_tensor_parallel_size": (None, "Hecate shards whole experts, never one expert's matrices"),
     "tensor_model_parallel_size": (1, "Hecate has no tensor parallelism for the dense layers"),
     "pipeline_model_parallel_size": (1, "Hecate has no pipeline parallelism"),
-    "add_bias_linear": (False, "Hecate's experts are bias-free: pass --disable-bias-linear"),
     "moe_router_bias": (False, "Hecate's gate is bias-free"),
 }
 
@@ -173,6 +170,21 @@ def translate_megatron_args(args, strategy: Optional[str] = None) -> Tuple[dict,
     shared = a.get("moe_shared_expert_intermediate_size")
     if shared:
         moe.update(num_shared_experts=1, shared_expert_hidden_size=int(shared))
+        # Megatron's gate: shared output * sigmoid(x @ gate_weight^T), gate_weight [1, D]
+        moe["shared_expert_gate"] = bool(a.get("moe_shared_expert_gate", False))
+    elif a.get("moe_shared_expert_gate"):
+        problems.append("moe_shared_expert_gate=True without moe_shared_expert_intermediate_size")
+    scaling = a.get("moe_router_topk_scaling_factor")
+    if scaling not in (None, 0):
+        moe["routed_scaling_factor"] = float(scaling)  # Megatron multiplies the top-k probs by it
+    # Megatron's default add_bias_linear=True gives every expert Linear a bias; Hecate's biased
+    # experts compute sum_k p_k (W2 act(W1 x + b1) + b2), which is what Megatron computes.
+    if a.get("add_bias_linear", True):
+        if shared:
+            problems.append("add_bias_linear=True with shared experts: Hecate's shared experts are bias-free "
+                            "(pass --disable-bias-linear, or drop moe_shared_expert_intermediate_size)")
+        else:
+            moe["expert_bias"] = moe["router_bias"] = True
     for key, (default, why) in DEFAULT_ONLY.items():
         if key in a and not _is_default(a[key], default):
             problems.append(f"{key}={a[key]!r}: {why}")
@@ -186,7 +198,8 @@ def translate_megatron_args(args, strategy: Optional[str] = None) -> Tuple[dict,
         "moe_router_pre_softmax", "moe_router_num_groups", "moe_router_group_topk",
         "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_load_balancing_type",
         "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor", "moe_token_drop_policy",
-        "moe_shared_expert_intermediate_size", "moe_layer_freq"}
+        "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_shared_expert_gate",
+        "moe_router_topk_scaling_factor"}
     for key in sorted(k_ for k_ in a if k_.startswith("moe_") and k_ not in known):
         if a[key] not in (None, False, 0, [], ""):
             problems.append(f"{key}={a[key]!r}: not translated by Hecate")

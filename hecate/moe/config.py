@@ -47,6 +47,8 @@ class MoEConfig:
     use_residual: bool = False
     shared_expert_gate: bool = False      # Qwen2-MoE: shared output scaled by sigmoid(x @ g^T), g [1, D]
     routed_scaling_factor: float = 1.0    # DeepSeek-V3: routed combine weights times this factor
+    expert_bias: bool = False             # experts' Linear layers carry biases (Megatron add_bias_linear)
+    router_bias: bool = False             # the router's logits carry a learned bias (Megatron add_bias_linear)
     # balancing losses (already multiplied into Routing.aux_losses)
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
@@ -119,6 +121,9 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("MoEConfig.shared_expert_gate=True needs num_shared_experts >= 1")
+        if self.expert_bias and (self.num_shared_experts or self.use_residual):
+            raise ValueError("MoEConfig.expert_bias=True applies to routed experts only; the shared experts and "
+                             "the residual MLP are bias-free (set num_shared_experts=0, use_residual=False)")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         if self.num_shared_experts < 0:

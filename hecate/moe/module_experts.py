@@ -255,3 +255,36 @@ def _warn_generic(kind: str) -> None:
         warnings.warn(f"expert module {kind} is not a Linear/elementwise graph: Hecate runs it once per expert "
                       "with torch.func.functional_call (correct, shards like built-in experts, but slower "
                       "than the grouped path)", stacklevel=3)
+
+
+class BiasedMLP(nn.Module):
+    """One expert with biases (Megatron add_bias_linear): fc2(act(fc1 x + b1)) + b2. Gated
+    (swiglu): fc1 maps D -> 2F, rows [gate; up] as Megatron lays them out, silu(gate) * up."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
+        self.gated = activation == "swiglu"
+        self.fc1 = nn.Linear(hidden_size, (2 if self.gated else 1) * ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
+
+
+def biased_mlp_experts(num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                       activation: str = "gelu") -> ModuleExperts:
+    """MoEConfig.expert_bias: E BiasedMLP experts (grouped path), each initialized on its own
+    like nn.Linear (not E copies of one draw)."""
+    experts = ModuleExperts(BiasedMLP(hidden_size, ffn_hidden_size, activation), num_experts, warn=False)
+    with torch.no_grad():
+        for e in range(num_experts):
+            fresh = BiasedMLP(hidden_size, ffn_hidden_size, activation)
+            for name, p in fresh.named_parameters():
+                getattr(experts, _stacked_name(name))[e].copy_(p)
+    return experts
