@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
-def _cmd(out, *extra):
-    return [sys.executable, "-P", "-m", "hecate.cli", "train", "tiny_fssdp", "--nproc", "2",
+def _cmd(out, *extra, nproc=2):
+    return [sys.executable, "-P", "-m", "hecate.cli", "train", "tiny_fssdp", "--nproc", str(nproc),
             "--set", f"train.out_dir={out}", "--set", "data.embedded_max_bytes=100000",
             "--set", f"data.cache_dir={out.parent}/cache", "--set", "logging.heatmap=false",
             "--set", "sample.num_samples=0", "--set", "logging.progress=false", "--set", "train.log_every=1",
@@ -135,3 +135,20 @@ def test_sigkilled_rank_restarts_without_losing_or_repeating_a_step(tmp_path):
     assert "rank 1 was killed by SIGKILL; restarting every rank from the newest checkpoint" in r.stderr
     assert _steps(out) == list(range(1, 9))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+
+def test_two_nodes_meet_only_through_the_explicit_rdzv_endpoint(tmp_path):
+    """Item 1, several nodes: two launchers of one rank each on this host, joined by --rdzv-endpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = [subprocess.Popen(_cmd(out, "--set", "train.steps=2", "--set", "parallel.strategy=dp", "--nnodes", "2",
+                                   "--node-rank", str(n), "--rdzv-endpoint", f"127.0.0.1:{port}", nproc=1),
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert _steps(out) == [1, 2]
