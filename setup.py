@@ -90,7 +90,8 @@ setup(
         # transformers is the oracle of the Hugging Face conversion tests; wandb's logger is
         # tested in offline mode.
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "matplotlib", "tokenizers",
-                "tensorboard", "transformers>=5.20,<6", "wandb>=0.31,<0.32"],
+                "tensorboard", "transformers>=5.20,<6", "wandb>=0.31,<0.32",
+                "dockerfile"],  # the Go Dockerfile parser, for tests/test_dockerfile.py
         "hf": ["transformers>=5.20,<6"],
         "bpe": ["tokenizers"],
         "tensorboard": ["tensorboard"],
