@@ -5,8 +5,9 @@
 The machine is shared and its load changes by the second, so everything one comparison needs
 is measured inside one task of 2 gloo ranks (1 torch thread each), under the same load:
 
-1. calibration, as `hecate simulate --calibrate` does it (hecate.sim.calibrate: GEMM and fused
-   AdamW rates on rank 0, all_to_all_v alpha / beta between the two ranks), plus the model's
+1. calibration, as `hecate simulate --calibrate` does it (hecate.sim.calibrate: fused AdamW rate
+   on rank 0, all_to_all_v alpha / beta between the two ranks; the GEMM rate from a short
+   probe before every timed step on every rank, median), plus the model's
    per-step framework overhead: a third copy of the model stepped with every expert local
    (no collective), measured time minus what the FLOP model says;
 2. ep and fssdp (benchmarks/strategies.py's model, batches and skew) trained side by side,
@@ -73,12 +74,18 @@ def paired_case(rank, world, a, skew, warmup, steps):
                                          max_grad_norm=1.0))
     times = {"ep": [], "fssdp": [], "local": []}
     counts = {"ep": [], "fssdp": [], "local": []}
+    probes = []  # GEMM rate measured right before every timed step: the same load as the steps
+    pa, pb = torch.randn(1024, 256), torch.randn(256, 1024)
     for step in range(warmup + steps):
         g = torch.Generator().manual_seed(7919 * step + rank)
         tokens = torch.randint(0, a["vocab"], (a["batch"], a["seq"] + 1), generator=g)
         order = ("ep", "fssdp", "local") if step % 2 == 0 else ("local", "fssdp", "ep")
         for name in order:
             model, engine = runs[name]
+            t = time.perf_counter()
+            for _ in range(3):
+                pa @ pb
+            probes.append(3 * 2 * 1024 * 256 * 1024 / (time.perf_counter() - t))
             dist.barrier()
             start = time.perf_counter()
             loss, res = model.loss(tokens[:, :-1], tokens[:, 1:])
@@ -90,7 +97,7 @@ def paired_case(rank, world, a, skew, warmup, steps):
             counts[name].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
             if step >= warmup:
                 times[name].append(elapsed)
-    return {"times": times, "counts": counts, "links": links, "rates": rates}
+    return {"times": times, "counts": counts, "links": links, "rates": rates, "probes": probes}
 
 
 def _hardware(results):
@@ -99,7 +106,8 @@ def _hardware(results):
     small = max(r["links"][64] for r in results)
     large = max(r["links"][8 << 20] for r in results)
     beta = ((8 << 20) - 64) / max(large - small, 1e-9)
-    gemm, adam = results[0]["rates"]
+    _, adam = results[0]["rates"]
+    gemm = statistics.median(p for r in results for p in r["probes"])
     return Hardware("calibrated-in-run", 2, gemm_flops=gemm, adam_params_per_s=adam, alpha_intra=small,
                     bw_intra=beta, alpha_inter=small, bw_inter=beta, wire_bytes=4)
 

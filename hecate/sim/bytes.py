@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from hecate.comm.stats import CommStats
-from hecate.sim.plans import FssdpReplay, ep_owner_E
+from hecate.sim.plans import FssdpReplay, ep_owner_E, fssdp_tokens_WW
 
 _DIGEST_WORDS = 4  # FullyShardedSparse._agree_on_counts sends [counts | non-MoE time | 4 digest words]
 
@@ -74,8 +74,6 @@ def predict_fssdp(trace_steps, ranks_per_node: int, *, d_model: int, chunk_numel
                 for _ in range(2 if remat else 1):
                     _chunk_exchange(stats, "fssdp.spAG", plan.owner_E, plan.holders_WE, chunk_row, reduce=False)
                 _chunk_exchange(stats, "fssdp.spRS", plan.owner_E, plan.holders_WE, chunk_row, reduce=True)
-            from hecate.sim.plans import fssdp_tokens_WW
-
             tokens = fssdp_tokens_WW(plan)
             _exchange(stats, "fssdp.dispatch", tokens, row)
             _exchange(stats, "fssdp.combine", tokens.T, row)
