@@ -41,12 +41,22 @@ def test_strategies_smoke():
                 # Moving only what is needed can never beat the lower bound.
                 assert r["lower_bound_bytes"] is not None
                 assert r["expert_bytes"] >= r["lower_bound_bytes"] * (1 - 1e-9), label
-        assert rows["ep"]["time_vs_ep"] == pytest.approx(1.0)
+        # Every ratio is its row's own figure over the baseline row's, not a constant.
+        for label, r in rows.items():
+            assert r["time_vs_ep"] == pytest.approx(r["step_time_s"] / rows["ep"]["step_time_s"]), label
+            assert r["peak_vs_ep"] == pytest.approx(r["peak_bytes_per_rank"] / rows["ep"]["peak_bytes_per_rank"])
+            assert r["bytes_vs_fsdp"] == pytest.approx(r["expert_bytes"] / rows["fsdp"]["expert_bytes"]), label
         # Same model, same sizes: every strategy all-reduces the same dense gradients.
         assert len({r["dense_bytes"] for r in rows.values()}) == 1
         # The persistent state of fssdp and ep is 1/W of the experts, dp's is all of them.
         assert rows["dp"]["state_bytes_per_rank"] > rows["fssdp"]["state_bytes_per_rank"]
     assert world["routing"]["skewed"]["ep"]["imbalance"] > world["routing"]["uniform"]["ep"]["imbalance"]
+    # The headline targets are read off the skewed rows.
+    skewed, t = world["routing"]["skewed"], world["targets"]
+    assert t["ep_time_over_fssdp"] == pytest.approx(skewed["ep"]["step_time_s"] / skewed["fssdp"]["step_time_s"])
+    assert t["fssdp_bytes_vs_fsdp"] == pytest.approx(skewed["fssdp"]["expert_bytes"] / skewed["fsdp"]["expert_bytes"])
+    assert t["fssdp_rm_peak_vs_ep"] == pytest.approx(
+        skewed["fssdp"]["peak_bytes_per_rank"] / skewed["ep"]["peak_bytes_per_rank"])
 
 
 def test_moe_layer_smoke_without_deepspeed():
@@ -67,3 +77,11 @@ def test_optimizer_smoke():
     assert out["elements"] == 2 * 2 * 1000 + 3 * 100
     for r in out["results"].values():
         assert r["step_ms"] > 0 and r["max_abs_diff_vs_single"] < 1e-5
+
+
+def test_router_smoke():
+    out, text = run_json("router.py", "--tokens", "64", "--experts", "8", "--k", "2", "--repeats", "1",
+                         "--device", "cpu")
+    assert set(out["ms"]) == {"fused", "recompute", "torch"} and all(v > 0 for v in out["ms"].values())
+    assert out["recompute_over_fused"] == pytest.approx(out["ms"]["recompute"] / out["ms"]["fused"])
+    assert out["torch_over_fused"] == pytest.approx(out["ms"]["torch"] / out["ms"]["fused"])

@@ -4,9 +4,26 @@ import torch
 from hecate.comm.topology import Topology
 from hecate.models.transformer import MoETransformer
 from hecate.parallel import build_strategy, moe_layers, parallelize
+from hecate.parallel.chunks import is_expert_parameter
 from hecate.testing import run_distributed
 from hecate.train.engine import Engine
 from tests.training_cases import batch, tiny_config
+
+
+def measured_expert_bytes(model, optimizer) -> int:
+    """Bytes of every storage behind this rank's expert parameters, their gradients and their
+    optimizer state, found from the model and the optimizer (not the strategy's own count);
+    each storage once, whole (a view of a bigger buffer counts the buffer)."""
+    storages = {}
+    for p in model.parameters():
+        if not is_expert_parameter(p):
+            continue
+        tensors = [p, p.grad] + [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        for t in tensors:
+            if t is not None and t.dim() > 0:  # AdamW's scalar step is not per-row state
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def memory_case(rank, world, reshard):
@@ -26,12 +43,13 @@ def memory_case(rank, world, reshard):
         engine.sync_gradients()
         engine.optimizer.step()
         layers = moe_layers(model)
-        mine = sum(strat.persistent_bytes(l, engine.optimizer) for l in layers)
+        mine = measured_expert_bytes(model, engine.optimizer)
+        reported = sum(strat.persistent_bytes(l, engine.optimizer) for l in layers)
         engine.optimizer.zero_grad(set_to_none=False)  # keep grads allocated: count them as persistent
         strat.step_end(layers, engine.optimizer)
     rows = sum(l.expert_chunks.shape[0] for l in moe_layers(model))
-    return {"mine": mine, "rows": rows, "total_rows": total_rows, "chunk_bytes": chunk_bytes,
-            "reshards": strat.reshards}
+    return {"mine": mine, "reported": reported, "rows": rows, "total_rows": total_rows,
+            "chunk_bytes": chunk_bytes, "reshards": strat.reshards}
 
 
 def _check(results, world):
@@ -41,6 +59,7 @@ def _check(results, world):
     total = total_rows * per_chunk
     for r in results:
         assert abs(r["mine"] - total / world) <= per_chunk, (r["mine"], total / world)
+        assert r["reported"] == r["mine"]  # the strategy's own count agrees with the measurement
 
 
 def test_persistent_expert_memory_is_one_over_w():

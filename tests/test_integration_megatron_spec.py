@@ -61,21 +61,35 @@ def test_unsupported_megatron_settings_raise():
         build_module(hecate_moe_spec(), config=_config(add_bias_linear=True))
 
 
-@pytest.mark.gpu
-def test_transformer_layer_forward_backward_on_gpu():
-    """A real Megatron TransformerLayer whose mlp is Hecate's MoE (needs CUDA, like Megatron's MoE)."""
-    import os
+@pytest.fixture
+def megatron_nccl():
+    """One-process NCCL group + Megatron's model-parallel state (1 x 1), torn down after the test.
 
+    The group rendezvous through an in-memory HashStore (no TCP port to collide with
+    another run) and binds the device eagerly; a group this fixture created is destroyed
+    again, one that already existed (e.g. under torchrun) is left alone.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29571")
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(0)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_transformer_layer_forward_backward_on_gpu(megatron_nccl):
+    """A real Megatron TransformerLayer whose mlp is Hecate's MoE (needs CUDA, like Megatron's MoE)."""
     cfg = _config()
     spec = gpt_layer_spec_with_hecate_moe(num_experts=4, strategy="local")
     layer = build_module(spec, config=cfg, layer_number=1).cuda()
@@ -85,7 +99,6 @@ def test_transformer_layer_forward_backward_on_gpu():
     y = out[0] if isinstance(out, tuple) else out
     y.float().sum().backward()
     assert x.grad is not None and layer.mlp.router.weight_ED.grad is not None
-    parallel_state.destroy_model_parallel()
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -99,33 +112,19 @@ def test_real_megatron_weights_round_trip(gated):
 
 
 @pytest.mark.gpu
-def test_matches_megatron_moe_layer_on_gpu():
+def test_matches_megatron_moe_layer_on_gpu(megatron_nccl):
     """Megatron's own MoELayer vs Hecate's layer on converted weights: same output (dropless top-2)."""
-    import os
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from hecate.integrations.convert_megatron import megatron_to_hecate
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29572")
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
-    try:
-        cfg = _config(moe_token_dispatcher_type="alltoall")
-        meg = build_module(get_gpt_layer_local_spec(num_experts=4), config=cfg, layer_number=1).mlp.cuda()
-        hec = build_module(hecate_moe_spec(strategy="local"), config=cfg).cuda()
-        state = megatron_to_hecate({"decoder.layers.0.mlp." + k: v for k, v in meg.state_dict().items()
-                                    if torch.is_tensor(v)})
-        hec.load_state_dict({k[len("decoder.layers.0.mlp."):]: v for k, v in state.items()})
-        x = torch.randn(8, 2, 16, device="cuda")
-        ref, _ = meg(x)
-        got, _ = hec(x)
-        assert torch.allclose(ref.float(), got.float(), atol=1e-4), float((ref - got).abs().max())
-    finally:
-        parallel_state.destroy_model_parallel()
+    cfg = _config(moe_token_dispatcher_type="alltoall")
+    meg = build_module(get_gpt_layer_local_spec(num_experts=4), config=cfg, layer_number=1).mlp.cuda()
+    hec = build_module(hecate_moe_spec(strategy="local"), config=cfg).cuda()
+    state = megatron_to_hecate({"decoder.layers.0.mlp." + k: v for k, v in meg.state_dict().items()
+                                if torch.is_tensor(v)})
+    hec.load_state_dict({k[len("decoder.layers.0.mlp."):]: v for k, v in state.items()})
+    x = torch.randn(8, 2, 16, device="cuda")
+    ref, _ = meg(x)
+    got, _ = hec(x)
+    assert torch.allclose(ref.float(), got.float(), atol=1e-4), float((ref - got).abs().max())

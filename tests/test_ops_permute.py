@@ -182,12 +182,33 @@ def test_gradients_match_reference(dtype, use_weights):
         torch.testing.assert_close(gw, gw_ref, **tolerance(dtype))
 
 
-def test_unpermute_weights_gradient_skipped_when_not_needed():
-    kernel("unpermute")
+@pytest.mark.parametrize("weights_need_grad", [False, True])
+def test_unpermute_weights_gradient_skipped_when_not_needed(monkeypatch, weights_need_grad):
+    """The backward kernel is asked for the weights' gradient only when the weights need one."""
+    import hecate.ops._autograd as autograd
+
+    backward_kernel = kernel("unpermute_backward")
+    asked = []
+
+    def spy(name):
+        if name != "unpermute_backward":
+            return autograd_op(name)
+
+        def call(*args):
+            asked.append(args[4])
+            return backward_kernel(*args)
+        return call
+
+    autograd_op = autograd.op
+    monkeypatch.setattr(autograd, "op", spy)
     y = torch.randn(4, 3, requires_grad=True)
+    w = torch.rand(2, 2, requires_grad=weights_need_grad)
     row_map = torch.tensor([[0, 1], [2, 3]])
-    ops.unpermute(y, row_map, torch.rand(2, 2)).sum().backward()
-    assert y.grad is not None
+    ops.unpermute(y, row_map, w).sum().backward()
+    assert asked == [weights_need_grad]
+    assert y.grad is not None and (w.grad is not None) == weights_need_grad
+    if weights_need_grad:  # d/dw_tk sum(unpermute) = sum of row row_map[t, k] of y
+        torch.testing.assert_close(w.grad, y.detach()[row_map].sum(-1))
 
 
 def test_face_falls_back_to_reference(monkeypatch):

@@ -50,7 +50,7 @@ def strategy_case(rank, world, strategy, k, capacity_factor, counts, seed, optio
 
     topo = Topology()
     layer = parallelize(copy.deepcopy(base), build_strategy(strategy, topo, **options))
-    layer = layer if isinstance(layer, MoELayer) else layer
+    assert isinstance(layer, MoELayer) and layer.strategy.name == strategy  # parallelize re-homed it
     x = xs[rank].clone().requires_grad_(True)
     out = layer(x)
     ((out.y * gs[rank]).sum() + out.aux_loss).backward()
