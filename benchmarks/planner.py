@@ -72,6 +72,8 @@ class Case:
     """One layer's inputs: counts of every rank, rank 0's routed indices, owners, nodes."""
 
     def __init__(self, W, E, k, routing, tokens, ranks_per_node, seed=0):
+        if k > E:
+            raise ValueError(f"--top-k {k} is more than --experts {E}: a token picks k distinct experts")
         rng = np.random.default_rng(seed)
         p = np.ones(E) if routing == "uniform" else 1.0 / np.arange(1, E + 1) ** 1.2
         p = rng.permutation(p / p.sum())

@@ -26,6 +26,7 @@ from hecate.parallel.fssdp.materialize import (
 )
 from hecate.parallel.fssdp.plan import Plan, build_plan
 from hecate.parallel.fssdp.routes import (
+    RankLayout,
     TokenRoutes,
     balance_routes,
     rank_splits,
@@ -43,7 +44,7 @@ from hecate.parallel.fssdp.topology import node_of_ranks
 
 __all__ = [
     "CostModel", "LoadPredictor", "HecatePolicy", "MaterializationPolicy", "NoReplicationPolicy",
-    "ShadowingPolicy", "fit_holders", "proportional_quota", "Plan", "build_plan", "TokenRoutes",
+    "ShadowingPolicy", "fit_holders", "proportional_quota", "Plan", "build_plan", "RankLayout", "TokenRoutes",
     "balance_routes", "rank_splits", "route_tokens", "token_routes",
     "even_sharding", "heterogeneous_sharding", "reshard_if_changed", "reshard_moves",
     "slots_per_rank", "node_of_ranks", "FssdpOptions",
