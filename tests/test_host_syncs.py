@@ -115,3 +115,15 @@ def test_counter_sees_device_reads_and_ignores_host_ones():
         y.detach().cpu().tolist()     # a download (the .tolist() of the copy is free)
         torch.bincount(torch.zeros(3, dtype=torch.long, device=x.device))
     assert c.count == 4, c.where
+
+
+@pytest.mark.parametrize("tokens, kept", [([3, 1, 0, 4], [2, 1, 0, 4]), ([0, 0, 0], [0, 0, 0]), ([5, 5], [5, 5])])
+def test_moe_stats_tensors_equal_the_floats_and_read_nothing(tokens, kept):
+    from hecate.moe.metrics import MoEStats
+
+    stats = MoEStats(torch.tensor(tokens), torch.tensor(kept))
+    with HostReadCounter() as counter:  # the stats' tensors are device data: nothing is read
+        imbalance, dropped = stats.imbalance_tensor(), stats.dropped_fraction_tensor()
+    assert counter.count == 0, counter.where
+    assert float(imbalance) == pytest.approx(stats.imbalance)
+    assert float(dropped) == pytest.approx(stats.dropped_fraction)

@@ -28,6 +28,18 @@ class MoEStats:
                    kept_per_expert_E=routing.kept_per_expert().detach(),
                    aux_loss_tensors={k: v.detach() for k, v in routing.aux_losses.items()})
 
+    def imbalance_tensor(self) -> torch.Tensor:
+        """imbalance as a 0-d fp32 tensor on the stats' device (no read back)."""
+        load = self.tokens_per_expert_E.float()
+        mean = load.mean()
+        return torch.where(mean > 0, load.max() / mean.clamp_min(1e-30), torch.ones_like(mean))
+
+    def dropped_fraction_tensor(self) -> torch.Tensor:
+        """dropped_fraction as a 0-d fp32 tensor on the stats' device (no read back)."""
+        routed = self.tokens_per_expert_E.sum().float()
+        kept = self.kept_per_expert_E.sum().float()
+        return torch.where(routed > 0, 1.0 - kept / routed.clamp_min(1.0), torch.zeros_like(routed))
+
     @property
     def imbalance(self) -> float:
         """max / mean of tokens_per_expert_E (1.0 = perfectly balanced; 0 tokens -> 1.0)."""

@@ -304,16 +304,23 @@ class Trainer:
                 loss, out = tasks.train_loss(cfg, self.model, x, y)
             self.where = f"step {step + 1}: backward"
             (loss / A).backward()
-            loss_sum += float(loss.detach()) / A
-            aux_sum += float(out.aux_loss.detach()) / A
-            imb += [s.imbalance for s in out.moe_stats]
-            drop += [s.dropped_fraction for s in out.moe_stats]
-            counts = [s.tokens_per_expert_E.float().cpu() for s in out.moe_stats]
+            # Statistics stay on the device through the micro-batches: one read per step below.
+            loss_sum = loss_sum + loss.detach().float() / A
+            aux_sum = aux_sum + out.aux_loss.detach().float().to(loss.device) / A
+            imb += [s.imbalance_tensor() for s in out.moe_stats]
+            drop += [s.dropped_fraction_tensor() for s in out.moe_stats]
+            counts = [s.tokens_per_expert_E.float() for s in out.moe_stats]
             if counts:
                 # One flat vector: layers may have different expert counts (PR-MoE pyramids).
                 sizes = [c.numel() for c in counts]
                 flat = torch.cat(counts)
                 load = flat if load is None else load + flat
+        scalars = [loss_sum, aux_sum, torch.stack(imb).mean() if imb else loss_sum.new_ones(()),
+                   torch.stack(drop).mean() if drop else loss_sum.new_zeros(())]
+        packed = torch.cat([torch.stack([t.to(loss_sum.device) for t in scalars])]
+                           + ([load.to(loss_sum.device)] if load is not None else [])).cpu()
+        loss_sum, aux_sum, imb_mean, drop_mean = packed[:4].tolist()
+        load = packed[4:] if load is not None else None
         self.where = f"step {step + 1}: loss all-reduce"
         loss, aux, stops = self._mean([loss_sum, aux_sum, 1.0 if stop_requested else 0.0])
         self.where = f"step {step + 1}: gradient sync and optimizer step"
@@ -334,8 +341,7 @@ class Trainer:
             load = load.cpu()
         return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "stop": stops > 0,
-                "expert_imbalance": sum(imb) / len(imb) if imb else 1.0,
-                "dropped_fraction": sum(drop) / len(drop) if drop else 0.0,
+                "expert_imbalance": imb_mean, "dropped_fraction": drop_mean,
                 "load": [part.tolist() for part in load.split(sizes)] if load is not None else None}
 
     @torch.no_grad()
