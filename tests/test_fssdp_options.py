@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from hecate.comm.topology import Topology
 from hecate.parallel.fssdp.options import FssdpOptions
@@ -66,3 +67,20 @@ def test_all_non_defaults_at_once_and_bad_values_name_the_key(tmp_path):
         load_config("tiny_fssdp", ["parallel.fssdp.bandwith=[1, 2]"])
     with pytest.raises(ValueError, match=r"unknown fssdp option\(s\) \['polcy'\]"):
         FssdpOptions().replace(polcy="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_token_bytes_follow_the_tokens_dtype(dtype):
+    """The cost model prices a token row at hidden x the element size it travels in (not x 4)."""
+    from hecate.moe.config import MoEConfig
+    from hecate.moe.layer import MoELayer
+    from hecate.parallel import build_strategy, parallelize
+
+    strategy = build_strategy("fssdp", Topology(rank=0, world_size=1), policy="shadowing")
+    layer = parallelize(MoELayer(MoEConfig(hidden_size=24, ffn_hidden_size=8, num_experts=4, top_k=2)),
+                        strategy)
+    x_TD = torch.zeros(5, 24, dtype=dtype)
+    strategy._token_bytes = strategy._token_wire_bytes(x_TD)
+    assert strategy._token_bytes == 24 * x_TD.element_size()
+    cost = strategy._policy(layer.expert_layout, 0.0, False).cost_model  # what plans are priced with
+    assert cost.token_bytes == 24 * x_TD.element_size()
