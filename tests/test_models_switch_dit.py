@@ -25,8 +25,8 @@ def tiny(**kw):
 def perturb_experts(model):
     # Give the zero-initialized experts some output so the switch branch does something.
     with torch.no_grad():
-        for layer in model.moe_layers():
-            layer.experts.w2_EDF.normal_(std=0.3)
+        for block in model.blocks:
+            model.expert_output_weight(block).normal_(std=0.3)
 
 
 def record_routing(layer):
@@ -121,7 +121,7 @@ def test_zero_init_experts_still_learn():
     x, y = shapes_batch(0, 4)
     t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(0))
     model.loss(x, y, t, noise)[0].backward()
-    w2 = model.blocks[0].moe.experts.w2_EDF.grad
+    w2 = model.expert_output_weight(model.blocks[0]).grad
     assert w2 is not None and w2.abs().sum() > 0, "the zero output weight must get a gradient"
 
 
@@ -244,6 +244,7 @@ def test_parameter_counts():
         p = get_preset(name)
         m = build_model(p.arch, dict(p.config), "meta")
         moe = sum(q.numel() for layer in m.moe_layers() for q in layer.parameters())
+        moe += sum(b.shared.weight.numel() for b in m.blocks)  # the shared linear expert
         assert abs(count_parameters(m)["total_params"] - moe - dit) / dit < 0.02
 
 

@@ -8,9 +8,11 @@ Experts start at zero output (their second weight is zero), so the branch is the
 init. The diffusion prior loss pulls each sample's gate distribution toward a prior that
 gives neighbouring timesteps the same experts (Jensen-Shannon divergence, weight 1).
 
-Deviation from the authors' code: their experts are single linear maps; here they are the
-MoELayer's MLP experts (D -> expert_hidden_size -> D, zero-initialized output weight) so
-that every strategy (dp, ep, fsdp, fssdp) can shard them unchanged.
+Experts are single linear maps D -> D (as the authors' code), stored stacked [E, D, D] through
+hecate.moe.module_experts.ModuleExperts so that every strategy (dp, ep, fsdp, fssdp) shards them;
+`expert_type: mlp` keeps the older D -> expert_hidden_size -> D MLP experts. A shared linear
+expert (`shared_expert`, zero-initialized, dense) joins the switch for every timestep:
+x <- x * (1 + shared(x) + sum_j g_j(t) E_j(x)).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch import nn
 from hecate.models.diffusion import SCHEDULES, alphas_cumprod, q_sample
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
+from hecate.moe.module_experts import ModuleExperts
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SwitchDiTConfig:
     num_timesteps: int = 1000
     noise_schedule: str = "linear"
     prior_loss_weight: float = 1.0
+    expert_type: str = "linear"     # linear: E_j(x) = W_j x as the paper; mlp: D -> expert_hidden_size -> D
+    shared_expert: bool = True      # an always-on linear expert every timestep uses (in the switch)
     moe: dict = field(default_factory=dict)    # extra MoEConfig fields (e.g. capacity_factor)
 
     def validate(self) -> "SwitchDiTConfig":
@@ -60,6 +65,10 @@ class SwitchDiTConfig:
             raise ValueError(f"SwitchDiTConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.noise_schedule not in SCHEDULES:
             raise ValueError(f"SwitchDiTConfig.noise_schedule={self.noise_schedule!r}; choose one of {SCHEDULES}")
+        if self.expert_type not in ("linear", "mlp"):
+            raise ValueError(f"SwitchDiTConfig.expert_type={self.expert_type!r}; choose linear or mlp")
+        if self.expert_type == "linear" and self.expert_hidden_size is not None:
+            raise ValueError("SwitchDiTConfig.expert_hidden_size applies to expert_type='mlp' only; remove it")
         if self.num_classes < 0 or self.prior_loss_weight < 0:
             raise ValueError("SwitchDiTConfig.num_classes and prior_loss_weight must be >= 0")
         return self
@@ -144,6 +153,11 @@ class SwitchDiTBlock(nn.Module):
         d = cfg.d_model
         self.n_heads = cfg.n_heads
         self.moe = MoELayer(cfg.moe_config())
+        if cfg.expert_type == "linear":
+            # The paper's experts are single linear maps D -> D (no bias): ModuleExperts stacks them
+            # [E, D, D] so every strategy shards them like the built-in MLP experts.
+            self.moe.experts = ModuleExperts(nn.Linear(d, d, bias=False), cfg.num_experts, warn=False)
+        self.shared = nn.Linear(d, d, bias=False) if cfg.shared_expert else None
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -161,7 +175,8 @@ class SwitchDiTBlock(nn.Module):
     def forward(self, x_BND, c_BD, temb_BD):
         # Sparse switch: routing from the timestep embedding only -> per-sample experts.
         out = self.moe(x_BND, router_input=temb_BD[:, None].expand_as(x_BND))
-        x_BND = x_BND * (1 + out.y)
+        switch = out.y if self.shared is None else out.y + self.shared(x_BND)  # shared: every timestep
+        x_BND = x_BND * (1 + switch)
         # Per-sample gate distribution (softmax over all experts) for the diffusion prior loss.
         gate_BE = torch.softmax(self.moe.router.logits(temb_BD), dim=-1)
         s1, c1, g1, s2, c2, g2 = self.ada_ln(c_BD).chunk(6, dim=-1)
@@ -206,7 +221,8 @@ class SwitchDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for lin in self.t_embed.mlp:
             if isinstance(lin, nn.Linear):
                 nn.init.normal_(lin.weight, std=0.02)
@@ -215,10 +231,16 @@ class SwitchDiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.ada_ln[-1].weight)
             nn.init.zeros_(block.ada_ln[-1].bias)
-            nn.init.zeros_(block.moe.experts.w2_EDF)
+            nn.init.zeros_(self.expert_output_weight(block))
+            if block.shared is not None:
+                nn.init.zeros_(block.shared.weight)
         for lin in (self.final_ada[-1], self.final):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    def expert_output_weight(self, block) -> nn.Parameter:
+        """The routed experts' last weight (zero at init): [E, D, D] linear or w2_EDF of the MLPs."""
+        return block.moe.experts.weight if self.cfg.expert_type == "linear" else block.moe.experts.w2_EDF
 
     def patchify(self, x_BCHW):
         b, c, h, w = x_BCHW.shape

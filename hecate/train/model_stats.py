@@ -34,10 +34,12 @@ def attention_flops(model: MoETransformer) -> dict:
     that run (active_attention_flops_per_seq: MoH computes only shared + top_k heads per token)."""
     from hecate.models.attention import BAMAttention, LightningAttention, MoHAttention
 
-    S = model.cfg.max_seq_len
+    S = getattr(model.cfg, "max_seq_len", 0)  # other zoo architectures (hecate.train.tasks): no attention
     dense = active = 0
-    for block in model.blocks:
-        attn = block.attn
+    for block in getattr(model, "blocks", []):
+        attn = getattr(block, "attn", None)
+        if attn is None or not S:
+            continue
         heads = attn.n_heads * attn.num_experts if isinstance(attn, BAMAttention) else getattr(attn, "n_heads", 0)
         d = getattr(attn, "head_dim", 0)
         if isinstance(attn, LightningAttention):  # intra-block causal products + the d x d state
