@@ -82,6 +82,8 @@ def node_array(node_of_W, name: str = "node_of_W") -> np.ndarray:
 def sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, ...]:
     """np.nonzero of a mostly-False bool array, faster: scan it 8 bytes at a time (one uint64
     word per 8 cells) and look inside the non-zero words only. Same result, same order."""
+    if mask.size < 4096:  # small: numpy's own scan is as fast and has less overhead
+        return np.nonzero(mask)
     flat = np.ascontiguousarray(mask).reshape(-1)
     n8 = flat.size - flat.size % 8
     words = np.flatnonzero(flat[:n8].view(np.uint64) != 0)
