@@ -98,7 +98,6 @@ setup(
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "megatron": ["megatron-core>=0.16,<0.17"],
         "wandb": ["wandb>=0.31,<0.32"],
-        "apex": [],  # nvidia-apex is built from source on GPU machines; see docs/build.md
     },
     ext_modules=[] if os.environ.get("HECATE_SKIP_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
