@@ -6,18 +6,13 @@ do not queue in one stream with the token all-to-alls. These tests check on gloo
 collective goes to the group it should, that the numbers still match one process, and that
 fssdp runs inside a sub-group of the world (two independent fssdp worlds side by side).
 """
-import copy
 import sys
 
-import torch
 import torch.distributed as dist
 
 from hecate.comm.topology import Topology
-from hecate.moe.layer import MoELayer
-from hecate.parallel import build_strategy, parallelize
-from hecate.parallel.dense import all_reduce_dense_gradients
 from hecate.testing import run_distributed
-from tests.test_strategies_layer import _check, _config, _inputs, _oracle
+from tests.test_strategies_layer import _check, layer_case
 
 # Replication forced on (top-3 experts everywhere, no byte pruning), re-materialization,
 # asynchronous spRS: every kind of weight traffic happens.
@@ -25,29 +20,7 @@ REPLICATED = {"overlap_degree": 3, "fit_replicas": False, "rematerialize": True,
 
 
 def _layer_case(rank, world, topology, counts, seed, options, group=None):
-    """One MoE layer forward + backward under fssdp on `topology`, with the single-process
-    oracle on every rank's tokens (as tests/test_strategies_layer.py's strategy_case)."""
-    torch.manual_seed(seed)
-    base = MoELayer(_config(2, None))
-    ref = copy.deepcopy(base)
-    xs, gs = _inputs(world, counts, seed + 1)
-    ref_out, ref_xgrad = _oracle(ref, xs, gs)
-    layer = parallelize(copy.deepcopy(base), build_strategy("fssdp", topology, **options))
-    x = xs[rank].clone().requires_grad_(True)
-    out = layer(x)
-    ((out.y * gs[rank]).sum() + out.aux_loss).backward()
-    all_reduce_dense_gradients(layer, group=group)
-    layer.strategy.finish_backward([layer])
-    sl = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
-    return layer, {
-        "y": (out.y, ref_out.y[sl]),
-        "x_grad": (x.grad / world, ref_xgrad[sl]),
-        "router_grad": ([p.grad for p in layer.router.parameters()], [p.grad for p in ref.router.parameters()]),
-        "expert_grads": (layer.strategy.gather_experts(layer, grads=True),
-                         {n: p.grad for n, p in ref.experts.named_parameters()}),
-        "aux": (out.aux_loss, None),
-        "ref_aux": ref_out.aux_loss,
-    }
+    return layer_case(rank, world, topology, "fssdp", 2, None, counts, seed, options, group)
 
 
 def collectives_by_group_case(rank, world):

@@ -42,26 +42,32 @@ def _oracle(layer, xs, gs):
 
 
 def strategy_case(rank, world, strategy, k, capacity_factor, counts, seed, options):
+    return layer_case(rank, world, Topology(), strategy, k, capacity_factor, counts, seed, options)[1]
+
+
+def layer_case(rank, world, topo, strategy, k, capacity_factor, counts, seed, options, group=None):
+    """One MoE layer forward + backward under `strategy` on `topo` (dense gradients averaged
+    over `group`), with the single-process oracle on every rank's tokens.
+    Returns (the layer, pairs of (got, want) for _check)."""
     torch.manual_seed(seed)
     base = MoELayer(_config(k, capacity_factor, options.pop("activation", "gelu")))
     ref = copy.deepcopy(base)
     xs, gs = _inputs(world, counts, seed + 1)
     ref_out, ref_xgrad = _oracle(ref, xs, gs)
 
-    topo = Topology()
     layer = parallelize(copy.deepcopy(base), build_strategy(strategy, topo, **options))
     assert isinstance(layer, MoELayer) and layer.strategy.name == strategy  # parallelize re-homed it
     x = xs[rank].clone().requires_grad_(True)
     out = layer(x)
     ((out.y * gs[rank]).sum() + out.aux_loss).backward()
-    all_reduce_dense_gradients(layer)
+    all_reduce_dense_gradients(layer, group=group)
     layer.strategy.finish_backward([layer])
 
     start = sum(counts[:rank])
     sl = slice(start, start + counts[rank])
     ref_experts = {n: p.grad for n, p in ref.experts.named_parameters()}
     got_experts = layer.strategy.gather_experts(layer, grads=True)
-    return {
+    return layer, {
         "y": (out.y, ref_out.y[sl]),
         "x_grad": (x.grad / world, ref_xgrad[sl]),
         "router_grad": ([p.grad for p in layer.router.parameters()], [p.grad for p in ref.router.parameters()]),
