@@ -142,7 +142,7 @@ class FullyShardedSparse(ExpertStrategy):
         self.overlap_degree, self.rematerialize = o.overlap_degree, o.rematerialize
         self.reshard_interval, self.calibrate = o.reshard_interval, o.calibrate
         self.token_compute_s = o.token_compute_s
-        backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
+        backend = str(dist.get_backend(topology.world_group)) if dist.is_initialized() else "gloo"
         self.bandwidth = o.bandwidth if o.bandwidth is not None else DEFAULT_BANDWIDTH.get(
             backend, DEFAULT_BANDWIDTH["gloo"])
         self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
