@@ -12,7 +12,7 @@ from hecate.models.transformer import MoETransformer
 from tests.training_cases import tiny_config, train_side_by_side
 
 VOCAB = 61
-BATCH, SEQ = 12, 12  # 144 tokens x top-2 per rank (SEQ = the tiny model's max_seq_len): a hot replica pays
+BATCH, SEQ = 16, 12  # 192 tokens x top-2 per rank (SEQ = the tiny model's max_seq_len): a hot replica pays
 
 
 @contextlib.contextmanager
@@ -29,9 +29,9 @@ def ranks_per_node(n: int):
 
 
 def skewed_batch(step, rank):
-    """Three token ids make almost all of the input, so a few experts take most entries."""
+    """Two token ids make almost all of the input, so a few experts take most entries."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    tokens = torch.randint(0, 3, (BATCH, SEQ + 1), generator=g)
+    tokens = torch.randint(0, 2, (BATCH, SEQ + 1), generator=g)
     noise = torch.rand(BATCH, SEQ + 1, generator=g) < 0.1
     tokens = torch.where(noise, torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g), tokens)
     return tokens[:, :-1], tokens[:, 1:]

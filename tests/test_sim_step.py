@@ -28,7 +28,8 @@ def test_phase_time_charges_each_link_class_at_its_bandwidth():
 
 def _run(W, skew, strategies=("ep", "fsdp", "fssdp"), hw=HW, **setup):
     trace = synthetic_trace(2, SHAPE.num_experts, 4096 * SHAPE.top_k, W, 5, skew, 0.02)
-    return simulate_steps(StepSetup(SHAPE, hw, W, 4096, **setup), trace, strategies, warmup=3)
+    # planning time off: it is measured on this host, so it would make the test depend on load
+    return simulate_steps(StepSetup(SHAPE, hw, W, 4096, count_planning=False, **setup), trace, strategies, warmup=3)
 
 
 def test_skew_slows_ep_and_replication_helps_fssdp():
