@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "hecate"
-# Top to bottom (DESIGN.md): each may import only the ones before it. `data` (token
-# sources) sits with train, which uses it; `_C` / `_extension` are the kernels' loader.
-ORDER = ["_C", "_extension", "ops", "comm", "moe", "parallel", "models", "data", "train",
+# Top to bottom (DESIGN.md): each may import only the ones before it. `_C` / `_extension`
+# are the kernels' loader; `data` (synthetic data and token sources, not on DESIGN.md's
+# map) imports no other hecate package, so it sits at the top where models and train can
+# use it.
+ORDER = ["_C", "_extension", "data", "ops", "comm", "moe", "parallel", "models", "train",
          "integrations", "sim", "cli"]
 # Entry points run as `python -m ...`; nothing imports them.
 ENTRY_POINTS = {"train/__main__.py"}
