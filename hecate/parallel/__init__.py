@@ -1,4 +1,4 @@
-"""Expert-parallel strategies behind one interface: local, dp, ep, fsdp, fssdp."""
+"""Expert-parallel strategies behind one interface (hecate.moe.strategy): local, dp, ep, fsdp, fssdp."""
 from __future__ import annotations
 
 from torch import nn
