@@ -19,10 +19,10 @@ SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_h
 def _config(kind: str, k: int = 2, norm: bool = False, **extra):
     T = transformers
     if kind == "llama":
-        return T.LlamaConfig(**SMALL, head_dim=8, attention_bias=True, **extra)
+        return T.LlamaConfig(**SMALL, head_dim=8, attention_bias=True, **extra)  # noqa: E501
     if kind == "mixtral":
-        return T.MixtralConfig(**SMALL, num_local_experts=5, num_experts_per_tok=k,
-                               rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, **extra)
+        extra.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 1000.0})
+        return T.MixtralConfig(**SMALL, num_local_experts=5, num_experts_per_tok=k, **extra)
     if kind == "qwen2_moe":
         return T.Qwen2MoeConfig(**SMALL, num_experts=5, num_experts_per_tok=k, moe_intermediate_size=24,
                                 shared_expert_intermediate_size=36, mlp_only_layers=[1], norm_topk_prob=norm,
@@ -148,7 +148,7 @@ def test_to_hf_infers_architecture_and_refuses_what_it_cannot_express():
 def test_unsupported_hf_options_are_refused():
     T = transformers
     with pytest.raises(ValueError, match="rope_type"):
-        hecate_config(T.LlamaConfig(**SMALL, rope_parameters={"rope_type": "linear", "factor": 2.0,
+        hecate_config(T.LlamaConfig(**SMALL, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                               "rope_theta": 10000.0}))
     with pytest.raises(ValueError, match="sliding_window"):
         hecate_config(T.MixtralConfig(**SMALL, sliding_window=16))
@@ -158,3 +158,28 @@ def test_unsupported_hf_options_are_refused():
         hecate_config(T.OlmoeConfig(**SMALL, clip_qkv=4.0))
     with pytest.raises(ValueError, match="model_type"):
         hecate_config(T.GPT2Config())
+
+
+ROPE_SCALINGS = [
+    ("llama", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    ("mixtral", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    ("qwen3_moe", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}),
+    ("deepseek_v3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),   # DeepSeek-V3's form
+    ("deepseek_v3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 8,
+                     "mscale": 0.707, "mscale_all_dim": 1.0}),
+]
+
+
+@pytest.mark.parametrize("kind,rope", ROPE_SCALINGS)
+def test_rope_scaling_matches_transformers_and_round_trips(kind, rope, tmp_path):
+    hf_model = _hf_model(_config(kind, rope_parameters=dict(rope)), seed=7)
+    model = from_hf(hf_model).eval()
+    assert model.cfg.rope_scaling["type"] == rope["rope_type"]
+    ids = _tokens(SMALL["vocab_size"], shape=(2, 40))  # past original_max_position_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    back = transformers.AutoModelForCausalLM.from_pretrained(to_hf(model, tmp_path / "out"), dtype=torch.float32)
+    assert back.config.rope_parameters["rope_type"] == rope["rope_type"]
+    assert from_hf(back).cfg == model.cfg

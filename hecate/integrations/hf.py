@@ -28,6 +28,7 @@ from hecate.integrations.hf_keys import model_rules
 from hecate.models.transformer import MoETransformer, TransformerConfig
 from hecate.moe.config import MoEConfig
 
+SCALINGS = ("linear", "llama3", "yarn")
 MODEL_TYPES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
               "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
@@ -65,9 +66,12 @@ def _refuse(model_type: str, option: str, value, why: str) -> None:
 
 def _check_common(hf, mt: str) -> None:
     rope = dict(getattr(hf, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") not in ("default", *SCALINGS):
         _refuse(mt, "rope_parameters.rope_type", rope.get("rope_type"),
-                "Hecate's RoPE has no frequency scaling (llama3 / yarn / linear / dynamic)")
+                f"Hecate's RoPE scales frequencies as {SCALINGS} (dynamic / longrope change with the length)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(mt, "rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"],
+                "Hecate rotates the whole head")
     if _get(hf, "hidden_act") != "silu":
         _refuse(mt, "hidden_act", _get(hf, "hidden_act"), "Hecate's gated MLPs are SwiGLU (silu) only")
     if getattr(hf, "mlp_bias", False):
@@ -83,6 +87,17 @@ def _check_common(hf, mt: str) -> None:
                 "Mixtral's jitter scales the experts' input too; set it to 0")
     if getattr(hf, "pretraining_tp", 1) not in (None, 1):
         _refuse(mt, "pretraining_tp", hf.pretraining_tp, "set it to 1 (it only splits matmuls)")
+
+
+def _rope_scaling(rope: dict) -> Optional[dict]:
+    """HF rope_parameters -> TransformerConfig.rope_scaling (None for plain RoPE)."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    keep = {"type": kind}
+    keep.update({k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta", "partial_rotary_factor")
+                 and v is not None})
+    return keep
 
 
 def hecate_config(hf) -> TransformerConfig:
@@ -101,6 +116,7 @@ def hecate_config(hf) -> TransformerConfig:
                 max_seq_len=hf.max_position_embeddings, dense_ffn_hidden=hf.intermediate_size,
                 tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), dense_activation="swiglu",
                 rope=True, rope_theta=float(rope.get("rope_theta", 10000.0)), norm_eps=float(hf.rms_norm_eps),
+                rope_scaling=_rope_scaling(rope),
                 qkv_bias=attn_bias, out_bias=attn_bias)
     moe = dict(hidden_size=d, activation="swiglu", aux_loss_coeff=float(getattr(hf, "router_aux_loss_coef", 0.0)))
     if mt == "llama":
@@ -162,6 +178,13 @@ def infer_model_type(cfg: TransformerConfig) -> str:
     return "mixtral"
 
 
+def _hf_rope(cfg: TransformerConfig) -> dict:
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {k: v for k, v in cfg.rope_scaling.items() if k != "type"}
+    return {"rope_type": cfg.rope_scaling["type"], "rope_theta": cfg.rope_theta, **out}
+
+
 def hf_config(cfg: TransformerConfig, model_type: Optional[str] = None):
     """The transformers config of `cfg` as `model_type` (default: infer_model_type). ValueError
     when that architecture cannot express cfg exactly, naming the fields that differ."""
@@ -175,7 +198,7 @@ def hf_config(cfg: TransformerConfig, model_type: Optional[str] = None):
               num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
               intermediate_size=cfg.dense_ffn_hidden, tie_word_embeddings=cfg.tie_embeddings,
               rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+              rope_parameters=_hf_rope(cfg))
     if mt != "deepseek_v3":
         kw.update(num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads)
     if m is not None and cfg.moe_experts_per_layer is not None:

@@ -89,14 +89,14 @@ class MLAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3), causal, every head its own query.
 
     Per head: q = [q_nope (nope_dim) | q_rope (rope_dim)], k = [k_nope | k_rope (shared by
-    all heads)], v (v_dim); scale (nope_dim + rope_dim)^-1/2. RoPE rotates the rope parts
+    all heads)], v (v_dim); scale (nope_dim + rope_dim)^-1/2 times softmax_scale. RoPE rotates the rope parts
     only; `head_dim` is that rotary width (what the model's RoPE tables are built for).
     Parameters: q_proj (q_lora_rank None) or q_a / q_a_norm / q_b; kv_a, kv_a_norm, kv_b; out.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, q_lora_rank: Optional[int], kv_lora_rank: int,
                  nope_dim: int, rope_dim: int, v_dim: int, bias: bool = False, rope_interleave: bool = True,
-                 latent_norm_eps: float = 1e-6):
+                 latent_norm_eps: float = 1e-6, softmax_scale: float = 1.0):
         super().__init__()
         for name, v in (("n_heads", n_heads), ("mla_kv_lora_rank", kv_lora_rank), ("mla_v_head_dim", v_dim),
                         ("mla_qk_rope_head_dim", rope_dim)):
@@ -110,6 +110,7 @@ class MLAttention(nn.Module):
         self.n_heads, self.nope_dim, self.rope_dim, self.v_dim = n_heads, nope_dim, rope_dim, v_dim
         self.head_dim = rope_dim
         self.kv_lora_rank, self.rope_interleave = kv_lora_rank, rope_interleave
+        self.softmax_scale = softmax_scale  # times (nope + rope)^-1/2 (DeepSeek yarn mscale^2)
         qk = nope_dim + rope_dim
         if q_lora_rank is None:
             self.q_proj = nn.Linear(d_model, n_heads * qk, bias=False)
@@ -140,6 +141,8 @@ class MLAttention(nn.Module):
             q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
         q_rope, k_rope = apply_rope(q_rope, rope), apply_rope(k_rope, rope)
         q = torch.cat((q_nope, q_rope), dim=-1)
+        if self.softmax_scale != 1.0:
+            q = q * self.softmax_scale
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)
         o_BSHv = causal_attention(q, k, v.contiguous()).transpose(1, 2)
         return self.out(o_BSHv.reshape(B, S, H * self.v_dim))

@@ -19,6 +19,7 @@ from torch import nn
 from hecate.models.attention import (Attention, BAMAttention, LightningAttention, MoHAttention, check_heads,
                                      rope_tables)
 from hecate.models.attention_options import QK_NORMS, MLAttention, NormedAttention
+from hecate.models.rope_scaling import check_rope_scaling, scaled_rope_tables, softmax_scale_multiplier
 from hecate.models.mohd import MoHDFFN, check_mohd
 from hecate.moe.config import MoEConfig
 from hecate.moe.layer import MoELayer
@@ -47,6 +48,7 @@ class TransformerConfig:
     head_dim: Optional[int] = None                # None = d_model // n_heads
     rope: bool = False                            # rotary positions instead of learned ones
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None           # linear | llama3 | yarn frequency scaling (models/rope_scaling.py)
     attention: str = "mha"                        # mha | moh | bam | mla | lightning
     parallel_block: bool = False                  # BAM: x + attn(n(x)) + ffn(n(x))
     moh_shared_heads: int = 0                     # MoH: always-on heads (the first ones)
@@ -107,6 +109,9 @@ class TransformerConfig:
                                  f"(n_heads - moh_shared_heads)")
             if self.moh_router not in ("learned", "query_norm"):
                 raise ValueError(f"model.moh_router={self.moh_router!r} must be 'learned' or 'query_norm'")
+        check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and not self.rope:
+            raise ValueError("model.rope_scaling needs model.rope=true")
         if not self.norm_eps > 0:
             raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if self.qk_norm not in QK_NORMS:
@@ -209,7 +214,8 @@ def build_attention(cfg: TransformerConfig) -> nn.Module:
         return MLAttention(cfg.d_model, cfg.n_heads, q_lora_rank=cfg.mla_q_lora_rank,
                            kv_lora_rank=cfg.mla_kv_lora_rank, nope_dim=cfg.mla_qk_nope_head_dim,
                            rope_dim=cfg.mla_qk_rope_head_dim, v_dim=cfg.mla_v_head_dim, bias=cfg.out_bias,
-                           rope_interleave=cfg.mla_rope_interleave)
+                           rope_interleave=cfg.mla_rope_interleave,
+                           softmax_scale=softmax_scale_multiplier(cfg.rope_scaling))
     if cfg.qkv_bias or cfg.out_bias or cfg.qk_norm != "none":
         return NormedAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias,
                                out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
@@ -311,7 +317,10 @@ class MoETransformer(nn.Module):
             x = x + self.pos(torch.arange(S, device=tokens_BS.device))
         else:
             hd = self.blocks[0].attn.head_dim
-            rope = rope_tables(S, hd, self.cfg.rope_theta, device=tokens_BS.device)
+            if self.cfg.rope_scaling is None:
+                rope = rope_tables(S, hd, self.cfg.rope_theta, device=tokens_BS.device)
+            else:
+                rope = scaled_rope_tables(S, hd, self.cfg.rope_theta, self.cfg.rope_scaling, device=tokens_BS.device)
         aux, stats = [], []
         for block in self.blocks:
             x = block(x, aux, stats, rope)
