@@ -162,6 +162,10 @@ def _run_worker(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("stopped"):
+        print(f"stopped after step {summary['stopped_at']}"
+              + (f"; checkpoint {summary['checkpoint']}" if summary.get("checkpoint") else ""), flush=True)
+        return
     first, last = summary.get("first_loss"), summary.get("last_loss")
     if first is not None:
         print(f"done in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}"

@@ -104,8 +104,10 @@ def _default_store():
 
 
 def is_timeout(e: BaseException) -> bool:
+    """A backend's collective timeout (gloo: "Timed out waiting ...ms for recv"), not one of ours."""
+    from_backend = type(e) is RuntimeError or type(e).__module__.startswith("torch")
     text = str(e).lower()
-    return "timed out" in text or "timeout" in text
+    return from_backend and ("timed out" in text or "timeout" in text)
 
 
 def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
@@ -380,8 +382,7 @@ class Trainer:
         try:
             return self._run(stop)
         except Exception as e:
-            if isinstance(e, RuntimeError) and not isinstance(e, (NonFiniteError, PeerFailedError)) \
-                    and is_timeout(e):
+            if is_timeout(e):
                 raise self._timeout_error(e) from e
             raise
         finally:
