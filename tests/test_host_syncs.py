@@ -111,7 +111,7 @@ def test_counter_sees_device_reads_and_ignores_host_ones():
         host.tolist(), int(host[0]), bool((host > 1).any())  # host data: free
         y = x * 2
         y[y > 0]                      # boolean mask: the size is data dependent
-        float(y.sum())                # a scalar read
+        float(y.detach().sum())       # a scalar read
         y.detach().cpu().tolist()     # a download (the .tolist() of the copy is free)
         torch.bincount(torch.zeros(3, dtype=torch.long, device=x.device))
     assert c.count == 4, c.where
