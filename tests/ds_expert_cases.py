@@ -206,3 +206,54 @@ def ds_sampling_equivalence(rank, world, k, gate_kw, drop_tokens, use_residual, 
         worst = max(worst, float((hg[name] - dg).abs().max()))
     res["dexperts"] = worst
     return res
+
+
+class ExpertFormModel(nn.Module):
+    """dense -> drop-in MoE built from make_expert(form) -> dense head (a model written against
+    DeepSpeed's MoE API); forward(x, y) -> loss."""
+
+    def __init__(self, form, strategy, num_experts=4):
+        super().__init__()
+        from hecate.integrations.deepspeed import MoE
+
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, make_expert(form), num_experts=num_experts, k=2, drop_tokens=False,
+                       top2_2nd_expert_sampling=False, strategy=strategy)
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x, y):
+        out, l_aux, _ = self.moe(torch.tanh(self.inp(x)))
+        return ((self.head(out) - y) ** 2).mean() + 0.01 * l_aux
+
+
+def module_experts_training(rank, world, form, strategy, steps=3):
+    """The same model trained with Hecate's Engine under `strategy` and under dp (replicated
+    experts, the single-process reference at this world size): loss curves and weight difference."""
+    from hecate.comm.topology import Topology
+    from hecate.parallel import build_strategy
+    from hecate.train.engine import Engine
+
+    runs = {}
+    for name in ("dp", strategy):
+        torch.manual_seed(0)
+        strat = build_strategy(name, Topology())
+        model = ExpertFormModel(form, strat)
+        strat.load_experts(model.moe.moe, distinct_weights(make_expert(form), 4))
+        engine = Engine(model, strat, Topology(), lr=3e-3, weight_decay=0.01, max_grad_norm=None)
+        losses = []
+        for step in range(steps):
+            g = torch.Generator().manual_seed(1000 * step + rank)
+            x, y = torch.randn(2, 5 + rank, D, generator=g), torch.randn(2, 5 + rank, D, generator=g)
+            loss = model(x, y)
+            loss.backward()
+            engine.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world)
+        runs[name] = (losses, strat.gather_experts(model.moe.moe),
+                      {n: p.detach().clone() for n, p in model.named_parameters() if "experts" not in n})
+    (l0, e0, d0), (l1, e1, d1) = runs["dp"], runs[strategy]
+    diff = max(float((e0[n] - e1[n]).abs().max()) for n in e0)
+    diff = max([diff] + [float((d0[n] - d1[n]).abs().max()) for n in d0 if n in d1])
+    moved = max(float((e0[n] - distinct_weights(make_expert(form), 4)[n]).abs().max()) for n in e0)
+    return {"losses": (l0, l1), "diff": diff, "moved": moved}

@@ -64,3 +64,14 @@ def test_random_gate_options_draw_what_deepspeed_draws(k, gate_kw, drop, residua
             assert r[key] <= TOL * max(1.0, r["scale"]), (key, r)
     if drop and k == 1:
         assert sum(r["dropped"] for r in res) > 0, "the scenario should exercise random token selection"
+
+
+@pytest.mark.parametrize("form,strategy", [("swiglu_bias", "fssdp"), ("geglu", "ep"), ("generic_norm", "fsdp"),
+                                           ("relu", "fssdp")])
+def test_any_expert_trains_under_every_strategy(form, strategy):
+    """Engine training with the expert module's parameters sharded by the strategy equals dp."""
+    res = run_distributed(cases.module_experts_training, 2, form, strategy, timeout=300, **cases.ISOLATED)
+    for r in res:
+        (l0, l1) = r["losses"]
+        assert l0 == pytest.approx(l1, rel=1e-5, abs=1e-6), r
+        assert r["diff"] < 1e-5 and r["moved"] > 1e-4, r
