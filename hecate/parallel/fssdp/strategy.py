@@ -98,6 +98,49 @@ def kept_rows(new_owner_E: torch.Tensor, held_ids: torch.Tensor, rank: int) -> t
     return new_owner_E.to(held_ids.device)[held_ids] == rank
 
 
+def _host_bins(indices_TK: torch.Tensor, E: int, layout, cell_bin: np.ndarray) -> np.ndarray:
+    """FullyShardedSparse._destination_bins on the host (numpy): int64 bins shaped like indices_TK.
+
+    Most experts send all of this rank's entries to one destination (kept, or sent to
+    their owner): their bin is a lookup. The entries of the few experts split over several
+    destinations are sorted by a compact key (stable: token order within an expert) and
+    fill the shares one after another, which is exactly what a stable sort of every entry
+    would give. Invalid entries (index < 0, dropped) get -1.
+    """
+    flat = indices_TK.detach().reshape(-1).cpu().numpy()
+    tokens = layout.send_tokens
+    routed = int(tokens.sum())
+    lowest = int(flat.min()) if flat.size else 0
+    if lowest < -1:  # -1 (dropped) indexes the lookup's last cell, -1; anything lower is remapped
+        flat = np.where(flat < 0, -1, flat)
+    n_valid = flat.size - int(np.count_nonzero(flat < 0)) if lowest < 0 else flat.size
+    if routed != n_valid:
+        raise RuntimeError(f"fssdp destination bins: the plan routes {routed} entries of "
+                           f"rank {layout.rank} but it has {n_valid}; the all-gathered "
+                           "counts disagree with the local routing")
+    cells = np.bincount(layout.send_e, minlength=E)  # destinations per expert
+    single = cells[layout.send_e] == 1
+    lookup = np.full(E + 1, -1, dtype=np.int64)  # lookup[-1] = lookup[E]: dropped entries
+    lookup[layout.send_e[single]] = cell_bin[single]
+    bins = lookup[flat]
+    split_e = np.flatnonzero(cells > 1)
+    if split_e.size:
+        compact = np.full(E + 1, -1, dtype=np.int64)  # the split experts as 0..S-1
+        compact[split_e] = np.arange(split_e.size)
+        key = compact[flat]
+        where = np.flatnonzero(key >= 0)
+        key = key[where].astype(np.uint8 if split_e.size <= 256 else np.int32)
+        where = where[np.argsort(key, kind="stable")]
+        shares = ~single
+        if where.size != int(tokens[shares].sum()):
+            raise RuntimeError(f"fssdp destination bins: rank {layout.rank} has {where.size} entries "
+                               f"of the experts its plan splits over several ranks, but the plan "
+                               f"routes {int(tokens[shares].sum())}; the all-gathered counts "
+                               "disagree with the local routing")
+        bins[where] = np.repeat(cell_bin[shares], tokens[shares])
+    return bins.reshape(indices_TK.shape)
+
+
 class FullyShardedSparse(ExpertStrategy):
     """The fssdp strategy. Its options are one `FssdpOptions` (hecate/parallel/fssdp/options.py,
     config keys under `parallel.fssdp`); keyword overrides of its fields are accepted too.
@@ -416,29 +459,19 @@ class FullyShardedSparse(ExpertStrategy):
         the destinations' shares in rank order.
 
         `layout` (routes.RankLayout) lists this rank's sends sorted by (expert, destination).
-        Sorted by expert (a stable radix sort of 16-bit keys), the routed entries line up with
-        those shares one after another: O(T*K + E + replicas), no [T*K, W] comparison and no
-        [W, E] table. `compact` (default on CPU) expands the shares with numpy (a few us per
-        call, where torch's per-op dispatch would dominate a tiny batch); otherwise (GPU) a
-        binary search over the shares' running ends finds each entry's share with torch ops,
-        without a host sync. Both give the same bins.
+        Sorted by expert (a stable sort), the routed entries line up with those shares one
+        after another: O(T*K + E + replicas), no [T*K, W] comparison and no [W, E] table.
+        `compact` (default on CPU) works with numpy on the host (`_host_bins`: an expert
+        whose entries all go to one destination is a table lookup, only the entries of
+        experts split over several destinations are sorted); otherwise (GPU) a binary search
+        over the shares' running ends finds each entry's share with torch ops, without a
+        host sync. Both give the same bins.
         """
         E = num_experts
         device = indices_TK.device
         cell_bin = layout.send_dst * E + layout.send_e
         if compact if compact is not None else device.type == "cpu":
-            flat = indices_TK.detach().reshape(-1).cpu().numpy()
-            valid = flat >= 0
-            key = np.where(valid, flat, E).astype(np.int16 if E < 2**15 else np.int32)
-            order = np.argsort(key, kind="stable")
-            routed, n_valid = int(layout.send_tokens.sum()), int(valid.sum())
-            if routed != n_valid:
-                raise RuntimeError(f"fssdp destination bins: the plan routes {routed} entries of "
-                                   f"rank {layout.rank} but it has {n_valid}; the all-gathered "
-                                   "counts disagree with the local routing")
-            bins = np.full(flat.shape, -1, dtype=np.int64)
-            bins[order[:routed]] = np.repeat(cell_bin, layout.send_tokens)
-            return torch.from_numpy(bins).view(indices_TK.shape).to(device)
+            return torch.from_numpy(_host_bins(indices_TK, E, layout, cell_bin)).to(device)
         # Computed where the indices live (no round trip of T x K ids through the host on a
         # GPU); only the rank's few share entries move there.
         flat = indices_TK.reshape(-1)
@@ -447,11 +480,11 @@ class FullyShardedSparse(ExpertStrategy):
             return torch.full_like(flat, -1).view(indices_TK.shape)
         key = torch.where(valid, flat, E).to(torch.int16 if E < 2**15 else torch.int32)
         order = torch.sort(key, stable=True).indices
-        ends = torch.from_numpy(layout.send_tokens).to(device).cumsum(0)
+        ends = ops.to_device(torch.from_numpy(layout.send_tokens), device).cumsum(0)  # pinned, non-blocking
         cell = torch.searchsorted(ends, torch.arange(flat.numel(), device=device), right=True)
         cell = cell.clamp(max=cell_bin.size - 1)  # positions past the routed ones are invalid
         bins = torch.empty_like(flat)
-        bins[order] = torch.from_numpy(cell_bin).to(device)[cell]
+        bins[order] = ops.to_device(torch.from_numpy(cell_bin), device)[cell]
         return torch.where(valid, bins, torch.full_like(flat, -1)).view(indices_TK.shape)
 
     # ---- backward / optimizer ---------------------------------------------------------------
