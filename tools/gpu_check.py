@@ -238,7 +238,7 @@ def _run(results: dict, name: str, fn) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes (what CI runs)")
-    parser.add_argument("--out", default="gpu_check.json", help="the JSON file to write")
+    parser.add_argument("--out", default="runs/gpu_check.json", help="the JSON file to write")
     parser.add_argument("--prior", default=None, help="JSON of the steps tools/gpu_check.sh ran before")
     parser.add_argument("--steps", default="collectives,fssdp_step,bench")
     args = parser.parse_args(argv)
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     results["ok"] = all(step.get("ok") for step in results["steps"].values())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=str)

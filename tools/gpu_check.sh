@@ -8,7 +8,7 @@
 # 3. tools/gpu_check.py: the real spAG / spRS and a few FSSDP training steps on NCCL at world
 #    size 1, then the kernels against torch (permute / unpermute, gating, chunk packing,
 #    grouped GEMM TFLOP/s against the device's peak, attention);
-# and write every result into one JSON file (default gpu_check.json). Sized for < 8 min on
+# and write every result into one JSON file (default runs/gpu_check.json). Sized for < 8 min on
 # one GPU: each step has its own time limit. Every step runs even after a failure; the exit
 # status is non-zero if any failed.
 #
@@ -20,7 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 
-OUT=gpu_check.json
+OUT=runs/gpu_check.json
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown argument $1 (use --out FILE, --dry-run)" >&2; exit 2 ;;
   esac
 done
+mkdir -p "$(dirname "$OUT")"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
