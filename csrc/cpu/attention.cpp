@@ -1,7 +1,7 @@
 // flash_attention / moh_attention on the CPU: tiled attention with an online softmax.
 //
-// Never materialises the [S, S] scores: a worker holds one query tile (<= kTileQ rows) and one
-// key tile (<= kTileK columns) of scores at a time. QK^T, PV and the five backward products are
+// Never materialises the [S, S] scores: a worker holds one query tile (<= kTileRows rows) and
+// one key tile (<= kTileK columns) of scores at a time. QK^T, PV and the five backward products are
 // BLAS GEMMs on tile views (MKL's sgemm_/dgemm_ when torch exports them, else at::addmm_); the
 // softmax loops are plain loops compiled for AVX-512 / AVX2 / baseline (target_clones) with a
 // polynomial exp, so they vectorise without ATen's per-capability builds.
@@ -44,8 +44,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace hecate::cpu {
 namespace {
 
-constexpr int64_t kTileQ = 128;  // query rows per tile
-constexpr int64_t kTileK = 256;  // key columns per tile
+constexpr int64_t kTileRows = 256;  // query rows per tile: (token, head) pairs of one GQA group
+constexpr int64_t kTileK = 256;     // key columns per tile
+constexpr int64_t kTileKWindow = 128;  // with a sliding window (less overhang past the window)
 constexpr int64_t kMaxHeadDim = 256;
 
 // ---------------------------------------------------------------- GEMM on row-major tiles
@@ -181,12 +182,13 @@ void key_tiles(const Mask& mk, int64_t h, int64_t qb, int64_t pmin, int64_t pmax
                std::vector<KeyTile>& out) {
   out.clear();
   if (mk.Sk == 0) return;
-  int64_t hi = mk.Sk - 1;
-  if (mk.causal) hi = std::min(hi, pmax);
-  else if (mk.window > 0) hi = std::min(hi, pmax + mk.window - 1);
-  if (hi < 0) return;
+  const int64_t causal_hi = mk.causal ? std::min(mk.Sk - 1, pmax) : mk.Sk - 1;
+  int64_t hi = causal_hi;  // last key of the window / pattern part
+  if (!mk.causal && mk.window > 0) hi = std::min(hi, pmax + mk.window - 1);
   const int64_t lo = mk.window > 0 ? std::max<int64_t>(0, pmin - mk.window + 1) : 0;
-  const int64_t sink_hi = std::min(mk.sinks - 1, hi);
+  const int64_t sink_hi = std::min(mk.sinks - 1, causal_hi);  // sinks ignore the window
+  const int64_t last = std::max(hi, sink_hi);
+  if (last < 0) return;
   const bool listed = mk.block_offsets != nullptr;  // (block_cols may be null when empty)
   const int64_t* cols = nullptr;
   const int64_t* cols_end = nullptr;
@@ -195,9 +197,9 @@ void key_tiles(const Mask& mk, int64_t h, int64_t qb, int64_t pmin, int64_t pmax
     cols = mk.block_cols + row[0];
     cols_end = mk.block_cols + row[1];
   }
-  for (int64_t t = 0; t * tile_k <= hi; ++t) {
+  for (int64_t t = 0; t * tile_k <= last; ++t) {
     const int64_t j0 = t * tile_k, len = std::min(tile_k, mk.Sk - j0), j1 = j0 + len - 1;
-    bool pattern = j1 >= lo && j0 <= hi;
+    bool pattern = lo <= hi && j1 >= lo && j0 <= hi;
     if (listed) {
       while (cols != cols_end && *cols < t) ++cols;
       pattern = pattern && cols != cols_end && *cols == t;
@@ -259,12 +261,15 @@ at::Tensor empty_bshd(int64_t B, int64_t H, int64_t S, int64_t d, at::TensorOpti
   return at::empty({B, S, H, d}, opts).transpose(1, 2);
 }
 
-// A query tile: rows[0..n) are token indices of head h in batch b.
+// A query tile: n (token, head) rows of batch b whose heads share kv head g, so one GEMM
+// serves them all. Row r is token rows[r] of head heads[r]; positions span [pmin, pmax].
 struct QTile {
-  int64_t b, h, qb;
-  const int64_t* rows;  // token indices (ascending)
-  const int64_t* slots; // MoH: the routing slot k of each row (else null)
-  int64_t n;
+  int64_t b, g, h, qb;      // h, qb: the head and query block of a block-list tile (else -1)
+  int64_t off, n;           // rows at Problem::row_store[off, off + n)
+  int64_t pmin, pmax;
+  const int64_t* rows = nullptr;   // token indices
+  const int64_t* heads = nullptr;  // query head of each row
+  const int64_t* slots = nullptr;  // MoH: the routing slot k of each row (else null)
 };
 
 // Per-thread buffers, allocated through ATen so that memory profilers see them.
@@ -318,10 +323,9 @@ struct Problem {
   Mask mask;
   Rows<const scalar_t> q, k, v;
   std::vector<QTile> tiles;     // query tiles, in a good scheduling order (costly first)
-  int64_t tile_q = kTileQ;      // most rows of a query tile
-  std::vector<int64_t> identity; // 0..Sq-1 (flash_attention rows)
+  int64_t tile_q = 1;           // most rows of a query tile
+  std::vector<int64_t> row_store, head_store, slot_store;  // the rows of every tile
   // MoH routing (null for flash_attention)
-  std::vector<std::vector<int64_t>> moh_rows, moh_slots;  // per (b, h)
   const float* weights = nullptr;  // [B, Sq, K] (fp32) or
   const double* weights64 = nullptr;
   int64_t K = 0;
@@ -349,48 +353,86 @@ void for_each_tile(int64_t n_tiles, int64_t d, int64_t tile_q, int64_t tile_k, b
   });
 }
 
+// Points every tile at its rows (after the stores stopped growing) and sizes the scratch.
 template <typename scalar_t>
-void add_flash_tiles(Problem<scalar_t>& pb, int64_t tile_q) {
-  pb.tile_q = tile_q;
-  pb.identity.resize(pb.Sq);
-  for (int64_t s = 0; s < pb.Sq; ++s) pb.identity[s] = s;
-  const int64_t nqb = (pb.Sq + tile_q - 1) / tile_q;
+void finish_tiles(Problem<scalar_t>& pb, bool moh) {
+  for (QTile& t : pb.tiles) {
+    t.rows = pb.row_store.data() + t.off;
+    t.heads = pb.head_store.data() + t.off;
+    t.slots = moh ? pb.slot_store.data() + t.off : nullptr;
+    t.pmin = std::numeric_limits<int64_t>::max();
+    t.pmax = std::numeric_limits<int64_t>::min();
+    for (int64_t r = 0; r < t.n; ++r) {
+      t.pmin = std::min(t.pmin, t.rows[r] + pb.mask.offset);
+      t.pmax = std::max(t.pmax, t.rows[r] + pb.mask.offset);
+    }
+    pb.tile_q = std::max(pb.tile_q, t.n);
+  }
   // Later query tiles see more keys under a causal mask: schedule them first.
-  for (int64_t qb = nqb - 1; qb >= 0; --qb)
-    for (int64_t b = 0; b < pb.B; ++b)
-      for (int64_t h = 0; h < pb.H; ++h) {
-        const int64_t r0 = qb * tile_q;
-        pb.tiles.push_back({b, h, qb, pb.identity.data() + r0, nullptr,
-                            std::min(tile_q, pb.Sq - r0)});
-      }
+  std::stable_sort(pb.tiles.begin(), pb.tiles.end(),
+                   [](const QTile& a, const QTile& b) { return a.pmax > b.pmax; });
 }
 
+// flash_attention: with a block list, one tile per (batch, head, query block) (the pattern is
+// per head); otherwise the heads of a GQA group are stacked: tokens_per_tile x rep rows.
+template <typename scalar_t>
+void add_flash_tiles(Problem<scalar_t>& pb, int64_t block_size) {
+  const int64_t rep = pb.H / pb.G;
+  const int64_t tokens = block_size > 0 ? block_size : std::max<int64_t>(1, kTileRows / rep);
+  pb.row_store.reserve(pb.B * pb.H * pb.Sq);
+  pb.head_store.reserve(pb.B * pb.H * pb.Sq);
+  for (int64_t s0 = 0, qb = 0; s0 < pb.Sq; s0 += tokens, ++qb) {
+    const int64_t n = std::min(tokens, pb.Sq - s0);
+    for (int64_t b = 0; b < pb.B; ++b)
+      for (int64_t g = 0; g < pb.G; ++g) {
+        if (block_size > 0) {
+          for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+            pb.tiles.push_back({b, g, h, qb, static_cast<int64_t>(pb.row_store.size()), n, 0, 0});
+            for (int64_t s = s0; s < s0 + n; ++s) {
+              pb.row_store.push_back(s);
+              pb.head_store.push_back(h);
+            }
+          }
+        } else {
+          pb.tiles.push_back({b, g, -1, -1, static_cast<int64_t>(pb.row_store.size()), n * rep, 0, 0});
+          for (int64_t h = g * rep; h < (g + 1) * rep; ++h)
+            for (int64_t s = s0; s < s0 + n; ++s) {
+              pb.row_store.push_back(s);
+              pb.head_store.push_back(h);
+            }
+        }
+      }
+  }
+  finish_tiles(pb, false);
+}
+
+// moh_attention: per (batch, GQA group), the selected (token, head) pairs in token order, cut
+// into tiles of kTileRows rows: work is proportional to the pairs the router chose.
 template <typename scalar_t>
 void add_moh_tiles(Problem<scalar_t>& pb, const int64_t* idx, int64_t K) {
-  pb.moh_rows.assign(pb.B * pb.H, {});
-  pb.moh_slots.assign(pb.B * pb.H, {});
+  const int64_t rep = pb.H / pb.G;
+  std::vector<std::vector<int64_t>> rows(pb.B * pb.G), heads(pb.B * pb.G), slots(pb.B * pb.G);
   for (int64_t b = 0; b < pb.B; ++b)
     for (int64_t s = 0; s < pb.Sq; ++s)
       for (int64_t slot = 0; slot < K; ++slot) {
         const int64_t h = idx[(b * pb.Sq + s) * K + slot];
         if (h < 0) continue;
-        pb.moh_rows[b * pb.H + h].push_back(s);
-        pb.moh_slots[b * pb.H + h].push_back(slot);
+        const int64_t bg = b * pb.G + h / rep;
+        rows[bg].push_back(s);
+        heads[bg].push_back(h);
+        slots[bg].push_back(slot);
       }
-  struct Order { int64_t key; QTile t; };
-  std::vector<Order> order;
-  for (int64_t b = 0; b < pb.B; ++b)
-    for (int64_t h = 0; h < pb.H; ++h) {
-      const auto& rows = pb.moh_rows[b * pb.H + h];
-      const auto& slots = pb.moh_slots[b * pb.H + h];
-      const int64_t n = rows.size();
-      for (int64_t r0 = 0; r0 < n; r0 += kTileQ) {
-        const int64_t len = std::min(kTileQ, n - r0);
-        order.push_back({rows[r0 + len - 1], {b, h, -1, rows.data() + r0, slots.data() + r0, len}});
-      }
+  for (int64_t bg = 0; bg < pb.B * pb.G; ++bg) {
+    const int64_t n = rows[bg].size();
+    for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+      pb.tiles.push_back({bg / pb.G, bg % pb.G, -1, -1, static_cast<int64_t>(pb.row_store.size()) + r0,
+                          std::min(kTileRows, n - r0), 0, 0});
     }
-  std::stable_sort(order.begin(), order.end(), [](const Order& a, const Order& b) { return a.key > b.key; });
-  for (auto& o : order) pb.tiles.push_back(o.t);
+    pb.row_store.insert(pb.row_store.end(), rows[bg].begin(), rows[bg].end());
+    pb.head_store.insert(pb.head_store.end(), heads[bg].begin(), heads[bg].end());
+    pb.slot_store.insert(pb.slot_store.end(), slots[bg].begin(), slots[bg].end());
+  }
+  finish_tiles(pb, true);
 }
 
 // ---------------------------------------------------------------- forward
@@ -405,13 +447,12 @@ void forward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<scalar_t>& 
   for_each_tile<acc_t>(pb.tiles.size(), d, pb.tile_q, tile_k, false, [&](int64_t ti, Scratch<acc_t>& sc,
                                                      std::vector<KeyTile>& keys) {
     const QTile& t = pb.tiles[ti];
-    const int64_t g = t.h / (pb.H / pb.G), n = t.n;
-    for (int64_t r = 0; r < n; ++r) load_row(sc.q + r * d, pb.q(t.b, t.h, t.rows[r]), d);
+    const int64_t g = t.g, n = t.n;
+    for (int64_t r = 0; r < n; ++r) load_row(sc.q + r * d, pb.q(t.b, t.heads[r], t.rows[r]), d);
     std::fill(sc.o, sc.o + n * d, acc_t(0));
     std::fill(sc.m, sc.m + n, ninf);
     std::fill(sc.l, sc.l + n, acc_t(0));
-    const int64_t pmin = t.rows[0] + pb.mask.offset, pmax = t.rows[n - 1] + pb.mask.offset;
-    key_tiles(pb.mask, t.h, t.qb, pmin, pmax, tile_k, keys);
+    key_tiles(pb.mask, t.h, t.qb, t.pmin, t.pmax, tile_k, keys);
     for (const KeyTile& kt : keys) {
       int64_t ldk, ldv;
       const acc_t* kp = kv_tile<scalar_t, acc_t>(pb.k, t.b, g, kt, d, sc.k, ldk);
@@ -436,16 +477,16 @@ void forward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<scalar_t>& 
       gemm_rm<acc_t>(false, false, n, d, kt.len, acc_t(1), sc.s, tile_k, vp, ldv, acc_t(1), sc.o, d);
     }
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t s = t.rows[r];
+      const int64_t s = t.rows[r], h = t.heads[r];
       const acc_t l = sc.l[r];
       const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-      lse[(t.b * pb.H + t.h) * pb.Sq + s] = l > 0 ? sc.m[r] + std::log(l) : ninf;
+      lse[(t.b * pb.H + h) * pb.Sq + s] = l > 0 ? sc.m[r] + std::log(l) : ninf;
       const acc_t* o = sc.o + r * d;
       const acc_t w = t.slots ? static_cast<acc_t>(pb.weight(t.b, s, t.slots[r])) : acc_t(1);
-      scalar_t* dst = out(t.b, t.h, s);
+      scalar_t* dst = out(t.b, h, s);
       for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(o[c] * inv * w);
       if (out_raw) {
-        scalar_t* raw = (*out_raw)(t.b, t.h, s);
+        scalar_t* raw = (*out_raw)(t.b, h, s);
         for (int64_t c = 0; c < d; ++c) raw[c] = static_cast<scalar_t>(o[c] * inv);
       }
     }
@@ -460,7 +501,7 @@ template <typename scalar_t, typename acc_t>
 void backward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<const scalar_t>& grad_out,
               const Rows<const scalar_t>& o, const acc_t* lse, const Rows<scalar_t>& dq,
               acc_t* dk_acc, acc_t* dv_acc, acc_t* grad_w, int64_t splits) {
-  const int64_t d = pb.d, B = pb.B, G = pb.G, Sk = pb.Sk, rep = pb.H / pb.G;
+  const int64_t d = pb.d, B = pb.B, G = pb.G, Sk = pb.Sk;
   const acc_t scale = static_cast<acc_t>(pb.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   // Tiles of one (b, g) share dK / dV rows: group the tiles by (b, g) and give each group
@@ -468,7 +509,7 @@ void backward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<const scal
   std::vector<std::vector<int64_t>> by_group(B * G);
   for (int64_t i = 0; i < static_cast<int64_t>(pb.tiles.size()); ++i) {
     const QTile& t = pb.tiles[i];
-    by_group[t.b * G + t.h / rep].push_back(i);
+    by_group[t.b * G + t.g].push_back(i);
   }
   const int64_t items = B * G * splits;
   const int64_t kv_elems = B * G * Sk * d;
@@ -483,10 +524,10 @@ void backward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<const scal
       const int64_t n = t.n;
       acc_t* dout = sc.o;  // dO tile (weighted for MoH)
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t s = t.rows[r];
-        load_row(sc.q + r * d, pb.q(t.b, t.h, s), d);
-        const scalar_t* go = grad_out(t.b, t.h, s);
-        const scalar_t* orow = o(t.b, t.h, s);
+        const int64_t s = t.rows[r], h = t.heads[r];
+        load_row(sc.q + r * d, pb.q(t.b, h, s), d);
+        const scalar_t* go = grad_out(t.b, h, s);
+        const scalar_t* orow = o(t.b, h, s);
         acc_t dot = 0;
         for (int64_t c = 0; c < d; ++c) dot += static_cast<acc_t>(go[c]) * static_cast<acc_t>(orow[c]);
         acc_t w = 1;
@@ -496,11 +537,10 @@ void backward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<const scal
         }
         load_row(dout + r * d, go, d, w);
         sc.delta[r] = dot * w;
-        sc.lse[r] = lse[(t.b * pb.H + t.h) * pb.Sq + s];
+        sc.lse[r] = lse[(t.b * pb.H + h) * pb.Sq + s];
       }
       std::fill(sc.dq, sc.dq + n * d, acc_t(0));
-      const int64_t pmin = t.rows[0] + pb.mask.offset, pmax = t.rows[n - 1] + pb.mask.offset;
-      key_tiles(pb.mask, t.h, t.qb, pmin, pmax, tile_k, keys);
+      key_tiles(pb.mask, t.h, t.qb, t.pmin, t.pmax, tile_k, keys);
       for (const KeyTile& kt : keys) {
         int64_t ldk, ldv;
         const acc_t* kp = kv_tile<scalar_t, acc_t>(pb.k, t.b, g, kt, d, sc.k, ldk);
@@ -529,7 +569,7 @@ void backward(const Problem<scalar_t>& pb, int64_t tile_k, const Rows<const scal
                        sc.dq, d);
       }
       for (int64_t r = 0; r < n; ++r) {
-        scalar_t* dst = dq(t.b, t.h, t.rows[r]);
+        scalar_t* dst = dq(t.b, t.heads[r], t.rows[r]);
         const acc_t* src = sc.dq + r * d;
         for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c]);
       }
@@ -605,6 +645,12 @@ Mask make_mask(const Inputs& in, bool causal, int64_t window, int64_t sinks,
   return mk;
 }
 
+// Keys per tile: the block size of a block list, else smaller tiles under a sliding window.
+int64_t key_tile(const Mask& mk, int64_t block_size) {
+  if (block_size > 0) return block_size;
+  return mk.window > 0 ? kTileKWindow : kTileK;
+}
+
 double resolve_scale(double scale, int64_t d) {
   return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(d));
 }
@@ -676,8 +722,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(
   HECATE_ATTENTION_TYPES(in.q.scalar_type(), "flash_attention_fwd", [&] {
     using acc_t = acc_of<scalar_t>;
     auto pb = make_problem<scalar_t>(in, scale, mk);
-    add_flash_tiles(pb, sparse ? block_size : kTileQ);
-    forward<scalar_t, acc_t>(pb, sparse ? block_size : kTileK, Rows<scalar_t>(out), nullptr,
+    add_flash_tiles(pb, sparse ? block_size : 0);
+    forward<scalar_t, acc_t>(pb, key_tile(mk, sparse ? block_size : 0), Rows<scalar_t>(out), nullptr,
                              lse.data_ptr<acc_t>());
   });
   return {out, lse};
@@ -706,8 +752,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   HECATE_ATTENTION_TYPES(in.q.scalar_type(), "flash_attention_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
     auto pb = make_problem<scalar_t>(in, scale, mk);
-    add_flash_tiles(pb, sparse ? block_size : kTileQ);
-    backward<scalar_t, acc_t>(pb, sparse ? block_size : kTileK, Rows<const scalar_t>(go),
+    add_flash_tiles(pb, sparse ? block_size : 0);
+    backward<scalar_t, acc_t>(pb, key_tile(mk, sparse ? block_size : 0), Rows<const scalar_t>(go),
                               Rows<const scalar_t>(o), lse_c.data_ptr<acc_t>(), Rows<scalar_t>(dq),
                               dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), nullptr, splits);
   });
@@ -737,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moh_attention_fwd(
     else pb.weights = w.data_ptr<float>();
     add_moh_tiles(pb, idx.data_ptr<int64_t>(), pb.K);
     Rows<scalar_t> raw(out_raw);
-    forward<scalar_t, acc_t>(pb, kTileK, Rows<scalar_t>(out), &raw, lse.data_ptr<acc_t>());
+    forward<scalar_t, acc_t>(pb, key_tile(mk, 0), Rows<scalar_t>(out), &raw, lse.data_ptr<acc_t>());
   });
   return {out, out_raw, lse};
 }
@@ -772,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_attention_bwd(
     if constexpr (std::is_same_v<acc_t, double>) pb.weights64 = w.data_ptr<double>();
     else pb.weights = w.data_ptr<float>();
     add_moh_tiles(pb, idx.data_ptr<int64_t>(), pb.K);
-    backward<scalar_t, acc_t>(pb, kTileK, Rows<const scalar_t>(go), Rows<const scalar_t>(o),
+    backward<scalar_t, acc_t>(pb, key_tile(mk, 0), Rows<const scalar_t>(go), Rows<const scalar_t>(o),
                               lse_c.data_ptr<acc_t>(), Rows<scalar_t>(dq), dk_acc.data_ptr<acc_t>(),
                               dv_acc.data_ptr<acc_t>(), dw.data_ptr<acc_t>(), splits);
   });
