@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hecate"
 # are the kernels' loader; `data` (synthetic data and token sources, not on DESIGN.md's
 # map) imports no other hecate package, so it sits at the top where models and train can
 # use it.
-ORDER = ["_C", "_extension", "data", "ops", "comm", "moe", "parallel", "models", "train",
+ORDER = ["_C", "_extension", "data", "ops", "comm", "moe", "parallel", "models", "train", "inference",
          "integrations", "sim", "cli"]
 # Entry points run as `python -m ...`; nothing imports them.
 ENTRY_POINTS = {"train/__main__.py"}

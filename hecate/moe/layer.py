@@ -88,7 +88,12 @@ class MoELayer(nn.Module):
     def route(self, x_TD: torch.Tensor, *, top_k: int, capacity_factor: Optional[float],
               group_sizes: Sequence[int], seq_len: Optional[int] = None) -> Routing:
         """Router decision for every token plus the weighted aux losses."""
+        override = self.router.override  # hecate.moe.overrides: ranks / forced experts / checks
+        if override is not None:
+            top_k = override.router_top_k(top_k)
         routing = self.router(x_TD, top_k=top_k, capacity_factor=capacity_factor, group_sizes=group_sizes)
+        if override is not None:
+            routing = override.adjust_routing(routing, self.config)
         if self.config.routed_scaling_factor != 1.0:  # DeepSeek-V3: scales the combine weights only
             routing = routing.replace(weights_TK=routing.weights_TK * self.config.routed_scaling_factor)
         return routing.replace(aux_losses=self.aux_losses(routing, group_sizes, seq_len),
@@ -160,6 +165,8 @@ class MoELayer(nn.Module):
         if seq_len is not None and (seq_len <= 0 or x_TD.shape[0] % seq_len):
             raise ValueError(f"seq_len={seq_len} must be positive and divide the {x_TD.shape[0]} tokens")
         sizes = check_group_sizes(group_sizes, x_TD.shape[0])
+        if top_k is None and self.router.override is not None:  # a routing_overrides top_k
+            top_k = self.router.override.top_k
         k = self.resolve_top_k(top_k)
         cf = self.resolve_capacity_factor(capacity_factor)
         # router_input (e.g. a timestep embedding per token) decides the routing; x is computed.

@@ -52,6 +52,8 @@ class Router(nn.Module):
         self.register_buffer("expert_bias_E", torch.zeros(e), persistent=True)
         # A learned logit bias (Megatron's router with add_bias_linear); None when bias-free.
         self.bias_E = nn.Parameter(torch.zeros(e)) if getattr(config, "router_bias", False) else None
+        # Inference-time routing overrides (hecate.moe.overrides.routing_overrides sets it for a `with`).
+        self.override = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,10 +64,12 @@ class Router(nn.Module):
         """fp32 router logits [T, E] (autocast off so bf16 runs keep fp32 routing)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             bias = None if self.bias_E is None else self.bias_E.float()
-            return F.linear(x_TD.float(), self.weight_ED.float(), bias)
+            logits_TE = F.linear(x_TD.float(), self.weight_ED.float(), bias)
+            return logits_TE if self.override is None else self.override.adjust_logits(logits_TE)
 
     def selection_bias(self) -> Optional[torch.Tensor]:
-        return self.expert_bias_E if self.config.aux_free_bias else None
+        bias = self.expert_bias_E if self.config.aux_free_bias else None
+        return bias if self.override is None else self.override.adjust_bias(bias)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
