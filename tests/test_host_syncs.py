@@ -53,8 +53,21 @@ def steer_to_device_paths(monkeypatch_like) -> None:
                      staticmethod(lambda i, c, s, compact=None: bins(i, c, s, compact=False)))
 
 
-def _setattr(obj, name, value):
-    setattr(obj, name, value)
+class _Patches:
+    """monkeypatch for pool workers: set attributes, put the originals back on undo()
+    (the workers serve later tests: nothing may leak into them)."""
+
+    def __init__(self):
+        self._saved = []
+
+    def __call__(self, obj, name, value):
+        self._saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def undo(self):
+        for obj, name, value in reversed(self._saved):
+            setattr(obj, name, value)
+        self._saved.clear()
 
 
 def _layer(options, capacity_factor=None):
@@ -65,8 +78,16 @@ def _layer(options, capacity_factor=None):
 
 
 def count_case(rank, world, options, capacity_factor, tokens):
+    patches = _Patches()
+    try:
+        steer_to_device_paths(patches)
+        return _count(rank, options, capacity_factor, tokens)
+    finally:
+        patches.undo()
+
+
+def _count(rank, options, capacity_factor, tokens):
     torch.manual_seed(0)
-    steer_to_device_paths(_setattr)
     layer = _layer(options, capacity_factor)
     strategy = layer.strategy
     g = torch.Generator().manual_seed(rank)
