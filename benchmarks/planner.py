@@ -117,7 +117,7 @@ def plan_new(case: Case, stages: dict | None = None):
     lap("splits")
     FullyShardedSparse._destination_bins(case.indices, case.E, layout)
     lap("bins")
-    if bool(holders.sum() > case.E):
+    if routes.num_holders > case.E:  # replicas: an spAG / spRS to plan
         plan_sparse(case.owner, holders, 0)
     lap("sparse")
     return holders, routes

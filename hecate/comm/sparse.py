@@ -9,8 +9,10 @@ holders_WC[r, c] says whether rank r holds chunk c this iteration (P1, P0 a subs
 - spRS is its adjoint: every holder's gradient of a chunk is summed into the owner
   (the owner's own contribution first, then the other holders by ascending rank).
 
-Each is the autograd backward of the other. The split planning and packing run
-in hecate.ops (C++ / CUDA kernels); the transport is one `all_to_all_single` with
+Each is the autograd backward of the other. The split planning (`plan_sparse`) runs
+on the host with numpy and reads only this rank's part of the placement (the holders of
+the chunks it owns, its own row); packing runs in hecate.ops (C++ / CUDA kernels); the
+transport is one `all_to_all_single` with
 uneven splits on the group, issued from Python, synchronously or asynchronously
 (`start_*`). This is the only transport: training (FSSDP's replica exchanges),
 checkpoint gathers and re-sharding all use it (docs/comm.md).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -75,28 +78,58 @@ def _validate_placement(owner_C, holders_WC, world_size: int) -> None:
 
 
 def plan_sparse(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int) -> SparsePlan:
-    """Plan this rank's spAG / spRS exchange (pure function of the placement, same on every rank)."""
+    """Plan this rank's spAG / spRS exchange (pure function of the placement, same on every rank).
+
+    Reads only what concerns `rank`: the holders of the chunks it owns (its sends) and its
+    own row (its receives), O(C + W * owned chunks), never the whole [W, C] placement.
+    Gives exactly the plan of hecate.ops.plan_sparse_collective (tests/test_comm_sparse.py).
+    """
     if not isinstance(holders_WC, torch.Tensor) or holders_WC.dim() != 2:
         raise ValueError(f"holders_WC must be a bool tensor of shape [W, C], got "
                          f"{type(holders_WC).__name__} of shape {tuple(getattr(holders_WC, 'shape', ()))}")
     _validate_placement(owner_C, holders_WC, holders_WC.shape[0])
     W, C = holders_WC.shape
-    owner_C = owner_C.to(torch.int64)
-    send_ids, send_counts, recv_ids, recv_counts = ops.plan_sparse_collective(owner_C, holders_WC, rank)
-    owned_mask = owner_C == rank
-    held_mask = holders_WC[rank]
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < W:
+        raise ValueError(f"rank must be an int in [0, {W}), got {rank!r}")
+    device = owner_C.device
+    owner = owner_C.detach().cpu().numpy().astype(np.int64, copy=False)
+    holders = holders_WC.detach().cpu().numpy()
+    if C and (owner.min() < 0 or owner.max() >= W):
+        c = int(np.flatnonzero((owner < 0) | (owner >= W))[0])
+        raise ValueError(f"owner_C[{c}] = {int(owner[c])} is out of range [0, {W}): every chunk "
+                         "needs one owner")
+    owner_holds = holders[owner, np.arange(C)]
+    if not owner_holds.all():
+        c = int(np.flatnonzero(~owner_holds)[0])
+        raise ValueError(f"owner {int(owner[c])} of chunk {c} is not among its holders (holders_WC["
+                         f"{int(owner[c])}, {c}] is False): P0 must be a subset of P1")
+    owned_mask = owner == rank
+    held_mask = holders[rank]
+    owned_ids = np.flatnonzero(owned_mask)
+    # Sends: every other holder of each owned chunk; nonzero of [W, owned] walks destinations
+    # ascending, then chunks ascending.
+    others = holders[:, owned_ids]  # a copy: [W, owned chunks]
+    others[rank] = False
+    dst, j = np.nonzero(others)
+    send_ids = owned_ids[j]
+    # Receives: held chunks owned by others, by source (owner) ascending, then chunk id.
+    recv_ids = np.flatnonzero(held_mask & ~owned_mask)
+    recv_ids = recv_ids[np.argsort(owner[recv_ids], kind="stable")]
     # Row of each chunk inside owned_OS / materialized_MS (cumulative count of owned / held chunks).
-    owned_row_C = torch.cumsum(owned_mask.to(torch.int64), 0) - 1
-    held_row_C = torch.cumsum(held_mask.to(torch.int64), 0) - 1
-    owned_ids = owned_mask.nonzero().view(-1)
+    owned_row_C = np.cumsum(owned_mask) - 1
+    held_row_C = np.cumsum(held_mask) - 1
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
     return SparsePlan(
-        rank=rank, world_size=W, num_chunks=C,
-        send_counts=[int(v) for v in send_counts.tolist()],
-        recv_counts=[int(v) for v in recv_counts.tolist()],
-        send_ids=send_ids, recv_ids=recv_ids, owned_ids=owned_ids,
-        held_ids=held_mask.nonzero().view(-1),
-        send_rows=owned_row_C[send_ids], recv_rows=held_row_C[recv_ids],
-        owned_rows_M=held_row_C[owned_ids],
+        rank=int(rank), world_size=W, num_chunks=C,
+        send_counts=np.bincount(dst, minlength=W).tolist(),
+        recv_counts=np.bincount(owner[recv_ids], minlength=W).tolist(),
+        send_ids=tensor(send_ids), recv_ids=tensor(recv_ids), owned_ids=tensor(owned_ids),
+        held_ids=tensor(np.flatnonzero(held_mask)),
+        send_rows=tensor(owned_row_C[send_ids]), recv_rows=tensor(held_row_C[recv_ids]),
+        owned_rows_M=tensor(held_row_C[owned_ids]),
     )
 
 

@@ -73,9 +73,10 @@ def node_array(node_of_W, name: str = "node_of_W") -> np.ndarray:
     if nodes.size == 0:
         raise ValueError(f"{name} must name the node of at least one rank, got an empty tensor")
     check_nonnegative(nodes, name)
-    used = np.unique(nodes)
-    if used[-1] != len(used) - 1:
-        raise ValueError(f"{name} must number nodes 0..N-1 without gaps, found nodes {used.tolist()}")
+    # Nodes 0..N-1 all used (N <= W): a bincount, O(W), not a sort.
+    if nodes.max() >= nodes.size or not (np.bincount(nodes) > 0).all():
+        raise ValueError(f"{name} must number nodes 0..N-1 without gaps, found nodes "
+                         f"{np.unique(nodes).tolist()}")
     return nodes
 
 

@@ -45,6 +45,12 @@ class Plan:
         return self.holders_WE.shape[1]
 
     @property
+    def num_replicas(self) -> int:
+        """Holders beyond the owners (0: P1 = P0, no spAG), from the routes' holder index
+        rather than a pass over [W, E]."""
+        return self.routes.num_holders - self.num_experts
+
+    @property
     def gather_WE(self) -> torch.Tensor:
         """bool [W, E]: chunks each rank must receive by spAG (held, not owned)."""
         gather = self.holders_WE.clone()

@@ -100,6 +100,11 @@ class TokenRoutes:
     def num_experts(self) -> int:
         return self.holders_WE.shape[1]
 
+    @property
+    def num_holders(self) -> int:
+        """Holders in P1 (owners plus replicas), counted when the holders were indexed."""
+        return self._H
+
     # ---- construction: O(W*E) scans, O(H log H) sorts ----------------------------------------
     def _index_holders(self) -> None:
         holders, counts, nodes = self.holders_WE, self.counts_WE, self.node_of_W
@@ -331,7 +336,9 @@ def _canonical_moves(moves) -> np.ndarray:
 def _inputs(holders_WE, counts_WE, node_of_W):
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_)
     W, E = holders.shape
-    counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E))
+    # A view, not a copy (2 MiB at W=1024, E=256): the routes keep it, so the caller must
+    # not modify counts_WE while it uses them (the runtime never does).
+    counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E), copy=False)
     check_nonnegative(counts, "counts_WE")
     nodes = node_array(node_of_W)
     if nodes.shape[0] != W:
@@ -345,6 +352,7 @@ def route_tokens(holders_WE, counts_WE, node_of_W) -> TokenRoutes:
     holders_WE: bool [W, E], P1 (every expert with tokens needs >= 1 holder).
     counts_WE: int64 [W_src, E], tokens of each source rank per expert.
     node_of_W: int64 [W], node index of each rank.
+    The routes keep a view of counts_WE (no copy): do not modify it while they are in use.
     Guarantees: every source's tokens of e are routed exactly once, only to holders of e;
     a source holding e keeps all of its tokens of e; the chosen replicas' shares differ by
     at most one token.

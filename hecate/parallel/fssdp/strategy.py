@@ -120,16 +120,16 @@ def _host_bins(indices_TK: torch.Tensor, E: int, layout, cell_bin: np.ndarray) -
                            "counts disagree with the local routing")
     cells = np.bincount(layout.send_e, minlength=E)  # destinations per expert
     single = cells[layout.send_e] == 1
-    lookup = np.full(E + 1, -1, dtype=np.int64)  # lookup[-1] = lookup[E]: dropped entries
-    lookup[layout.send_e[single]] = cell_bin[single]
-    bins = lookup[flat]
     split_e = np.flatnonzero(cells > 1)
+    # One lookup per entry: its bin if its expert has one destination, -2 - s for the s-th
+    # split expert, -1 (lookup[-1] = lookup[E]) for dropped entries.
+    lookup = np.full(E + 1, -1, dtype=np.int64)
+    lookup[layout.send_e[single]] = cell_bin[single]
+    lookup[split_e] = -2 - np.arange(split_e.size)
+    bins = lookup[flat]
     if split_e.size:
-        compact = np.full(E + 1, -1, dtype=np.int64)  # the split experts as 0..S-1
-        compact[split_e] = np.arange(split_e.size)
-        key = compact[flat]
-        where = np.flatnonzero(key >= 0)
-        key = key[where].astype(np.uint8 if split_e.size <= 256 else np.int32)
+        where = np.flatnonzero(bins < -1)
+        key = (-2 - bins[where]).astype(np.uint8 if split_e.size <= 256 else np.int32)
         where = where[np.argsort(key, kind="stable")]
         shares = ~single
         if where.size != int(tokens[shares].sum()):
@@ -285,7 +285,8 @@ class FullyShardedSparse(ExpertStrategy):
                 f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
-        return gathered[:, :E], int(gathered[:, E].max())
+        # One contiguous copy that every planning stage reads (and the routes keep) as is.
+        return gathered[:, :E].contiguous(), int(gathered[:, E].max())
 
     def plan(self, layer, counts_E: torch.Tensor, token_bytes: int):
         state = layer.fssdp_state
@@ -329,7 +330,7 @@ class FullyShardedSparse(ExpertStrategy):
             predicted_WE = torch.stack(list(state.rank_history)).mean(0)
             holders = self._fit_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
-        if int(holders.sum()) == E:
+        if int(holders.count_nonzero()) == E:
             return  # no replica predicted: nothing to move early; plan on the real counts
         sparse = device_plan(state.owner_E, holders, self.topology.rank, layer.expert_chunks.device)
         state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, self.weight_group,
@@ -372,7 +373,7 @@ class FullyShardedSparse(ExpertStrategy):
         x_ND = x_ND.to(self._token_wire_dtype(x_TD))
         prefetched, layer.fssdp_state.prefetched = layer.fssdp_state.prefetched, None
         sparse = None
-        if bool(plan.holders_WE.sum() > E):
+        if plan.num_replicas:
             sparse = prefetched.plan if prefetched is not None else device_plan(
                 plan.owner_E, plan.holders_WE, rank, layer.expert_chunks.device)
         # Expert slots: the owned chunks (ascending) computed in place, then the received
