@@ -19,6 +19,7 @@ from torch import nn
 from hecate.models.attention import (Attention, BAMAttention, LightningAttention, MoHAttention, check_heads,
                                      rope_tables)
 from hecate.models.attention_options import QK_NORMS, MLAttention, NormedAttention
+from hecate.models.checkpointing import checkpointed_block, checkpointing_active
 from hecate.models.rope_scaling import check_rope_scaling, scaled_rope_tables, softmax_scale_multiplier
 from hecate.models.mohd import MoHDFFN, check_mohd
 from hecate.moe.config import MoEConfig
@@ -75,6 +76,8 @@ class TransformerConfig:
     mla_qk_rope_head_dim: int = 0                 # mla: per-head rotary width (must equal head_dim)
     mla_v_head_dim: int = 0                       # mla: per-head value width
     mla_rope_interleave: bool = True              # mla: rotary pairs are interleaved (DeepSeek layout)
+    # --- training memory ---
+    activation_checkpointing: bool = False        # recompute each block's local compute in backward (models/checkpointing.py)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
@@ -133,6 +136,8 @@ class TransformerConfig:
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 raise ValueError(f"model.moe_layers must list distinct layer indices in [0, n_layers="
                                  f"{self.n_layers}), got {self.moe_layers!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"model.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if self.lightning_block_size < 1:
             raise ValueError(f"model.lightning_block_size must be >= 1, got {self.lightning_block_size}")
         if self.bam_attention_experts < 1:
@@ -322,8 +327,9 @@ class MoETransformer(nn.Module):
             else:
                 rope = scaled_rope_tables(S, hd, self.cfg.rope_theta, self.cfg.rope_scaling, device=tokens_BS.device)
         aux, stats = [], []
+        recompute = self.cfg.activation_checkpointing and checkpointing_active(self)
         for block in self.blocks:
-            x = block(x, aux, stats, rope)
+            x = checkpointed_block(block, x, aux, stats, rope) if recompute else block(x, aux, stats, rope)
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
         aux_loss = torch.stack([a.float() for a in aux]).sum() if aux else x.new_zeros(())

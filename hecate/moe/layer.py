@@ -152,6 +152,18 @@ class MoELayer(nn.Module):
                 group_sizes: Optional[Sequence[int]] = None,
                 seq_len: Optional[int] = None,
                 router_input: Optional[torch.Tensor] = None) -> MoEOutput:
+        x_TD, routing = self.prepare(x, top_k=top_k, capacity_factor=capacity_factor, group_sizes=group_sizes,
+                                     seq_len=seq_len, router_input=router_input)
+        y_TD = self.combine_dense(x_TD, self.strategy.forward(self, x_TD, routing))
+        return self.finish(x, y_TD, routing)
+
+    def prepare(self, x: torch.Tensor, *, top_k: Optional[int] = None,
+                capacity_factor: Optional[float] = None,
+                group_sizes: Optional[Sequence[int]] = None,
+                seq_len: Optional[int] = None,
+                router_input: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+        """Checks, routing and capacity: the stages before the strategy, all local to this rank
+        (no collective; hecate.models.checkpointing recomputes them in backward)."""
         d = self.config.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != d:
             raise ValueError(f"x must be [B, S, {d}] or [T, {d}] (hidden_size={d}), got {tuple(x.shape)}")
@@ -172,9 +184,11 @@ class MoELayer(nn.Module):
         # router_input (e.g. a timestep embedding per token) decides the routing; x is computed.
         r_TD = x_TD if router_input is None else router_input.reshape(-1, d)
         routing = self.route(r_TD, top_k=k, capacity_factor=cf, group_sizes=sizes, seq_len=seq_len)
-        routing = self.apply_capacity(routing, cf, sizes)
-        y_TD = self.strategy.forward(self, x_TD, routing)
-        y_TD = self.combine_dense(x_TD, y_TD)
+        return x_TD, self.apply_capacity(routing, cf, sizes)
+
+    def finish(self, x: torch.Tensor, y_TD: torch.Tensor, routing: Routing) -> MoEOutput:
+        """After combine_dense: aux-free load accounting, the aux-loss sum and the stats;
+        y_TD takes x's shape."""
         if self.training and self.config.aux_free_bias:
             self.load_since_update_E += routing.tokens_per_expert_E.to(self.load_since_update_E.device)
         aux = routing.aux_losses
