@@ -47,12 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     gen = sub.add_parser("generate", help="sample text from a training run's newest checkpoint")
     gen.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
-    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="prompt text (repeatable: prompts are batched together; default 'def ')")
     gen.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=40, help="0 = no top-k cut")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--samples", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0)
+    _add_routing_argument(gen)
+    gen.add_argument("--scmoe", default=None, metavar="BETA,ALPHA[,weak=rankK|topK]",
+                     help="SCMoE self-contrast decoding (docs/inference.md)")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    ev = sub.add_parser("eval", help="validation loss of a training run's newest checkpoint")
+    ev.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
+    ev.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_routing_argument(ev)
     smp = sub.add_parser("sample", help="draw images from a trained image model's newest checkpoint (Switch-DiT)")
     smp.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
     smp.add_argument("--images", type=int, default=8)
@@ -72,13 +83,32 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_generate(args) -> int:
-    from hecate.train.generate import generate_text
+def _add_routing_argument(parser) -> None:
+    parser.add_argument("--routing", default=None, metavar="SPEC",
+                        help="routing overrides, e.g. top_k=1,disable=3,disable=0:2,force=5,temperature=2,"
+                             "rank=2,mask=NAME (docs/inference.md)")
 
-    texts = generate_text(args.run_dir, args.prompt, args.tokens, args.temperature, args.top_k,
-                          args.samples, args.seed)
+
+def cmd_generate(args) -> int:
+    from hecate.inference.generate import generate_text
+
+    texts = generate_text(args.run_dir, args.prompt or ["def "], args.tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed,
+                          routing=args.routing, scmoe=args.scmoe, use_cache=not args.no_cache)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from hecate.inference.run import evaluate_run
+
+    info = evaluate_run(args.run_dir, args.routing, args.batches)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"step {info['step']}: val_loss {info['val_loss']:.4f} (ppl {info['val_ppl']:.2f})"
+              + (f" with --routing {info['routing']}" if info["routing"] else ""))
     return 0
 
 
@@ -142,6 +172,8 @@ def _run_worker(args) -> int:
 
     if os.environ.get("HECATE_LAUNCHER_PID"):
         die_with_parent(int(os.environ["HECATE_LAUNCHER_PID"]))
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: die with its agent too
+        die_with_parent(os.getppid())
     try:
         from hecate.train.config import load_config
         from hecate.train.trainer import train
@@ -323,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(f"train.init={os.path.abspath(args.init)}")
     try:
         commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate, "convert": cmd_convert,
-                    "generate": cmd_generate, "sample": cmd_sample}
+                    "generate": cmd_generate, "sample": cmd_sample, "eval": cmd_eval}
         return commands[args.command](args)
     except (ValueError, TypeError, CheckpointError, RunDirInUseError) as e:
         if os.environ.get("HECATE_DEBUG"):

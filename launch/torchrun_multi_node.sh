@@ -12,6 +12,9 @@ NNODES=${NNODES:?set NNODES}
 NPROC=${NPROC:-8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
+# Safe import path: workers never import modules from the working directory (python -P);
+# the repository is put on the path explicitly instead.
+export PYTHONSAFEPATH=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" ${NODE_RANK:+--node_rank="$NODE_RANK"} \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-hecate}" \
   -m hecate.train "$CONFIG" "$@"

@@ -11,4 +11,7 @@ fi
 NPROC=${NPROC:-$DEFAULT_NPROC}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
+# Safe import path: workers never import modules from the working directory (python -P);
+# the repository is put on the path explicitly instead.
+export PYTHONSAFEPATH=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec torchrun --standalone --nproc_per_node="$NPROC" -m hecate.train "$CONFIG" "$@"
