@@ -64,3 +64,46 @@ def megatron_bias_layer(rank, world, gated, gate_shared):
                 "expert_diff": expert_diff, "layer_diff": float((want - got.squeeze(1)).abs().max())}
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def megatron_adapter_ranks(rank, world, strategy, bias):
+    """HecateMegatronMoE built by Megatron's build_module at world `world` under `strategy`, vs the
+    same layer under 'dp' (every expert replicated: each rank's computation is the single-process
+    one, gradients averaged over ranks) on the same tokens: outputs, input and expert grads match."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.spec_utils import build_module
+
+    from hecate.integrations.deepspeed import finish_backward
+    from hecate.integrations.megatron_spec import hecate_moe_spec
+
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        kw = dict(add_bias_linear=True, moe_shared_expert_intermediate_size=None) if bias else {}
+        cfg = _megatron_config(**kw)
+        torch.manual_seed(0)
+        local = build_module(hecate_moe_spec(strategy="dp"), config=cfg)
+        dist_layer = build_module(hecate_moe_spec(strategy=strategy), config=cfg)
+        full = {n: p.detach().clone() for n, p in local.experts.named_parameters()}
+        dist_layer.load_state_dict({k: v for k, v in local.state_dict().items() if ".experts." not in k
+                                    and not k.startswith("experts.")}, strict=False)
+        dist_layer.strategy.load_experts(dist_layer, full)
+        g = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(3 + 2 * rank, 2, D, generator=g)  # [S, B, D], uneven per rank
+        dy = torch.randn(x.shape, generator=g)
+        outs = []
+        for layer in (local, dist_layer):
+            xi = x.clone().requires_grad_(True)
+            y, _ = layer(xi)
+            (y * dy).sum().backward()
+            outs.append((y.detach(), xi.grad))
+        finish_backward(local)
+        finish_backward(dist_layer)
+        got = dist_layer.strategy.gather_experts(dist_layer, grads=True)
+        want = local.strategy.gather_experts(local, grads=True)
+        worst = max(float((got[n] - want[n]).abs().max()) for n in want)
+        assert dist.get_world_size() == world
+        return {"y": float((outs[0][0] - outs[1][0]).abs().max()), "dx": float((outs[0][1] - outs[1][1]).abs().max()),
+                "dexperts": worst, "names": sorted(full)}
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,5 +1,5 @@
 """Megatron's add_bias_linear=True (its default) and moe_shared_expert_gate against a real
-Megatron-core MoE layer built on CPU."""
+Megatron-core MoE layer built on CPU; the Megatron adapter at two ranks on CPU."""
 import pytest
 
 from hecate.integrations.megatron import translate_megatron_args
@@ -32,3 +32,15 @@ def test_matches_a_real_megatron_layer(gated, gate_shared):
         assert any("shared_gate" in k for k in res["keys"])
     else:
         assert any(k.endswith("experts.fc1__bias") for k in res["keys"])
+
+
+@pytest.mark.parametrize("strategy,bias", [("fssdp", True), ("ep", False)])
+def test_megatron_adapter_at_two_ranks_on_cpu(strategy, bias):
+    pytest.importorskip("megatron.core", reason="megatron-core is optional (pip install -e .[megatron])")
+    from tests import integration_cases as cases
+    from tests.megatron_bias_cases import megatron_adapter_ranks
+
+    res = run_distributed(megatron_adapter_ranks, 2, strategy, bias, timeout=300, **cases.ISOLATED)
+    for r in res:
+        assert r["y"] < 1e-5 and r["dx"] < 1e-5 and r["dexperts"] < 1e-5, r
+        assert ("fc1__bias" in r["names"]) == bias, r
