@@ -113,3 +113,24 @@ def test_staged_config_is_rejected_by_hecate_train_with_the_way_to_run_it(capsys
     assert info["arch"] == "uni_moe" and info["moe_layers"] == 2
     with pytest.raises(ValueError, match="run_stages"):
         load_config(str(MODELS / "tiny-uni-moe.yaml"), ["stages=null"])
+
+
+def test_transfusion_mamba_losses_and_training(tmp_path):
+    from hecate.data.sources import TransfusionData
+
+    p = get_preset("tiny-mixture-of-mamba-transfusion")
+    from hecate.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(p.arch, dict(p.config, diffusion_loss_weight=0.0))
+    x, y = TransfusionData(2, 48).train_batch(0)
+    image = x[..., 1] == 1
+    assert (y[image] == -100).all() and (y >= 0).any() and image.any()
+    loss, out = model.loss(x, y, generator=torch.Generator().manual_seed(0))
+    text = y >= 0
+    ce = torch.nn.functional.cross_entropy(out.logits[text], y[text])
+    torch.testing.assert_close(loss, ce + out.aux_loss)  # weight 0: text CE only
+    assert out.mse > 0  # the diffusion term is computed on the image positions
+    runs = _train_all_strategies(tmp_path, "tiny-mixture-of-mamba-transfusion.yaml", ["optim.lr=1e-2"])
+    losses = runs["dp"][0]
+    assert sum(losses[2:]) / 2 < sum(losses[:2]) / 2, losses

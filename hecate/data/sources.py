@@ -120,3 +120,52 @@ class CorpusInterleavedData:
 
     def val_batches(self, num_batches: int, rank: int = 0, world: int = 1):
         return [self._batch((i * world + rank) * self.batch_size, True) for i in range(num_batches)]
+
+
+@dataclass
+class TransfusionData:
+    """Text-like tokens interleaved with whole images as continuous patches (Transfusion setting),
+    packed for hecate.models.transfusion_mamba: x [B, L, 2 + 12] (token, modality, patch), y [B, L]
+    the next text token or -100 (no text loss where the next element is an image patch or at an
+    image position). Each sequence: text (6-12 tokens of the bigram chain), an 8x8x3 shapes image
+    (16 patches of 12 values), text, ... cut to seq_len."""
+    batch_size: int
+    seq_len: int
+    text_vocab: int = 32
+    seed: int = 0
+    val_seed: int = 1
+
+    def _row(self, seed: int, index: int):
+        import torch
+
+        from hecate.data.modalities import _text_segment
+
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        rows, pos, k = [], 0, 0
+        while pos < self.seq_len + 1:
+            n = int(torch.randint(6, 13, (), generator=g))
+            tok = _text_segment(g, n, self.text_vocab)
+            rows.append(torch.cat([tok[:, None].float(), torch.zeros(n, 1), torch.zeros(n, 12)], 1))
+            img, _ = shapes_batch(seed, 1, start=index * 64 + k)
+            patches = img.reshape(1, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(16, 12)
+            rows.append(torch.cat([torch.zeros(16, 1), torch.ones(16, 1), patches], 1))
+            pos += n + 16
+            k += 1
+        seq = torch.cat(rows)[:self.seq_len + 1]
+        x = seq[:-1]
+        nxt = seq[1:]
+        y = torch.where((nxt[:, 1] == 0) & (x[:, 1] == 0), nxt[:, 0].long(), torch.full_like(nxt[:, 0].long(), -100))
+        return x, y
+
+    def _batch(self, seed: int, first: int):
+        import torch
+
+        xs, ys = zip(*(self._row(seed, first + b) for b in range(self.batch_size)))
+        return torch.stack(xs), torch.stack(ys)
+
+    def train_batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0, world: int = 1):
+        _check(self.batch_size, micro, grad_accum, rank, world)
+        return self._batch(self.seed, ((step * grad_accum + micro) * world + rank) * self.batch_size)
+
+    def val_batches(self, num_batches: int, rank: int = 0, world: int = 1):
+        return [self._batch(self.val_seed, (i * world + rank) * self.batch_size) for i in range(num_batches)]

@@ -12,6 +12,7 @@ the meta-device model instead of assuming MoETransformer.
 | transformer | embedded / text / .bin | tokens, next tokens | LM cross-entropy | `hecate generate` |
 | mixture_of_mamba | `embedded` (the byte corpus interleaved with generated image tokens) or `interleaved` (generated text-like + image tokens) | tokens, next tokens | LM cross-entropy | `hecate generate` |
 | switch_dit | `shapes` (generated images, 4 classes) | images, labels | noise MSE at fixed t / noise | `hecate sample` |
+| mixture_of_mamba_transfusion | `transfusion` (text tokens + images as continuous patches, packed) | packed rows, next text tokens | text CE + noise MSE at fixed t / noise | - |
 
 The trainer keeps calling `model.loss(x, y)` (every zoo model has it) and reads
 `out.aux_loss` / `out.moe_stats`, which every zoo model returns.
@@ -30,7 +31,8 @@ from hecate.train.config import TrainConfig
 
 TRANSFORMER = "transformer"
 # data.source values each non-transformer architecture accepts (the first is the default).
-SOURCES = {"switch_dit": ("shapes",), "mixture_of_mamba": ("embedded", "interleaved")}
+SOURCES = {"switch_dit": ("shapes",), "mixture_of_mamba": ("embedded", "interleaved"),
+           "mixture_of_mamba_transfusion": ("transfusion",)}
 
 
 @dataclass
@@ -109,7 +111,7 @@ def _experts(cfg) -> list[int]:
     m = cfg.model
     if cfg.arch == "switch_dit":
         return [m.num_experts]
-    if cfg.arch == "mixture_of_mamba":
+    if cfg.arch in ("mixture_of_mamba", "mixture_of_mamba_transfusion"):
         return [m.moe.num_experts] if m.moe_every and m.moe is not None else []
     return []
 
@@ -143,6 +145,8 @@ def _validate_arch(cfg: ArchTrainConfig, world: Optional[int]) -> None:
                 raise ValueError("data.source='embedded' for mixture_of_mamba puts the byte corpus (ids 0-255) in "
                                  "modality 0 and image tokens from 256 on: set model.num_modalities=2 and "
                                  "model.modality_vocab_starts=[0, 256] (vocab_size = 256 + image tokens)")
+    elif cfg.arch == "mixture_of_mamba_transfusion":
+        max_len, vocab = cfg.model.max_seq_len, 256
     else:
         max_len, vocab = 10 ** 9, 256
     stand_in = dataclasses.replace(
@@ -191,6 +195,10 @@ def build_data(cfg, tokenizer=None):
     if arch == TRANSFORMER:
         return build_token_data(cfg, tokenizer)
     m = cfg.model
+    if arch == "mixture_of_mamba_transfusion":
+        from hecate.data.sources import TransfusionData
+
+        return TransfusionData(d.batch_size, d.seq_len, text_vocab=m.vocab_size, seed=seed, val_seed=seed + 1)
     if arch == "switch_dit":
         return ShapeImageData(d.batch_size, m.image_size, m.in_channels, seed=seed, val_seed=seed + 1)
     if d.source == "embedded":
@@ -213,6 +221,8 @@ def eval_loss(cfg, model, x, y, index: int = 0) -> torch.Tensor:
 
         eps = model(q_sample(x, t, noise, model.alphas_cumprod_T), t, y if cfg.model.num_classes else None).eps
         return F.mse_loss(eps.float(), noise.float())
+    if arch_of(cfg) == "mixture_of_mamba_transfusion":  # text CE + diffusion MSE at fixed t / noise
+        return model.loss(x, y, generator=torch.Generator().manual_seed(10_000 + index))[0]
     return F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
 
 
