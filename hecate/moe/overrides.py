@@ -185,6 +185,9 @@ def routing_overrides(model, *, top_k=None, disabled=None, forced=None, temperat
 
     Yields the per-layer RoutingOverride list in effect (None where a layer is untouched).
     """
+    if all(v is None for v in (top_k, disabled, forced, temperature, ranks)):
+        yield []  # nothing to override (a dense model needs no MoE layer for this)
+        return
     layers = moe_layers_of(model)
     new = build_overrides(len(layers), top_k=top_k, disabled=disabled, forced=forced,
                           temperature=temperature, ranks=ranks)

@@ -1,0 +1,41 @@
+"""`hecate generate RUN_DIR`: text from a run's newest checkpoint with the options of docs/inference.md."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hecate.inference.run import load_config_of, routing_kwargs
+from hecate.inference.sampling import generate
+from hecate.inference.scmoe import parse_scmoe
+from hecate.train.generate import load_run
+
+
+def generate_text(run_dir, prompts: list[str], max_new_tokens: int = 200, *, temperature: float = 0.8,
+                  top_k: int = 40, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+                  routing: Optional[str] = None, scmoe: Optional[str] = None, use_cache: bool = True) -> list[str]:
+    """num_samples texts per prompt (prompt order, then sample order), all prompts batched together."""
+    from hecate.train import tasks
+
+    cfg = load_config_of(run_dir)
+    if tasks.arch_of(cfg) == "mixture_of_mamba":  # a text LM without KV cache / routing options
+        if routing or scmoe or top_p != 1.0:
+            raise ValueError("--routing / --scmoe / --top-p apply to transformer runs; a mixture_of_mamba run "
+                             "samples with temperature and top-k only")
+        from hecate.train.generate import generate_text as sample_plain
+
+        return [t for p in prompts for t in sample_plain(run_dir, p, max_new_tokens, temperature, top_k,
+                                                         num_samples, seed)]
+    if tasks.arch_of(cfg) != tasks.TRANSFORMER:
+        raise ValueError(f"{run_dir} trained a {tasks.arch_of(cfg)} model; `hecate generate` samples "
+                         "transformer language models (images: `hecate sample`)")
+    model, tokenizer, _ = load_run(run_dir)
+    ids = [tokenizer.encode(p) for p in prompts]
+    if not ids or any(not i for i in ids):
+        raise ValueError("every --prompt must encode to at least one token")
+    batch = [i for i in ids for _ in range(num_samples)]
+    g = torch.Generator().manual_seed(seed)
+    out = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   generator=g, use_cache=use_cache, routing=routing_kwargs(run_dir, routing),
+                   scmoe=parse_scmoe(scmoe) if scmoe else None)
+    return [tasks.decode(cfg, tokenizer, o) for o in out]

@@ -1,0 +1,107 @@
+"""Batched sampling from a language model: greedy, temperature, top-k, top-p; with or without a KV
+cache (hecate.inference.kv_cache); optional routing overrides and SCMoE contrast per pass.
+
+A *decoder* holds the state of one forward pass over a batch of prompts of different lengths:
+logits() gives each sequence's next-token logits [B, V], append(ids_B) extends every sequence.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from hecate.moe.overrides import routing_overrides
+
+
+def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next ids [B]: argmax when temperature == 0, else a sample of softmax(logits / temperature)
+    restricted to the top_k best (0 = all) and to the smallest set whose probability >= top_p."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k cut), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV / temperature
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, top_k, -1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1:
+        sorted_BV, order_BV = torch.sort(logits_BV, -1, descending=True)
+        probs = torch.softmax(sorted_BV, -1)
+        # drop a token when the tokens before it already hold top_p (the best one always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits_BV, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits_BV.device)
+
+
+class FullDecoder:
+    """No cache: every step re-runs the model over each sequence's context (cropped to max_seq_len)."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], overrides: Sequence[dict] = ()):
+        self.model, self.overrides = model, list(overrides)
+        self.seqs = [list(p) for p in prompts]
+        self.device = next(model.parameters()).device
+
+    def context(self):
+        stack = contextlib.ExitStack()
+        for kw in self.overrides:
+            stack.enter_context(routing_overrides(self.model, **kw))
+        return stack
+
+    def logits(self) -> torch.Tensor:
+        window = self.model.cfg.max_seq_len
+        with self.context():
+            return torch.stack([self.model(torch.tensor([s[-window:]], device=self.device)).logits[0, -1]
+                                for s in self.seqs])
+
+    def append(self, ids_B: torch.Tensor) -> None:
+        for s, i in zip(self.seqs, ids_B.tolist()):
+            s.append(int(i))
+
+
+def make_decoder(model, prompts, overrides=(), use_cache: bool = True):
+    if use_cache:
+        from hecate.inference.kv_cache import CachedDecoder
+
+        return CachedDecoder(model, prompts, overrides)
+    return FullDecoder(model, prompts, overrides)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             use_cache: bool = True, routing: Optional[dict] = None, scmoe=None) -> list[list[int]]:
+    """prompt + max_new_tokens new ids for every prompt (prompts may differ in length).
+
+    routing: routing_overrides keywords for every pass; scmoe: a hecate.inference.scmoe.SCMoE,
+    whose weak pass runs under routing + its weak overrides.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model.eval()
+    base = [routing] if routing else []
+    strong = make_decoder(model, prompts, base, use_cache)
+    weak = make_decoder(model, prompts, base + [scmoe.weak_overrides(model)], use_cache) if scmoe else None
+    out = [list(p) for p in prompts]
+    for _ in range(max_new_tokens):
+        logits_BV = strong.logits()
+        if weak is not None:
+            from hecate.inference.scmoe import contrast
+
+            logits_BV = contrast(logits_BV, weak.logits(), scmoe.beta, scmoe.alpha)
+        ids_B = pick_next(logits_BV, temperature, top_k, top_p, generator)
+        for s, i in zip(out, ids_B.tolist()):
+            s.append(int(i))
+        strong.append(ids_B)
+        if weak is not None:
+            weak.append(ids_B)
+    return out
