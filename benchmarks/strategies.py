@@ -1,6 +1,7 @@
 """dp vs ep vs fsdp vs fssdp on one small MoE transformer: bytes, lower bound, step time, memory.
 
     .venv/bin/python benchmarks/strategies.py [--nproc 2] [--mem-nprocs 4 8] [--repeats 3] [--json]
+                                              [--activation-checkpointing]
 
 Every strategy trains the same model (same seed) on the same batches, under uniform and
 Zipf-skewed routing. Skew is deterministic: the router's aux-free selection bias
@@ -18,7 +19,10 @@ changes which experts are chosen, never the gate weights. Per strategy and world
 * time: the step (forward, backward, Engine.step) between two barriers, slowest rank,
   median over the measured steps; ratio = strategy / ep (< 1 is faster than ep);
 * memory: state = params + AdamW state (exact tensor bytes); step peak = VmHWM - VmRSS
-  over a step (see benchmarks/_common.py); peak = state + step peak, max over ranks.
+  over a step (see benchmarks/_common.py); peak = state + step peak, max over ranks;
+* --activation-checkpointing: every case runs a second time with model.activation_checkpointing
+  on (same seed, same batches, right after the first); the table adds its peak and step peak
+  and their ratio to the run without it (ckpt/off; < 1 is less memory), and its step time.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def model_config(a):
     moe = MoEConfig(hidden_size=a["d_model"], ffn_hidden_size=a["ffn"], num_experts=a["experts"],
                     top_k=a["top_k"], aux_loss_coeff=0.01, aux_free_bias=True, bias_update_rate=0.0)
     return TransformerConfig(vocab_size=a["vocab"], d_model=a["d_model"], n_layers=a["layers"], n_heads=4,
-                             max_seq_len=a["seq"], dense_ffn_hidden=a["ffn"], moe_every=1, moe=moe)
+                             max_seq_len=a["seq"], dense_ffn_hidden=a["ffn"], moe_every=1, moe=moe,
+                             activation_checkpointing=a.get("activation_checkpointing", False))
 
 
 def _owned_fraction_LE(name, layers, world, rank, E):
@@ -185,7 +190,7 @@ def summarize(runs, a, label, name, options):
     }
 
 
-def run(world, a, skews, warmup, steps, timeout, repeats=1):
+def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointing=False):
     """Every case under each routing; with repeats > 1 the cases run in turn, `repeats`
     times over, so slow drift of the machine hits every strategy alike."""
     from hecate.testing import run_distributed
@@ -194,11 +199,25 @@ def run(world, a, skews, warmup, steps, timeout, repeats=1):
     for skew in skews:
         key = "skewed" if skew else "uniform"
         runs = {label: [] for label, _, _ in CASES}
+        ckpt = {label: [] for label, _, _ in CASES}
+        a_ckpt = {**a, "activation_checkpointing": True}
         for _ in range(repeats):
             for label, name, options in CASES:
                 runs[label].append(run_distributed(bench_case, world, a, label, name, options, skew, warmup,
                                                    steps, timeout=timeout))
+                if compare_checkpointing:  # side by side: right after the same case without it
+                    ckpt[label].append(run_distributed(bench_case, world, a_ckpt, label, name, options, skew,
+                                                       warmup, steps, timeout=timeout))
         table[key] = {label: summarize(runs[label], a, label, name, options) for label, name, options in CASES}
+        if compare_checkpointing:
+            for label, name, options in CASES:
+                row, on = table[key][label], summarize(ckpt[label], a_ckpt, label, name, options)
+                row["checkpointed"] = {k: on[k] for k in ("peak_bytes_per_rank", "step_peak_bytes_per_rank",
+                                                          "step_time_s", "expert_bytes")}
+                row["ckpt_peak_vs_off"] = on["peak_bytes_per_rank"] / row["peak_bytes_per_rank"]
+                off_step = row["step_peak_bytes_per_rank"]  # 0 when a tiny step fits in freed pages
+                row["ckpt_step_peak_vs_off"] = on["step_peak_bytes_per_rank"] / off_step if off_step else None
+                row["ckpt_time_vs_off"] = on["step_time_s"] / row["step_time_s"]
         ep_time = table[key]["ep"]["step_time_s"]
         ep_peak = table[key]["ep"]["peak_bytes_per_rank"]
         fsdp_bytes = table[key]["fsdp"]["expert_bytes"]
@@ -226,6 +245,10 @@ def format_table(world, table, timed):
     lines = [f"== world {world} ({'timed' if timed else 'bytes and memory only'}) =="]
     head = f"{'routing':8} {'strategy':12} {'expert MB':>9} {'LB MB':>7} {'/LB':>6} {'/fsdp':>6} " \
            f"{'peak MB':>8} {'/ep':>5} {'imb':>5}" + (f" {'step ms':>8} {'t/ep':>5}" if timed else "")
+    ckpt = any("checkpointed" in r for rows in table.values() for r in rows.values())
+    if ckpt:
+        head += f" | {'ckpt peak':>9} {'/off':>5} {'step pk MB':>10} {'ckpt':>7} {'/off':>5}" + \
+            (f" {'ckpt t/off':>10}" if timed else "")
     lines.append(head)
     for key, rows in table.items():
         for label, r in rows.items():
@@ -237,8 +260,15 @@ def format_table(world, table, timed):
                     f"{r['peak_vs_ep']:5.2f} {r['imbalance']:5.2f}")
             if timed:
                 line += f" {r['step_time_s'] * 1e3:8.1f} {r['time_vs_ep']:5.2f}"
-                if len(r["step_time_runs_s"]) > 1:
-                    line += "  runs " + "/".join(f"{t * 1e3:.0f}" for t in r["step_time_runs_s"])
+            if ckpt:
+                c = r["checkpointed"]
+                line += (f" | {c['peak_bytes_per_rank'] / 2**20:9.2f} {r['ckpt_peak_vs_off']:5.2f} "
+                         f"{r['step_peak_bytes_per_rank'] / 2**20:10.2f} {c['step_peak_bytes_per_rank'] / 2**20:7.2f} "
+                         f"{(r['ckpt_step_peak_vs_off'] or float('nan')):5.2f}")
+                if timed:
+                    line += f" {r['ckpt_time_vs_off']:10.2f}"
+            if timed and len(r["step_time_runs_s"]) > 1:
+                line += "  runs " + "/".join(f"{t * 1e3:.0f}" for t in r["step_time_runs_s"])
             lines.append(line)
     return "\n".join(lines)
 
@@ -264,6 +294,8 @@ def main():
                     help="timed world: run every case this many times, in turn (medians over all)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="also run every case with model.activation_checkpointing on; report both peaks")
     args = ap.parse_args()
     prepare_spawn_env()
     a = {"layers": args.layers, "experts": args.experts, "top_k": args.top_k, "d_model": args.d_model,
@@ -273,7 +305,7 @@ def main():
     texts = []
     for i, world in enumerate([args.nproc] + [w for w in args.mem_nprocs if w != args.nproc]):
         table = run(world, a, (False, True), args.warmup, args.steps, args.timeout,
-                    args.repeats if i == 0 else 1)
+                    args.repeats if i == 0 else 1, args.activation_checkpointing)
         result["worlds"][str(world)] = {"timed": i == 0, "routing": table, "targets": targets(table)}
         texts.append(format_table(world, table, i == 0))
     from hecate.testing import shutdown_pools
