@@ -109,8 +109,10 @@ def test_deepspeed_errors(tmp_path):
     s = ds_state(residual=False)
     for e in range(E):
         s[f"{P}.deepspeed_moe.experts.deepspeed_experts.{e}.0.bias"] = torch.zeros(Fh)
-    with pytest.raises(CheckpointFormatError, match="bias"):
-        deepspeed_to_hecate(s)
+    with pytest.raises(CheckpointFormatError, match="bias"):  # the built-in experts have no biases
+        deepspeed_to_hecate(s, layout="grouped")
+    # layout "auto": biased experts take the drop-in's ModuleExperts names (stacked per expert)
+    assert deepspeed_to_hecate(s)[f"{P}.moe.experts.0__bias"].shape == (E, Fh)
     with pytest.raises(CheckpointFormatError, match="no DeepSpeed MoE layer"):
         deepspeed_to_hecate({"w": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="latest"):
@@ -209,8 +211,8 @@ def test_megatron_errors():
     with pytest.raises(CheckpointFormatError, match="no expert weights"):
         megatron_to_hecate(s2)
     s3 = dict(s, **{MP.format(1) + ".experts.local_experts.0.linear_fc1.bias": torch.zeros(Fh)})
-    with pytest.raises(CheckpointFormatError, match="disable-bias-linear"):
-        megatron_to_hecate(s3)
+    with pytest.raises(CheckpointFormatError, match="expert biases must be present for every expert"):
+        megatron_to_hecate(s3)  # a bias on one expert only
     with pytest.raises(CheckpointFormatError, match="no Megatron MoE router"):
         megatron_to_hecate({"a": torch.zeros(1)})
     with pytest.raises(ValueError, match="layout="):

@@ -143,3 +143,29 @@ def test_drop_in_accepts_any_expert_with_deepspeed_defaults():
     with pytest.raises(TypeError):
         MoE(16, lambda x: x, num_experts=4, strategy="local")
     assert F is not None
+
+
+@pytest.mark.parametrize("form,residual", [("swiglu_bias", False), ("linear_bias_gelu", True), ("relu", True)])
+def test_deepspeed_checkpoint_names_round_trip(form, residual):
+    """DeepSpeed's names for a custom expert (deepspeed_experts.E.<module key>, mlp.<key>) <-> the
+    drop-in's ModuleExperts names: the converted dict loads strictly and converts back unchanged."""
+    from hecate.integrations.convert_deepspeed import deepspeed_to_hecate, hecate_to_deepspeed
+    from hecate.integrations.deepspeed import MoE
+
+    torch.manual_seed(0)
+    expert = make_expert(form)
+    moe = MoE(16, expert, num_experts=4, k=2, use_residual=residual, strategy="local")
+    with torch.no_grad():
+        for n, v in distinct_weights(expert, 4).items():
+            getattr(moe.moe.experts, n).copy_(v)
+    state = {f"layer.{k}": v for k, v in moe.state_dict().items()}
+    ds = hecate_to_deepspeed(state)
+    assert "layer.deepspeed_moe.experts.deepspeed_experts.3." + next(iter(dict(expert.named_parameters()))) in ds
+    back = deepspeed_to_hecate(ds, layout="module")
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+    fresh = MoE(16, make_expert(form), num_experts=4, k=2, use_residual=residual, strategy="local")
+    fresh.load_state_dict({k[len("layer."):]: v for k, v in back.items()})  # strict
+    if form != "relu":  # biases: "auto" sees more than two weight matrices and picks the module layout
+        assert set(deepspeed_to_hecate(ds)) == set(state)

@@ -17,7 +17,14 @@ Names: a DeepSpeed MoE module at path P becomes hecate.integrations.deepspeed.Mo
   P.coefficient.{weight,bias}                    -> P.moe.residual.coefficient.{weight,bias}
   (new) P.moe.router.expert_bias_E               <- zeros (DeepSpeed has no selection bias)
 Every other key is copied unchanged. <fc1>/<fc2> are the expert module's two weight keys in
-state-dict order; expert biases are refused (Hecate's experts are bias-free).
+state-dict order. That is the "grouped" layout (the drop-in's built-in experts, for a bias-free
+two-Linear GELU expert). Any other expert module (biases, gated, custom: the drop-in's
+ModuleExperts) uses the "module" layout, every parameter stacked under its own name:
+  P.deepspeed_moe.experts.deepspeed_experts.E.<key>  -> P.moe.experts.<key with . -> __>[E]
+  P.mlp.<key> (use_residual)                         -> P.moe.residual.mlp.<key>
+layout="auto" picks "grouped" when every expert holds exactly two weight matrices and nothing
+else, "module" otherwise (pass layout="module" for a bias-free two-Linear expert whose
+activation is not the exact GELU, e.g. ReLU: the drop-in runs it as ModuleExperts).
 """
 from __future__ import annotations
 
@@ -105,8 +112,17 @@ def _expert_weight_keys(keys, where: str) -> Tuple[str, str]:
     return weights[0], weights[1]
 
 
-def deepspeed_to_hecate(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """DeepSpeed-named state dict -> Hecate local names (see the module doc)."""
+LAYOUTS = ("auto", "grouped", "module")
+
+
+def _is_grouped(keys) -> bool:
+    return len(keys) == 2 and all(k.endswith("weight") for k in keys)
+
+
+def deepspeed_to_hecate(state: Dict[str, torch.Tensor], layout: str = "auto") -> Dict[str, torch.Tensor]:
+    """DeepSpeed-named state dict -> Hecate local names (see the module doc for `layout`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     out = OrderedDict()
     prefixes = [k[: -len(GATE)] for k in state if k.endswith(GATE)]
     if not prefixes:
@@ -126,13 +142,32 @@ def deepspeed_to_hecate(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
         if sorted(per_expert) != list(range(e)):
             raise CheckpointFormatError(f"{p}: the gate has {e} experts but the checkpoint holds experts "
                                         f"{sorted(per_expert)}; are expert files missing?")
-        fc1, fc2 = _expert_weight_keys(list(per_expert[0]), f"{p} expert 0")
+        h = p + ".moe"
+        keys0 = list(per_expert[0])
+        if layout == "module" or (layout == "auto" and not _is_grouped(keys0)):
+            out[h + ".router.weight_ED"] = gate.float()
+            out[h + ".router.expert_bias_E"] = torch.zeros(e)
+            for key in keys0:
+                if any(key not in per_expert[i] for i in range(e)):
+                    raise CheckpointFormatError(f"{p}: expert parameter {key} is missing from some experts")
+                out[f"{h}.experts.{key.replace('.', '__')}"] = torch.stack(
+                    [per_expert[i][key] for i in range(e)]).float().contiguous()
+            used.add(p + GATE)
+            for k, v in state.items():
+                if k.startswith(p + ".mlp."):
+                    out[f"{h}.residual.mlp.{k[len(p + '.mlp.'):]}"] = v.float()
+                    used.add(k)
+            if any(k.startswith(p + ".mlp.") for k in state):
+                for n in ("weight", "bias"):
+                    out[f"{h}.residual.coefficient.{n}"] = state[f"{p}.coefficient.{n}"].float()
+                    used.add(f"{p}.coefficient.{n}")
+            continue
+        fc1, fc2 = _expert_weight_keys(keys0, f"{p} expert 0")
         w1 = torch.stack([per_expert[i][fc1] for i in range(e)]).float()
         w2 = torch.stack([per_expert[i][fc2] for i in range(e)]).float()
         if w1.shape[2] != d or w2.shape[1] != d or w2.shape[2] != w1.shape[1]:
             raise CheckpointFormatError(f"{p}: expert shapes {tuple(w1.shape[1:])}, {tuple(w2.shape[1:])} do not "
                                         f"form a D={d} -> F -> D MLP")
-        h = p + ".moe"
         out[h + ".router.weight_ED"] = gate.float()
         out[h + ".router.expert_bias_E"] = torch.zeros(e)
         out[h + ".experts.w1_EFD"], out[h + ".experts.w2_EDF"] = w1.contiguous(), w2.contiguous()
@@ -166,10 +201,28 @@ def hecate_to_deepspeed(state: Dict[str, torch.Tensor], expert_keys=("0.weight",
     for p in prefixes:
         h = p + ".moe"
         out[p + GATE] = state[h + ".router.weight_ED"]
-        w1, w2 = state[h + ".experts.w1_EFD"], state[h + ".experts.w2_EDF"]
-        for e in range(w1.shape[0]):
-            out[f"{p}{EXPERTS}{e}.{expert_keys[0]}"] = w1[e].clone()
-            out[f"{p}{EXPERTS}{e}.{expert_keys[1]}"] = w2[e].clone()
+        if h + ".experts.w1_EFD" in state:
+            w1, w2 = state[h + ".experts.w1_EFD"], state[h + ".experts.w2_EDF"]
+            for e in range(w1.shape[0]):
+                out[f"{p}{EXPERTS}{e}.{expert_keys[0]}"] = w1[e].clone()
+                out[f"{p}{EXPERTS}{e}.{expert_keys[1]}"] = w2[e].clone()
+        else:  # ModuleExperts: every stacked parameter back under the module's own key
+            stacked = [k for k in state if k.startswith(h + ".experts.")]
+            if not stacked:
+                raise CheckpointFormatError(f"{h}: no expert weights")
+            for k in stacked:
+                key = k[len(h + ".experts."):].replace("__", ".")
+                for e in range(state[k].shape[0]):
+                    out[f"{p}{EXPERTS}{e}.{key}"] = state[k][e].clone()
+            used.update(stacked)
+            residual = [k for k in state if k.startswith(h + ".residual.mlp.")]
+            for k in residual:
+                out[f"{p}.mlp.{k[len(h + '.residual.mlp.'):]}"] = state[k]
+            used.update(residual)
+            if residual:
+                for n in ("weight", "bias"):
+                    out[f"{p}.coefficient.{n}"] = state[f"{h}.residual.coefficient.{n}"]
+                    used.add(f"{h}.residual.coefficient.{n}")
         bias = state.get(h + ".router.expert_bias_E")
         if bias is not None and bool(bias.any()):
             raise CheckpointFormatError(f"{h}.router.expert_bias_E is non-zero: DeepSpeed's gate has no "
@@ -192,7 +245,7 @@ def hecate_to_deepspeed(state: Dict[str, torch.Tensor], expert_keys=("0.weight",
     return out
 
 
-def import_deepspeed_checkpoint(ckpt_dir, out_path, tag=None) -> dict:
+def import_deepspeed_checkpoint(ckpt_dir, out_path, tag=None, layout: str = "auto") -> dict:
     """Convert a DeepSpeed MoE checkpoint to Hecate's consolidated safetensors file (load it with
     hecate.train.checkpoint.import_safetensors into a model built with the drop-in MoE).
     Returns info (files read; optimizer files found, whose state is not converted)."""
@@ -201,7 +254,7 @@ def import_deepspeed_checkpoint(ckpt_dir, out_path, tag=None) -> dict:
     from hecate.train.checkpoint_io import atomic_write_bytes
 
     state, info = load_deepspeed_checkpoint(ckpt_dir, tag)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in deepspeed_to_hecate(state).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in deepspeed_to_hecate(state, layout).items()}
     atomic_write_bytes(os.fspath(out_path), safetensors.torch.save(
         tensors, metadata={"hecate.format": "export", "hecate.source": "deepspeed"}))
     return info
