@@ -200,11 +200,6 @@ def from_dict(data: dict | None) -> TrainConfig:
     other = arch_config_from_dict(data, _build)
     if other is not None:
         return other
-    from hecate.train.tasks import arch_config_from_dict  # other model-zoo architectures
-
-    other = arch_config_from_dict(data, _build)
-    if other is not None:
-        return other
     model = dict(data.get("model") or {})
     if "arch" in model or "preset" in model:
         model = _resolve_model_preset(model)
