@@ -1,9 +1,11 @@
 """hecate's attention kernels against F.scaled_dot_product_attention, side by side in one run.
 
     .venv/bin/python benchmarks/attention.py [--seqs 512,2048,8192] [--dims 64,128]
-        [--heads 8 --kv-heads 2] [--window 1024] [--repeats 3] [--device cpu|cuda] [--json]
+        [--heads 8 --kv-heads 2] [--window 1024] [--repeats 3] [--device cpu|cuda]
+        [--dtype float32|bfloat16|float16] [--json]
 
-Every case is causal GQA (heads : kv-heads, 4:1 by default), batch 1, fp32, forward + backward
+Every case is causal GQA (heads : kv-heads, 4:1 by default), batch 1, fp32 unless --dtype (on a
+GPU, bf16 / fp16 let SDPA pick its flash backend), forward + backward
 (a fixed random output gradient). Per (S, head_dim) it times, interleaved repeat by repeat:
   sdpa     F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) (torch's CPU flash kernel)
   flash    hecate.ops.flash_attention (dense causal)
@@ -39,10 +41,11 @@ def make_runners(S, d, a, device):
 
     g = torch.Generator().manual_seed(S + d)
     H, G = a.heads, a.kv_heads
-    q = torch.randn(1, H, S, d, generator=g).to(device).requires_grad_(True)
-    k = torch.randn(1, G, S, d, generator=g).to(device).requires_grad_(True)
-    v = torch.randn(1, G, S, d, generator=g).to(device).requires_grad_(True)
-    grad = torch.randn(1, H, S, d, generator=g).to(device)
+    dtype = getattr(torch, a.dtype)
+    q = torch.randn(1, H, S, d, generator=g).to(device, dtype).requires_grad_(True)
+    k = torch.randn(1, G, S, d, generator=g).to(device, dtype).requires_grad_(True)
+    v = torch.randn(1, G, S, d, generator=g).to(device, dtype).requires_grad_(True)
+    grad = torch.randn(1, H, S, d, generator=g).to(device, dtype)
 
     def routing(share):
         n = max(1, round(H * share))
@@ -146,6 +149,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     import torch
@@ -167,7 +171,7 @@ def main(argv=None) -> dict:
                 print(f"S={S:5d} d={d:3d}  " + "  ".join(
                     f"{n} {v['time_s'] * 1e3:8.1f} ms x{v['speed_vs_sdpa']:.2f} {v['peak_bytes'] / 2**20:6.1f} MiB"
                     for n, v in r.items()), flush=True)
-    result = {"device": a.device, "threads": torch.get_num_threads(), "heads": a.heads, "kv_heads": a.kv_heads,
+    result = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "heads": a.heads, "kv_heads": a.kv_heads,
               "window": a.window, "repeats": a.repeats, "cases": rows, "targets": check_targets(rows, max(seqs))}
     emit(result, a.json, "\n".join(f"{k}: {v['value']:.3f} (target {v['target']}) "
                                     f"{'met' if v['met'] else 'NOT met'}" for k, v in result["targets"].items()))
