@@ -113,7 +113,11 @@ def test_recompute_adds_no_collective():
 
 
 def test_key_is_off_by_default_and_checked():
+    from hecate.train.config import from_dict
+
     assert TransformerConfig().activation_checkpointing is False
+    assert from_dict({}).model.activation_checkpointing is False
+    assert from_dict({"model": {"activation_checkpointing": True}}).model.activation_checkpointing is True
     cfg = TransformerConfig(activation_checkpointing="yes")
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         cfg.validate()
