@@ -45,10 +45,11 @@ def _as_splits(splits, world_size: int, arg: str) -> list[int]:
     return values
 
 
-def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
-    """Concatenate every rank's equal-sized `x` into `out` (all_gather_single where torch has it)."""
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group=None, async_op: bool = False):
+    """Concatenate every rank's equal-sized `x` into `out` (all_gather_single where torch has it).
+    With `async_op`, returns the work handle to wait on (else None, complete)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x, group=group)
+    return gather(out, x, group=group, async_op=async_op)
 
 
 def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:

@@ -255,8 +255,12 @@ class FullyShardedSparse(ExpertStrategy):
                                 calibrate=self.calibrate)
         return HecatePolicy(cost, calibrate=self.calibrate)
 
-    def _agree_on_counts(self, layer, counts_E: torch.Tensor):
-        """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ."""
+    def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
+        """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
+
+        The all-gather is issued asynchronously and `meanwhile()` (if given) runs while it is
+        in flight, off the critical path: the wait is mostly for the slowest peer to arrive.
+        Returns (counts_WE, agreed non-MoE us, what meanwhile returned)."""
         state = layer.fssdp_state
         digest = _digest_words(state.owner_E, state.predictor.predict())
         from hecate.comm.all_to_all import all_gather_flat, comm_device
@@ -268,7 +272,11 @@ class FullyShardedSparse(ExpertStrategy):
         mine = torch.cat([counts_E.to(dev), ops.to_device(host, dev)])
         W = self.topology.world_size
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
-        all_gather_flat(gathered, mine.to(dev), group=self.token_group)
+        work = all_gather_flat(gathered, mine.to(dev), group=self.token_group, async_op=True)
+        try:
+            early = meanwhile() if meanwhile is not None else None
+        finally:  # never leave the collective in flight, even if meanwhile raised
+            work.wait()
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
             from hecate.comm.all_to_all import group_ranks  # the group's peers, for the link classes
@@ -286,19 +294,44 @@ class FullyShardedSparse(ExpertStrategy):
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
         # One contiguous copy that every planning stage reads (and the routes keep) as is.
-        return gathered[:, :E].contiguous(), int(gathered[:, E].max())
+        return gathered[:, :E].contiguous(), int(gathered[:, E].max()), early
+
+    def _early_p1(self, layer):
+        """A function that plans P1 from the predicted load while the counts travel, or None.
+
+        Algorithm 1's P1 depends on the predicted load, the owners, the nodes, m and the
+        overlap degree t; only t depends on the gathered message (the agreed non-MoE time).
+        The early plan guesses t from the previous step's agreed time and returns (t, P1); the
+        plan keeps it only if the agreed t is the same, so P1 is exactly what it would be.
+        Not for policies that read the batch's counts (shadowing, calibration)."""
+        state = layer.fssdp_state
+        if state.prefetched is not None or self.policy_name != "hecate" or self.calibrate:
+            return None
+        guess_s, multi_node = state.non_moe_agreed_s, self.topology.num_nodes > 1
+
+        def plan_p1():
+            policy = self._policy(layer.expert_layout, guess_s, multi_node)
+            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
+                                  self.capacity_m(layer.expert_layout.num_experts))
+            return policy.overlap_degree(self.node_of_W.numpy()), holders
+
+        return plan_p1
 
     def plan(self, layer, counts_E: torch.Tensor, token_bytes: int):
         state = layer.fssdp_state
-        counts_WE, non_moe_us = self._agree_on_counts(layer, counts_E)
+        counts_WE, non_moe_us, early = self._agree_on_counts(layer, counts_E, self._early_p1(layer))
         state.non_moe_agreed_s = non_moe_us * 1e-6
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
             holders = state.prefetched.holders_WE
         else:
             policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1)
-            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
-                                  self.capacity_m(layer.expert_layout.num_experts), counts_WE=counts_WE)
+            if early is not None and early[0] == policy.overlap_degree(self.node_of_W.numpy()):
+                holders = early[1]  # planned while the counts travelled, with the same t
+                self.timings["early_p1"] = self.timings.get("early_p1", 0) + 1
+            else:
+                holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
+                                      self.capacity_m(layer.expert_layout.num_experts), counts_WE=counts_WE)
             if self.fit_replicas:
                 holders = self._fit_holders(holders, state.owner_E, counts_WE, layer.expert_layout,
                                             token_bytes)

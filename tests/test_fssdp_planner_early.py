@@ -1,0 +1,46 @@
+"""P1 planned while the counts all-gather is in flight (FullyShardedSparse._early_p1) is exactly
+the P1 planned after it: the early plan guesses the overlap degree t from the previous step's
+agreed non-MoE time and is kept only when the agreed t is the same; otherwise P1 is planned
+again. Both paths are taken here (the agreed time is set so that t changes between steps)."""
+import copy
+
+import torch
+
+from hecate.comm.topology import Topology
+from hecate.moe.layer import MoELayer
+from hecate.parallel import build_strategy, parallelize
+from hecate.testing import run_distributed
+from tests.test_strategies_layer import _config
+
+# Non-MoE microseconds every rank reports before each plan (so the agreed max is this value):
+# t = floor(T * bandwidth / chunk bytes) changes with it, below and above m.
+NON_MOE_US = [0, 0, 40, 40, 3, 900, 900, 12]
+
+
+def _plans(rank, world, seed):
+    torch.manual_seed(seed)
+    layer = parallelize(copy.deepcopy(MoELayer(_config(2, 4.0))),
+                        build_strategy("fssdp", Topology(), fit_replicas=False, prefetch=False))
+    strategy, state = layer.strategy, layer.fssdp_state
+    strategy._token_bytes = 64  # forward sets it from the tokens; the cost model prices with it
+    E = layer.expert_layout.num_experts
+    g = torch.Generator().manual_seed(seed + rank)
+    ok = []
+    for us in NON_MOE_US:
+        counts_E = torch.bincount(torch.randint(0, E, (60,), generator=g), minlength=E)
+        predicted = state.predictor.predict()
+        state.non_moe_us = us
+        plan = strategy.plan(layer, counts_E, token_bytes=64)
+        # P1 of the agreed time, planned from scratch after the fact.
+        policy = strategy._policy(layer.expert_layout, us * 1e-6, False)
+        want = policy.plan(predicted, state.owner_E, strategy.node_of_W, strategy.capacity_m(E))
+        ok.append(torch.equal(plan.holders_WE, want))
+    return ok, strategy.timings.get("early_p1", 0)
+
+
+def test_p1_planned_while_the_counts_travel_equals_p1_planned_after():
+    results = run_distributed(_plans, 2, 3, timeout=120)
+    for ok, early in results:
+        assert all(ok)
+        # The guess is right when the agreed time repeats (t unchanged), wrong when it moves.
+        assert 0 < early < len(NON_MOE_US)
