@@ -64,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _add_routing_argument(ev)
+    prof = sub.add_parser("profile", help="rank experts by how much more prompt set A routes to them than "
+                                          "set B; save a routing mask (MoTE)")
+    prof.add_argument("run_dir")
+    prof.add_argument("--prompts", required=True, metavar="A.txt", help="one prompt per line")
+    prof.add_argument("--against", required=True, metavar="B.txt", help="one prompt per line")
+    prof.add_argument("--name", default="mote", help="mask name: RUN_DIR/masks/NAME.json (--routing mask=NAME)")
+    prof.add_argument("--disable", type=int, default=1, help="experts per layer the mask disables")
+    _add_routing_argument(prof)
+    pr = sub.add_parser("prune", help="drop the least-used experts per layer into a smaller run directory")
+    pr.add_argument("run_dir")
+    pr.add_argument("--keep", type=int, required=True, help="experts kept per MoE layer")
+    pr.add_argument("--calib", required=True, metavar="FILE", help="calibration prompts, one per line")
+    pr.add_argument("--out", required=True, metavar="OUT_RUN", help="the pruned run directory to write")
+    pr.add_argument("--batches", type=int, default=None, help="validation batches for the before/after loss")
     smp = sub.add_parser("sample", help="draw images from a trained image model's newest checkpoint (Switch-DiT)")
     smp.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
     smp.add_argument("--images", type=int, default=8)
@@ -97,6 +111,28 @@ def cmd_generate(args) -> int:
                           routing=args.routing, scmoe=args.scmoe, use_cache=not args.no_cache)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from hecate.inference.profile import profile_run
+
+    info = profile_run(args.run_dir, args.prompts, args.against, args.name, args.disable, args.routing)
+    for layer in info["layers"]:
+        top = ", ".join(f"{e} ({layer['difference'][e]:+.3f})" for e in layer["ranking"][:4])
+        print(f"MoE layer {layer['layer']}: experts by freq(A) - freq(B): {top}; "
+              f"disabled {info['disabled'][str(layer['layer'])]}")
+    print(f"wrote {info['path']}; apply with --routing mask={info['name']}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from hecate.inference.profile import prune_run
+
+    r = prune_run(args.run_dir, args.keep, args.calib, args.out, args.batches)
+    print(f"kept {r['keep']} experts per layer {r['kept_experts']}: params {r['params_before']:,} -> "
+          f"{r['params_after']:,} ({r['params_removed']:,} removed); val_loss {r['val_loss_before']:.4f} -> "
+          f"{r['val_loss_after']:.4f}; wrote {r['out']}")
     return 0
 
 
@@ -355,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(f"train.init={os.path.abspath(args.init)}")
     try:
         commands = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "simulate": cmd_simulate, "convert": cmd_convert,
-                    "generate": cmd_generate, "sample": cmd_sample, "eval": cmd_eval}
+                    "generate": cmd_generate, "sample": cmd_sample, "eval": cmd_eval,
+                    "profile": cmd_profile, "prune": cmd_prune}
         return commands[args.command](args)
     except (ValueError, TypeError, CheckpointError, RunDirInUseError) as e:
         if os.environ.get("HECATE_DEBUG"):
