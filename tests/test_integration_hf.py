@@ -74,6 +74,8 @@ def test_logits_match_transformers(kind):
     hf_model = _hf_model(_config(kind))
     model = from_hf(hf_model).eval()
     _check_logits(hf_model, model, SMALL["vocab_size"])
+    # built without random init: the transient load counters must still start at zero
+    assert all(int(layer.load_since_update_E.abs().sum()) == 0 for layer in model.moe_layers())
 
 
 @pytest.mark.parametrize("kind,k,norm", [("mixtral", 1, True), ("mixtral", 4, True), ("qwen2_moe", 1, True),

@@ -316,6 +316,21 @@ def hf_state_dict(state: Dict[str, torch.Tensor], cfg: TransformerConfig, model_
     return _convert(state, shapes, model_rules(cfg, model_type), False, "the Hecate state dict")
 
 
+# Non-persistent buffers of a MoETransformer that start at zero (load counters).
+TRANSIENT_ZERO_BUFFERS = ("load_since_update_E",)
+
+
+def _zero_transient_buffers(model: nn.Module, saved) -> None:
+    """After to_empty: zero the non-persistent buffers (not in the state dict); any other kind
+    would need its own initial value, so it is an error rather than garbage memory."""
+    for name, buf in model.named_buffers():
+        if name in saved:
+            continue
+        if name.rsplit(".", 1)[-1] not in TRANSIENT_ZERO_BUFFERS:
+            raise ValueError(f"from_hf cannot initialize the non-persistent buffer {name}")
+        buf.zero_()
+
+
 def _unused_router_bias(cfg: TransformerConfig, state) -> list:
     """The routers' aux-free bias buffers of a model without aux-free balancing (always zero)."""
     return [k for k in state if k.endswith("ffn.router.expert_bias_E")
@@ -350,7 +365,9 @@ def from_hf(model_or_dir: Union[str, os.PathLike, nn.Module], dtype: torch.dtype
         raise TypeError(f"from_hf takes a transformers model or a directory, got {type(model_or_dir).__name__}")
     cfg = hecate_config(hf_model.config)
     mt = hf_model.config.model_type
-    with torch.device(device):
+    # Built on the meta device and then given uninitialized memory: no random init of weights
+    # that are overwritten anyway (minutes and a second copy for a large checkpoint).
+    with torch.device("meta"):
         model = MoETransformer(cfg)
     target = model.state_dict()
     shapes = {k: v.shape for k, v in target.items()}
@@ -360,12 +377,14 @@ def from_hf(model_or_dir: Union[str, os.PathLike, nn.Module], dtype: torch.dtype
         hf_state.pop("lm_head.weight", None)
     tensors = hecate_state_dict(hf_state, cfg, mt, shapes)
     for k in _unused_router_bias(cfg, target):
-        tensors[k] = torch.zeros_like(target[k])
+        tensors[k] = torch.zeros(target[k].shape, dtype=target[k].dtype)
     not_set = sorted(set(target) - set(tensors))
     if not_set:
         raise ValueError(f"the {mt} checkpoint leaves Hecate tensors unset: {not_set[:8]}")
+    model.to_empty(device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     model.to(dtype)
+    _zero_transient_buffers(model, target)
     model.hf_model_type = mt
     return model
 
