@@ -1,6 +1,7 @@
 """`hecate generate RUN_DIR`: text from a run's newest checkpoint with the options of docs/inference.md."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -26,9 +27,14 @@ def generate_text(run_dir, prompts: list[str], max_new_tokens: int = 200, *, tem
 
         return [t for p in prompts for t in sample_plain(run_dir, p, max_new_tokens, temperature, top_k,
                                                          num_samples, seed)]
-    if tasks.arch_of(cfg) != tasks.TRANSFORMER:
-        raise ValueError(f"{run_dir} trained a {tasks.arch_of(cfg)} model; `hecate generate` samples "
-                         "transformer language models (images: `hecate sample`)")
+    arch = tasks.arch_of(cfg)
+    if arch == "switch_dit":
+        raise ValueError(f"{run_dir} trained an image model (switch_dit); sample it with `hecate sample {run_dir}`")
+    if arch != tasks.TRANSFORMER and use_cache:
+        # the KV cache covers the transformer's attention types; other language models recompute
+        warnings.warn(f"{arch} has no KV cache in hecate.inference: generating without one "
+                      "(pass --no-cache to silence this)", RuntimeWarning, stacklevel=2)
+        use_cache = False
     model, tokenizer, _ = load_run(run_dir)
     ids = [tokenizer.encode(p) for p in prompts]
     if not ids or any(not i for i in ids):

@@ -1,0 +1,94 @@
+"""Generation speed with and without the KV cache, side by side in one process.
+
+For each model size (tiny, small) the same prompts are decoded greedily for --tokens new tokens
+by hecate.inference.sampling.generate with use_cache=True and use_cache=False; the script prints
+tokens/s of each, their ratio, whether both produced the same tokens, and the cache's bytes.
+Models are randomly initialised (speed does not depend on the weights); max_seq_len covers the
+whole generation, so the uncached path recomputes the full, growing context every token.
+
+    .venv/bin/python benchmarks/generate.py --tokens 512 [--sizes tiny,small] [--batch 1] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from hecate.inference.kv_cache import CachedDecoder
+from hecate.inference.sampling import generate
+from hecate.models.transformer import MoETransformer, TransformerConfig
+from hecate.moe import MoEConfig
+
+SIZES = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, dense_ffn_hidden=128, experts=4, ffn=64),
+    "small": dict(d_model=256, n_layers=4, n_heads=8, dense_ffn_hidden=512, experts=8, ffn=256),
+}
+
+
+def build(size: str, max_len: int) -> MoETransformer:
+    s = SIZES[size]
+    cfg = TransformerConfig(vocab_size=256, d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                            max_seq_len=max_len, dense_ffn_hidden=s["dense_ffn_hidden"], moe_every=1,
+                            rope=True, n_kv_heads=s["n_heads"] // 2,
+                            moe=MoEConfig(hidden_size=s["d_model"], ffn_hidden_size=s["ffn"],
+                                          num_experts=s["experts"], top_k=2))
+    torch.manual_seed(0)
+    return MoETransformer(cfg).eval()
+
+
+def timed(model, prompts, tokens, use_cache):
+    start = time.perf_counter()
+    out = generate(model, prompts, tokens, use_cache=use_cache)
+    return time.perf_counter() - start, out
+
+
+def cache_bytes(model, prompts, tokens) -> int:
+    dec = CachedDecoder(model, prompts)
+    dec.logits()
+    per_slot = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for st in dec.states for k, v in st.kv.values()) // max(len(p) for p in prompts)
+    return per_slot * (max(len(p) for p in prompts) + tokens)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)  # the host is shared: fixed threads keep both paths comparable
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            raise SystemExit(f"--sizes: {size!r} is not one of {sorted(SIZES)}")
+        model = build(size, args.prompt_len + args.tokens)
+        prompts = [torch.randint(0, 256, (args.prompt_len - (b % 3),), generator=g).tolist()
+                   for b in range(args.batch)]
+        generate(model, prompts, 4, use_cache=True)  # warm-up (kernels, allocator)
+        t_cache, a = timed(model, prompts, args.tokens, True)
+        t_full, b = timed(model, prompts, args.tokens, False)
+        new = args.tokens * len(prompts)
+        rows[size] = {"params": sum(p.numel() for p in model.parameters()), "batch": len(prompts),
+                      "new_tokens": new, "cached_tok_s": new / t_cache, "uncached_tok_s": new / t_full,
+                      "speedup": t_full / t_cache, "same_tokens": a == b,
+                      "kv_cache_bytes": cache_bytes(model, prompts, args.tokens)}
+        if not args.json:
+            r = rows[size]
+            print(f"{size:>5} ({r['params']:,} params, batch {r['batch']}, {args.tokens} new tokens): "
+                  f"cached {r['cached_tok_s']:.1f} tok/s, uncached {r['uncached_tok_s']:.1f} tok/s, "
+                  f"speedup {r['speedup']:.1f}x, same tokens: {r['same_tokens']}, "
+                  f"KV cache {r['kv_cache_bytes'] / 2**20:.2f} MiB", flush=True)
+    if args.json:
+        print(json.dumps({"tokens": args.tokens, "sizes": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
