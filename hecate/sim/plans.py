@@ -32,9 +32,13 @@ class _PlanOnly(FullyShardedSparse):
     """The runtime strategy with its two collectives replaced (counts given, no row moves)."""
 
     injected = None  # (counts_WE int64 [W, E], non_moe_us)
+    overlapped_s = 0.0  # planning the runtime does while the counts travel (off the critical path)
 
-    def _agree_on_counts(self, layer, counts_E):
-        return self.injected
+    def _agree_on_counts(self, layer, counts_E, meanwhile=None):
+        start = time.perf_counter()
+        early = meanwhile() if meanwhile is not None else None
+        self.overlapped_s = time.perf_counter() - start
+        return (*self.injected, early)
 
     def _move_layer(self, layer, new_owner, optimizer) -> None:
         self.moved_chunks = getattr(self, "moved_chunks", 0) + int((layer.fssdp_state.owner_E != new_owner).sum())
@@ -89,6 +93,7 @@ class FssdpReplay:
             s.injected = (torch.as_tensor(counts_WE, dtype=torch.int64), int(t * 1e6))
             prefetched = layer.fssdp_state.prefetched is not None
             start = time.perf_counter()
+            s.overlapped_s = 0.0
             plan = s.plan(layer, None, token_bytes)
             layer.fssdp_state.prefetched = None
             E = layer.expert_layout.num_experts
@@ -96,7 +101,7 @@ class FssdpReplay:
             nxt = s._next_layer(layer)
             if nxt is not None:
                 self._prefetch(nxt, token_bytes)
-            lp.plan_s = time.perf_counter() - start
+            lp.plan_s = time.perf_counter() - start - s.overlapped_s
             out.append(lp)
         s.step_end(self.layers)
         return out
