@@ -269,7 +269,9 @@ def inspect_config(config: str, overrides: list[str] | None = None, nproc: int |
     if strategy is not None:
         overrides = [*(overrides or []), f"parallel.strategy={strategy}"]
     cfg = load_config(config, overrides)
-    world = nproc or cfg.parallel.nproc
+    world = cfg.parallel.nproc if nproc is None else nproc
+    if world < 1:
+        raise ValueError(f"--nproc={world} must be >= 1")
     cfg.validate(world)
     from hecate.train import tasks
 

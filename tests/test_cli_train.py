@@ -44,6 +44,8 @@ def test_inspect_human_and_errors(capsys):
     assert code == 0 and "active params/token" in stdout
     code, _, stderr = _main(capsys, "inspect", "tiny_ep", "--nproc", "3")
     assert code == 2 and "parallel.ep_size=2 must divide the world size 3" in stderr
+    code, _, stderr = _main(capsys, "inspect", "tiny_ep", "--nproc", "0")
+    assert code == 2 and "--nproc=0 must be >= 1" in stderr
 
 
 def test_train_rejects_layout_before_launch(tmp_path, capsys, monkeypatch):

@@ -251,7 +251,8 @@ class Launcher:
         if all(c == 0 for c in codes):
             return Outcome("ok")
         # Asked to stop: ranks that saved exit EXIT_STOPPED; one still starting dies of the signal itself.
-        asked = {0, EXIT_STOPPED} | ({-signal.SIGTERM, -signal.SIGINT} if self.signals.signum else set())
+        # (130: a rank interrupted by Ctrl-C before its handler was installed.)
+        asked = {0, EXIT_STOPPED} | ({-signal.SIGTERM, -signal.SIGINT, 130} if self.signals.signum else set())
         if all(c in asked for c in codes):
             sig = self.signals.signum
             why = signal.Signals(sig).name if sig else "a rank was asked to stop"
