@@ -54,12 +54,23 @@ _COLLECTIVES = ("all_gather", "all_reduce", "all_to_all_single", "broadcast", "a
                 "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single")
 
 
-def collectives_with_and_without(rank, world, steps):
+def collectives_with_and_without(rank, world, steps, bf16=False):
     """Train the same model twice (checkpointing off, then on) under fssdp with replicas and
     re-materialization; log every torch.distributed collective in call order (with the
-    tensor sizes) and the router calls (a recompute calls the router again)."""
+    tensor sizes), the router calls and the expert computations (a recompute repeats both),
+    and return the trained parameters."""
+    import contextlib
+
+    from hecate.parallel.fssdp import expert_exchange
+
     originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+    experts_fn = expert_exchange.experts_on_received
     log: list = []
+    expert_calls = [0]
+
+    def counted_experts(*args, **kwargs):
+        expert_calls[0] += 1
+        return experts_fn(*args, **kwargs)
 
     def spy(name, fn):
         def call(*args, **kwargs):
@@ -72,6 +83,7 @@ def collectives_with_and_without(rank, world, steps):
     try:
         for n, fn in originals.items():
             setattr(dist, n, spy(n, fn))
+        expert_exchange.experts_on_received = counted_experts
         for on in (False, True):
             torch.manual_seed(0)
             cfg = tiny_config()
@@ -84,25 +96,40 @@ def collectives_with_and_without(rank, world, steps):
             hooks = [layer.router.register_forward_hook(lambda *a: router_calls.__setitem__(0, router_calls[0] + 1))
                      for layer in moe_layers(model)]
             log.clear()
+            expert_calls[0] = 0
             for step in range(steps):
-                model.loss(*batch(step, rank, True))[0].backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                    loss = model.loss(*batch(step, rank, True))[0]
+                loss.backward()
                 engine.step()
             for h in hooks:
                 h.remove()
-            out[on] = {"log": list(log), "stats": topo.stats.snapshot(), "router_calls": router_calls[0]}
+            out[on] = {"log": list(log), "stats": topo.stats.snapshot(), "router_calls": router_calls[0],
+                       "expert_calls": expert_calls[0],
+                       "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)
+        expert_exchange.experts_on_received = experts_fn
     return out
 
 
-def test_recompute_adds_no_collective():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recompute_adds_no_collective(bf16):
+    """Checkpointing recomputes the blocks and fssdp's expert MLP (from the received tokens and
+    the re-gathered replicas) with exactly the collectives of a step without it, and the
+    trained parameters are bit-identical (under bf16 autocast too: the recompute uses the
+    forward's autocast dtype)."""
     steps = 2
-    for res in run_distributed(collectives_with_and_without, 2, steps):
+    for res in run_distributed(collectives_with_and_without, 2, steps, bf16):
         off, on = res[False], res[True]
         layers = 2  # tiny_config: every layer is MoE
         assert off["router_calls"] == steps * layers
         assert on["router_calls"] == 2 * steps * layers, "the checkpointed blocks were not recomputed"
+        assert off["expert_calls"] == steps * layers
+        assert on["expert_calls"] == 2 * steps * layers, "fssdp did not recompute its expert MLP"
+        for n, p in off["params"].items():
+            assert torch.equal(p, on["params"][n]), n
         assert any(n == "all_to_all_single" for n, _ in off["log"]), "the test saw no token exchange"
         # Replicas were gathered, and re-gathered in backward (re-materialization): one spAG in
         # the forward and one in the backward per spRS.

@@ -69,7 +69,11 @@ def checkpointed_block(block, x: torch.Tensor, aux: list, stats: list, rope=None
 
     base, x_TD, routing, a = checkpoint(before, x, use_reentrant=False)
     aux.extend(a)
-    moe_TD = layer.strategy.forward(layer, x_TD, routing)  # once: see the module docstring
+    layer.recompute_experts = True  # fssdp: the expert MLP is recomputed too (module docstring)
+    try:
+        moe_TD = layer.strategy.forward(layer, x_TD, routing)  # once: see the module docstring
+    finally:
+        layer.recompute_experts = False
     if layer.residual is None and layer.shared_experts is None:
         y_TD = layer.combine_dense(x_TD, moe_TD)  # nothing to recompute: moe_TD as is
     else:

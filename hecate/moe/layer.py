@@ -64,6 +64,9 @@ class MoELayer(nn.Module):
         # all-reduces it before calling update_bias so every rank moves the bias alike.
         self.register_buffer("load_since_update_E", torch.zeros(c.num_experts, dtype=torch.int64),
                              persistent=False)
+        # Set by hecate.models.checkpointing around strategy.forward: a strategy may then keep
+        # no expert activations and recompute them in backward from what it holds anyway.
+        self.recompute_experts = False
         if strategy is None:
             strategy = LocalStrategy()
         self.strategy = strategy

@@ -71,6 +71,11 @@ class ExchangeSpec:
     pending_regather: Any = None
     saved_owned: torch.Tensor | None = None
     replicas: torch.Tensor | None = None  # the forward's replicas (storage freed under RM)
+    # Activation checkpointing (hecate.models.checkpointing): the forward keeps no expert graph,
+    # only the received tokens; backward rebuilds it from them, the owned rows and the replicas
+    # it holds anyway (re-gathered under RM), under the forward's autocast dtype.
+    recompute_experts: bool = False
+    autocast: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         # P1 == P0 (no replica anywhere, e.g. every replica pruned): every rank computes with
@@ -101,18 +106,20 @@ class ExchangeSpec:
             return owned_OS.new_empty((0, owned_OS.shape[1]), dtype=self.wire_dtype or owned_OS.dtype)
         return self.start_gather(owned_OS, async_op=False).wait()[0]
 
-    def expert_graph(self, x_recv: torch.Tensor, owned_OS: torch.Tensor, replicas_RS: torch.Tensor):
-        """Build the expert computation on leaf inputs so its backward can be run on demand.
+    def expert_graph(self, x_recv: torch.Tensor, owned_OS: torch.Tensor, replicas_RS: torch.Tensor,
+                     grad: bool = True):
+        """Build the expert computation on leaf inputs so its backward can be run on demand
+        (grad=False: compute the outputs only, keeping no graph).
 
         Leaves are the per-parameter views of the owned rows and of the replicas (no copy);
         their gradients are flattened back into rows in backward.
         """
         layout = self.layer.expert_layout
-        x_leaf = x_recv.detach().requires_grad_(True)
-        own = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(owned_OS.detach()).items()}
-        rep = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(replicas_RS).items()}
+        x_leaf = x_recv.detach().requires_grad_(grad)
+        own = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(owned_OS.detach()).items()}
+        rep = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(replicas_RS).items()}
         autocast = autocast_dtype(x_leaf.device.type) is not None
-        with torch.enable_grad():
+        with torch.set_grad_enabled(grad):
             # Under autocast the grouped MLP casts every weight to the compute dtype itself (the
             # replicas arrive in it already). Without autocast, tokens in a dtype other than the
             # fp32 master rows' (a bf16 model) set it; the cast's backward returns fp32 grads.
@@ -145,7 +152,12 @@ class FssdpExperts(torch.autograd.Function):
                     replicas = spec.gather(owned_OS)
         x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.token_group,
                               stats=spec.stats, name="fssdp.dispatch")
-        x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
+        if spec.recompute_experts:
+            spec.autocast = autocast_dtype(x_recv.device.type)
+            y_recv = spec.expert_graph(x_recv, owned_OS, replicas, grad=False)[3]
+            x_leaf, own, rep = x_recv, None, None  # backward rebuilds the graph from these
+        else:
+            x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
         with torch.no_grad():
             y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.token_group,
                                 stats=spec.stats, name="fssdp.combine")
@@ -180,6 +192,9 @@ class FssdpExperts(torch.autograd.Function):
             # Start the previous layer's re-gather now, behind this layer's expert backward.
             prev.pending_regather = prev.start_gather(prev.saved_owned, out=prev.regrow_replicas())
         spec.previous = None
+        if spec.recompute_experts:  # x_leaf holds the received tokens; replicas are current again
+            with torch.autocast(x_leaf.device.type, dtype=spec.autocast, enabled=spec.autocast is not None):
+                x_leaf, own, rep, y_recv = spec.expert_graph(x_leaf, spec.saved_owned, replicas)
         leaves = [x_leaf, *own.values(), *rep.values()]
         if y_recv.requires_grad and y_recv.numel():
             grads = torch.autograd.grad(y_recv, leaves, grad_y_recv, allow_unused=True)

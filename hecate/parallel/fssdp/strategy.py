@@ -421,7 +421,8 @@ class FullyShardedSparse(ExpertStrategy):
                             rematerialize=self.rematerialize, token_group=self.token_group,
                             weight_group=self.weight_group, stats=self.topology.stats,
                             pending=self._pending if self.overlap_reduce else None,
-                            timings=self.timings, sparse_plan=sparse, wire_dtype=self._wire)
+                            timings=self.timings, sparse_plan=sparse, wire_dtype=self._wire,
+                            recompute_experts=getattr(layer, "recompute_experts", False))
         if prefetched is not None and prefetched.wire_dtype != self._wire:
             raise RuntimeError(f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: its prefetched replicas "
                                f"travelled as {prefetched.wire_dtype} but this forward computes with "
