@@ -237,9 +237,11 @@ class ModuleExperts(nn.Module):
                 raise ValueError(f"expert must return one tensor with a row per input row, got "
                                  f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
             outs.append(y)
-        if not outs:  # no rows anywhere: empty, but connected to the weights (zero grads)
+        if not outs:  # no rows anywhere: empty, but connected to the weights (zero grads) and to
+            # x_ND: under ep a rank that received no rows must still run the dispatch's backward
+            # all-to-all like its peers, and autograd only runs it when x_ND is in the graph.
             zero = sum(0.0 * w.sum() for w in weights.values())
-            return x_ND.new_zeros(x_ND.shape) + zero
+            return x_ND * 0.0 + zero
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
