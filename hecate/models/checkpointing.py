@@ -22,7 +22,10 @@ Per block with an MoE feed-forward, two recomputed regions around the strategy:
 A dense block is recomputed whole (no collective: the dense weights are replicated).
 What stays alive per MoE block: the block input, the residual stream after attention,
 the router's input and outputs (routing), and what the strategy's expert computation
-saves itself (dispatched tokens, expert hidden activations).
+saves itself. `layer.recompute_experts` is set during strategy.forward: fssdp then keeps
+only the received tokens and recomputes its expert MLP inside its own backward, from the
+replicas it holds there anyway (re-gathered under RM): no extra collective. dp, ep and
+fsdp ignore it and keep their expert activations (dispatched tokens, hidden layer).
 """
 from __future__ import annotations
 
