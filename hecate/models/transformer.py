@@ -77,7 +77,7 @@ class TransformerConfig:
     mla_v_head_dim: int = 0                       # mla: per-head value width
     mla_rope_interleave: bool = True              # mla: rotary pairs are interleaved (DeepSeek layout)
     # --- training memory ---
-    activation_checkpointing: bool = False        # recompute each block's local compute in backward (models/checkpointing.py)
+    activation_checkpointing: bool = False        # recompute blocks in backward (models/checkpointing.py)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_ffn_hidden"):
@@ -137,7 +137,8 @@ class TransformerConfig:
                 raise ValueError(f"model.moe_layers must list distinct layer indices in [0, n_layers="
                                  f"{self.n_layers}), got {self.moe_layers!r}")
         if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"model.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+            raise ValueError(f"model.activation_checkpointing must be true or false, "
+                             f"got {self.activation_checkpointing!r}")
         if self.lightning_block_size < 1:
             raise ValueError(f"model.lightning_block_size must be >= 1, got {self.lightning_block_size}")
         if self.bam_attention_experts < 1:
