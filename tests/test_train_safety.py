@@ -260,6 +260,9 @@ def test_local_rank_maps_to_a_visible_device_and_device_id_is_passed(monkeypatch
     monkeypatch.setattr(trainer.torch.cuda, "set_device", lambda d: calls.append(("set", d)))
     monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(trainer.dist, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    from torch.distributed import distributed_c10d
+
+    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.delenv("RANK", raising=False)
     device, owns = trainer.init_distributed(timeout_s=7)
@@ -267,6 +270,7 @@ def test_local_rank_maps_to_a_visible_device_and_device_id_is_passed(monkeypatch
     (_, d), (_, args, kw) = calls
     assert d == device and args == ("nccl",) and kw["device_id"] == device
     assert kw["timeout"].total_seconds() == 7
+    trainer._set_default_group_timeout(None)
 
 
 # ---- item 5: start-up agreement (2 pooled ranks) -------------------------------------------------
@@ -292,3 +296,22 @@ def test_ranks_with_different_configs_raise_one_agreement_error():
     message, minority, majority = results[0]
     assert "config.model.moe.top_k (rank 0: 2, rank 1: 1)" in message and "cache_dir" not in message
     assert sorted(minority + majority) == [0, 1]
+
+
+@fresh_group
+def test_collective_timeout_bounds_later_groups_too():
+    from torch.distributed import distributed_c10d
+
+    from hecate.train.trainer import _set_default_group_timeout, init_distributed
+
+    torch_default = distributed_c10d.default_pg_timeout
+    _, owns = init_distributed(timeout_s=11)
+    try:
+        group = dist.new_group(ranks=[0])  # e.g. a node or expert-parallel group made by a strategy
+        backend = group._get_backend(torch.device("cpu"))
+        assert backend.options._timeout.total_seconds() == 11
+    finally:
+        if owns:
+            dist.destroy_process_group()
+        _set_default_group_timeout(None)
+    assert distributed_c10d.default_pg_timeout == torch_default

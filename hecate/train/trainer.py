@@ -92,7 +92,29 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[torch.device, bool]:
             dist.init_process_group(backend, timeout=timeout, **extra)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **extra)
+    # Groups made later with dist.new_group (nodes, expert-parallel groups) take torch's default
+    # timeout (30 min gloo, 10 min NCCL), not the world's: make this run's timeout that default.
+    _set_default_group_timeout(timeout)
     return device, True
+
+
+_TORCH_DEFAULT_TIMEOUTS: dict = {}
+
+
+def _set_default_group_timeout(timeout: datetime.timedelta | None) -> None:
+    """Set (or, with None, restore) torch's default timeout for groups made by dist.new_group."""
+    from torch.distributed import distributed_c10d as c10d
+
+    names = [n for n in ("default_pg_timeout", "default_pg_nccl_timeout")
+             if isinstance(getattr(c10d, n, None), datetime.timedelta)]
+    if timeout is None:
+        for n, value in _TORCH_DEFAULT_TIMEOUTS.items():
+            setattr(c10d, n, value)
+        _TORCH_DEFAULT_TIMEOUTS.clear()
+        return
+    for n in names:
+        _TORCH_DEFAULT_TIMEOUTS.setdefault(n, getattr(c10d, n))
+        setattr(c10d, n, timeout)
 
 
 def _default_store():
@@ -119,6 +141,8 @@ def build_model(cfg: TrainConfig, topology: Topology, device: torch.device):
         options = {"ep_size": p.ep_size}
     elif p.strategy == "fssdp":
         options = {"options": p.fssdp}  # the FssdpOptions dataclass, as parsed
+    elif p.strategy == "fssdp_hybrid":
+        options = {"options": p.fssdp, "shard_group_size": p.shard_group_size}
     else:
         options = {}
     strategy = build_strategy(p.strategy, None if p.strategy == "local" else topology, **options)
@@ -144,7 +168,7 @@ class Trainer:
         self.cfg = cfg
         self.topology = Topology()
         self.rank, self.world = self.topology.rank, self.topology.world_size
-        cfg.validate(self.world)
+        cfg.validate(self.world, self.topology.ranks_per_node)
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # launchers set 1 thread per worker
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         self.out_dir = Path(cfg.train.out_dir)
@@ -574,6 +598,7 @@ class Trainer:
             self.lock = None
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            _set_default_group_timeout(None)
 
 
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:
