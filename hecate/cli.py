@@ -189,7 +189,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--nproc={nproc} must be >= 1")
     spec = LaunchSpec(nproc=nproc, worker_args=[], max_restarts=args.max_restarts,
                       rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes, node_rank=args.node_rank).validate()
-    cfg.validate(nproc * args.nnodes)
+    cfg.validate(nproc * args.nnodes, ranks_per_node=nproc)
     worker_args = [args.config, *sum((["--set", o] for o in args.overrides), [])]
     if args.resume:
         worker_args.append("--resume")

@@ -72,6 +72,8 @@ def _strategy_options(strategy) -> dict:
         return {"ep_size": strategy.ep_size}
     if strategy.name == "fssdp":
         return strategy.options.to_dict()  # every FssdpOptions field, as the run was given them
+    if strategy.name == "fssdp_hybrid":
+        return {"shard_group_size": strategy.shard_group_size, **strategy.inner.options.to_dict()}
     return {}
 
 
@@ -196,7 +198,7 @@ def _manifest(model, strategy, optimizer, layers, step, world, config_dict, extr
         layout = full_layout(layer)
         entry = {"index": i, "module": prefix, "num_experts": layout.num_experts,
                  "names": list(layout.names), "shapes": [list(s) for s in layout.shapes]}
-        if strategy.name == "fssdp":
+        if strategy.name in ("fssdp", "fssdp_hybrid"):  # hybrid: shard group 0's (shard indices)
             st = layer.fssdp_state
             entry["owner_E"] = st.owner_E.tolist()
             entry["load_history"] = [h.tolist() for h in st.predictor._history]
@@ -209,8 +211,9 @@ def _manifest(model, strategy, optimizer, layers, step, world, config_dict, extr
         "config": config_dict, "extra": extra, "layers": layer_entries,
         "optimizer": None,
     }
-    if strategy.name == "fssdp":
-        manifest["fssdp"] = {"iteration": strategy.iteration, "reshards": strategy.reshards}
+    if strategy.name in ("fssdp", "fssdp_hybrid"):
+        inner = strategy.inner if strategy.name == "fssdp_hybrid" else strategy
+        manifest["fssdp"] = {"iteration": inner.iteration, "reshards": inner.reshards}
     if optimizer is not None:
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k in _GROUP_SCALARS}
                   for g in optimizer.param_groups]
@@ -413,6 +416,8 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     saved = manifest["strategy"]["name"]
     if strategy.name == "fssdp" and saved == "fssdp":
         _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer)
+    if strategy.name == "fssdp_hybrid" and saved == "fssdp_hybrid":
+        _restore_hybrid(strategy, layers, saved_layers, manifest, world)
 
     if optimizer is not None:
         optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
@@ -473,6 +478,26 @@ def _restore_fssdp(strategy, layers, saved_layers, manifest, world, optimizer) -
     info = manifest.get("fssdp", {})
     strategy.iteration = int(info.get("iteration", 0))
     strategy.reshards = int(info.get("reshards", 0))
+
+
+def _restore_hybrid(strategy, layers, saved_layers, manifest, world) -> None:
+    """fssdp_hybrid never re-places owners (the same fixed placement at the same G), so only the
+    load predictor and the iteration come back. The manifest holds shard group 0's load history;
+    every group restarts from it (a group's history only chooses its replicas, never the math)."""
+    saved_G = manifest["strategy"].get("options", {}).get("shard_group_size")
+    inner = strategy.inner
+    if manifest["world_size"] == world and saved_G == strategy.shard_group_size:
+        for layer, entry in zip(layers, saved_layers):
+            if entry.get("owner_E") != layer.fssdp_state.owner_E.tolist():
+                raise CheckpointError(f"fssdp_hybrid: the checkpoint's owners of MoE layer {entry['index']} "
+                                      f"{entry.get('owner_E')} differ from this run's fixed placement "
+                                      f"{layer.fssdp_state.owner_E.tolist()}")
+            predictor = layer.fssdp_state.predictor
+            predictor.reset()
+            for counts in entry.get("load_history", [])[-predictor.window:]:
+                predictor.update(torch.tensor(counts, dtype=torch.float64))
+    info = manifest.get("fssdp", {})
+    inner.iteration = int(info.get("iteration", 0))
 
 
 def optimizer_step_tensor(step_t: torch.Tensor, p: torch.Tensor, optimizer) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from hecate.parallel.chunks import ChunkLayout
 from hecate.train.checkpoint_io import CheckpointError
 
-ROW_STRATEGIES = ("local", "dp", "ep", "fssdp")
+ROW_STRATEGIES = ("local", "dp", "ep", "fssdp", "fssdp_hybrid")
 
 
 def full_layout(layer) -> ChunkLayout:
@@ -42,6 +42,12 @@ def _per_element_state(optimizer, p) -> tuple[dict[str, torch.Tensor], torch.Ten
 def save_part(strategy, layer, optimizer, rank: int):
     """This rank's piece of the layer: (info, tensors) or None when another rank writes it."""
     name, layout = strategy.name, full_layout(layer)
+    if name == "fssdp_hybrid":
+        # Every shard group holds the same rows (same owners, all-reduced gradients, same steps):
+        # shard group 0 writes them once, like fssdp at W = G.
+        if strategy.groups.edp_rank != 0:
+            return None
+        name, rank = "fssdp", strategy.inner.topology.rank
     if name == "fssdp":
         p = layer.expert_chunks
         ids = (layer.fssdp_state.owner_E == rank).nonzero().flatten()
@@ -134,6 +140,8 @@ def local_params_and_state(strategy, layer, state_ES: dict[str, torch.Tensor], r
     """[(param, {key: tensor shaped like param})]: the full state sliced the way the strategy
     slices the parameters, ready to be put into the optimizer."""
     name, layout = strategy.name, full_layout(layer)
+    if name == "fssdp_hybrid":  # owners are shard indices within the group; every group reads the same rows
+        name, rank = "fssdp", strategy.inner.topology.rank
     if name == "fssdp":
         mine = layer.fssdp_state.owner_E == rank
         return [(layer.expert_chunks, {k: state_ES[k][mine] for k in sorted(state_ES)})]

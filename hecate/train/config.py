@@ -19,7 +19,7 @@ from hecate.models.transformer import TransformerConfig
 from hecate.moe.config import MoEConfig
 from hecate.parallel.fssdp.options import FssdpOptions  # the one list of fssdp options
 
-STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp")
+STRATEGIES = ("local", "dp", "ep", "fsdp", "fssdp", "fssdp_hybrid")
 TOKENIZERS = ("byte", "bpe")
 
 
@@ -28,6 +28,7 @@ class ParallelConfig:
     strategy: str = "fssdp"
     nproc: int = 2                 # local workers `hecate train` starts when not under torchrun
     ep_size: Optional[int] = None  # ep: ranks per expert-parallel group (None = the world)
+    shard_group_size: Optional[int] = None  # fssdp_hybrid: G ranks shard the experts, W / G groups replicate
     dense_optimizer: str = "auto"  # sharded (ZeRO-1) | replicated | auto (sharded under fssdp)
     fssdp: FssdpOptions = field(default_factory=FssdpOptions)
 
@@ -112,9 +113,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def validate(self, world_size: int | None = None) -> "TrainConfig":
-        """Check ranges and the parallel layout for `world_size` ranks; raise ValueError naming the key."""
-        _validate(self, world_size)
+    def validate(self, world_size: int | None = None, ranks_per_node: int | None = None) -> "TrainConfig":
+        """Check ranges and the parallel layout for `world_size` ranks (nodes of `ranks_per_node`,
+        None: unknown, one node assumed only where it cannot make a layout wrong); raise ValueError
+        naming the key."""
+        _validate(self, world_size, ranks_per_node)
         return self
 
     def to_dict(self) -> dict:
@@ -195,6 +198,11 @@ def _build(cls, data: dict, prefix: str):
 def from_dict(data: dict | None) -> TrainConfig:
     """Build a TrainConfig from a plain dict (a parsed YAML file); unknown keys are rejected."""
     data = dict(data or {})
+    par = data.get("parallel")
+    if isinstance(par, dict) and par.get("strategy") == "fssdp_hybrid" and isinstance(par.get("fssdp") or {}, dict):
+        # fssdp_hybrid's default: no re-sharding (Algorithm 2 would place each shard group's owners
+        # from its own load and the groups' rows would no longer match); written out explicitly.
+        data["parallel"] = {**par, "fssdp": {"reshard_interval": 0, **(par.get("fssdp") or {})}}
     from hecate.train.tasks import arch_config_from_dict  # other model-zoo architectures
 
     other = arch_config_from_dict(data, _build)
@@ -338,7 +346,7 @@ def _nonfinite_keys(obj, prefix: str = "") -> list[str]:
     return bad
 
 
-def _validate(cfg: TrainConfig, world: int | None) -> None:
+def _validate(cfg: TrainConfig, world: int | None, ranks_per_node: int | None = None) -> None:
     bad = _nonfinite_keys(cfg)
     if bad:
         raise ValueError(f"{bad[0]} must be a finite number, got {_get_key(cfg, bad[0])}"
@@ -353,6 +361,16 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
            + "".join(f"; did you mean {h!r}?" for h in difflib.get_close_matches(p.strategy, STRATEGIES, n=1)))
     _check(p.nproc >= 1, "parallel.nproc", f"must be >= 1, got {p.nproc}")
     p.fssdp.validate()  # ValueError naming the parallel.fssdp key
+    if p.strategy == "fssdp_hybrid":
+        _check(p.shard_group_size is not None, "parallel.shard_group_size",
+               "is required by strategy 'fssdp_hybrid' (ranks per shard group, e.g. the ranks of a node)")
+        _check(p.shard_group_size >= 1, "parallel.shard_group_size", f"must be >= 1, got {p.shard_group_size}")
+        _check(p.fssdp.reshard_interval == 0, "parallel.fssdp.reshard_interval",
+               f"={p.fssdp.reshard_interval} is not supported by fssdp_hybrid (each shard group would re-place "
+               "its owners from its own load and the groups' rows would no longer match); set it to 0")
+    elif p.shard_group_size is not None:
+        _check(False, "parallel.shard_group_size",
+               f"is only used by strategy 'fssdp_hybrid' (strategy is {p.strategy!r}); remove it")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -406,7 +424,7 @@ def _validate(cfg: TrainConfig, world: int | None) -> None:
         _check(not _is_text(d.source) or cfg.model.vocab_size >= 256, "model.vocab_size",
                f"={cfg.model.vocab_size} is too small for byte-level text (needs 256)")
     if world is not None:
-        _validate_layout(cfg, world)
+        _validate_layout(cfg, world, ranks_per_node)
 
 
 def _get_key(cfg, dotted: str):
@@ -425,7 +443,7 @@ def _is_text(source: str) -> bool:
     return not source.endswith(".bin")
 
 
-def _validate_layout(cfg: TrainConfig, world: int) -> None:
+def _validate_layout(cfg: TrainConfig, world: int, ranks_per_node: int | None = None) -> None:
     """Reject a strategy / world-size combination that cannot run, before launching anything."""
     p, E = cfg.parallel, cfg.model.moe.num_experts
     _check(world >= 1, "parallel.nproc", f"(world size) must be >= 1, got {world}")
@@ -443,6 +461,15 @@ def _validate_layout(cfg: TrainConfig, world: int) -> None:
                    "number of experts of every layer)")
     elif p.ep_size is not None:
         _check(False, "parallel.ep_size", f"is only used by strategy 'ep' (strategy is {p.strategy!r}); remove it")
-    if p.strategy == "fssdp" and p.fssdp.memory_slots is not None:
+    if p.strategy == "fssdp_hybrid":
+        G = p.shard_group_size
+        _check(world % G == 0, "parallel.shard_group_size",
+               f"={G} must divide the world size {world} (one of "
+               f"{[d for d in range(1, world + 1) if world % d == 0]})")
+        rpn = ranks_per_node or world
+        _check(G <= rpn and rpn % G == 0 or G % rpn == 0, "parallel.shard_group_size",
+               f"={G} must divide the {rpn} ranks of a node or be a multiple of them (shard groups are "
+               "parts of one node or whole nodes)")
+    if p.strategy in ("fssdp", "fssdp_hybrid") and p.fssdp.memory_slots is not None:
         _check(p.fssdp.memory_slots <= E, "parallel.fssdp.memory_slots",
                f"={p.fssdp.memory_slots} exceeds model.moe.num_experts={E}")

@@ -43,7 +43,7 @@ class HybridFullyShardedSparse(ExpertStrategy):
                              "match); set parallel.fssdp.reshard_interval=0")
         overrides["reshard_interval"] = 0
         rpn = topology.ranks_per_node
-        if G > rpn and G % rpn:
+        if (G <= rpn and rpn % G) or (G > rpn and G % rpn):
             raise ValueError(f"fssdp_hybrid: shard_group_size={G} must divide the {rpn} ranks of a node or be "
                              "a multiple of them (shard groups are whole nodes or parts of one node)")
         self.topology = topology
