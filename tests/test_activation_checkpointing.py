@@ -185,3 +185,17 @@ def test_eval_and_no_grad_forwards_do_not_checkpoint(monkeypatch):
     model.train()
     model(tokens)
     assert len(calls) == model.cfg.n_layers
+
+
+def test_a_layer_that_overrides_forward_is_refused():
+    from hecate.moe.layer import MoELayer
+
+    class Custom(MoELayer):
+        def forward(self, x, **kwargs):
+            return super().forward(x, **kwargs)
+
+    model = MoETransformer(TransformerConfig(activation_checkpointing=True))
+    block = next(b for b in model.blocks if isinstance(b.ffn, MoELayer))
+    block.ffn.__class__ = Custom
+    with pytest.raises(TypeError, match="overrides MoELayer.forward"):
+        model(torch.randint(0, 256, (1, 8)))

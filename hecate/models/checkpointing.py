@@ -58,6 +58,10 @@ def checkpointed_block(block, x: torch.Tensor, aux: list, stats: list, rope=None
         return y
 
     layer = block.ffn
+    if type(layer).forward is not MoELayer.forward:  # its own forward would be bypassed here
+        raise TypeError(f"model.activation_checkpointing: {type(layer).__name__} overrides MoELayer.forward; "
+                        "checkpointing runs the stages prepare / strategy.forward / combine_dense / finish "
+                        "itself. Override those stages instead, or turn activation_checkpointing off")
 
     def before(x_in):
         a = []
