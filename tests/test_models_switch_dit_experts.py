@@ -1,10 +1,13 @@
 """Switch-DiT's paper experts: linear D -> D maps (stacked [E, D, D] ModuleExperts) and the shared
 expert every timestep uses; both start at zero so the switch is the identity at init."""
+import pytest
 import torch
 
 from hecate.data import shapes_batch
 from hecate.models.diffusion import sample_t_and_noise
 from hecate.models.registry import build_model, get_preset
+from hecate.testing import run_distributed
+from tests.training_cases import check_training
 
 
 def test_linear_and_shared_experts():
@@ -34,3 +37,59 @@ def test_linear_and_shared_experts():
     # Paper presets use linear experts with the shared expert.
     big = get_preset("switch-dit-s2").config
     assert big.get("expert_type", "linear") == "linear" and big.get("shared_expert", True)
+
+
+# ---- a rank whose experts get no rows (ep) ------------------------------------------------------
+def test_linear_experts_with_no_rows_still_reach_their_input():
+    # ModuleExperts(nn.Linear) runs the generic path; with no rows its (empty) output must stay
+    # in x's graph, or autograd never runs what produced x (under ep: the dispatch's backward).
+    from torch import nn
+
+    from hecate.moe.module_experts import ModuleExperts
+
+    experts = ModuleExperts(nn.Linear(8, 8, bias=False), 2, warn=False)
+    src = torch.randn(0, 8, requires_grad=True)
+    x = src * 2.0
+    y = experts(x, torch.tensor([0, 0]))
+    assert y.shape == (0, 8)
+    grad_x, grad_w = torch.autograd.grad(y.sum(), [src, experts.weight])
+    assert grad_x.shape == (0, 8) and torch.equal(grad_w, torch.zeros(2, 8, 8))
+
+
+def empty_rank_case(rank, world, num_experts, steps):
+    """tiny-switch-dit with linear experts whose router always picks experts 0 and 1, so under ep
+    the last rank's experts get no rows; trained side by side with one process."""
+    import copy
+
+    from tests.training_cases import train_side_by_side
+    from tests.vision_cases import dit_loss
+
+    p = get_preset("tiny-switch-dit")
+    torch.manual_seed(0)
+    base = build_model(p.arch, dict(p.config, expert_type="linear", num_experts=num_experts,
+                                    moe={"router_bias": True}))
+    with torch.no_grad():  # a logit margin the timestep embedding (|logit| << 1 at init) cannot cross
+        for block in base.blocks:
+            block.moe.router.bias_E.copy_(torch.tensor([4.0, 4.0] + [-4.0] * (num_experts - 2)))
+    probe, seen = copy.deepcopy(base), []
+    def recording(route):
+        def wrapped(*a, **kw):
+            routing = route(*a, **kw)
+            seen.append(routing.indices_TK)
+            return routing
+        return wrapped
+    for layer in probe.moe_layers():
+        layer.route = recording(layer.route)
+    dit_loss(probe, rank)
+    last_rank_experts = set(range(num_experts - num_experts // world, num_experts))
+    assert seen and not last_rank_experts & set(torch.cat(seen).flatten().tolist())
+    _, out = train_side_by_side(rank, world, base, "ep", {}, steps, lambda m, step, r: dit_loss(m, r),
+                                lr=1e-2, max_grad_norm=None, eps=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("world,num_experts", [(2, 4), (3, 3)])
+def test_ep_rank_whose_experts_get_no_rows_matches_one_process(world, num_experts):
+    # Before the fix the empty rank skipped the dispatch's backward all-to-all and met its peers'
+    # in the previous layer's combine backward: a gloo size mismatch.
+    check_training(run_distributed(empty_rank_case, world, num_experts, 2))
