@@ -104,20 +104,20 @@ def test_lightning_attention_option():
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(block(x), block.out(o.transpose(1, 2).reshape(2, 23, 32)), rtol=1e-4, atol=1e-5)
 
-    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, dense_ffn_hidden=32,
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, dense_ffn_hidden=32,
                             moe=MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2),
                             attention="lightning", lightning_block_size=16, rope=True)
     model = MoETransformer(cfg)
     tokens = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         opt.zero_grad()
         loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < losses[0] - 0.2, losses
     with pytest.raises(ValueError, match="lightning_block_size"):
         TransformerConfig(attention="lightning", lightning_block_size=0).validate()
 
