@@ -61,3 +61,22 @@ def test_sampling_cuts():
     assert {pick_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(50)} == {3}
     with pytest.raises(ValueError, match="top_p"):
         pick_next(logits, 1.0, top_p=0)
+
+
+def test_generate_benchmark_smoke():
+    """benchmarks/generate.py runs at its smallest settings and reports both paths (no timing asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "generate.py"), "--tokens", "6",
+                           "--sizes", "tiny", "--batch", "2", "--prompt-len", "5", "--json"],
+                          cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])["sizes"]["tiny"]
+    assert row["same_tokens"] is True and row["new_tokens"] == 12
+    assert row["cached_tok_s"] > 0 and row["uncached_tok_s"] > 0
+    # K and V of 2 layers x 2 kv heads x 16 dims x 4 bytes per slot, 5 + 6 slots, 2 rows
+    assert row["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * (5 + 6) * 2

@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hecate.models.attention import Attention, BAMAttention, LightningAttention, MoHAttention, apply_rope
+from hecate.models.attention import (Attention, BAMAttention, LightningAttention, MoHAttention, apply_rope,
+                                     rope_tables)
 from hecate.models.attention_options import MLAttention, _deinterleave
-from hecate.models.attention import rope_tables
 from hecate.models.rope_scaling import scaled_rope_tables
 from hecate.moe.overrides import routing_overrides
 

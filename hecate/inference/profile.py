@@ -6,7 +6,6 @@ to e (among their top-k), so each layer's frequencies sum to top_k.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
