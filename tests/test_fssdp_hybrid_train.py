@@ -94,6 +94,12 @@ def test_config_accepts_fssdp_hybrid_and_checks_the_layout():
             load_config("tiny_fssdp", overrides).validate(world, rpn)
     for g, world, rpn in ((2, 8, 4), (4, 8, 4), (8, 16, 4), (3, 6, None)):
         load_config("tiny_fssdp", hybrid + [f"parallel.shard_group_size={g}"]).validate(world, rpn)
+    # The strategy applies the same node rule (a group of 3 would straddle nodes of 4 ranks).
+    from hecate.comm.topology import Topology
+    from hecate.parallel.fssdp.hybrid import HybridFullyShardedSparse
+
+    with pytest.raises(ValueError, match="must divide the 4 ranks of a node or be a multiple"):
+        HybridFullyShardedSparse(Topology(rank=0, world_size=12, ranks_per_node=4), 3, reshard_interval=0)
 
 
 def test_hybrid_trains_like_fssdp_and_its_checkpoints_resume_and_convert(tmp_path):
