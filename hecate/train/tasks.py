@@ -47,8 +47,9 @@ class ArchTrainConfig(TrainConfig):
         d["model"] = {"arch": arch, **d["model"]}  # config.yaml must reload as this architecture
         return d
 
-    def validate(self, world_size: Optional[int] = None) -> "ArchTrainConfig":
-        _validate_arch(self, world_size)
+    def validate(self, world_size: Optional[int] = None,
+                 ranks_per_node: Optional[int] = None) -> "ArchTrainConfig":
+        _validate_arch(self, world_size, ranks_per_node)
         return self
 
 
@@ -116,7 +117,7 @@ def _experts(cfg) -> list[int]:
     return []
 
 
-def _validate_arch(cfg: ArchTrainConfig, world: Optional[int]) -> None:
+def _validate_arch(cfg: ArchTrainConfig, world: Optional[int], ranks_per_node: Optional[int] = None) -> None:
     """TrainConfig's checks of every section but `model` (run on a stand-in transformer whose
     experts and lengths are the architecture's), then the architecture's own checks."""
     from hecate.models.transformer import TransformerConfig
@@ -154,7 +155,7 @@ def _validate_arch(cfg: ArchTrainConfig, world: Optional[int]) -> None:
                                      moe=MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=E,
                                                    top_k=min(2, E))))
     object.__setattr__(stand_in, "arch", TRANSFORMER)
-    _validate(stand_in, world)
+    _validate(stand_in, world, ranks_per_node)
     slots = cfg.parallel.fssdp.memory_slots
     if cfg.parallel.strategy == "fssdp" and slots is not None and any(slots > e for e in experts):
         raise ValueError(f"parallel.fssdp.memory_slots={slots} exceeds the {min(experts)} experts of "
