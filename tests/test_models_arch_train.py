@@ -42,8 +42,7 @@ def _train_all_strategies(tmp_path, config, extra):
 
 
 def test_switch_dit_trains_under_every_strategy_and_samples(tmp_path, capsys):
-    # 4 experts (top-2) so that ep at W = 2 holds 2 per rank; the preset's 3 need W = 3. The tiny
-    # preset keeps MLP experts (linear ModuleExperts under ep: see docs/models_vision.md).
+    # 4 linear experts (top-2) so that ep at W = 2 holds 2 per rank; the preset's 3 need W = 3.
     runs = _train_all_strategies(tmp_path, "tiny-switch-dit.yaml", ["model.num_experts=4", "model.num_timesteps=50",
                                                                     "optim.lr=1e-2"])
     losses = runs["dp"][0]

@@ -10,7 +10,7 @@ _PAPER = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000, num_
 
 register_preset("tiny-switch-dit", "switch_dit",
                 dict(image_size=8, in_channels=3, patch_size=2, d_model=32, n_layers=2, n_heads=4,
-                     num_classes=4, num_experts=3, top_k=2, expert_type="mlp"),
+                     num_classes=4, num_experts=3, top_k=2, expert_type="linear"),
                 "tests: 8x8 generated shapes, 16 tokens, top-2 of 3 timestep-gated experts")
 register_preset("switch-dit-s2", "switch_dit", dict(_PAPER, d_model=384, n_layers=12, n_heads=6),
                 "Switch-DiT-S/2 (DiT-S/2 + a 3-expert switch per block)")
