@@ -44,3 +44,44 @@ def test_p1_planned_while_the_counts_travel_equals_p1_planned_after():
         assert all(ok)
         # The guess is right when the agreed time repeats (t unchanged), wrong when it moves.
         assert 0 < early < len(NON_MOE_US)
+
+
+def _staged_prefetches(rank, world):
+    """Train the tiny 2-MoE-layer model with prefetch on; at every prefetch, compare the plan
+    staged during the previous layer's counts all-gather with one made at issue time."""
+    from hecate.parallel.fssdp.strategy import FullyShardedSparse
+    from tests.training_cases import train_case
+
+    real = FullyShardedSparse._issue_prefetch
+    seen = []
+
+    def spy(self, layer, token_bytes):
+        staged = self._staged_prefetch
+        if staged is not None and staged[0] is layer:
+            fresh = self._prefetch_plan(layer, token_bytes)
+            early = staged[1]
+            same = (early is None) == (fresh is None)
+            if same and fresh is not None:
+                same = torch.equal(early[0], fresh[0]) and all(
+                    torch.equal(getattr(early[1], k), getattr(fresh[1], k))
+                    for k in ("send_ids", "recv_ids", "send_rows", "recv_rows", "owned_rows_M"))
+                same = same and early[1].send_counts == fresh[1].send_counts
+            seen.append(same)
+        return real(self, layer, token_bytes)
+
+    FullyShardedSparse._issue_prefetch = spy
+    try:
+        out = train_case(rank, world, "fssdp", {"overlap_degree": 2, "fit_replicas": False}, 4, skew=True)
+    finally:
+        FullyShardedSparse._issue_prefetch = real
+    return seen, out
+
+
+def test_prefetch_planned_while_the_counts_travel_equals_the_one_planned_at_issue():
+    from tests.training_cases import check_training
+
+    results = run_distributed(_staged_prefetches, 2, timeout=180)
+    check_training([out for _, out in results])
+    for seen, out in results:
+        assert len(seen) == 4 and all(seen)  # layer 1's prefetch, planned during layer 0's wait, every step
+        assert out["timings"].get("prefetched_layers", 0) > 0

@@ -204,6 +204,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._layers: list = []
         self._last_spec = None
         self._pending: list = []
+        self._staged_prefetch = None  # (next layer, its prefetch plan) made during plan()
         self._wire = None  # replicas' dtype on the wire in the current forward (None: fp32 rows)
         self._token_bytes = None  # bytes of one token row on the wire in the current forward
         # Seconds spent blocked in spRS: exposed_reduce_s with overlap (waits in
@@ -317,9 +318,20 @@ class FullyShardedSparse(ExpertStrategy):
 
         return plan_p1
 
-    def plan(self, layer, counts_E: torch.Tensor, token_bytes: int):
+    def plan(self, layer, counts_E: torch.Tensor, token_bytes: int, ahead=None):
+        """This layer's Plan. `ahead`: the next MoE layer, whose prefetch (P1 from predicted
+        load, fitted, and its spAG plan) is planned too while the counts travel; nothing it
+        reads changes before `_issue_prefetch` issues it at the end of this forward."""
         state = layer.fssdp_state
-        counts_WE, non_moe_us, early = self._agree_on_counts(layer, counts_E, self._early_p1(layer))
+        early_p1 = self._early_p1(layer)
+        meanwhile = None
+        if early_p1 is not None or ahead is not None:
+            def meanwhile():
+                return (early_p1() if early_p1 is not None else None,
+                        self._prefetch_plan(ahead, token_bytes) if ahead is not None else None)
+        counts_WE, non_moe_us, both = self._agree_on_counts(layer, counts_E, meanwhile)
+        early, staged = both if both is not None else (None, None)
+        self._staged_prefetch = (ahead, staged) if ahead is not None else None
         state.non_moe_agreed_s = non_moe_us * 1e-6
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
@@ -348,13 +360,26 @@ class FullyShardedSparse(ExpertStrategy):
         return plan
 
     def _issue_prefetch(self, layer, token_bytes: int) -> None:
-        """Plan layer's P1 from predicted load and start its spAG without waiting (collective).
+        """Start layer's spAG without waiting (collective), on the P1 that `_prefetch_plan`
+        made (while the previous layer's counts travelled, when it could)."""
+        staged, self._staged_prefetch = self._staged_prefetch, None
+        planned = staged[1] if staged is not None and staged[0] is layer else \
+            self._prefetch_plan(layer, token_bytes)
+        if planned is None:
+            return
+        holders, sparse = planned
+        layer.fssdp_state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, self.weight_group,
+                                                     self.topology.stats, wire_dtype=self._wire)
+
+    def _prefetch_plan(self, layer, token_bytes: int):
+        """(P1, spAG plan) of layer's prefetch: P1 from predicted load, fitted with each rank's
+        predicted tokens; None when there is nothing to prefetch.
 
         Without history there is nothing to predict from: that layer plans on its real
         counts instead (the same decision on every rank, since histories are agreed)."""
         state = layer.fssdp_state
         if not state.rank_history:
-            return
+            return None
         E = layer.expert_layout.num_experts
         policy = self._policy(layer.expert_layout, state.non_moe_agreed_s,
                               self.topology.num_nodes > 1)
@@ -364,10 +389,8 @@ class FullyShardedSparse(ExpertStrategy):
             holders = self._fit_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
         if int(holders.count_nonzero()) == E:
-            return  # no replica predicted: nothing to move early; plan on the real counts
-        sparse = device_plan(state.owner_E, holders, self.topology.rank, layer.expert_chunks.device)
-        state.prefetched = PendingGather(layer.expert_chunks, sparse, holders, self.weight_group,
-                                         self.topology.stats, wire_dtype=self._wire)
+            return None  # no replica predicted: nothing to move early; plan on the real counts
+        return holders, device_plan(state.owner_E, holders, self.topology.rank, layer.expert_chunks.device)
 
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         """Fit P1 to bytes (materialize.fit_holders): drop replicas whose chunk traffic exceeds
@@ -395,7 +418,8 @@ class FullyShardedSparse(ExpertStrategy):
             self._last_spec = None
         indices_TK = routing.indices_TK
         counts_E = ops.expert_histogram(indices_TK, E)
-        plan = self.plan(layer, counts_E, self._token_bytes)
+        nxt = self._next_layer(layer)
+        plan = self.plan(layer, counts_E, self._token_bytes, ahead=nxt)
         layout = plan.rank_layout(rank)  # this rank's sends (sparse) and receives: no [W, E, W]
         bins_TK = self._destination_bins(indices_TK, E, layout)
         # The plan knows on the host how many rows this rank sends: permute reads nothing back.
@@ -435,7 +459,6 @@ class FullyShardedSparse(ExpertStrategy):
             self._last_spec = spec
         y_ND = fssdp_experts(x_ND, layer.expert_chunks, spec)
         out = ops.unpermute(y_ND.to(x_TD.dtype), row_map_TK, routing.weights_TK)
-        nxt = self._next_layer(layer)
         if nxt is not None:
             self._issue_prefetch(nxt, self._token_bytes)
         self._last_exit = time.perf_counter()
