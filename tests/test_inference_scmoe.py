@@ -86,3 +86,16 @@ def test_cli_generate_and_eval_with_routing_and_scmoe(tmp_path, capsys):
     assert math.isfinite(base["val_loss"]) and masked["val_loss"] != base["val_loss"]
     assert main(["eval", str(tmp_path), "--routing", "mask=nope"]) == 2
     assert "masks: none" in capsys.readouterr().err
+
+
+def test_weak_default_for_top1_layers_and_switch_router_error():
+    from hecate.moe import MoEConfig
+
+    torch.manual_seed(0)
+    top1 = MoETransformer(TransformerConfig(n_layers=1, moe_every=1, moe=MoEConfig(
+        hidden_size=64, ffn_hidden_size=64, num_experts=4, top_k=1))).eval()
+    assert SCMoE(1.0, 0.1).weak_overrides(top1) == {"ranks": {0: [2]}}
+    switch = MoETransformer(TransformerConfig(n_layers=1, moe_every=1, moe=MoEConfig(
+        hidden_size=64, ffn_hidden_size=64, num_experts=4, top_k=1, router="switch"))).eval()
+    with pytest.raises(ValueError, match="switch router ranks one expert"):
+        generate(switch, PROMPTS, 2, scmoe=SCMoE(1.0, 0.1))

@@ -1,7 +1,8 @@
 """SCMoE self-contrast decoding (Shi et al. 2024, "Unchosen Experts Can Contribute Too").
 
 Next-token scores contrast the model's strong activation (its trained routing) with a weak
-one (by default rank-k routing: each token uses only its k-th ranked expert, k = top_k):
+one (by default rank-k routing: each token uses only its k-th ranked expert, k = top_k, or
+rank 2 in a top-1 layer):
     score = (1 + beta) * log p_strong - beta * log p_weak
 over the plausible tokens {v : p_strong(v) >= alpha * max p_strong}; every other token gets -inf.
 Log-probabilities differ from logits by a per-row constant, so this ranks (and samples) tokens
@@ -33,7 +34,9 @@ class SCMoE:
             return dict(self.weak)
         from hecate.moe.overrides import moe_layers_of
 
-        return {"ranks": {i: [layer.config.top_k] for i, layer in enumerate(moe_layers_of(model))}}
+        # rank-k: the weakest expert the trained routing still chooses; top-1 layers use rank 2
+        # (rank 1 would repeat the strong pass)
+        return {"ranks": {i: [max(layer.config.top_k, 2)] for i, layer in enumerate(moe_layers_of(model))}}
 
 
 def parse_scmoe(spec: str) -> SCMoE:

@@ -82,8 +82,9 @@ class RoutingOverride:
         if config.router == "expert_choice" and (self.disabled or self.forced or self.ranks or self.top_k):
             raise ValueError(f"routing override on MoE {where}: the expert_choice router supports "
                              "temperature only (experts pick tokens, not tokens experts)")
-        if config.router == "switch" and self.ranks and len(self.ranks) > 1:
-            raise ValueError(f"routing override ranks={list(self.ranks)} on MoE {where}: the switch router is top-1")
+        if config.router == "switch" and (self.router_top_k(k) > 1):
+            raise ValueError(f"routing override top_k={k}, ranks={list(self.ranks)} on MoE {where}: the switch "
+                             "router ranks one expert only (top-1)")
         return self
 
     # ---- hooks the router and the layer call ----------------------------------------------------
