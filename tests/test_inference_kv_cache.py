@@ -80,3 +80,8 @@ def test_generate_benchmark_smoke():
     assert row["cached_tok_s"] > 0 and row["uncached_tok_s"] > 0
     # K and V of 2 layers x 2 kv heads x 16 dims x 4 bytes per slot, 5 + 6 slots, 2 rows
     assert row["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * (5 + 6) * 2
+
+
+def test_cache_refuses_other_models_by_name():
+    with pytest.raises(ValueError, match="not Linear.*--no-cache"):
+        CachedDecoder(torch.nn.Linear(2, 2), [[1]])

@@ -26,6 +26,7 @@ from hecate.models.attention import (Attention, BAMAttention, LightningAttention
                                      rope_tables)
 from hecate.models.attention_options import MLAttention, _deinterleave
 from hecate.models.rope_scaling import scaled_rope_tables
+from hecate.models.transformer import MoETransformer
 from hecate.moe.overrides import routing_overrides
 
 
@@ -164,6 +165,9 @@ class CachedDecoder:
     """KV-cached decoder with the interface of hecate.inference.sampling.FullDecoder."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], overrides: Sequence[dict] = ()):
+        if not isinstance(model, MoETransformer):
+            raise ValueError(f"the KV cache decodes MoETransformer models, not {type(model).__name__}; "
+                             "generate with use_cache=False (--no-cache)")
         self.model, self.overrides = model, list(overrides)
         self.seqs = [list(p) for p in prompts]
         self.device = next(model.parameters()).device
