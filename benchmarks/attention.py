@@ -11,7 +11,8 @@ GPU, bf16 / fp16 let SDPA pick its flash backend), forward + backward
   flash    hecate.ops.flash_attention (dense causal)
   moh75 / moh50   hecate.ops.moh_attention with 75% / 50% of the heads chosen per token (random)
   window   flash_attention with a sliding window (only where S > window)
-and reports medians, speed ratios (sdpa time / time, so > 1 is faster than SDPA) and peak memory
+and reports medians, the forward attention-core FLOPs each runner needs (MoH: only its share of
+the heads; window: only the visible keys), speed ratios (sdpa time / time, so > 1 is faster than SDPA) and peak memory
 above the inputs. CPU peak memory is the high-water mark of bytes held by torch's allocator during
 one forward + backward (torch.profiler memory events: the kernels allocate their scratch through
 it), CUDA's is torch.cuda.max_memory_allocated. The machine may be shared: timings are noisy.
@@ -69,6 +70,17 @@ def make_runners(S, d, a, device):
     return runners
 
 
+def attention_flops(S, d, a, name) -> int:
+    """Forward FLOPs of the attention core (QK^T and PV over the visible query-key pairs) of one
+    runner: MoH computes only its share of the (token, head) pairs, the window only W keys a row."""
+    visible = S * (S + 1) // 2  # causal pairs per head
+    if name == "window":
+        W = a.window
+        visible = sum(min(p + 1, W) for p in range(S))
+    heads = a.heads * {"moh75": 0.75, "moh50": 0.5}.get(name, 1.0)
+    return int(round(4 * d * visible * heads))
+
+
 def peak_bytes(fn, device) -> int:
     """Most bytes torch's allocator held at once during fn(), beyond what was held before."""
     import torch
@@ -108,7 +120,8 @@ def measure(S, d, a) -> dict:
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
-    row = {name: {"time_s": median(ts), "peak_bytes": peak_bytes(runners[name], a.device)}
+    row = {name: {"time_s": median(ts), "peak_bytes": peak_bytes(runners[name], a.device),
+                  "attention_flops_fwd": attention_flops(S, d, a, name)}
            for name, ts in times.items()}
     base_t, base_m = row["sdpa"]["time_s"], row["sdpa"]["peak_bytes"]
     for r in row.values():
@@ -171,7 +184,8 @@ def main(argv=None) -> dict:
                 print(f"S={S:5d} d={d:3d}  " + "  ".join(
                     f"{n} {v['time_s'] * 1e3:8.1f} ms x{v['speed_vs_sdpa']:.2f} {v['peak_bytes'] / 2**20:6.1f} MiB"
                     for n, v in r.items()), flush=True)
-    result = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "heads": a.heads, "kv_heads": a.kv_heads,
+    result = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "heads": a.heads,
+              "kv_heads": a.kv_heads,
               "window": a.window, "repeats": a.repeats, "cases": rows, "targets": check_targets(rows, max(seqs))}
     emit(result, a.json, "\n".join(f"{k}: {v['value']:.3f} (target {v['target']}) "
                                     f"{'met' if v['met'] else 'NOT met'}" for k, v in result["targets"].items()))

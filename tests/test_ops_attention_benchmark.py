@@ -20,6 +20,10 @@ def test_attention_benchmark_smoke():
     for r in row.values():
         assert r["time_s"] > 0 and r["peak_bytes"] > 0
     assert row["sdpa"]["speed_vs_sdpa"] == 1.0
+    # MoH's FLOPs fall with the share of active heads
+    flops = {name: r["attention_flops_fwd"] for name, r in row.items()}
+    assert flops["moh50"] * 2 == flops["flash"] == flops["sdpa"] and flops["moh75"] * 4 == flops["flash"] * 3
+    assert flops["window"] < flops["flash"]
     assert {k.split(":")[1] for k in out["targets"]} == {
         "flash_speed_vs_sdpa", "flash_peak_vs_sdpa_max", "moh75_speed_vs_sdpa", "moh50_speed_vs_sdpa",
         "window_speed_vs_flash"}
