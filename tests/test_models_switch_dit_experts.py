@@ -93,3 +93,35 @@ def test_ep_rank_whose_experts_get_no_rows_matches_one_process(world, num_expert
     # Before the fix the empty rank skipped the dispatch's backward all-to-all and met its peers'
     # in the previous layer's combine backward: a gloo size mismatch.
     check_training(run_distributed(empty_rank_case, world, num_experts, 2))
+
+
+def cut_expert_graph_case(rank, world):
+    """Backward under ep when rank 0's expert output does not reach its received rows (an expert
+    with a data-dependent shortcut): every rank must still run each dispatch's backward."""
+    import hecate.parallel.ep as ep_module
+    from hecate.comm.topology import Topology
+    from hecate.parallel import build_strategy, parallelize
+
+    compute = ep_module.experts_on_received
+
+    def cut_on_rank_0(layer, x_recv, counts, weights):
+        y = compute(layer, x_recv, counts, weights)
+        return y.detach() + 0.0 * sum(w.sum() for w in weights.values()) if rank == 0 else y
+
+    p = get_preset("tiny-switch-dit")
+    torch.manual_seed(0)
+    model = parallelize(build_model(p.arch, dict(p.config, num_experts=world)), build_strategy("ep", Topology()))
+    x, y = shapes_batch(rank, 2)
+    t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(rank))
+    ep_module.experts_on_received = cut_on_rank_0
+    try:
+        model.loss(x, y, t, noise)[0].backward()
+    finally:
+        ep_module.experts_on_received = compute
+    return [p.grad is not None for p in model.blocks[0].parameters() if p.requires_grad].count(True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ep_runs_every_dispatch_backward_when_an_expert_skips_its_input(world):
+    counts = run_distributed(cut_expert_graph_case, world)
+    assert counts[0] > 0 and len(set(counts)) == 1

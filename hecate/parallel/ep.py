@@ -20,6 +20,23 @@ from hecate.parallel.expert_compute import experts_on_received
 from hecate.parallel.strategy import ExpertStrategy
 
 
+class _DispatchInGraph(torch.autograd.Function):
+    """y_recv unchanged, with x_recv as an input whose gradient is None (nothing to add).
+
+    Autograd runs the dispatch's backward all-to-all only when x_recv is in the graph of the
+    loss. An expert module whose output skips its input on some rank only (a data-dependent
+    branch on its rows, say) would make that rank skip the collective and meet its peers in
+    the next one; with this edge every rank runs it (None arrives there as zeros)."""
+
+    @staticmethod
+    def forward(ctx, y_recv, x_recv):
+        return y_recv.view_as(y_recv)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y, None
+
+
 class ExpertParallel(ExpertStrategy):
     name = "ep"
 
@@ -59,7 +76,7 @@ class ExpertParallel(ExpertStrategy):
         recv_splits = recv_counts_PG.sum(1).tolist()
         x_recv = all_to_all_v(x_ND, send_splits, recv_splits, group=group, stats=stats, name="ep.dispatch")
         weights = {n: getattr(layer.experts, n) for n in ChunkLayout.of(layer.experts).names}
-        y_recv = experts_on_received(layer, x_recv, recv_counts_PG, weights)
+        y_recv = _DispatchInGraph.apply(experts_on_received(layer, x_recv, recv_counts_PG, weights), x_recv)
         y_ND = all_to_all_v(y_recv, recv_splits, send_splits, group=group, stats=stats, name="ep.combine")
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 
