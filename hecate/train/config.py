@@ -225,10 +225,11 @@ def from_dict(data: dict | None) -> TrainConfig:
     return _build(TrainConfig, data, "")
 
 
-def _resolve_model_preset(model: dict) -> dict:
-    """Handle `model.arch` and `model.preset`: a model-zoo preset's config is the base and the
-    file's model keys override it (model.moe merged key by key). The trainer builds the
-    `transformer` architecture only, so other archs are rejected here with the key named."""
+def apply_model_preset(model: dict) -> tuple[Optional[str], dict]:
+    """Pop `model.arch` and `model.preset` from a copy of a model section; with a preset, the
+    model-zoo preset's config is the base and the section's keys override it (model.moe merged
+    key by key). Returns (arch, model keys); arch is the preset's when only the preset is named,
+    None when neither is. Shared by the transformer trainer and hecate.train.tasks."""
     model = dict(model)
     arch, name = model.pop("arch", None), model.pop("preset", None)
     if name is not None:
@@ -248,6 +249,13 @@ def _resolve_model_preset(model: dict) -> dict:
         if isinstance(base.get("moe"), dict) and isinstance(model.get("moe"), dict):
             model["moe"] = {**base["moe"], **model["moe"]}
         model = {**base, **model}
+    return arch, model
+
+
+def _resolve_model_preset(model: dict) -> dict:
+    """Handle `model.arch` and `model.preset` (apply_model_preset). The trainer builds the
+    `transformer` architecture only, so other archs are rejected here with the key named."""
+    arch, model = apply_model_preset(model)
     if arch is not None and arch != "transformer":
         raise ValueError(f"model.arch={arch!r}: `hecate train` trains arch 'transformer' only; "
                          "other model-zoo architectures can be inspected with `hecate inspect PRESET`")

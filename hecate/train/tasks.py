@@ -19,7 +19,6 @@ The trainer keeps calling `model.loss(x, y)` (every zoo model has it) and reads
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -27,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hecate.train.config import TrainConfig
+from hecate.train.config import TrainConfig, apply_model_preset
 
 TRANSFORMER = "transformer"
 # data.source values each non-transformer architecture accepts (the first is the default).
@@ -61,21 +60,9 @@ def arch_config_from_dict(data: dict, build) -> Optional[ArchTrainConfig]:
     """An ArchTrainConfig when the file's model section names a non-transformer architecture
     (`model.arch`, or `model.preset` of such an architecture); None for transformers.
     `build` is hecate.train.config._build (typed parsing with did-you-mean errors)."""
-    from hecate.models.registry import ARCHITECTURES, _load_zoo, get_preset, make_config
+    from hecate.models.registry import ARCHITECTURES, _load_zoo, make_config
 
-    model = dict(data.get("model") or {})
-    arch, name = model.get("arch"), model.get("preset")
-    if name is not None:
-        if not isinstance(name, str):
-            raise TypeError(f"model.preset must be a preset name (string), got {name!r}")
-        try:
-            preset = get_preset(name)
-        except ValueError as e:
-            raise ValueError(f"model.preset: {e}") from None
-        if arch is not None and arch != preset.arch:
-            raise ValueError(f"model.arch={arch!r} contradicts model.preset={name!r} (arch {preset.arch!r}); "
-                             "remove model.arch")
-        arch = preset.arch
+    arch, model = apply_model_preset(data.get("model") or {})
     if arch is None or arch == TRANSFORMER:
         return None
     _load_zoo()
@@ -87,13 +74,6 @@ def arch_config_from_dict(data: dict, build) -> Optional[ArchTrainConfig]:
     if arch not in SOURCES:
         raise ValueError(f"model.arch={arch!r} cannot be trained by `hecate train` yet "
                          f"(trainable: {sorted([TRANSFORMER, *SOURCES])})")
-    model.pop("arch", None)
-    model.pop("preset", None)
-    if name is not None:  # the preset is the base; the file's keys override it (model.moe key by key)
-        base = copy.deepcopy(dict(get_preset(name).config))
-        if isinstance(base.get("moe"), dict) and isinstance(model.get("moe"), dict):
-            model["moe"] = {**base["moe"], **model["moe"]}
-        model = {**base, **model}
     rest = {k: v for k, v in data.items() if k != "model"}
     data_section = dict(rest.get("data") or {})
     data_section.setdefault("source", SOURCES[arch][0])
