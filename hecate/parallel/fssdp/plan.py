@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from hecate.parallel.fssdp.materialize import MaterializationPolicy
-from hecate.parallel.fssdp.routes import RankLayout, TokenRoutes, rank_splits, route_tokens
+from hecate.parallel.fssdp.routes import HoldersShape, RankLayout, TokenRoutes, rank_splits, route_tokens
 
 _DIGEST_TAG = b"hecate-fssdp-plan-v2"
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(HoldersShape):
     """owner_E int64 [E] (P0), holders_WE bool [W, E] (P1), routes (TokenRoutes, sparse).
 
     Every method costs O(W*E + replicas) except the dense views `routes_WEW` (O(W^2 E))
@@ -35,14 +35,6 @@ class Plan:
         if not isinstance(self.routes, TokenRoutes):
             raise TypeError(f"Plan.routes must be a TokenRoutes (routes.route_tokens), got "
                             f"{type(self.routes).__name__}")
-
-    @property
-    def world_size(self) -> int:
-        return self.holders_WE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.holders_WE.shape[1]
 
     @property
     def num_replicas(self) -> int:

@@ -67,7 +67,22 @@ class RankLayout:
         return out
 
 
-class TokenRoutes:
+class HoldersShape:
+    """`world_size` and `num_experts` read off `holders_WE` [W, E] (a numpy array in
+    TokenRoutes, a tensor in Plan)."""
+
+    __slots__ = ()
+
+    @property
+    def world_size(self) -> int:
+        return self.holders_WE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.holders_WE.shape[1]
+
+
+class TokenRoutes(HoldersShape):
     """Sparse token routes of one layer's iteration (see the module docstring).
 
     Attributes (numpy, read-only by convention): holders_WE bool [W, E], counts_WE int64
@@ -91,14 +106,6 @@ class TokenRoutes:
         self._pairs = None
         self._loads = None
         self._index_holders()
-
-    @property
-    def world_size(self) -> int:
-        return self.holders_WE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.holders_WE.shape[1]
 
     @property
     def num_holders(self) -> int:
