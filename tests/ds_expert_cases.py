@@ -76,30 +76,26 @@ def distinct_weights(expert: nn.Module, num_experts: int, seed=11) -> dict:
             for n, p in expert.named_parameters()}
 
 
-def ds_form_equivalence(rank, world, form, k, ep_size, drop_tokens, use_residual, tokens, strategy, train=True):
-    """DeepSpeed MoE vs the drop-in MoE, both built from make_expert(form), on the same weights:
-    max abs differences of the output, l_aux, dx, the gate gradient and every expert gradient."""
-    _deepspeed()
+def _paired_layers(form, kw, strategy, use_residual, train):
+    """DeepSpeed's MoE and the drop-in, both built from make_expert(form) with the MoE kwargs kw,
+    loaded with the same distinct expert weights, gate and residual. Returns (ds, hm, full,
+    first): full holds every expert's weights, first is this rank's first expert in DeepSpeed."""
     from deepspeed.moe.layer import MoE as DSMoE
     from deepspeed.utils import groups
 
-    from hecate.integrations.deepspeed import MoE, finish_backward
+    from hecate.integrations.deepspeed import MoE
 
-    E = 8
     torch.manual_seed(0)
     expert = make_expert(form)
-    kw = dict(num_experts=E, ep_size=ep_size, k=k, capacity_factor=1.0, min_capacity=0, use_residual=use_residual,
-              drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
     ds = DSMoE(D, expert, **kw)
     ds.set_deepspeed_parallelism()
     hm = MoE(D, expert, **kw, strategy=strategy)
-    full = distinct_weights(expert, E)
-    ep_rank = groups._get_expert_parallel_rank(ds.expert_group_name)
-    nl = ds.num_local_experts
+    full = distinct_weights(expert, kw["num_experts"])
+    first = groups._get_expert_parallel_rank(ds.expert_group_name) * ds.num_local_experts
     with torch.no_grad():
         for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
             for n, p in ex.named_parameters():
-                p.copy_(full[n.replace(".", "__")][ep_rank * nl + i])
+                p.copy_(full[n.replace(".", "__")][first + i])
         hm.moe.router.weight_ED.copy_(ds.deepspeed_moe.gate.wg.weight)
         if use_residual:
             hm.moe.residual.coefficient.load_state_dict(ds.coefficient.state_dict())
@@ -108,32 +104,63 @@ def ds_form_equivalence(rank, world, form, k, ep_size, drop_tokens, use_residual
     if not train:
         ds.eval()
         hm.eval()
-    n = tokens[rank]
+    return ds, hm, full, first
+
+
+def _rank_inputs(rank, tokens):
+    """This rank's input x and output gradient dy ([tokens[rank], D] each)."""
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(n, D, generator=g)
-    dy = torch.randn(n, D, generator=g)
+    x = torch.randn(tokens[rank], D, generator=g)
+    dy = torch.randn(tokens[rank], D, generator=g)
+    return x, dy
+
+
+def _forward_backward_gaps(ds, hm, x, dy, gate_seed=None):
+    """Forward and backward of both layers on x (reseeding the global generator with gate_seed
+    before each forward when given); max abs differences of output, l_aux, dx and gate gradient."""
     outs = []
     for layer in (ds, hm):
         xi = x.clone().requires_grad_(True)
+        if gate_seed is not None:
+            torch.manual_seed(gate_seed)  # the same generator state for both gates' draws
         y, l_aux, counts = layer(xi)
         ((y * dy).sum() + 0.5 * l_aux).backward()
         outs.append((y.detach(), l_aux.detach(), counts.detach().long(), xi.grad))
     (y0, a0, c0, gx0), (y1, a1, c1, gx1) = outs
-    res = {"y": float((y0 - y1).abs().max()), "l_aux": abs(float(a0) - float(a1)),
-           "counts_equal": bool(torch.equal(c0, c1)), "dx": float((gx0 - gx1).abs().max()),
-           "dgate": float((ds.deepspeed_moe.gate.wg.weight.grad - hm.moe.router.weight_ED.grad).abs().max()),
-           "scale": float(y0.abs().max()), "mode": hm.moe.experts.mode}
+    return {"y": float((y0 - y1).abs().max()), "l_aux": abs(float(a0) - float(a1)),
+            "counts_equal": bool(torch.equal(c0, c1)), "dx": float((gx0 - gx1).abs().max()),
+            "dgate": float((ds.deepspeed_moe.gate.wg.weight.grad - hm.moe.router.weight_ED.grad).abs().max()),
+            "scale": float(y0.abs().max())}
+
+
+def _expert_grad_gap(ds, hm, full, first, world):
+    """Finish the drop-in's backward; the max abs difference of every expert gradient."""
+    from hecate.integrations.deepspeed import finish_backward
+
     finish_backward(hm)
     hg = hm.strategy.gather_experts(hm.moe, grads=True)
     worst = 0.0
     for name, v in full.items():
         dg = torch.zeros_like(v)
         for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            dg[ep_rank * nl + i] = dict(ex.named_parameters())[name.replace("__", ".")].grad
+            dg[first + i] = dict(ex.named_parameters())[name.replace("__", ".")].grad
         dist.all_reduce(dg)
         dg /= world  # the data-parallel mean DeepSpeed's engine applies
         worst = max(worst, float((hg[name] - dg).abs().max()))
-    res["dexperts"] = worst
+    return worst
+
+
+def ds_form_equivalence(rank, world, form, k, ep_size, drop_tokens, use_residual, tokens, strategy, train=True):
+    """DeepSpeed MoE vs the drop-in MoE, both built from make_expert(form), on the same weights:
+    max abs differences of the output, l_aux, dx, the gate gradient and every expert gradient."""
+    _deepspeed()
+    kw = dict(num_experts=8, ep_size=ep_size, k=k, capacity_factor=1.0, min_capacity=0, use_residual=use_residual,
+              drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
+    ds, hm, full, first = _paired_layers(form, kw, strategy, use_residual, train)
+    x, dy = _rank_inputs(rank, tokens)
+    res = _forward_backward_gaps(ds, hm, x, dy)
+    res["mode"] = hm.moe.experts.mode
+    res["dexperts"] = _expert_grad_gap(ds, hm, full, first, world)
     if use_residual:
         res["dresidual"] = max(float((a.grad - b.grad).abs().max()) for a, b in
                                zip(ds.mlp.parameters(), hm.moe.residual.mlp.parameters()))
@@ -146,65 +173,16 @@ def ds_sampling_equivalence(rank, world, k, gate_kw, drop_tokens, use_residual, 
     top2_2nd_expert_sampling, noisy_gate_policy), both run from the same generator state:
     the draws, hence every output and gradient, must be the same."""
     _deepspeed()
-    from deepspeed.moe.layer import MoE as DSMoE
-    from deepspeed.utils import groups
-
-    from hecate.integrations.deepspeed import MoE, finish_backward
-
-    E = 8
-    torch.manual_seed(0)
-    expert = make_expert(form)
-    kw = dict(num_experts=E, ep_size=2 if world >= 2 else 1, k=k, capacity_factor=1.0, min_capacity=0,
+    kw = dict(num_experts=8, ep_size=2 if world >= 2 else 1, k=k, capacity_factor=1.0, min_capacity=0,
               use_residual=use_residual, drop_tokens=drop_tokens, **gate_kw)
-    ds = DSMoE(D, expert, **kw)
-    ds.set_deepspeed_parallelism()
-    hm = MoE(D, expert, **kw, strategy=strategy)
-    full = distinct_weights(expert, E)
-    ep_rank = groups._get_expert_parallel_rank(ds.expert_group_name)
-    nl = ds.num_local_experts
-    with torch.no_grad():
-        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            for n, p in ex.named_parameters():
-                p.copy_(full[n.replace(".", "__")][ep_rank * nl + i])
-        hm.moe.router.weight_ED.copy_(ds.deepspeed_moe.gate.wg.weight)
-        if use_residual:
-            hm.moe.residual.coefficient.load_state_dict(ds.coefficient.state_dict())
-            hm.moe.residual.mlp.load_state_dict(ds.mlp.state_dict())
-    hm.strategy.load_experts(hm.moe, full)
-    if not train:
-        ds.eval()
-        hm.eval()
-    n = tokens[rank]
-    g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(n, D, generator=g)
-    dy = torch.randn(n, D, generator=g)
-    outs = []
-    for layer in (ds, hm):
-        xi = x.clone().requires_grad_(True)
-        torch.manual_seed(1234 + rank)  # the same generator state for both gates' draws
-        y, l_aux, counts = layer(xi)
-        ((y * dy).sum() + 0.5 * l_aux).backward()
-        outs.append((y.detach(), l_aux.detach(), counts.detach().long(), xi.grad))
-    (y0, a0, c0, gx0), (y1, a1, c1, gx1) = outs
-    res = {"y": float((y0 - y1).abs().max()), "l_aux": abs(float(a0) - float(a1)),
-           "counts_equal": bool(torch.equal(c0, c1)), "dx": float((gx0 - gx1).abs().max()),
-           "dgate": float((ds.deepspeed_moe.gate.wg.weight.grad - hm.moe.router.weight_ED.grad).abs().max()),
-           "scale": float(y0.abs().max())}
+    ds, hm, full, first = _paired_layers(form, kw, strategy, use_residual, train)
+    x, dy = _rank_inputs(rank, tokens)
+    res = _forward_backward_gaps(ds, hm, x, dy, gate_seed=1234 + rank)
     with torch.no_grad():  # how many entries the capacity dropped on this rank (the test wants > 0)
         torch.manual_seed(1234 + rank)
         stats = hm.moe(x).stats
         res["dropped"] = int(stats.tokens_per_expert_E.sum() - stats.kept_per_expert_E.sum())
-    finish_backward(hm)
-    hg = hm.strategy.gather_experts(hm.moe, grads=True)
-    worst = 0.0
-    for name, v in full.items():
-        dg = torch.zeros_like(v)
-        for i, ex in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            dg[ep_rank * nl + i] = dict(ex.named_parameters())[name.replace("__", ".")].grad
-        dist.all_reduce(dg)
-        dg /= world
-        worst = max(worst, float((hg[name] - dg).abs().max()))
-    res["dexperts"] = worst
+    res["dexperts"] = _expert_grad_gap(ds, hm, full, first, world)
     return res
 
 
