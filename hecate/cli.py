@@ -181,7 +181,10 @@ def cmd_train(args) -> int:
         return _run_worker(args)
     from hecate.train.launch import LaunchSpec, launch
     from hecate.train.preflight import preflight
+    from hecate.train.stages import is_stage_config
 
+    if is_stage_config(args.config):  # progressive training (Uni-MoE): hecate.train.stages
+        return _launch_stages(args, LaunchSpec, launch)
     # Check everything that can be checked here, before any worker process starts.
     cfg = load_config(args.config, args.overrides)
     nproc = cfg.parallel.nproc if args.nproc is None else args.nproc
@@ -202,6 +205,24 @@ def cmd_train(args) -> int:
             lock.release()
 
 
+def _launch_stages(args, LaunchSpec, launch) -> int:
+    """`hecate train STAGED_CONFIG`: check the config here, then launch workers like any run."""
+    from hecate.train.stages import check_world, load_stage_config, stage_nproc
+
+    if args.resume or args.max_restarts:
+        raise ValueError("a staged config (stages:) runs every stage from the start; --resume and "
+                         "--max-restarts are not supported for it")
+    cfg = load_stage_config(args.config, args.overrides)
+    nproc = stage_nproc(args.config, args.overrides) if args.nproc is None else args.nproc
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc} must be >= 1")
+    check_world(cfg, nproc * args.nnodes)
+    spec = LaunchSpec(nproc=nproc, worker_args=[args.config, *sum((["--set", o] for o in args.overrides), [])],
+                      max_restarts=0, rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes,
+                      node_rank=args.node_rank).validate()
+    return launch(spec)
+
+
 def _run_worker(args) -> int:
     """One rank: train, and turn any error into one line (or a record for the launcher), exit 2."""
     from hecate.train.faults import EXIT_STOPPED, die_with_parent, report_worker_error
@@ -214,10 +235,15 @@ def _run_worker(args) -> int:
         from hecate.train.config import load_config
         from hecate.train.trainer import train
 
+        from hecate.train.stages import is_stage_config, load_stage_config, train_stages
+
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg = load_config(args.config, args.overrides, world_size=world)
-        resume = "if_any" if args.resume_if_any else args.resume
-        summary = train(cfg, resume=resume)
+        if is_stage_config(args.config):
+            summary = train_stages(load_stage_config(args.config, args.overrides))
+        else:
+            cfg = load_config(args.config, args.overrides, world_size=world)
+            resume = "if_any" if args.resume_if_any else args.resume
+            summary = train(cfg, resume=resume)
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         return 130
     except Exception as e:  # noqa: BLE001 - every error becomes one line naming the rank
@@ -235,6 +261,9 @@ def _print_summary(summary: dict) -> None:
               + (f"; checkpoint {summary['checkpoint']}" if summary.get("checkpoint") else ""), flush=True)
         return
     first, last = summary.get("first_loss"), summary.get("last_loss")
+    if "stages" in summary:  # a staged run (hecate.train.stages)
+        print(f"stages {' -> '.join(summary['stages'])}: {summary['steps']} steps; checkpoint "
+              f"{summary['checkpoint']}", flush=True)
     if first is not None:
         print(f"done in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}"
               + (f", val_loss {summary['val_loss']:.3f} (ppl {summary['val_ppl']:.2f})"

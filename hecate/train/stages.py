@@ -5,6 +5,13 @@ the full config), `parallel:` (strategy, options) and `stages:` — a list of
 `{name: align | experts | lora | full, steps: N, lr: ...}` run in order on the same model:
 
     run_stages(load_stage_config("configs/models/tiny-uni-moe.yaml"))   # on every rank
+    hecate train configs/models/tiny-uni-moe.yaml [--nproc N] [--set stages.experts.steps=5]
+
+`hecate train` of a staged config launches its workers like any run; each runs `train_stages`,
+which writes out_dir (`train.out_dir`) metrics.jsonl (one record per step: step, stage, loss, lr),
+stages/<i>-<name>.safetensors (the full model after each stage, export_safetensors names),
+stages.json (per stage: name, steps, trainable parameter names, snapshot file, first/last loss)
+and a final checkpoint in checkpoints/ (save_checkpoint, the last stage's optimizer).
 
 Each stage freezes all but its parameters (UniMoE.set_stage) and builds a fresh Engine over
 exactly the trainable ones, so a frozen parameter is neither changed nor given optimizer state
@@ -34,16 +41,65 @@ class StageConfig:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    out_dir: str = "runs/uni-moe"
 
 
-def load_stage_config(path: str, overrides: dict | None = None) -> StageConfig:
-    import yaml
+def is_stage_config(path: str) -> bool:
+    """Whether config `path` (file or configs/ name) is a staged run (a top-level `stages:` key)."""
+    from hecate.train.config import parse_yaml, resolve_config_path
 
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # not ours: hecate.train.config.load_config names the bad byte
+    data = parse_yaml(text, str(resolved))
+    return isinstance(data, dict) and "stages" in data
+
+
+def apply_stage_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set` for a staged config: `stages.<index or name>.<key>=v` sets one stage's key,
+    `stages.<key>=v` (steps, lr) sets it in every stage; other keys as in hecate.train.config."""
+    from hecate.train.config import apply_overrides, parse_yaml
+
+    rest = []
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if parts[0] != "stages":
+            rest.append(item)
+            continue
+        stages = data.get("stages")
+        if not isinstance(stages, list) or len(parts) not in (2, 3) or not raw.strip():
+            raise ValueError(f"override {item!r}: write stages.<index|name>.<key>=VALUE or stages.<key>=VALUE "
+                             "(e.g. stages.steps=2, stages.experts.lr=1e-3)")
+        value = parse_yaml(raw, f"--set {key}")
+        if len(parts) == 2:
+            targets = stages
+        else:
+            sel = parts[1]
+            targets = [st for i, st in enumerate(stages) if str(i) == sel or (isinstance(st, dict) and st.get("name") == sel)]
+            if not targets:
+                names = [st.get("name") if isinstance(st, dict) else st for st in stages]
+                raise ValueError(f"override {item!r}: no stage {sel!r}; stages are {names} (index 0..{len(stages) - 1})")
+        for st in targets:
+            if not isinstance(st, dict):
+                raise ValueError(f"override {item!r}: stage {st!r} is not a mapping")
+            st[parts[-1]] = value
+    return apply_overrides(data, rest)
+
+
+def load_stage_config(path: str, overrides: dict | list[str] | None = None) -> StageConfig:
+    """`overrides`: a dict replacing top-level sections, or `--set` strings (apply_stage_overrides)."""
     from hecate.models.registry import get_preset
+    from hecate.train.config import parse_yaml, resolve_config_path
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    data.update(overrides or {})
+    resolved = resolve_config_path(path)
+    data = parse_yaml(resolved.read_text(), str(resolved)) or {}
+    if isinstance(overrides, list):
+        apply_stage_overrides(data, overrides)
+    else:
+        data.update(overrides or {})
     unknown = set(data) - {"model", "stages", "parallel", "data", "train"}
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)} (model, stages, parallel, data, train)")
@@ -62,9 +118,92 @@ def load_stage_config(path: str, overrides: dict | None = None) -> StageConfig:
             raise ValueError(f"{path}: stages[{i}]={st!r} needs name in {STAGES} and steps >= 1")
     p = dict(data.get("parallel") or {})
     d, t = dict(data.get("data") or {}), dict(data.get("train") or {})
+    for section, got, known in (("parallel", p, {"strategy", "options", "nproc"}), ("data", d, {"batch_size"}),
+                                ("train", t, {"seed", "out_dir"})):
+        if set(got) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(set(got) - known)} in {section} (a staged config "
+                             f"takes {sorted(known)})")
     return StageConfig(model=model, stages=stages, strategy=p.get("strategy", "local"),
                        strategy_options=dict(p.get("options") or {}), batch_size=d.get("batch_size", 8),
-                       seed=t.get("seed", 0))
+                       seed=t.get("seed", 0), out_dir=t.get("out_dir", StageConfig.out_dir))
+
+
+def stage_nproc(path: str, overrides: list[str] | None = None) -> int:
+    """parallel.nproc of a staged config (default 1)."""
+    from hecate.train.config import apply_overrides, parse_yaml, resolve_config_path
+
+    resolved = resolve_config_path(path)
+    data = apply_overrides(parse_yaml(resolved.read_text(), str(resolved)) or {},
+                           [o for o in overrides or [] if not o.startswith("stages.")])
+    return int((data.get("parallel") or {}).get("nproc", 1))
+
+
+def check_world(cfg: StageConfig, world: int) -> None:
+    """A clear error before any worker starts: `local` runs on one rank only."""
+    if cfg.strategy == "local" and world != 1:
+        raise ValueError(f"parallel.strategy=local runs on 1 rank, got {world}; pass --nproc 1 or "
+                         "--set parallel.strategy=ep (or dp, fsdp, fssdp)")
+
+
+def train_stages(cfg: StageConfig) -> dict:
+    """One rank of `hecate train STAGED_CONFIG`: run every stage, writing out_dir (module docstring).
+    Returns a summary (stages, steps, first/last loss, checkpoint) for the launcher's rank-0 line."""
+    import json
+    import time
+    from pathlib import Path
+
+    from hecate.comm.topology import Topology
+    from hecate.train.checkpoint import export_safetensors, save_checkpoint
+    from hecate.train.checkpoint_io import atomic_write_json
+    from hecate.train.trainer import init_distributed
+
+    t0 = time.time()
+    _, owns_group = init_distributed()
+    try:
+        topology = Topology()
+        rank, world = topology.rank, topology.world_size
+        check_world(cfg, world)
+        out = Path(cfg.out_dir)
+        if rank == 0:
+            (out / "stages").mkdir(parents=True, exist_ok=True)
+            metrics = open(out / "metrics.jsonl", "w")
+        done, state = [], {"step": 0}
+
+        def on_stage_end(st, model, engine):
+            i = len(done)
+            snapshot = out / "stages" / f"{i}-{st['name']}.safetensors"
+            export_safetensors(snapshot, model, engine.strategy, topology)  # collective
+            state["model"], state["engine"] = model, engine
+            done.append((st, snapshot))
+
+        records = run_stages(cfg, rank, world, topology, on_stage_end=on_stage_end)
+        summary_stages = []
+        for (st, snapshot), rec in zip(done, records):
+            if rank == 0:
+                for loss in rec["losses"]:
+                    state["step"] += 1
+                    metrics.write(json.dumps({"step": state["step"], "stage": st["name"], "loss": loss,
+                                              "lr": st.get("lr", 1e-3)}) + "\n")
+            summary_stages.append({"name": st["name"], "steps": st["steps"], "trainable": rec["trainable"],
+                                   "snapshot": str(snapshot), "first_loss": rec["losses"][0],
+                                   "last_loss": rec["losses"][-1]})
+        steps = sum(st["steps"] for st in cfg.stages)
+        model, engine = state["model"], state["engine"]
+        ckpt = save_checkpoint(str(out / "checkpoints"), model, engine.strategy, engine, steps,
+                               config_dict={"staged": True, "model": cfg.model, "stages": cfg.stages,
+                                            "strategy": cfg.strategy},
+                               topology=topology)
+        if rank == 0:
+            metrics.close()
+            atomic_write_json(str(out / "stages.json"), summary_stages)
+        return {"stages": [s["name"] for s in summary_stages], "steps": steps, "checkpoint": ckpt,
+                "first_loss": records[0]["losses"][0], "last_loss": records[-1]["losses"][-1],
+                "seconds": time.time() - t0}
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def run_stages(cfg: StageConfig, rank: int = 0, world: int = 1, topology=None, model=None,

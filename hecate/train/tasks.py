@@ -69,8 +69,8 @@ def arch_config_from_dict(data: dict, build) -> Optional[ArchTrainConfig]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"model.arch={arch!r} is not a model-zoo architecture; known: {sorted(ARCHITECTURES)}")
     if arch == "uni_moe":
-        raise ValueError("model.arch='uni_moe' trains in stages: run hecate.train.stages.run_stages("
-                         "load_stage_config(PATH)) on every rank (configs/models/tiny-uni-moe.yaml)")
+        raise ValueError("model.arch='uni_moe' trains in stages: give the config a `stages:` list and run "
+                         "`hecate train CONFIG` (hecate.train.stages.run_stages; see configs/models/tiny-uni-moe.yaml)")
     if arch not in SOURCES:
         raise ValueError(f"model.arch={arch!r} cannot be trained by `hecate train` yet "
                          f"(trainable: {sorted([TRANSFORMER, *SOURCES])})")
