@@ -22,9 +22,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hecate.models.attention import (Attention, BAMAttention, LightningAttention, MoHAttention, apply_rope,
-                                     rope_tables)
-from hecate.models.attention_options import MLAttention, _deinterleave
+from hecate.models.attention import Attention, BAMAttention, LightningAttention, MoHAttention, rope_tables
+from hecate.models.attention_options import MLAttention
 from hecate.models.rope_scaling import scaled_rope_tables
 from hecate.models.transformer import MoETransformer
 from hecate.moe.overrides import routing_overrides
@@ -79,16 +78,9 @@ def _bam(attn: BAMAttention, h, rope, state: KVState, mask) -> torch.Tensor:
         for n, branch in enumerate(attn.branches):
             ys.append(branch.out(_mha(branch, h, rope, state, mask, str(n)).reshape(B, S, -1)))
     else:
-        H, G, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        k, v = attn.kv(h).view(B, S, 2, G, d).unbind(2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if rope is not None:
-            k = apply_rope(k, rope)
+        qs, k, v = attn.shared_project(h, rope)
         k, v = state.extend("", k, v)
-        for branch in attn.branches:
-            q = branch.q(h).view(B, S, H, d).transpose(1, 2)
-            if rope is not None:
-                q = apply_rope(q, rope)
+        for branch, q in zip(attn.branches, qs):
             ys.append(branch.out(_attend(q, k, v, mask).transpose(1, 2).reshape(B, S, -1)))
     y = ys[0] * w[..., 0:1]
     for n in range(1, attn.num_experts):
@@ -98,38 +90,17 @@ def _bam(attn: BAMAttention, h, rope, state: KVState, mask) -> torch.Tensor:
 
 def _mla(attn: MLAttention, h, rope, state: KVState, mask) -> torch.Tensor:
     B, S, _ = h.shape
-    H = attn.n_heads
-    q = attn.q_proj(h) if attn.q_proj is not None else attn.q_b(attn.q_a_norm(attn.q_a(h)))
-    q_nope, q_rope = q.view(B, S, H, attn.nope_dim + attn.rope_dim).transpose(1, 2).split(
-        [attn.nope_dim, attn.rope_dim], dim=-1)
-    latent, k_rope = attn.kv_a(h).split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
-    kv = attn.kv_b(attn.kv_a_norm(latent)).view(B, S, H, attn.nope_dim + attn.v_dim).transpose(1, 2)
-    k_nope, v = kv.split([attn.nope_dim, attn.v_dim], dim=-1)
-    k_rope = k_rope.view(B, 1, S, attn.rope_dim)
-    if attn.rope_interleave:
-        q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
-    q_rope, k_rope = apply_rope(q_rope, rope), apply_rope(k_rope, rope)
-    q = torch.cat((q_nope, q_rope), dim=-1)
-    if attn.softmax_scale != 1.0:
-        q = q * attn.softmax_scale
-    k = torch.cat((k_nope, k_rope.expand(B, H, S, attn.rope_dim)), dim=-1)
-    k, v = state.extend("", k, v.contiguous())
+    q, k, v = attn.project(h, rope)
+    k, v = state.extend("", k, v)
     o = _attend(q, k, v, mask).transpose(1, 2)
-    return attn.out(o.reshape(B, S, H * attn.v_dim))
+    return attn.out(o.reshape(B, S, attn.n_heads * attn.v_dim))
 
 
 def _lightning(attn: LightningAttention, h, rope, state: KVState, real_BS) -> torch.Tensor:
     """o_t = q_t S_t, S_t = decay S_{t-1} + k_t^T v_t (pad slots add nothing), token by token."""
     B, S, _ = h.shape
-    H, G, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q, k, v = attn.qkv(h).split([H * d, G * d, G * d], dim=-1)
-    q = F.silu(q).view(B, S, H, d).transpose(1, 2)
-    k = F.silu(k).view(B, S, G, d).transpose(1, 2)
-    v = v.view(B, S, G, d).transpose(1, 2)
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-    if G != H:
-        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    H, d = attn.n_heads, attn.head_dim
+    q, k, v = attn.project(h, rope)
     k = k * real_BS[:, None, :, None].to(k.dtype)
     s_BHdd = state.kv.get("state")
     if s_BHdd is None:

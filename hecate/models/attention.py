@@ -282,6 +282,21 @@ class BAMAttention(nn.Module):
             self.branches = nn.ModuleList(Attention(d_model, n_heads, self.n_kv_heads, self.head_dim)
                                           for _ in range(num_experts))
 
+    def shared_project(self, x_BSD, rope: Optional[Rope]):
+        """shared_kv=True: ([q_BHSd of each branch], k_BGSd, v_BGSd), RoPE applied to q and k
+        (shared with the KV-cache decoder; shared_kv=False branches are Attention.project)."""
+        B, S, _ = x_BSD.shape
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        k, v = self.kv(x_BSD).view(B, S, 2, G, d).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            k = apply_rope(k, rope)
+        qs = []
+        for branch in self.branches:
+            q = branch.q(x_BSD).view(B, S, H, d).transpose(1, 2)
+            qs.append(apply_rope(q, rope) if rope is not None else q)
+        return qs, k, v
+
     def forward(self, x_BSD, rope: Optional[Rope] = None):
         B, S, D = x_BSD.shape
         with torch.autocast(device_type=x_BSD.device.type, enabled=False):
@@ -290,17 +305,9 @@ class BAMAttention(nn.Module):
         if not self.shared_kv:
             ys = [branch(x_BSD, rope) for branch in self.branches]
         else:
-            H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
-            k, v = self.kv(x_BSD).view(B, S, 2, G, d).unbind(2)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-            if rope is not None:
-                k = apply_rope(k, rope)
-            ys = []
-            for branch in self.branches:
-                q = branch.q(x_BSD).view(B, S, H, d).transpose(1, 2)
-                if rope is not None:
-                    q = apply_rope(q, rope)
-                ys.append(branch.out(causal_attention(q, k, v).transpose(1, 2).reshape(B, S, -1)))
+            qs, k, v = self.shared_project(x_BSD, rope)
+            ys = [branch.out(causal_attention(q, k, v).transpose(1, 2).reshape(B, S, -1))
+                  for branch, q in zip(self.branches, qs)]
         y = ys[0] * w_BSN[..., 0:1]
         for n in range(1, self.num_experts):
             y = y + ys[n] * w_BSN[..., n:n + 1]
@@ -337,7 +344,9 @@ class LightningAttention(nn.Module):
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.register_buffer("decay", lightning_decays(n_heads), persistent=False)
 
-    def forward(self, x_BSD, rope: Optional[Rope] = None):
+    def project(self, x_BSD, rope: Optional[Rope]):
+        """q_BHSd, k_BHSd, v_BHSd: SiLU feature maps on q and k, RoPE on both, GQA K/V heads
+        repeated to the query heads (shared with the KV-cache decoder)."""
         B, S, _ = x_BSD.shape
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BSD).split([H * d, G * d, G * d], dim=-1)
@@ -348,6 +357,11 @@ class LightningAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if G != H:
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        return q, k, v
+
+    def forward(self, x_BSD, rope: Optional[Rope] = None):
+        B, S, _ = x_BSD.shape
+        q, k, v = self.project(x_BSD, rope)
         o = attention_ops.lightning_attention(q, k, v, self.decay, self.block_size)
         o = o.float()
         o = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)).to(x_BSD.dtype)

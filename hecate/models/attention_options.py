@@ -125,7 +125,10 @@ class MLAttention(nn.Module):
         self.kv_b = nn.Linear(kv_lora_rank, n_heads * (nope_dim + v_dim), bias=False)
         self.out = nn.Linear(n_heads * v_dim, d_model, bias=bias)
 
-    def forward(self, x_BSD, rope: Optional[Rope] = None):
+    def project(self, x_BSD, rope: Optional[Rope]):
+        """q_BHSq, k_BHSq (q/k width nope_dim + rope_dim, the rope part rotated, q times
+        softmax_scale) and v_BHSv (contiguous): per-head keys and values after the latent
+        up-projection (shared with the KV-cache decoder)."""
         if rope is None:
             raise ValueError("attention='mla' needs rotary positions: set model.rope=true")
         B, S, _ = x_BSD.shape
@@ -144,8 +147,13 @@ class MLAttention(nn.Module):
         if self.softmax_scale != 1.0:
             q = q * self.softmax_scale
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)
-        o_BSHv = causal_attention(q, k, v.contiguous()).transpose(1, 2)
-        return self.out(o_BSHv.reshape(B, S, H * self.v_dim))
+        return q, k, v.contiguous()
+
+    def forward(self, x_BSD, rope: Optional[Rope] = None):
+        B, S, _ = x_BSD.shape
+        q, k, v = self.project(x_BSD, rope)
+        o_BSHv = causal_attention(q, k, v).transpose(1, 2)
+        return self.out(o_BSHv.reshape(B, S, self.n_heads * self.v_dim))
 
     def inactive_parameters(self) -> int:
         return 0
