@@ -59,12 +59,9 @@ def _mha(attn: Attention, h, rope, state: KVState, mask, name="") -> torch.Tenso
 
 
 def _moh(attn: MoHAttention, h, rope, state: KVState, mask) -> torch.Tensor:
-    B, S, D = h.shape
+    B, S, _ = h.shape
     q, k, v = attn.project(h, rope)
-    qnorm = None
-    if attn.router is None:
-        qnorm = q.detach()[:, attn.n_shared:].float().norm(dim=-1).permute(0, 2, 1).reshape(B * S, -1)
-    g_TH, _, _ = attn.route(h.reshape(-1, D), qnorm)
+    g_TH, _, _ = attn.route_heads(h, q)
     k, v = state.extend("", k, v)
     o = _attend(q, k, v, mask).transpose(1, 2)
     return attn.out((o * g_TH.view(B, S, -1, 1).to(o.dtype)).reshape(B, S, -1))

@@ -217,13 +217,19 @@ class MoHAttention(Attention):
             aux = self.balance_coeff * (p_TR.mean(0) * f_R).sum()
         return g_TH, aux, idx_TK
 
+    def route_heads(self, x_BSD: torch.Tensor, q_BHSd: torch.Tensor):
+        """route() over the B*S tokens of x, scored by the routed heads' query norms under the
+        parameter-free router (shared with the KV-cache decoder)."""
+        B, S, D = x_BSD.shape
+        qnorm_TR = None
+        if self.router is None:
+            qnorm_TR = q_BHSd.detach()[:, self.n_shared:].float().norm(dim=-1).permute(0, 2, 1).reshape(B * S, -1)
+        return self.route(x_BSD.reshape(-1, D), qnorm_TR)
+
     def forward(self, x_BSD, rope: Optional[Rope] = None):
         B, S, D = x_BSD.shape
         q, k, v = self.project(x_BSD, rope)
-        qnorm_TR = None
-        if self.router is None:
-            qnorm_TR = q.detach()[:, self.n_shared:].float().norm(dim=-1).permute(0, 2, 1).reshape(B * S, -1)
-        g_TH, aux, idx_TK = self.route(x_BSD.reshape(-1, D), qnorm_TR)
+        g_TH, aux, idx_TK = self.route_heads(x_BSD, q)
         if self.head_dim <= attention_ops.MAX_HEAD_DIM and use_attention_kernels(x_BSD.device):
             # Only the selected (token, head) pairs are computed; the kernel applies the gates.
             T = B * S
