@@ -89,8 +89,27 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gelu_rows(n: int) -> int:
+    """The row count `_activate` runs GELU on for n rows on the CPU: n rounded up to one of 8
+    steps per power of two (at most 1/8 padding), n itself up to 16."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def _activate(h1: torch.Tensor, h3: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     if activation == "gelu":
+        if h1.device.type == "cpu" and h1.dim() == 2 and torch.backends.mkldnn.is_available():
+            # On the CPU, GELU (forward and backward) runs a oneDNN kernel that is JIT-compiled
+            # and cached per input shape. Under fssdp / ep the experts' row count changes every
+            # step, so without this every step added new kernels to that cache (~2 MB per step
+            # per rank in benchmarks/soak.py). Zero rows padded to a bucket bound the shapes;
+            # GELU is elementwise, so the real rows' values are the same.
+            n = h1.shape[0]
+            rows = gelu_rows(n)
+            if rows != n:
+                return F.gelu(F.pad(h1, (0, 0, 0, rows - n)))[:n]
         return F.gelu(h1)
     if activation == "swiglu":
         return F.silu(h1) * h3
