@@ -63,6 +63,11 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+            import wandb
+
+            # finish() can return before wandb's service has written the run's log; teardown waits
+            # for it, so a process that exits right after close() keeps every metric.
+            wandb.teardown()
 
 
 def truncate_metrics(path: Path, step: int) -> int:
