@@ -670,6 +670,19 @@ Problem<scalar_t> make_problem(const Inputs& in, double scale, const Mask& mk) {
 #define HECATE_ATTENTION_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
+// A MoH problem: the dense problem plus the routing weights (in the accumulation type) and the
+// query tiles of the selected (token, head) pairs; forward and backward build it alike.
+template <typename scalar_t, typename acc_t>
+Problem<scalar_t> make_moh_problem(const Inputs& in, double scale, const Mask& mk, const at::Tensor& idx,
+                                   const at::Tensor& w) {
+  auto pb = make_problem<scalar_t>(in, scale, mk);
+  pb.K = idx.size(2);
+  if constexpr (std::is_same_v<acc_t, double>) pb.weights64 = w.data_ptr<double>();
+  else pb.weights = w.data_ptr<float>();
+  add_moh_tiles(pb, idx.data_ptr<int64_t>(), pb.K);
+  return pb;
+}
+
 template <typename scalar_t>
 using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -777,11 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moh_attention_fwd(
   auto lse = at::full({in.B, in.H, in.Sq}, -std::numeric_limits<double>::infinity(), in.q.options().dtype(math));
   HECATE_ATTENTION_TYPES(in.q.scalar_type(), "moh_attention_fwd", [&] {
     using acc_t = acc_of<scalar_t>;
-    auto pb = make_problem<scalar_t>(in, scale, mk);
-    pb.K = idx.size(2);
-    if constexpr (std::is_same_v<acc_t, double>) pb.weights64 = w.data_ptr<double>();
-    else pb.weights = w.data_ptr<float>();
-    add_moh_tiles(pb, idx.data_ptr<int64_t>(), pb.K);
+    auto pb = make_moh_problem<scalar_t, acc_t>(in, scale, mk, idx, w);
     Rows<scalar_t> raw(out_raw);
     forward<scalar_t, acc_t>(pb, key_tile(mk, 0), Rows<scalar_t>(out), &raw, lse.data_ptr<acc_t>());
   });
@@ -813,11 +822,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_attention_bwd(
   auto dv_acc = at::zeros_like(dk_acc);
   HECATE_ATTENTION_TYPES(in.q.scalar_type(), "moh_attention_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
-    auto pb = make_problem<scalar_t>(in, scale, mk);
-    pb.K = idx.size(2);
-    if constexpr (std::is_same_v<acc_t, double>) pb.weights64 = w.data_ptr<double>();
-    else pb.weights = w.data_ptr<float>();
-    add_moh_tiles(pb, idx.data_ptr<int64_t>(), pb.K);
+    auto pb = make_moh_problem<scalar_t, acc_t>(in, scale, mk, idx, w);
     backward<scalar_t, acc_t>(pb, key_tile(mk, 0), Rows<const scalar_t>(go), Rows<const scalar_t>(o),
                               lse_c.data_ptr<acc_t>(), Rows<scalar_t>(dq), dk_acc.data_ptr<acc_t>(),
                               dv_acc.data_ptr<acc_t>(), dw.data_ptr<acc_t>(), splits);
