@@ -37,6 +37,14 @@ def _exchange(stats, name: str, tokens_WW: np.ndarray, row_bytes: int) -> None:
         s.record_peers(name, (tokens_WW[r] * row_bytes).tolist(), (tokens_WW[:, r] * row_bytes).tolist(), r)
 
 
+def _token_exchanges(stats, prefix: str, tokens_WW: np.ndarray, row_bytes: int) -> None:
+    """One MoE layer's four token all-to-alls: dispatch, combine and their mirrored backwards."""
+    _exchange(stats, f"{prefix}.dispatch", tokens_WW, row_bytes)
+    _exchange(stats, f"{prefix}.combine", tokens_WW.T, row_bytes)
+    _exchange(stats, f"{prefix}.combine.backward", tokens_WW, row_bytes)
+    _exchange(stats, f"{prefix}.dispatch.backward", tokens_WW.T, row_bytes)
+
+
 def _chunk_exchange(stats, name: str, owner_E, holders_WE, row_bytes: int, reduce: bool) -> None:
     """spAG (owners send each replica to its holder) or its mirror spRS."""
     holders = np.asarray(holders_WE, dtype=bool)
@@ -75,10 +83,7 @@ def predict_fssdp(trace_steps, ranks_per_node: int, *, d_model: int, chunk_numel
                     _chunk_exchange(stats, "fssdp.spAG", plan.owner_E, plan.holders_WE, chunk_row, reduce=False)
                 _chunk_exchange(stats, "fssdp.spRS", plan.owner_E, plan.holders_WE, chunk_row, reduce=True)
             tokens = fssdp_tokens_WW(plan)
-            _exchange(stats, "fssdp.dispatch", tokens, row)
-            _exchange(stats, "fssdp.combine", tokens.T, row)
-            _exchange(stats, "fssdp.combine.backward", tokens, row)
-            _exchange(stats, "fssdp.dispatch.backward", tokens.T, row)
+            _token_exchanges(stats, "fssdp", tokens, row)
         if W > 1:
             for s in stats:
                 s.record("dense.reduce_scatter", (W - 1) * shard, (W - 1) * shard)
@@ -103,10 +108,7 @@ def predict_ep(trace_steps, ranks_per_node: int, *, d_model: int, dense_numel: i
             np.add.at(tokens.T, owner, counts_WE.T)
             for s in stats:
                 s.record("ep.counts", counts_bytes, counts_bytes, ranks=range(W))
-            _exchange(stats, "ep.dispatch", tokens, row)
-            _exchange(stats, "ep.combine", tokens.T, row)
-            _exchange(stats, "ep.combine.backward", tokens, row)
-            _exchange(stats, "ep.dispatch.backward", tokens.T, row)
+            _token_exchanges(stats, "ep", tokens, row)
         if W > 1:
             for s in stats:
                 s.record("dense.all_reduce", 2 * (W - 1) * n // W, 2 * (W - 1) * n // W)
