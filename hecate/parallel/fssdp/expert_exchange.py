@@ -53,6 +53,8 @@ class ExchangeSpec:
     slot_of_E: torch.Tensor
     rank: int
     rematerialize: bool
+    # Holders beyond the owners (Plan.num_replicas, known to the plan without a pass over P1).
+    num_replicas: int
     token_group: Any = None
     weight_group: Any = None
     stats: Any = None
@@ -81,7 +83,7 @@ class ExchangeSpec:
         # P1 == P0 (no replica anywhere, e.g. every replica pruned): every rank computes with
         # exactly its own rows, so spAG, re-materialization and spRS have nothing to move and
         # are skipped (the same decision on every rank: the plan is agreed).
-        self.replicated = bool(self.holders_WE.sum() > self.owner_E.numel())
+        self.replicated = self.num_replicas > 0
         if self.replicated and self.sparse_plan is None:
             raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
         self.rematerialize = self.rematerialize and self.replicated
