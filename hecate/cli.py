@@ -206,21 +206,24 @@ def cmd_train(args) -> int:
 
 
 def _launch_stages(args, LaunchSpec, launch) -> int:
-    """`hecate train STAGED_CONFIG`: check the config here, then launch workers like any run."""
+    """`hecate train STAGED_CONFIG`: check the config here, lock out_dir, then launch workers like any run."""
+    from hecate.train.preflight import preflight_stages
     from hecate.train.stages import check_world, load_stage_config, stage_nproc
 
-    if args.resume or args.max_restarts:
-        raise ValueError("a staged config (stages:) runs every stage from the start; --resume and "
-                         "--max-restarts are not supported for it")
     cfg = load_stage_config(args.config, args.overrides)
     nproc = stage_nproc(args.config, args.overrides) if args.nproc is None else args.nproc
     if nproc < 1:
         raise ValueError(f"--nproc={nproc} must be >= 1")
     check_world(cfg, nproc * args.nnodes)
-    spec = LaunchSpec(nproc=nproc, worker_args=[args.config, *sum((["--set", o] for o in args.overrides), [])],
-                      max_restarts=0, rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes,
-                      node_rank=args.node_rank).validate()
-    return launch(spec)
+    worker_args = [args.config, *sum((["--set", o] for o in args.overrides), [])] + (["--resume"] if args.resume else [])
+    spec = LaunchSpec(nproc=nproc, worker_args=worker_args, max_restarts=args.max_restarts,
+                      rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes, node_rank=args.node_rank).validate()
+    lock = preflight_stages(cfg, resume=args.resume, node_rank=args.node_rank)
+    try:
+        return launch(spec)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run_worker(args) -> int:
@@ -238,11 +241,11 @@ def _run_worker(args) -> int:
         from hecate.train.stages import is_stage_config, load_stage_config, train_stages
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        resume = "if_any" if args.resume_if_any else args.resume
         if is_stage_config(args.config):
-            summary = train_stages(load_stage_config(args.config, args.overrides))
+            summary = train_stages(load_stage_config(args.config, args.overrides), resume=resume)
         else:
             cfg = load_config(args.config, args.overrides, world_size=world)
-            resume = "if_any" if args.resume_if_any else args.resume
             summary = train(cfg, resume=resume)
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         return 130
@@ -262,8 +265,9 @@ def _print_summary(summary: dict) -> None:
         return
     first, last = summary.get("first_loss"), summary.get("last_loss")
     if "stages" in summary:  # a staged run (hecate.train.stages)
-        print(f"stages {' -> '.join(summary['stages'])}: {summary['steps']} steps; checkpoint "
-              f"{summary['checkpoint']}", flush=True)
+        print(f"stages {' -> '.join(summary['stages'])}: {summary['steps']} steps"
+              + (f" (resumed after step {summary['resumed_from']})" if summary.get("resumed_from") is not None
+                 else "") + f"; checkpoint {summary['checkpoint']}", flush=True)
     if first is not None:
         print(f"done in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}"
               + (f", val_loss {summary['val_loss']:.3f} (ppl {summary['val_ppl']:.2f})"
@@ -294,7 +298,12 @@ def inspect_config(config: str, overrides: list[str] | None = None, nproc: int |
         return inspect_preset(config, nproc, strategy)
     from hecate.train.config import load_config
     from hecate.train.model_stats import build_meta_model, memory_estimate, param_counts
+    from hecate.train.stages import inspect_stages, is_stage_config, load_stage_config, stage_nproc
 
+    if is_stage_config(config):  # a staged run (Uni-MoE): per-stage trainable parameters too
+        overrides = [*(overrides or []), *([f"parallel.strategy={strategy}"] if strategy is not None else [])]
+        return inspect_stages(load_stage_config(config, overrides),
+                              stage_nproc(config, overrides) if nproc is None else nproc)
     if strategy is not None:
         overrides = [*(overrides or []), f"parallel.strategy={strategy}"]
     cfg = load_config(config, overrides)
@@ -397,6 +406,9 @@ def cmd_inspect(args) -> int:
     if "attention_flops_per_seq" in info:  # forward attention cores, one max_seq_len sequence
         print(f"attention FLOPs/seq: {info['active_attention_flops_per_seq']:,} active of "
               f"{info['attention_flops_per_seq']:,}")
+    for st in info.get("stages", []):  # a staged config
+        print(f"stage {st['name']:<8} {st['steps']:>6} steps, lr {st['lr']:g}: trains "
+              f"{st['trainable_params']:,} params (the rest frozen)")
     line = (f"memory per rank ({mem['strategy']}, world {mem['world_size']}): "
             f"{mem['total_bytes'] / 2**20:,.1f} MiB (params+grads+AdamW {mem['param_state_bytes'] / 2**20:,.1f}, "
             f"transient experts {mem['transient_expert_bytes'] / 2**20:,.1f}")

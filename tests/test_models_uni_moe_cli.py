@@ -1,6 +1,7 @@
 """`hecate train configs/models/tiny-uni-moe.yaml`: the staged Uni-MoE schedule through the CLI
 and launcher (hecate.train.stages.train_stages on every worker). Checks the stage order, the
-exit code, and, from the per-stage snapshots, that each stage changed its own parameters only."""
+exit code, and, from the per-stage snapshots, that each stage changed its own parameters only;
+at 2 ranks through a rank's failure, the launcher's restart and the resume."""
 import json
 import os
 import subprocess
@@ -20,19 +21,26 @@ CONFIG = "configs/models/tiny-uni-moe.yaml"
 ORDER = ["align", "experts", "lora"]
 
 
-def _hecate(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def _hecate(*args, timeout=240, **env_extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_extra)
     return subprocess.run([sys.executable, "-m", "hecate.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("strategy,nproc", [("local", 1), ("ep", 2)])
-def test_cli_runs_the_stages_in_order_and_freezes_the_rest(tmp_path, strategy, nproc):
+# ep at 2 ranks: rank 1 dies after step 2 (inside the experts stage); the launcher restarts both
+# ranks, which resume from the step-2 checkpoint (checkpoint.every=1) and finish the schedule.
+@pytest.mark.parametrize("strategy,nproc,fault", [("local", 1, None), ("ep", 2, "raise:1:3")])
+def test_cli_runs_the_stages_in_order_and_freezes_the_rest(tmp_path, strategy, nproc, fault):
     out = tmp_path / "run"
     r = _hecate("train", CONFIG, "--nproc", str(nproc), "--set", f"parallel.strategy={strategy}",
-                "--set", "stages.steps=1", "--set", "stages.experts.steps=2", "--set", f"train.out_dir={out}")
+                "--set", "stages.steps=1", "--set", "stages.experts.steps=2", "--set", f"train.out_dir={out}",
+                *(["--max-restarts", "1", "--set", "checkpoint.every=1"] if fault else []),
+                **({"HECATE_FAULT": fault} if fault else {}))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "stages align -> experts -> lora: 4 steps" in r.stdout, r.stdout
+    if fault:
+        assert "restarting every rank from the newest checkpoint" in r.stderr, r.stderr
+        assert "(resumed after step 2)" in r.stdout, r.stdout
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["stage"]) for m in metrics] == [(1, "align"), (2, "experts"), (3, "experts"), (4, "lora")]
@@ -64,8 +72,9 @@ def test_cli_staged_config_errors(tmp_path, capsys):
     assert "parallel.strategy=local runs on 1 rank, got 2" in capsys.readouterr().err
     assert main(["train", CONFIG, "--set", "stages.pretrain.steps=1", "--set", out]) == 2
     assert "no stage 'pretrain'; stages are ['align', 'experts', 'lora']" in capsys.readouterr().err
-    assert main(["train", CONFIG, "--resume", "--set", out]) == 2
-    assert "--resume and --max-restarts are not supported" in capsys.readouterr().err
     assert main(["train", CONFIG, "--set", "train.steps=3", "--set", out]) == 2
     assert "unknown keys ['steps'] in train" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any worker started
+    assert main(["train", CONFIG, "--resume", "--set", out]) == 2  # the preflight
+    assert "--resume: no checkpoints under" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

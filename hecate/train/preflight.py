@@ -49,13 +49,28 @@ def check_resume(out_dir: Path) -> int:
 
 def preflight(cfg, world: int, resume: bool, node_rank: int = 0) -> RunLock | None:
     """Run every check; return the held run-directory lock (node 0 only), to release at the end."""
-    out = Path(cfg.train.out_dir)
+    def checks():
+        check_data(cfg)
+        if resume:
+            check_resume(Path(cfg.train.out_dir))
+
+    return _locked(Path(cfg.train.out_dir), node_rank, checks)
+
+
+def preflight_stages(cfg, resume: bool, node_rank: int = 0) -> RunLock | None:
+    """The same for a staged config (hecate.train.stages.StageConfig, generated data): out_dir
+    writable and locked, and with --resume the checkpoint, the finished stages' snapshots and the
+    config's agreement with them (hecate.train.stages.resume_point)."""
+    from hecate.train.stages import resume_point
+
+    return _locked(Path(cfg.out_dir), node_rank, (lambda: resume_point(cfg)) if resume else (lambda: None))
+
+
+def _locked(out: Path, node_rank: int, checks) -> RunLock | None:
     check_writable(out)
     lock = RunLock(out).acquire() if node_rank == 0 else None
     try:
-        check_data(cfg)
-        if resume:
-            check_resume(out)
+        checks()
     except BaseException:
         if lock is not None:
             lock.release()
