@@ -84,7 +84,7 @@ def test_resume_verifies_the_finished_stages_and_the_config(tmp_path, monkeypatc
     assert main(args) == 2
     assert "0-align.safetensors" in capsys.readouterr().err
 
-    # A damaged checkpoint shard: resume falls back to nothing silently? No: verified, named.
+    # A truncated checkpoint shard is refused too, naming the file.
     shard = out / "checkpoints" / "step_00000003" / "rank_00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-8])
     assert main(args) == 2
