@@ -1,7 +1,11 @@
 """dp vs ep vs fsdp vs fssdp on one small MoE transformer: bytes, lower bound, step time, memory.
 
-    .venv/bin/python benchmarks/strategies.py [--nproc 2] [--mem-nprocs 4 8] [--repeats 3] [--json]
-                                              [--activation-checkpointing]
+    .venv/bin/python benchmarks/strategies.py [--config tiny|compute] [--strategies ep fssdp ...]
+        [--routing uniform|skewed|both] [--paired] [--nproc 2] [--mem-nprocs 4 8] [--repeats 3]
+        [--json] [--activation-checkpointing]
+
+    # ep vs fssdp side by side, steps alternating in the same processes (what docs/results.md uses):
+    .venv/bin/python benchmarks/strategies.py --strategies ep fssdp --paired --repeats 3 --mem-nprocs
 
 Every strategy trains the same model (same seed) on the same batches, under uniform and
 Zipf-skewed routing. Skew is deterministic: the router's aux-free selection bias
@@ -73,12 +77,11 @@ def _owned_fraction_LE(name, layers, world, rank, E):
     return torch.stack(rows)
 
 
-def bench_case(rank, world, a, label, name, options, skew, warmup, steps):
-    """One strategy on `world` ranks; returns this rank's raw figures."""
+def _build_case(rank, world, a, name, options, skew):
+    """One strategy's model, engine and figures on this rank (built from seed 0 every time)."""
     import copy
 
     import torch
-    import torch.distributed as dist
 
     from hecate.comm.topology import Topology
     from hecate.models.transformer import MoETransformer
@@ -93,40 +96,74 @@ def bench_case(rank, world, a, label, name, options, skew, warmup, steps):
     for layer in moe_layers(base):
         layer.router.expert_bias_E.copy_(bias_E)
     layout = ChunkLayout.of(moe_layers(base)[0].experts)
-    chunk_bytes = layout.chunk_numel * 4
     topo = Topology()
     strat = build_strategy(name, topo, **options)
     model = parallelize(copy.deepcopy(base), strat)
     del base
     engine = Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
-    layers = moe_layers(model)
-    out = {"times": [], "bytes": [], "counts": [], "owned": [], "step_peak": [], "chunk_bytes": chunk_bytes}
-    for step in range(warmup + steps):
-        g = torch.Generator().manual_seed(7919 * step + rank)
-        tokens = torch.randint(0, a["vocab"], (a["batch"], a["seq"] + 1), generator=g)
-        owned = _owned_fraction_LE(name, layers, world, rank, a["experts"])  # placement this step used
-        topo.stats.reset()
-        before = rss_bytes()
-        reset_peak()
-        dist.barrier()
-        start = time.perf_counter()
-        loss, res = model.loss(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        engine.step()
-        dist.barrier()
-        elapsed = time.perf_counter() - start
-        if step >= warmup:
-            out["times"].append(elapsed)
-            out["bytes"].append(topo.stats.snapshot())
-            out["counts"].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
-            out["owned"].append(owned.tolist())
-            out["step_peak"].append(peak_bytes() - before)
-    opt = engine.optimizer
+    out = {"times": [], "bytes": [], "counts": [], "owned": [], "step_peak": [],
+           "chunk_bytes": layout.chunk_numel * 4}
+    return {"name": name, "model": model, "engine": engine, "topo": topo, "layers": moe_layers(model),
+            "out": out}
+
+
+def _run_step(case, rank, world, a, step, measured):
+    """One training step of a built case between two barriers; its figures if `measured`."""
+    import torch
+    import torch.distributed as dist
+
+    model, engine, topo = case["model"], case["engine"], case["topo"]
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    tokens = torch.randint(0, a["vocab"], (a["batch"], a["seq"] + 1), generator=g)
+    owned = _owned_fraction_LE(case["name"], case["layers"], world, rank, a["experts"])  # this step's
+    topo.stats.reset()
+    before = rss_bytes()
+    reset_peak()
+    dist.barrier()
+    start = time.perf_counter()
+    loss, res = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    engine.step()
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+    if measured:
+        out = case["out"]
+        out["times"].append(elapsed)
+        out["bytes"].append(topo.stats.snapshot())
+        out["counts"].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
+        out["owned"].append(owned.tolist())
+        out["step_peak"].append(peak_bytes() - before)
+
+
+def _finish(case):
+    import torch
+
+    model, opt, out = case["model"], case["engine"].optimizer, case["out"]
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                  if torch.is_tensor(v) and v.dim() > 0)
     out["state_bytes"] = state
     return out
+
+
+def bench_case(rank, world, a, label, name, options, skew, warmup, steps):
+    """One strategy on `world` ranks; returns this rank's raw figures."""
+    case = _build_case(rank, world, a, name, options, skew)
+    for step in range(warmup + steps):
+        _run_step(case, rank, world, a, step, step >= warmup)
+    return _finish(case)
+
+
+def bench_paired(rank, world, a, cases, skew, warmup, steps):
+    """Every case of `cases` ([(label, name, options)]) built in the same processes; their
+    steps alternate (step i of each case, the order rotated by one each step), so load from
+    other jobs hits every case alike. Returns {label: this rank's raw figures}."""
+    built = [(label, _build_case(rank, world, a, name, options, skew)) for label, name, options in cases]
+    for step in range(warmup + steps):
+        k = step % len(built)
+        for label, case in built[k:] + built[:k]:
+            _run_step(case, rank, world, a, step, step >= warmup)
+    return {label: _finish(case) for label, case in built}
 
 
 def lower_bound(ranks_out, step, a, rematerialize):
@@ -190,27 +227,40 @@ def summarize(runs, a, label, name, options):
     }
 
 
-def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointing=False):
-    """Every case under each routing; with repeats > 1 the cases run in turn, `repeats`
-    times over, so slow drift of the machine hits every strategy alike."""
+def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointing=False, cases=None,
+        paired=False):
+    """The selected `cases` (default: every one of CASES) under each routing; with repeats > 1
+    they run in turn, `repeats` times over, so slow drift of the machine hits every strategy
+    alike. `paired`: the cases of one repeat share processes and alternate step by step
+    (bench_paired), which also cancels faster load changes."""
     from hecate.testing import run_distributed
 
+    cases = CASES if cases is None else cases
     table = {}
     for skew in skews:
         key = "skewed" if skew else "uniform"
-        runs = {label: [] for label, _, _ in CASES}
-        ckpt = {label: [] for label, _, _ in CASES}
+        runs = {label: [] for label, _, _ in cases}
+        ckpt = {label: [] for label, _, _ in cases}
         a_ckpt = {**a, "activation_checkpointing": True}
         for _ in range(repeats):
-            for label, name, options in CASES:
+            if paired:
+                for label, raw in _by_label(run_distributed(bench_paired, world, a, cases, skew, warmup, steps,
+                                                            timeout=timeout)).items():
+                    runs[label].append(raw)
+                if compare_checkpointing:
+                    for label, raw in _by_label(run_distributed(bench_paired, world, a_ckpt, cases, skew,
+                                                                warmup, steps, timeout=timeout)).items():
+                        ckpt[label].append(raw)
+                continue
+            for label, name, options in cases:
                 runs[label].append(run_distributed(bench_case, world, a, label, name, options, skew, warmup,
                                                    steps, timeout=timeout))
                 if compare_checkpointing:  # side by side: right after the same case without it
                     ckpt[label].append(run_distributed(bench_case, world, a_ckpt, label, name, options, skew,
                                                        warmup, steps, timeout=timeout))
-        table[key] = {label: summarize(runs[label], a, label, name, options) for label, name, options in CASES}
+        table[key] = {label: summarize(runs[label], a, label, name, options) for label, name, options in cases}
         if compare_checkpointing:
-            for label, name, options in CASES:
+            for label, name, options in cases:
                 row, on = table[key][label], summarize(ckpt[label], a_ckpt, label, name, options)
                 row["checkpointed"] = {k: on[k] for k in ("peak_bytes_per_rank", "step_peak_bytes_per_rank",
                                                           "step_time_s", "expert_bytes")}
@@ -218,27 +268,48 @@ def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointin
                 off_step = row["step_peak_bytes_per_rank"]  # 0 when a tiny step fits in freed pages
                 row["ckpt_step_peak_vs_off"] = on["step_peak_bytes_per_rank"] / off_step if off_step else None
                 row["ckpt_time_vs_off"] = on["step_time_s"] / row["step_time_s"]
-        ep_time = table[key]["ep"]["step_time_s"]
-        ep_peak = table[key]["ep"]["peak_bytes_per_rank"]
-        fsdp_bytes = table[key]["fsdp"]["expert_bytes"]
-        for row in table[key].values():
-            row["time_vs_ep"] = row["step_time_s"] / ep_time
-            row["peak_vs_ep"] = row["peak_bytes_per_rank"] / ep_peak
-            row["bytes_vs_fsdp"] = row["expert_bytes"] / fsdp_bytes if fsdp_bytes else None
+        rows = table[key]
+        ep, fsdp = rows.get("ep"), rows.get("fsdp")  # the baselines, when they were selected
+        for row in rows.values():
+            row["time_vs_ep"] = row["step_time_s"] / ep["step_time_s"] if ep else None
+            row["peak_vs_ep"] = row["peak_bytes_per_rank"] / ep["peak_bytes_per_rank"] if ep else None
+            row["bytes_vs_fsdp"] = row["expert_bytes"] / fsdp["expert_bytes"] if fsdp and fsdp["expert_bytes"] else None
+            if ep:
+                # Per repeat (paired: the same processes, steps alternating), and bytes against ep's.
+                row["time_vs_ep_runs"] = [t / e for t, e in zip(row["step_time_runs_s"], ep["step_time_runs_s"])]
+                row["expert_bytes_vs_ep"] = row["expert_bytes"] / ep["expert_bytes"] if ep["expert_bytes"] else None
     return table
 
 
+def _by_label(ranks_out):
+    """[rank]{label: raw} -> {label: [rank] raw}."""
+    return {label: [r[label] for r in ranks_out] for label in ranks_out[0]}
+
+
 def targets(table):
-    """The issue's targets, read off the skewed-routing figures."""
-    s = table["skewed"]
-    f = s["fssdp"]
-    return {
-        "fssdp_bytes_over_lower_bound": f["bytes_over_lower_bound"], "goal_bytes_over_lower_bound": 1.1,
-        "fssdp_bytes_vs_fsdp": f["bytes_vs_fsdp"], "goal_bytes_vs_fsdp": 0.25,
-        "ep_time_over_fssdp": 1.0 / f["time_vs_ep"], "goal_ep_time_over_fssdp": 1.3,
-        "ep_time_over_fssdp_runs": [e / t for e, t in zip(s["ep"]["step_time_runs_s"], f["step_time_runs_s"])],
-        "fssdp_rm_peak_vs_ep": f["peak_vs_ep"], "goal_peak_vs_ep": 1.15,
-    }
+    """The issue's targets: read off the skewed-routing figures (those whose rows were run),
+    and fssdp / ep under uniform routing (balanced: the goal is parity, within 3%)."""
+    out = {}
+    s, u = table.get("skewed", {}), table.get("uniform", {})
+    f = s.get("fssdp")
+    if f is not None:
+        out.update({"fssdp_bytes_over_lower_bound": f["bytes_over_lower_bound"], "goal_bytes_over_lower_bound": 1.1})
+        if f["bytes_vs_fsdp"] is not None:
+            out.update({"fssdp_bytes_vs_fsdp": f["bytes_vs_fsdp"], "goal_bytes_vs_fsdp": 0.25})
+        if f["time_vs_ep"] is not None:
+            out.update({
+                "ep_time_over_fssdp": 1.0 / f["time_vs_ep"], "goal_ep_time_over_fssdp": 1.3,
+                "ep_time_over_fssdp_runs": [1.0 / r for r in f["time_vs_ep_runs"]],
+                "fssdp_rm_peak_vs_ep": f["peak_vs_ep"], "goal_peak_vs_ep": 1.15,
+            })
+    if u.get("fssdp") is not None and u["fssdp"]["time_vs_ep"] is not None:
+        out.update({"uniform_fssdp_time_over_ep": u["fssdp"]["time_vs_ep"], "goal_uniform_fssdp_time_over_ep": 1.03,
+                    "uniform_fssdp_time_over_ep_runs": u["fssdp"]["time_vs_ep_runs"]})
+    return out
+
+
+def _num(x, fmt):
+    return format(float("nan") if x is None else x, fmt)
 
 
 def format_table(world, table, timed):
@@ -255,11 +326,11 @@ def format_table(world, table, timed):
             lb = r["lower_bound_bytes"]
             line = (f"{key:8} {label:12} {r['expert_bytes'] / 1e6:9.3f} "
                     f"{(lb / 1e6 if lb is not None else float('nan')):7.3f} "
-                    f"{(r['bytes_over_lower_bound'] or float('nan')):6.2f} "
-                    f"{(r['bytes_vs_fsdp'] or float('nan')):6.2f} {r['peak_bytes_per_rank'] / 2**20:8.2f} "
-                    f"{r['peak_vs_ep']:5.2f} {r['imbalance']:5.2f}")
+                    f"{_num(r['bytes_over_lower_bound'], '6.2f')} "
+                    f"{_num(r['bytes_vs_fsdp'], '6.2f')} {r['peak_bytes_per_rank'] / 2**20:8.2f} "
+                    f"{_num(r['peak_vs_ep'], '5.2f')} {r['imbalance']:5.2f}")
             if timed:
-                line += f" {r['step_time_s'] * 1e3:8.1f} {r['time_vs_ep']:5.2f}"
+                line += f" {r['step_time_s'] * 1e3:8.1f} {_num(r['time_vs_ep'], '5.2f')}"
             if ckpt:
                 c = r["checkpointed"]
                 line += (f" | {c['peak_bytes_per_rank'] / 2**20:9.2f} {r['ckpt_peak_vs_off']:5.2f} "
@@ -269,12 +340,33 @@ def format_table(world, table, timed):
                     line += f" {r['ckpt_time_vs_off']:10.2f}"
             if timed and len(r["step_time_runs_s"]) > 1:
                 line += "  runs " + "/".join(f"{t * 1e3:.0f}" for t in r["step_time_runs_s"])
+                if r.get("time_vs_ep_runs") and label != "ep":
+                    line += " (t/ep " + "/".join(f"{x:.2f}" for x in r["time_vs_ep_runs"]) + ")"
             lines.append(line)
+        for label, r in rows.items():  # collectives by name, so the bytes can be compared side by side
+            lines.append(f"  {key} {label} bytes: " + ", ".join(
+                f"{n} {v / 1e6:.3f}" for n, v in sorted(r["bytes_by_collective"].items()) if not n.startswith("dense.")))
     return "\n".join(lines)
+
+
+# --config presets: the defaults of the size flags (any flag given explicitly wins).
+CONFIGS = {
+    "tiny": {},  # the argparse defaults below: d_model 64, 64 KiB chunks, latency-bound on gloo
+    "compute": {"d_model": 256, "ffn": 1024, "batch": 64, "skew_scale": 0.1, "mem_nprocs": []},  # 2 MiB chunks
+}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                    help="model preset: tiny (default sizes) or compute (d_model 256, ffn 1024, batch 64, "
+                         "skew 0.1, no extra worlds); explicit size flags override it")
+    ap.add_argument("--strategies", nargs="+", choices=[label for label, _, _ in CASES], default=None,
+                    help="cases to run (default: all); ratios need ep (time, peak) and fsdp (bytes)")
+    ap.add_argument("--routing", choices=("uniform", "skewed", "both"), default="both")
+    ap.add_argument("--paired", action="store_true",
+                    help="run the selected cases in the same processes, alternating step by step "
+                         "(the order rotates each step), so machine load hits them alike")
     ap.add_argument("--nproc", type=int, default=2, help="ranks for the timed run (one per core)")
     ap.add_argument("--mem-nprocs", type=int, nargs="*", default=[4, 8],
                     help="extra world sizes measured for bytes and memory only")
@@ -296,21 +388,29 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="also run every case with model.activation_checkpointing on; report both peaks")
+    preset = CONFIGS[ap.parse_known_args()[0].config]
+    ap.set_defaults(**preset)
     args = ap.parse_args()
     prepare_spawn_env()
     a = {"layers": args.layers, "experts": args.experts, "top_k": args.top_k, "d_model": args.d_model,
          "ffn": args.ffn, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
          "skew_scale": args.skew_scale, "threads": args.threads}
-    result = {"config": a, "cores": os.cpu_count(), "worlds": {}}
+    cases = [c for c in CASES if args.strategies is None or c[0] in args.strategies]
+    skews = {"uniform": (False,), "skewed": (True,), "both": (False, True)}[args.routing]
+    result = {"config": a, "preset": args.config, "cores": os.cpu_count(), "paired": args.paired,
+              "load_average": os.getloadavg(), "worlds": {}}
     texts = []
     for i, world in enumerate([args.nproc] + [w for w in args.mem_nprocs if w != args.nproc]):
-        table = run(world, a, (False, True), args.warmup, args.steps, args.timeout,
-                    args.repeats if i == 0 else 1, args.activation_checkpointing)
+        table = run(world, a, skews, args.warmup, args.steps, args.timeout,
+                    args.repeats if i == 0 else 1, args.activation_checkpointing, cases, args.paired)
         result["worlds"][str(world)] = {"timed": i == 0, "routing": table, "targets": targets(table)}
         texts.append(format_table(world, table, i == 0))
+    result["load_average_after"] = os.getloadavg()
     from hecate.testing import shutdown_pools
 
     shutdown_pools()
+    texts.append("load average before / after: " + " ".join(f"{x:.1f}" for x in result["load_average"]) +
+                 " / " + " ".join(f"{x:.1f}" for x in result["load_average_after"]))
     emit(result, args.json, "\n\n".join(texts))
 
 
