@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scmoe", default=None, metavar="BETA,ALPHA[,weak=rankK|topK]",
                      help="SCMoE self-contrast decoding (docs/inference.md)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    gen.add_argument("--nproc", type=int, default=None,
+                     help="decode on N local ranks with the experts kept sharded (docs/inference.md)")
+    gen.add_argument("--strategy", default=None, choices=("ep", "fssdp", "dp"),
+                     help="with --nproc: how the ranks hold the experts (default: the run's if ep/fssdp, else ep; "
+                          "dp = every rank holds all experts)")
     ev = sub.add_parser("eval", help="validation loss of a training run's newest checkpoint")
     ev.add_argument("run_dir", help="the run's out_dir (holds config.yaml and checkpoints/)")
     ev.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
@@ -104,11 +109,16 @@ def _add_routing_argument(parser) -> None:
 
 
 def cmd_generate(args) -> int:
+    from hecate.inference.distributed import WorkersFailed
     from hecate.inference.generate import generate_text
 
-    texts = generate_text(args.run_dir, args.prompt or ["def "], args.tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed,
-                          routing=args.routing, scmoe=args.scmoe, use_cache=not args.no_cache)
+    try:
+        texts = generate_text(args.run_dir, args.prompt or ["def "], args.tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed,
+                              routing=args.routing, scmoe=args.scmoe, use_cache=not args.no_cache,
+                              nproc=args.nproc, strategy=args.strategy)
+    except WorkersFailed as e:  # the launcher printed the failing rank's error
+        return e.exit_code
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
     return 0

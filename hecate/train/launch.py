@@ -65,6 +65,7 @@ class LaunchSpec:
     module: str = "hecate.train"
     grace_s: float = 3.0               # after the first failure, how long the others get to exit
     env: dict = field(default_factory=dict)
+    command: str = "train"             # names the command in the failure line ("hecate train: error: ...")
 
     def validate(self) -> "LaunchSpec":
         if self.nproc < 1:
@@ -201,7 +202,7 @@ class Launcher:
                     print(f"[hecate] {outcome.message}; restarting every rank from the newest checkpoint "
                           f"(restart {attempt + 1} of {s.max_restarts})", file=sys.stderr, flush=True)
                     continue
-                print(f"hecate train: error: {outcome.message}", file=sys.stderr, flush=True)
+                print(f"hecate {s.command}: error: {outcome.message}", file=sys.stderr, flush=True)
                 if outcome.traceback:
                     print(outcome.traceback.rstrip(), file=sys.stderr, flush=True)
                 return EXIT_ERROR

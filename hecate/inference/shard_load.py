@@ -1,0 +1,288 @@
+"""Load a run's checkpoint into a sharded model: each rank reads only its own expert rows.
+
+`hecate.train.checkpoint.load_checkpoint` rebuilds every layer's full [E, S] expert rows on
+every rank and hands them to the strategy. For distributed generation that is the very gather
+we avoid, so here:
+
+* the model is built with its routed-expert parameters on the meta device (a parameter
+  registration hook swaps them as the expert modules create them), so no rank ever allocates
+  or initializes all experts; the strategy then attaches to the meta layer and keeps the
+  meta shape of its own slice (ep: E/W experts, fssdp: the owned chunk rows);
+* every shard file is checked against the manifest (size and sha256, streamed: constant
+  memory), memory-mapped, and only the rows of the experts this rank keeps are copied out
+  of it (safetensors' header gives each tensor's byte range);
+* the dense parameters and buffers come from the file that holds them (rank 0's shard).
+
+Any strategy and world size may have written the checkpoint (rows or flat layouts, see
+hecate.train.checkpoint_layout).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import struct
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
+
+from hecate.moe.experts import GroupedExperts
+from hecate.moe.module_experts import ModuleExperts
+from hecate.parallel import moe_layers
+from hecate.parallel.chunks import ChunkLayout, mark_expert
+from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
+from hecate.train.checkpoint_io import CheckpointError
+from hecate.train.checkpoint_layout import full_layout
+
+# Routed-expert containers of MoELayer (hecate.moe.layer): their stacked [E, ...] parameters.
+EXPERT_MODULES = (GroupedExperts, ModuleExperts)
+SHARDED = ("ep", "fssdp")
+GATHERED = ("dp", "local")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@contextlib.contextmanager
+def experts_on_meta():
+    """While active, every parameter an expert container registers is replaced by a meta
+    tensor of its shape: the container's init then runs on meta (no memory, no random draw)."""
+    def to_meta(module, name, param):
+        if isinstance(module, EXPERT_MODULES) and param is not None and param.device.type != "meta":
+            return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                requires_grad=param.requires_grad)
+        return None
+
+    handle = register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ShardFile:
+    """One verified, memory-mapped safetensors shard: tensors are views into the mapping
+    (nothing is read until indexed), `rows()` copies out the requested rows only."""
+
+    def __init__(self, path: str, sha256: str, size: int):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file {path} is missing (listed in the manifest); "
+                                  "the checkpoint is incomplete, load an earlier step")
+        self.path = path
+        with open(path, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                raise CheckpointError(f"checkpoint file {path} has {actual} bytes, the manifest says {size} "
+                                      "(truncated or overwritten); load an earlier step")
+            h = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+            if h.hexdigest() != sha256:
+                raise CheckpointError(f"checkpoint file {path} fails its sha256 checksum (corrupted on disk); "
+                                      "load an earlier step")
+            # Mapped from the descriptor that was hashed; ACCESS_COPY: writable for torch.frombuffer,
+            # private (nothing is ever written back).
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        try:
+            (n,) = struct.unpack("<Q", self._map[:8])
+            header = json.loads(bytes(self._map[8:8 + n]))
+        except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+        self._base = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with it
+            pass
+
+    def layers(self) -> dict:
+        return json.loads(self.metadata.get("hecate.layers", "{}"))
+
+    def names(self):
+        return self.entries.keys()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A view of tensor `name` into the mapping (copy what you keep)."""
+        e = self.entries[name]
+        dtype = _DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {e['dtype']}, which hecate "
+                                  "checkpoints never hold")
+        start, end = e["data_offsets"]
+        shape = tuple(e["shape"])
+        count = end - start
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=count // dtype.itemsize,
+                                offset=self._base + start)
+        return flat.view(shape)
+
+
+def _open_all(step_dir: str, manifest: dict) -> list[ShardFile]:
+    return [ShardFile(os.path.join(step_dir, fname), meta["sha256"], meta["bytes"])
+            for fname, meta in sorted(manifest["files"].items())]
+
+
+def expert_rows(files: list[ShardFile], layer_index: int, layout: ChunkLayout, ids: torch.Tensor) -> torch.Tensor:
+    """[len(ids), S] fp32 rows of experts `ids` of MoE layer `layer_index`, read from the shards
+    that hold them (whole rows with ids, or flat [E*S] ranges)."""
+    E, S = layout.num_experts, layout.chunk_numel
+    ids = ids.to(torch.int64)
+    out = torch.zeros(ids.numel(), S, dtype=torch.float32)
+    seen = torch.zeros(ids.numel(), dtype=torch.bool)
+    pos_of_E = torch.full((E,), -1, dtype=torch.int64)
+    pos_of_E[ids] = torch.arange(ids.numel())
+    key = str(layer_index)
+    for f in files:
+        info = f.layers().get(key)
+        if info is None:
+            continue
+        prefix = f"experts.{layer_index}."
+        if info["kind"] == "rows":
+            held = f.tensor(prefix + "ids").to(torch.int64)
+            if held.numel() and (int(held.min()) < 0 or int(held.max()) >= E):
+                raise CheckpointError(f"{f.path}: MoE layer {layer_index} lists expert ids outside [0, {E})")
+            pos = pos_of_E[held]
+            take = (pos >= 0).nonzero().flatten()
+            if take.numel():
+                rows = f.tensor(prefix + "rows")
+                out[pos[take]] = rows[take].float()  # copies only these rows out of the mapping
+                seen[pos[take]] = True
+        elif info["kind"] == "flat":
+            flat = f.tensor(prefix + "flat")
+            start, numel = int(info["start"]), int(info["numel"])
+            for j, e in enumerate(ids.tolist()):
+                lo, hi = max(e * S, start), min((e + 1) * S, start + numel, E * S)
+                if lo < hi:
+                    out[j, lo - e * S:hi - e * S] = flat[lo - start:hi - start].float()
+            # a flat layout covers a row only when the pieces cover all of it: checked below
+        else:
+            raise CheckpointError(f"{f.path}: MoE layer {layer_index} has unknown layout {info['kind']!r}")
+    kinds = {f.layers()[key]["kind"] for f in files if key in f.layers()}
+    if len(kinds) > 1:
+        raise CheckpointError(f"MoE layer {layer_index}: shards mix layouts {sorted(kinds)}")
+    if kinds == {"flat"}:
+        covered = torch.zeros(E * S, dtype=torch.bool)
+        for f in files:
+            info = f.layers().get(key)
+            if info is not None:
+                covered[int(info["start"]):int(info["start"]) + int(info["numel"])] = True
+        seen = covered.view(E, S)[ids].all(1)
+    if not bool(seen.all()):
+        missing = ids[~seen].tolist()
+        raise CheckpointError(f"MoE layer {layer_index}: experts {missing} are in no shard file")
+    return out
+
+
+def kept_expert_ids(strategy, layer) -> torch.Tensor:
+    """The experts whose rows this rank keeps under `strategy` (after attach)."""
+    E = layer.config.num_experts
+    if strategy.name == "ep":
+        first, local = layer.expert_slice
+        return torch.arange(first, first + local)
+    if strategy.name == "fssdp":
+        return (layer.fssdp_state.owner_E == strategy.topology.rank).nonzero().flatten()
+    if strategy.name in GATHERED:
+        return torch.arange(E)
+    raise ValueError(f"loading a sharded model under strategy {strategy.name!r} is not supported; "
+                     f"use one of {SHARDED + GATHERED}")
+
+
+def install_expert_rows(strategy, layer, rows_MS: torch.Tensor, device) -> None:
+    """Give the layer's meta expert parameters these rows (the ones kept_expert_ids names), in
+    the form the strategy keeps them: ep / dp / local stacked per name, fssdp one chunk matrix."""
+    if strategy.name == "fssdp":
+        layer.expert_chunks = mark_expert(nn.Parameter(rows_MS.to(device)))
+        return
+    layout = full_layout(layer)
+    for n, t in layout.unflatten(rows_MS).items():
+        p = mark_expert(nn.Parameter(t.contiguous().to(device)))
+        setattr(layer.experts, n, p)
+
+
+def _restore_fssdp_placement(strategy, layers, manifest, world: int) -> None:
+    """Saved under fssdp at this world size: keep its owners (each rank then reads exactly the
+    rows its own shard file holds) and the load predictor's history (it picks replicas)."""
+    saved = manifest["layers"]
+    same = manifest["strategy"]["name"] == "fssdp" and manifest["world_size"] == world
+    for layer, entry in zip(layers, saved):
+        st = layer.fssdp_state
+        if same and "owner_E" in entry:
+            owner_E = torch.tensor(entry["owner_E"], dtype=torch.int64)
+            if owner_E.shape != st.owner_E.shape or int(owner_E.min()) < 0 or int(owner_E.max()) >= world:
+                raise CheckpointError(f"MoE layer {entry.get('index')}: saved fssdp owners {entry['owner_E']} "
+                                      f"do not fit {st.owner_E.numel()} experts on {world} ranks")
+            st.owner_E = owner_E
+        if manifest["strategy"]["name"] in ("fssdp", "fssdp_hybrid"):
+            st.predictor.reset()
+            if entry["num_experts"] == st.predictor.num_experts:
+                for counts in entry.get("load_history", [])[-st.predictor.window:]:
+                    st.predictor.update(torch.tensor(counts, dtype=torch.float64))
+
+
+def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
+    """Fill a model built under experts_on_meta() and parallelized with `strategy`: dense entries
+    from the checkpoint, and this rank's expert rows only. Returns the checkpoint's step."""
+    step_dir = resolve_checkpoint(ckpt_path)
+    manifest = read_manifest(step_dir)
+    layers = moe_layers(model)
+    if len(manifest["layers"]) != len(layers):
+        raise ValueError(f"checkpoint {step_dir} has {len(manifest['layers'])} MoE layers, the model has "
+                         f"{len(layers)}; build the model from the checkpoint's config")
+    for i, (layer, entry) in enumerate(zip(layers, manifest["layers"])):
+        _check_layer(i, entry, full_layout(layer))
+    world = getattr(getattr(strategy, "topology", None), "world_size", 1)
+    if strategy.name == "fssdp":
+        _restore_fssdp_placement(strategy, layers, manifest, world)
+    files = _open_all(step_dir, manifest)
+    try:
+        for i, layer in enumerate(layers):
+            ids = kept_expert_ids(strategy, layer)
+            install_expert_rows(strategy, layer, expert_rows(files, i, full_layout(layer), ids), device)
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if left:
+            raise RuntimeError(f"parameters {left[:4]} are still on the meta device after loading; "
+                               "they belong to an expert container this loader does not know")
+        model.to(device)
+        dense = {}
+        for f in files:
+            for name in f.names():
+                if name.startswith("dense."):
+                    dense[name] = f.tensor(name).clone()
+        _load_dense(model, layers, dense, step_dir)
+    finally:
+        for f in files:
+            f.close()
+    return int(manifest["step"])
+
+
+def build_sharded_model(cfg, run_dir, strategy_name: str, topology, device):
+    """(model, strategy, step): the run's model under `strategy_name` on this rank, holding the
+    dense parameters and only the expert rows the strategy keeps here (collective: every rank)."""
+    from pathlib import Path
+
+    from hecate.parallel import build_strategy, parallelize
+    from hecate.train import tasks
+
+    with experts_on_meta():
+        model = tasks.build_model(cfg)
+    if strategy_name == "ep":
+        strategy = build_strategy("ep", topology, ep_size=topology.world_size)
+    elif strategy_name == "fssdp":
+        strategy = build_strategy("fssdp", topology, options=cfg.parallel.fssdp)
+    elif strategy_name == "dp":
+        strategy = build_strategy("dp", topology)
+    elif strategy_name == "local":
+        strategy = build_strategy("local")
+    else:
+        raise ValueError(f"strategy {strategy_name!r} must be one of {SHARDED + GATHERED}")
+    parallelize(model, strategy)
+    step = load_sharded(Path(run_dir) / "checkpoints", model, strategy, device)
+    return model.eval(), strategy, step

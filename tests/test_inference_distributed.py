@@ -1,0 +1,207 @@
+"""`hecate generate RUN_DIR --nproc N`: experts stay sharded (each rank loads only its rows), tokens
+move through the strategy's dispatch, and greedy texts equal single-process generation."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hecate.comm.topology import Topology
+from hecate.inference.distributed import decode_share, generate_distributed, run_rank, split_rows
+from hecate.inference.generate import generate_text
+from hecate.inference.shard_load import build_sharded_model, experts_on_meta, kept_expert_ids
+from hecate.parallel import build_strategy, moe_layers, parallelize
+from hecate.testing import run_distributed
+from hecate.train.checkpoint import save_checkpoint
+from hecate.train.checkpoint_layout import full_layout
+from hecate.train.config import load_config
+from hecate.train.engine import Engine
+from hecate.train.generate import load_run
+from tests.test_cli_generate import _make_run
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["def f", "import os\n", "x", "class Point:"]
+
+
+# ---- workers (every rank) -------------------------------------------------------------------
+def _train_and_save(rank, world, out_dir):
+    """A few fssdp steps on skewed batches, re-sharding every 2 (owners move off the even
+    placement), then a checkpoint: a trained run whose placement generation must honour."""
+    from hecate.train import tasks
+
+    cfg = load_config("configs/tiny_fssdp.yaml", ["parallel.fssdp.reshard_interval=2"])
+    torch.manual_seed(0)
+    topo = Topology()
+    strategy = build_strategy("fssdp", topo, options=cfg.parallel.fssdp)
+    model = parallelize(tasks.build_model(cfg), strategy)
+    engine = Engine(model, strategy, topo, lr=1e-2)
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        tokens = torch.randint(97, 110, (4, 17), generator=g)
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        engine.step()
+    if rank == 0:
+        (Path(out_dir) / "config.yaml").write_text(cfg.to_yaml())
+    save_checkpoint(str(Path(out_dir) / "checkpoints"), model, strategy, engine, 6, cfg.to_dict(), topo)
+    return [layer.fssdp_state.owner_E.tolist() for layer in moe_layers(model)]
+
+
+def _generate(rank, world, request):
+    return run_rank(request)
+
+
+def _shard_contents(rank, world, run_dir, strategy_name):
+    """What this rank holds: expert ids and rows per layer, expert bytes, and whether anything
+    was left on the meta device."""
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    model, strategy, step = build_sharded_model(cfg, run_dir, strategy_name, Topology(), torch.device("cpu"))
+    layers = moe_layers(model)
+    out = {"step": step, "meta": [n for n, p in model.named_parameters() if p.device.type == "meta"],
+           "expert_bytes": sum(p.numel() * p.element_size() for layer in layers
+                               for p in strategy.expert_parameters(layer)),
+           "ids": [kept_expert_ids(strategy, layer).tolist() for layer in layers],
+           "rows": [full_layout(layer).flatten(
+               {n: getattr(layer.experts, n) for n in full_layout(layer).names}).detach()
+               if strategy_name == "ep" else layer.expert_chunks.detach() for layer in layers],
+           "dense": {n: p.detach() for n, p in model.named_parameters() if not getattr(p, "hecate_expert", False)}}
+    return out
+
+
+def _idle_rank_steps(rank, world, run_dir, strategy_name):
+    """Rank 1 has no rows: it must still join every MoE collective of rank 0's decode steps."""
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    model, _, _ = build_sharded_model(cfg, run_dir, strategy_name, Topology(), torch.device("cpu"))
+    rows = [[100, 101, 102]] if rank == 0 else []
+    return decode_share(model, rows, 5)
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dist_gen_run")
+    owners = run_distributed(_train_and_save, 2, str(run))[0]
+    return run, owners
+
+
+def _request(run, rows, strategy, tokens=10, **kw):
+    return {"run_dir": str(run), "strategy": strategy, "rows": rows, "max_new_tokens": tokens,
+            "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "routing": kw.get("routing"),
+            "scmoe": kw.get("scmoe"), "result": ""}
+
+
+def _single(run, rows, tokens=10, **kw):
+    """The single-process reference: every expert local, the whole batch in one decoder."""
+    from hecate.inference.run import routing_kwargs
+    from hecate.inference.sampling import generate
+    from hecate.inference.scmoe import parse_scmoe
+
+    model, _, _ = load_run(run)
+    return generate(model, rows, tokens, temperature=0.0, routing=routing_kwargs(run, kw.get("routing")),
+                    scmoe=parse_scmoe(kw["scmoe"]) if kw.get("scmoe") else None)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_split_rows_covers_every_row_in_order():
+    assert split_rows(5, 2) == [(0, 3), (3, 2)]
+    assert split_rows(1, 3) == [(0, 1), (1, 0), (1, 0)]
+    assert split_rows(0, 2) == [(0, 0), (0, 0)]
+
+
+@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+def test_sharded_greedy_equals_single_process(trained_run, strategy):
+    run, _ = trained_run
+    rows = [list(p.encode()) for p in PROMPTS[:3]]  # 3 rows over 2 ranks: 2 + 1, lengths 5, 10, 1
+    want = _single(run, rows)
+    got = run_distributed(_generate, 2, _request(run, rows, strategy))[0]
+    assert got["ids"] == want
+    assert got["new_tokens"] == 30 and got["world_size"] == 2 and got["strategy"] == strategy
+    assert sum(got["sent_bytes_per_rank"]) > 0  # tokens crossed ranks
+    assert len({tuple(r[len(p):]) for r, p in zip(want, rows)}) > 1  # not one degenerate continuation
+
+
+def test_sharded_scmoe_with_an_idle_rank(trained_run):
+    """One prompt on two ranks (rank 1 steps on zero tokens) with SCMoE's two passes per step
+    and a routing override."""
+    run, _ = trained_run
+    rows = [list(b"def f")]
+    kw = {"scmoe": "0.5,0.1", "routing": "temperature=2"}
+    want = _single(run, rows, 8, **kw)
+    got = run_distributed(_generate, 2, _request(run, rows, "fssdp", 8, **kw))[0]
+    assert got["ids"] == want
+
+
+@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+def test_idle_rank_joins_every_collective(trained_run, strategy):
+    run, _ = trained_run
+    out = run_distributed(_idle_rank_steps, 2, str(run), strategy)
+    assert out[1] == [] and len(out[0][0]) == 3 + 5
+    assert out[0] == _single(run, [[100, 101, 102]], 5)
+
+
+@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+def test_each_rank_holds_only_its_expert_rows(trained_run, strategy):
+    run, owners = trained_run
+    full, _, _ = load_run(run)
+    per_rank = run_distributed(_shard_contents, 2, str(run), strategy)
+    for layer_index, layer in enumerate(moe_layers(full)):
+        layout = full_layout(layer)
+        rows_ES = layout.flatten({n: getattr(layer.experts, n) for n in layout.names}).detach()
+        ids = [r["ids"][layer_index] for r in per_rank]
+        assert sorted(ids[0] + ids[1]) == list(range(layout.num_experts))  # disjoint, complete
+        if strategy == "fssdp":  # the trained run's placement is kept, not the even one
+            assert [[e for e, o in enumerate(owners[layer_index]) if o == r] for r in range(2)] == ids
+        for r in per_rank:
+            assert torch.equal(r["rows"][layer_index], rows_ES[r["ids"][layer_index]])
+    full_bytes = sum(p.numel() * p.element_size() for layer in moe_layers(full) for p in layer.experts.parameters())
+    assert [r["expert_bytes"] for r in per_rank] and all(r["expert_bytes"] < full_bytes for r in per_rank)
+    assert sum(r["expert_bytes"] for r in per_rank) == full_bytes
+    dense = dict((n, p) for n, p in full.named_parameters() if "experts" not in n)
+    for r in per_rank:
+        assert r["meta"] == [] and r["step"] == 6
+        for n, p in r["dense"].items():
+            assert torch.equal(p, dense[n]), n
+
+
+def test_experts_are_built_on_meta():
+    from hecate.train import tasks
+
+    cfg = load_config("configs/tiny_ep.yaml")
+    with experts_on_meta():
+        model = tasks.build_model(cfg)
+    kinds = {n: p.device.type for n, p in model.named_parameters()}
+    assert {k for n, k in kinds.items() if ".experts." in n} == {"meta"}
+    assert {k for n, k in kinds.items() if ".experts." not in n} == {"cpu"}
+    assert all(p.device.type == "cpu" for p in tasks.build_model(cfg).parameters())  # the hook is gone
+
+
+def test_bad_requests_fail_before_any_worker_starts(tmp_path):
+    cfg = load_config("configs/tiny_fssdp.yaml")
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    rows = [[1, 2]]
+    with pytest.raises(ValueError, match="divide every MoE layer's experts"):
+        generate_distributed(tmp_path, rows, 4, nproc=3, strategy="ep")
+    with pytest.raises(ValueError, match="drop --no-cache"):
+        generate_distributed(tmp_path, rows, 4, nproc=2, use_cache=False)
+    with pytest.raises(ValueError, match="must be one of"):
+        generate_distributed(tmp_path, rows, 4, nproc=2, strategy="fsdp")
+    with pytest.raises(ValueError, match="no checkpoints/"):
+        generate_distributed(tmp_path, rows, 4, nproc=2)
+    with pytest.raises(ValueError, match="pass --nproc"):
+        generate_text(tmp_path, ["a"], 4, strategy="ep")
+
+
+def test_cli_nproc_2_prints_the_single_process_texts(tmp_path):
+    """The whole command: launcher, 2 worker processes (ep), texts printed in prompt order."""
+    _make_run(tmp_path)
+    args = [str(tmp_path), "--prompt", "def f", "--prompt", "x = ", "--tokens", "8", "--temperature", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hecate.cli", "generate", *args]
+    single = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    sharded = subprocess.run(cmd + ["--nproc", "2", "--strategy", "ep"], capture_output=True, text=True, env=env,
+                             timeout=300, cwd=REPO)
+    assert single.returncode == 0, single.stderr
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout and single.stdout.count("--- sample") == 2
