@@ -3,8 +3,10 @@
 For a bias-free GELU MLP (the one form all three can run): GroupedExperts (built-in),
 ModuleExperts grouped (fx graph, grouped Linear) and ModuleExperts generic (functional_call
 per expert, forced). Forward+backward over a skewed routed load; prints times and the
-ratios generic / grouped and grouped / built-in (> 1: the second is faster). Timings share
-the machine with whatever else runs: compare the ratios of one run, not absolute numbers.
+ratios generic / grouped and grouped / built-in (> 1: the second is faster). A second row does
+the same for a bare nn.Linear(D, D) expert with bias (grouped: one grouped GEMM over the stacked
+weights plus the per-block bias; generic: functional_call per expert). Timings share the machine
+with whatever else runs: compare the ratios of one run, not absolute numbers.
 
     .venv/bin/python benchmarks/module_experts.py --tokens 4096 --experts 16 --hidden 256 --ffn 512
 """
@@ -69,17 +71,38 @@ def main(argv=None) -> int:
     def step(m):
         return lambda: m(x, counts).sum().backward()
 
+    linear_grouped, linear_generic = _bare_linear_pair(a.hidden, a.experts)
+    assert torch.allclose(linear_grouped(x, counts), linear_generic(x, counts), atol=1e-5), "bare Linear paths disagree"
     t = {name: _time(step(m), a.iters, a.repeats)
-         for name, m in (("builtin", builtin), ("grouped", grouped), ("generic", generic))}
+         for name, m in (("builtin", builtin), ("grouped", grouped), ("generic", generic),
+                         ("linear_grouped", linear_grouped), ("linear_generic", linear_generic))}
     res = {"shape": vars(a), "seconds": t, "generic_over_grouped": t["generic"] / t["grouped"],
-           "grouped_over_builtin": t["grouped"] / t["builtin"]}
+           "grouped_over_builtin": t["grouped"] / t["builtin"],
+           "bare_linear_generic_over_grouped": t["linear_generic"] / t["linear_grouped"]}
     print(f"fwd+bwd per call: built-in {t['builtin'] * 1e3:.2f} ms, ModuleExperts grouped "
           f"{t['grouped'] * 1e3:.2f} ms, generic {t['generic'] * 1e3:.2f} ms")
     print(f"generic / grouped = {res['generic_over_grouped']:.2f}x, grouped / built-in = "
           f"{res['grouped_over_builtin']:.2f}x")
+    print(f"bare nn.Linear expert: grouped {t['linear_grouped'] * 1e3:.2f} ms, generic "
+          f"{t['linear_generic'] * 1e3:.2f} ms, generic / grouped = {res['bare_linear_generic_over_grouped']:.2f}x")
     if a.json:
         print(json.dumps(res))
     return 0
+
+
+def _bare_linear_pair(hidden: int, experts: int):
+    """ModuleExperts of nn.Linear(hidden, hidden) with bias: grouped, and generic (forced), same weights."""
+    grouped = ModuleExperts(nn.Linear(hidden, hidden), experts)
+    assert grouped.mode == "grouped", "a bare nn.Linear expert should take the grouped path"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generic = ModuleExperts(nn.Linear(hidden, hidden), experts)
+    generic.__dict__["graph"], generic.mode = None, "generic"
+    with torch.no_grad():
+        for n, p in grouped.named_parameters():
+            p.copy_(torch.randn_like(p) / hidden ** 0.5)
+            generic.get_parameter(n).copy_(p)
+    return grouped, generic
 
 
 if __name__ == "__main__":

@@ -35,6 +35,36 @@ class RawParam(nn.Module):
         return torch.tanh(x @ self.w)
 
 
+class FunctionalLinear(nn.Module):
+    """F.linear on its own parameters (what a bare nn.Linear traces to): the grouped path."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2 * D, D) / 4)
+        self.b = nn.Parameter(torch.randn(2 * D) / 4)
+        self.out = nn.Parameter(torch.randn(D, 2 * D) / 4)
+
+    def forward(self, x):
+        return F.linear(F.gelu(F.linear(x, self.w, bias=self.b)), self.out)
+
+
+class ScaledWeight(nn.Module):
+    """F.linear with a computed weight: not a plain Linear, must stay generic."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / 4)
+
+    def forward(self, x):
+        return F.linear(x, self.w * 2)
+
+
+OWN_FORMS = {"chunk_rows": ChunkRows, "raw_param": RawParam, "bare_linear": lambda: nn.Linear(D, D),
+             "bare_linear_no_bias": lambda: nn.Linear(D, D, bias=False), "functional_linear": FunctionalLinear,
+             "scaled_weight": ScaledWeight}
+GENERIC = ("generic_norm", "chunk_rows", "raw_param", "scaled_weight")
+
+
 def _loop(expert, full, x, counts):
     """The oracle: a fresh copy of the module per expert with that expert's weights."""
     outs, start = [], 0
@@ -55,17 +85,17 @@ def make_copy(expert, params):
     return m
 
 
-@pytest.mark.parametrize("form", FORMS + ["chunk_rows", "raw_param"])
+@pytest.mark.parametrize("form", FORMS + list(OWN_FORMS))
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 0, 0], [0, 7, 0, 0]])
 def test_matches_a_loop_of_module_copies(form, counts):
-    expert = {"chunk_rows": ChunkRows, "raw_param": RawParam}.get(form, lambda: make_expert(form))()
+    expert = OWN_FORMS.get(form, lambda: make_expert(form))()
     if form == "chunk_rows" and any(c % 2 for c in counts):
         counts = [c + c % 2 for c in counts]
     expert.eval()  # dropout off here (its own test below)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         me = ModuleExperts(expert, 4).eval()
-    assert me.mode == ("generic" if form in ("generic_norm", "chunk_rows", "raw_param") else "grouped")
+    assert me.mode == ("generic" if form in GENERIC else "grouped")
     full = distinct_weights(expert, 4)
     with torch.no_grad():
         for n, v in full.items():
@@ -95,6 +125,48 @@ def test_matches_a_loop_of_module_copies(form, counts):
             got = getattr(me, n.replace(".", "__")).grad[e]
             want = p.grad if p.grad is not None else torch.zeros_like(p)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bare_linear_experts_take_the_grouped_path_and_equal_the_per_expert_path(bias):
+    """A bare nn.Linear expert: its stacked weights go through grouped_linear (one grouped GEMM,
+    the bias added per row block), with the values and gradients of functional_call per expert."""
+    calls = []
+    real = module_experts.grouped_linear
+
+    def spy(x, counts, w, b=None):
+        calls.append((tuple(w.shape), None if b is None else tuple(b.shape)))
+        return real(x, counts, w, b)
+
+    grouped = ModuleExperts(nn.Linear(D, 2 * D, bias=bias), 4)
+    assert grouped.mode == "grouped"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_expert = ModuleExperts(nn.Linear(D, 2 * D, bias=bias), 4)
+    per_expert.__dict__["graph"], per_expert.mode = None, "generic"  # functional_call per expert
+    with torch.no_grad():
+        for n, v in distinct_weights(nn.Linear(D, 2 * D, bias=bias), 4).items():
+            getattr(grouped, n).copy_(v)
+            getattr(per_expert, n).copy_(v)
+    counts = torch.tensor([5, 0, 2, 6])
+    x = torch.randn(13, D, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(13, 2 * D, generator=torch.Generator().manual_seed(4))
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(module_experts, "grouped_linear", spy)
+    try:
+        y = grouped(xs[0], counts)
+    finally:
+        mp.undo()
+    assert calls == [((4, 2 * D, D), (4, 2 * D) if bias else None)]  # one grouped call, all experts
+    ref = per_expert(xs[1], counts)
+    (y * dy).sum().backward()
+    (ref * dy).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+    for n, p in grouped.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(per_expert, n).grad, rtol=1e-5, atol=1e-6)
+    assert float(grouped.weight.grad[1].abs().sum()) == 0  # expert 1 got no rows
 
 
 def test_dropout_inside_the_expert_follows_train_and_eval():

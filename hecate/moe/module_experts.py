@@ -9,7 +9,8 @@ with the stacked weights they materialized.
 Two ways to compute, chosen once from the module:
 
 - grouped: the module is traced with torch.fx; when its graph only applies nn.Linear layers
-  (with or without bias) and row-wise elementwise operations (GELU exact or tanh, ReLU, SiLU,
+  (with or without bias; the expert itself may be a bare nn.Linear, and F.linear on the module's
+  own weight / bias parameters counts as one) and row-wise elementwise operations (GELU exact or tanh, ReLU, SiLU,
   tanh, sigmoid, dropout, +, *, chunk along the last dim: SwiGLU / GeGLU forms), the graph
   runs once over all rows, every Linear as a grouped matmul over the experts' row blocks
   (torch._grouped_mm where it runs, else one matmul per expert).
@@ -73,8 +74,16 @@ def _grouped_graph(expert: nn.Module) -> Optional[torch.fx.GraphModule]:
     if len(placeholders) != 1:
         return None
     linear_params = set()
+    params = dict(expert.named_parameters())
     for node in gm.graph.nodes:
-        if node.op == "call_module":
+        if node.op == "call_function" and node.target is F.linear:
+            # A bare nn.Linear traces to F.linear(x, get_attr weight, get_attr bias), as does a
+            # module that calls F.linear on its own parameters: a grouped Linear too.
+            weight, bias = _functional_linear_params(node)
+            if weight is None or weight not in params or (bias is not None and bias not in params):
+                return None
+            linear_params |= {weight} | ({bias} if bias is not None else set())
+        elif node.op == "call_module":
             m = modules[node.target]
             if isinstance(m, nn.Linear):
                 linear_params |= {f"{node.target}.{p}" for p, _ in m.named_parameters()}
@@ -97,10 +106,37 @@ def _grouped_graph(expert: nn.Module) -> Optional[torch.fx.GraphModule]:
             elif node.target not in ELEMENTWISE_METHODS:
                 return None
         elif node.op == "get_attr":
-            return None  # a parameter used outside a Linear
+            # A parameter may only feed F.linear as its weight or bias (checked there).
+            if any(u.op != "call_function" or u.target is not F.linear or node not in _linear_weight_nodes(u)
+                   for u in node.users):
+                return None
     if linear_params != {n for n, _ in expert.named_parameters()}:
         return None
     return gm
+
+
+def _linear_args(node: torch.fx.Node):
+    """(input, weight, bias) of an fx F.linear call, from positional or keyword arguments."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    return (node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2]))
+
+
+def _linear_weight_nodes(node: torch.fx.Node) -> list:
+    _, weight, bias = _linear_args(node)
+    return [a for a in (weight, bias) if isinstance(a, torch.fx.Node)]
+
+
+def _functional_linear_params(node: torch.fx.Node):
+    """Parameter names of an F.linear's weight and bias when both are get_attr nodes (bias may be
+    None); (None, None) when the weight or bias is computed, or the input is a parameter."""
+    x, weight, bias = _linear_args(node)
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return None, None
+    if isinstance(x, torch.fx.Node) and x.op == "get_attr":
+        return None, None
+    if bias is not None and (not isinstance(bias, torch.fx.Node) or bias.op != "get_attr"):
+        return None, None
+    return weight.target, (bias.target if bias is not None else None)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -213,6 +249,12 @@ class ModuleExperts(nn.Module):
                     env[node] = grouped_linear(arg, counts, w, b)
                 else:
                     env[node] = m(arg)
+            elif node.op == "get_attr":
+                env[node] = None  # an expert's weight / bias: read per expert by the F.linear below
+            elif node.op == "call_function" and node.target is F.linear:
+                x, weight, bias = _linear_args(node)
+                b = weights[_stacked_name(bias.target)] if bias is not None else None
+                env[node] = grouped_linear(load(x), counts, weights[_stacked_name(weight.target)], b)
             elif node.op == "call_function":
                 env[node] = node.target(*load(node.args), **load(node.kwargs))
             elif node.op == "call_method":
