@@ -48,7 +48,7 @@ def cache_bytes(model, prompts, tokens) -> int:
     dec = CachedDecoder(model, prompts)
     dec.logits()
     per_slot = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for st in dec.states for k, v in st.kv.values()) // max(len(p) for p in prompts)
+                   for st in dec.states for k, v in st.cached()) // max(len(p) for p in prompts)
     return per_slot * (max(len(p) for p in prompts) + tokens)
 
 

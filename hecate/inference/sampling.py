@@ -66,15 +66,16 @@ class FullDecoder:
             s.append(int(i))
 
 
-def make_decoder(model, prompts, overrides=(), use_cache: bool = True):
+def make_decoder(model, prompts, overrides=(), use_cache: bool = True, reserve: int = 0):
+    """A CachedDecoder (reserve: new tokens per row its K/V buffers are sized for), or a FullDecoder."""
     if use_cache:
         from hecate.inference.kv_cache import CachedDecoder
 
-        return CachedDecoder(model, prompts, overrides)
+        return CachedDecoder(model, prompts, overrides, reserve=reserve)
     return FullDecoder(model, prompts, overrides)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping per op (both paths; nothing here is trained)
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              use_cache: bool = True, routing: Optional[dict] = None, scmoe=None) -> list[list[int]]:
@@ -89,8 +90,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
     base = [routing] if routing else []
-    strong = make_decoder(model, prompts, base, use_cache)
-    weak = make_decoder(model, prompts, base + [scmoe.weak_overrides(model)], use_cache) if scmoe else None
+    strong = make_decoder(model, prompts, base, use_cache, max_new_tokens)
+    weak = (make_decoder(model, prompts, base + [scmoe.weak_overrides(model)], use_cache, max_new_tokens)
+            if scmoe else None)
     out = [list(p) for p in prompts]
     for _ in range(max_new_tokens):
         logits_BV = strong.logits()

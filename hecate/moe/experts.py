@@ -35,7 +35,9 @@ def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
     """One tiny forward + backward of torch._grouped_mm (2 groups, one of them empty)."""
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # inference_mode(False): a first call inside torch.inference_mode (generation) must probe
+    # autograd too, not fail on it and leave the whole process on the loop.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         x = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
         offs = torch.tensor([8, 8], device=device, dtype=torch.int32)
