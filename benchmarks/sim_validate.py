@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import prepare_spawn_env, zipf_bias  # noqa: E402
 
+LINK_PROBE_BYTES = (64, 1 << 20)  # all_to_all_v bytes per peer of the alpha and beta probes
 CONFIGS = {
     # benchmarks/strategies.py defaults (the tiny model) and the compute-bound model of docs/results.md
     "tiny": dict(layers=2, experts=16, top_k=2, d_model=64, ffn=128, vocab=512, seq=64, batch=16, skew_scale=0.03),
@@ -42,100 +43,81 @@ CONFIGS = {
 
 
 def paired_case(rank, world, a, skew, warmup, steps):
-    import copy
-
     import torch
-    import torch.distributed as dist
     from strategies import model_config
 
-    from hecate.comm.topology import Topology
-    from hecate.models.transformer import MoETransformer
-    from hecate.parallel import build_strategy, moe_layers, parallelize
-    from hecate.parallel.local import LocalStrategy
-    from hecate.sim.calibrate import _link_task, adam_rate, gemm_rate
-    from hecate.train.engine import Engine
+    from hecate.sim.calibrate import CALIBRATION_TOKENS, CaseSteps, adam_rate, link_probe
 
     torch.set_num_threads(1)
-    links = _link_task(rank, world, [64, 8 << 20], 7)
-    rates = (gemm_rate(), adam_rate()) if rank == 0 else None
-    torch.manual_seed(0)
-    base = MoETransformer(model_config(a))
-    bias_E = zipf_bias(a["experts"], scale=a["skew_scale"]) if skew else torch.zeros(a["experts"])
-    for layer in moe_layers(base):
-        layer.router.expert_bias_E.copy_(bias_E)
-    runs = {}
-    for name, options in (("ep", {}), ("fssdp", {"rematerialize": True})):
-        topo = Topology()
-        strat = build_strategy(name, topo, **options)
-        model = parallelize(copy.deepcopy(base), strat)
-        runs[name] = (model, Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0))
-    local_model = copy.deepcopy(base)
-    runs["local"] = (local_model, Engine(local_model, LocalStrategy(), lr=1e-3, weight_decay=0.01,
-                                         max_grad_norm=1.0))
-    times = {"ep": [], "fssdp": [], "local": []}
-    counts = {"ep": [], "fssdp": [], "local": []}
-    probes = []  # GEMM rate measured right before every timed step: the same load as the steps
+    adam = adam_rate() if rank == 0 else None
+    cfg = model_config(a)
+    # Calibration of the framework terms (hecate.sim.calibrate.framework_costs): its own copies
+    # of the model, uniform routing, CALIBRATION_TOKENS per rank; not the runs predicted below.
+    calibration = {batch * seq: CaseSteps(cfg, batch, seq) for batch, seq in CALIBRATION_TOKENS}
+    bias_E = zipf_bias(a["experts"], scale=a["skew_scale"]) if skew else None
+    runs = CaseSteps(cfg, a["batch"], a["seq"], {"ep": ("ep", {}), "fssdp": ("fssdp", {"rematerialize": True}),
+                                                 "local": ("local", {})}, bias_E)
+    gemm, links = [], []
     pa, pb = torch.randn(1024, 256), torch.randn(256, 1024)
     for step in range(warmup + steps):
-        g = torch.Generator().manual_seed(7919 * step + rank)
-        tokens = torch.randint(0, a["vocab"], (a["batch"], a["seq"] + 1), generator=g)
-        order = ("ep", "fssdp", "local") if step % 2 == 0 else ("local", "fssdp", "ep")
-        for name in order:
-            model, engine = runs[name]
-            t = time.perf_counter()
-            for _ in range(3):
-                pa @ pb
-            probes.append(3 * 2 * 1024 * 256 * 1024 / (time.perf_counter() - t))
-            dist.barrier()
-            start = time.perf_counter()
-            loss, res = model.loss(tokens[:, :-1], tokens[:, 1:])
-            loss.backward()
-            engine.step()
-            if name != "local":  # the local model is timed without waiting for the peer
-                dist.barrier()
-            elapsed = time.perf_counter() - start
-            counts[name].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
-            if step >= warmup:
-                times[name].append(elapsed)
-    return {"times": times, "counts": counts, "links": links, "rates": rates, "probes": probes}
+        # Probes, calibration steps and the predicted runs' steps interleave: the same load.
+        t = time.perf_counter()
+        for _ in range(3):
+            pa @ pb
+        gemm.append(3 * 2 * 1024 * 256 * 1024 / (time.perf_counter() - t))
+        links.append(link_probe(world, LINK_PROBE_BYTES))
+        for case in calibration.values():
+            case.step(step)
+        runs.step(step)
+    return {"runs": runs.result(), "framework": {n: c.result() for n, c in calibration.items()}, "links": links,
+            "gemm": gemm, "adam": adam}
 
 
 def _hardware(results):
+    """The machine as measured by the probes of the run: alpha = the small all_to_all_v, beta =
+    the extra bytes of the large one over its extra time (medians over steps of the slowest rank)."""
     from hecate.sim.hardware import Hardware
 
-    small = max(r["links"][64] for r in results)
-    large = max(r["links"][8 << 20] for r in results)
-    beta = ((8 << 20) - 64) / max(large - small, 1e-9)
-    _, adam = results[0]["rates"]
-    gemm = statistics.median(p for r in results for p in r["probes"])
-    return Hardware("calibrated-in-run", 2, gemm_flops=gemm, adam_params_per_s=adam, alpha_intra=small,
-                    bw_intra=beta, alpha_inter=small, bw_inter=beta, wire_bytes=4)
+    small, large = LINK_PROBE_BYTES
+    n = len(results[0]["links"])
+    t_small = statistics.median(max(r["links"][i][small] for r in results) for i in range(n))
+    t_large = statistics.median(max(r["links"][i][large] for r in results) for i in range(n))
+    beta = (large - small) / max(t_large - t_small, 1e-9)
+    gemm = statistics.median(p for r in results for p in r["gemm"])
+    return Hardware("calibrated-in-run", 2, gemm_flops=gemm, adam_params_per_s=results[0]["adam"],
+                    alpha_intra=t_small, bw_intra=beta, alpha_inter=t_small, bw_inter=beta, wire_bytes=4)
 
 
 def one_repeat(a, skew, warmup, steps) -> dict:
+    import dataclasses
+
     from strategies import model_config
 
+    from hecate.sim.calibrate import framework_costs, local_excess_s
     from hecate.sim.shape import shape_of_config
     from hecate.sim.step import StepSetup, simulate_steps
     from hecate.testing import run_distributed
 
     res = run_distributed(paired_case, 2, a, skew, warmup, steps, timeout=1800)
     hw = _hardware(res)
-    slowest = {k: [max(r["times"][k][i] for r in res) for i in range(steps)] for k in ("ep", "fssdp")}
+    slowest = {k: [max(r["runs"]["times"][k][i] for r in res) for i in range(warmup, warmup + steps)]
+               for k in ("ep", "fssdp")}
     measured = {k: statistics.median(v) for k, v in slowest.items()}
     # ep's and fssdp's step i ran back to back: the median of their ratios cancels slow load drift
     paired = statistics.median(e / f for e, f in zip(slowest["ep"], slowest["fssdp"]))
     shape = shape_of_config(model_config(a), "strategies.py")
     tokens = a["batch"] * a["seq"]
-    # Framework time the FLOP model misses, from the same model stepped on one rank with every
-    # expert local (no collective): measured minus modelled compute and optimizer.
-    local = statistics.median(statistics.median(r["times"]["local"][warmup:]) for r in res)
-    modelled = (3 * tokens * (shape.dense_flops_per_token() + shape.top_k * shape.expert_flops_per_entry())
-                / hw.gemm_flops + (shape.dense_params + shape.routed_params) / hw.adam_params_per_s)
-    setup = StepSetup(shape, hw, 2, tokens, overhead_s=max(local - modelled, 0.0))
+    # Framework time the FLOP model misses, shared by every strategy: the same model stepped on
+    # one rank with every expert local (no collective), measured minus modelled compute and optimizer.
+    local = statistics.median(max(r["runs"]["times"]["local"][i] for r in res) for i in range(warmup, warmup + steps))
+    # Each strategy's own per-MoE-layer framework time: from the calibration cases' small steps.
+    fw = framework_costs({n: [r["framework"][n] for r in res] for n in res[0]["framework"]}, model_config(a), hw,
+                         warmup)
+    hw = dataclasses.replace(hw, framework_s=fw["framework_s"])
+    setup = StepSetup(shape, hw, 2, tokens, overhead_s=max(local_excess_s(local, shape, hw, tokens), 0.0))
     predicted, parts = {}, {}
     for name in ("ep", "fssdp"):
-        trace = [[[r["counts"][name][s][l] for r in res] for l in range(a["layers"])]
+        trace = [[[r["runs"]["counts"][name][s][l] for r in res] for l in range(a["layers"])]
                  for s in range(warmup + steps)]
         sim = simulate_steps(setup, trace, (name,), warmup=warmup)[name]
         predicted[name], parts[name] = sim["seconds"], sim["parts"]
@@ -143,7 +125,7 @@ def one_repeat(a, skew, warmup, steps) -> dict:
             "predicted_ratio": predicted["ep"] / predicted["fssdp"], "parts": parts,
             "hardware": {"gemm_flops": hw.gemm_flops, "adam_params_per_s": hw.adam_params_per_s,
                          "alpha": hw.alpha_intra, "beta": hw.bw_intra, "overhead_s": setup.overhead_s,
-                         "local_step_s": local}}
+                         "local_step_s": local, "framework_s": fw["framework_s"], "framework_raw_s": fw["raw_s"]}}
 
 
 def main() -> None:

@@ -13,8 +13,11 @@ are datasheet-level guesses.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+
+FRAMEWORK_KEYS = ("ep", "fsdp", "fssdp", "fssdp.replicated")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class Hardware:
     wire_bytes: int = 2        # bytes per element of tokens / replicas on the wire (bf16 on GPUs)
     memory_bytes: float = 0.0  # device memory per rank (0: unknown)
     note: str = ""
+    # Host seconds per MoE layer per step (forward + backward) that a strategy's runtime spends
+    # beyond its modelled FLOPs, collectives (alpha + bytes / beta each) and planning: Python,
+    # setup of its exchanges, memory-bound ops. {key: [fixed seconds, seconds per token per
+    # rank]} for the keys FRAMEWORK_KEYS; "fssdp.replicated" is the extra of an fssdp layer whose
+    # plan has replicas. Calibrated (hecate.sim.calibrate.framework_costs); {} on the GPU
+    # presets (not measured there).
+    framework_s: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key in ("ranks_per_node", "gemm_flops", "adam_params_per_s", "bw_intra", "bw_inter", "wire_bytes"):
@@ -38,6 +48,13 @@ class Hardware:
         for key in ("alpha_intra", "alpha_inter"):
             if getattr(self, key) < 0:
                 raise ValueError(f"Hardware.{key} must be >= 0, got {getattr(self, key)}")
+        unknown = set(self.framework_s) - set(FRAMEWORK_KEYS)
+        if unknown:
+            raise ValueError(f"Hardware.framework_s has unknown keys {sorted(unknown)}; use {FRAMEWORK_KEYS}")
+        bad = {k: v for k, v in self.framework_s.items()
+               if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(x >= 0 for x in v))}
+        if bad:
+            raise ValueError(f"Hardware.framework_s values must be [fixed seconds, seconds per token] >= 0, got {bad}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
