@@ -1,7 +1,8 @@
 """Total and active (per-token) parameters of every language-model preset of the zoo,
-counted on the meta device (no memory). Prints the markdown table of docs/models.md.
+counted on the meta device (no memory). Prints the markdown table of docs/models.md; with
+--papers, the "Against the papers" table (hecate.models.paper_sizes.PAPER_SIZES, our count of each).
 
-    .venv/bin/python benchmarks/zoo_params.py
+    .venv/bin/python benchmarks/zoo_params.py [--papers]
 """
 from __future__ import annotations
 
@@ -30,5 +31,24 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def papers_table() -> str:
+    """One markdown row per PAPER_SIZES entry: preset, what is counted, the paper's number, ours."""
+    from hecate.models.paper_sizes import DERIVED, PAPER_SIZES, derived_total, ours
+
+    rows = ["| preset | counted | paper | ours | source | note |", "|---|---|---:|---:|---|---|"]
+    counted = {}
+    for e in PAPER_SIZES:
+        if e.quantity in DERIVED:
+            n = derived_total(e.preset, e.quantity)
+        else:
+            if e.preset not in counted:
+                p = get_preset(e.preset)
+                model = build_model(p.arch, p.config, device="meta")
+                counted[e.preset] = count_parameters(model)
+            n = ours(e.preset, e.quantity, counted[e.preset])
+        rows.append(f"| `{e.preset}` | {e.quantity.replace('_', '-')} | {e.reported} | {n:,} | {e.source} | {e.note} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    print(table())
+    print(papers_table() if "--papers" in sys.argv[1:] else table())

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from hecate.cli import main
-from hecate.models.paper_sizes import PAPER_SIZES, dense_seed_config, ours, within_rounding
-from hecate.models.registry import build_model, count_parameters, get_preset
+from hecate.models.paper_sizes import DERIVED, PAPER_SIZES, derived_total, ours, within_rounding
+from hecate.models.registry import build_model, get_preset
 
 _INSPECTED: dict = {}
 
@@ -20,9 +20,8 @@ def _inspect(preset, capsys):
 
 @pytest.mark.parametrize("entry", PAPER_SIZES, ids=lambda e: f"{e.preset}-{e.quantity}")
 def test_preset_matches_the_paper(entry, capsys):
-    if entry.quantity == "seed_total":
-        p = get_preset(entry.preset)
-        got = count_parameters(build_model(p.arch, dense_seed_config(p.config), "meta"))["total_params"]
+    if entry.quantity in DERIVED:
+        got = derived_total(entry.preset, entry.quantity)
     else:
         got = ours(entry.preset, entry.quantity, _inspect(entry.preset, capsys))
     assert within_rounding(entry.reported, got), (
@@ -42,3 +41,57 @@ def test_old_layouts_would_fail():
     # The previous presets (MoE every other layer; BAM's FFN dimension as the SwiGLU width) did not match.
     assert not within_rounding("1.84B", 988_134_912)
     assert not within_rounding("776,002,560", 926_997_504)
+
+
+# DiT's model table (depth, width, heads); Switch-DiT adds to every block a switch of 3 linear
+# experts D -> D (top-2, gated by the timestep), their router and the shared expert.
+DIT = {"switch-dit-s2": (12, 384, 6), "switch-dit-b2": (12, 768, 12), "switch-dit-l2": (24, 1024, 16),
+       "switch-dit-xl2": (28, 1152, 16)}
+
+
+@pytest.mark.parametrize("preset", sorted(DIT))
+def test_switch_dit_presets_have_the_papers_layout(preset, capsys):
+    c = get_preset(preset).config
+    depth, width, heads = DIT[preset]
+    assert (c["n_layers"], c["d_model"], c["n_heads"], c["patch_size"]) == (depth, width, heads, 2)
+    assert (c["num_experts"], c["top_k"], c.get("expert_type", "linear")) == (3, 2, "linear")
+    info = _inspect(preset, capsys)
+    assert info["routed_expert_params"] == depth * 3 * width * width  # bias-free D x D experts
+    switch = info["total_params"] - derived_total(preset, "backbone_total")
+    assert switch == depth * (4 * width * width + 3 * width)  # + shared expert D x D, router D -> 3
+    # active: top-2 of the 3 routed experts per block
+    assert info["total_params"] - info["active_params"] == depth * width * width
+
+
+@pytest.mark.parametrize("preset", ["mixture-of-mamba-760m", "mixture-of-mamba-1.4b"])
+def test_mixture_of_mamba_presets_have_the_authors_block(preset):
+    """The authors' block (their code's defaults): d_state 16, d_conv 4, expand 2, all four
+    projections (in, x, dt, out) modality-specific for 2 modalities, in + out projections
+    3 * expand * d_model^2 per modality; conv, A and D shared."""
+    p = get_preset(preset)
+    c = p.config
+    assert (c["d_state"], c["d_conv"], c["expand"], c["num_modalities"]) == (16, 4, 2, 2)
+    model = build_model(p.arch, c, "meta")
+    mixer = model.blocks[0].mixer
+    d = c["d_model"]
+    assert sorted(mixer.cfg.decoupled) == ["dt", "in", "out", "x"]
+    assert mixer.in_proj_MXD.shape[0] == mixer.x_proj_MPE.shape[0] == mixer.dt_proj_MER.shape[0] \
+        == mixer.out_proj_MDE.shape[0] == 2
+    assert (mixer.in_proj_MXD[0].numel() + mixer.out_proj_MDE[0].numel()) == 3 * c["expand"] * d * d
+    assert mixer.A_log_EN.shape == (c["expand"] * d, 16) and mixer.conv.weight.shape == (c["expand"] * d, 1, 4)
+
+
+def test_mohd_preset_totals(capsys):
+    """mohd-355m: the 355M vanilla model plus, per layer, the router (d x routed groups) and the
+    fusion blocks (N w x w); a token skips the W1/W3 columns, W2 rows and fusion block of every
+    group it does not use (N - shared - top_k of N)."""
+    c = get_preset("mohd-355m").config
+    L, d, F = c["n_layers"], c["d_model"], c["dense_ffn_hidden"]
+    N, S, K = c["mohd_sub_dims"], c["mohd_shared"], c["mohd_top_k"]
+    w = F // N
+    assert (N, S + K) == (16, 8)  # half the FFN's units per token (the paper's 50% setting)
+    vanilla = derived_total("mohd-355m", "vanilla_total")
+    info = _inspect("mohd-355m", capsys)
+    assert info["total_params"] == vanilla + L * (d * (N - S) + N * w * w)
+    assert info["total_params"] - info["active_params"] == L * (N - S - K) * (3 * d * w + w * w)
+    assert within_rounding("355M", vanilla)

@@ -2,7 +2,8 @@
 
 Each entry names the preset, the number as the paper prints it ("1.84B", "776,002,560"), what
 the paper counts ("total", "active", "non_embedding" = total minus embedding tables and untied
-output head, or "seed_total" = the dense seed a BAM preset is upcycled from) and the table it
+output head, "seed_total" = the dense seed a BAM preset is upcycled from, "backbone_total" = a
+Switch-DiT without its switch, "vanilla_total" = a MoHD model with MoHD off) and the table it
 comes from. `within_rounding(reported, ours)` accepts `ours` when it rounds to the printed number
 (half a unit of the last printed digit either way; exact for integers printed in full).
 tests/test_models_paper_sizes.py checks every entry against `hecate inspect --json`;
@@ -20,7 +21,7 @@ from hecate.models.zoo_lm import NO_MOE
 @dataclass(frozen=True)
 class PaperSize:
     preset: str
-    quantity: str        # total | active | non_embedding | seed_total
+    quantity: str        # total | active | non_embedding | seed_total | backbone_total | vanilla_total
     reported: str        # as printed: "1.84B", "186M", "776,002,560"
     source: str
     note: str = ""
@@ -53,6 +54,20 @@ PAPER_SIZES: tuple[PaperSize, ...] = (
     PaperSize("bam-small", "seed_total", "587,209,728", "BAM Table 9 (Dense) / Table 8 (590 Million)"),
     PaperSize("bam-large", "seed_total", "2B", "BAM Table 8 (2 Billion)",
               "the paper reports no total for the large mixture"),
+    # Switch-DiT reports its models by DiT size (S / B / L / XL, patch 2) and adds the switch to each
+    # block; no parameter table of its own was available to us. The backbone without the switch is
+    # checked against DiT's sizes, and the switch's layout in tests/test_models_paper_sizes.py.
+    PaperSize("switch-dit-s2", "backbone_total", "33M", "DiT (arXiv 2212.09748) model sizes: DiT-S/2",
+              "ours predicts epsilon only (4 output channels, DiT's 8 learn sigma too)"),
+    PaperSize("switch-dit-b2", "backbone_total", "130M", "DiT model sizes: DiT-B/2"),
+    PaperSize("switch-dit-l2", "backbone_total", "458M", "DiT model sizes: DiT-L/2"),
+    PaperSize("switch-dit-xl2", "backbone_total", "675M", "DiT model sizes: DiT-XL/2"),
+    # Mixture-of-Mamba names its models by scale ("the 1.4B scale", abstract); a sparse model's
+    # per-token (active) count is the dense model of that scale.
+    PaperSize("mixture-of-mamba-1.4b", "active", "1.4B", "Mixture-of-Mamba (arXiv 2501.16295) abstract",
+              "no layout table was available to us; the layout is the Mamba paper's 1.4B"),
+    PaperSize("mohd-355m", "vanilla_total", "355M", "MoHD (arXiv 2412.05644) Sec. 4: vanilla LLaMA-architecture "
+              "baselines of 355M / 495M / 1.13B", "layout ours (the paper's layout table was not available to us)"),
 )
 
 
@@ -78,6 +93,28 @@ def dense_seed_config(config: dict) -> dict:
         seed.pop(key, None)
     seed.update(attention="mha", moe_every=NO_MOE)
     return seed
+
+
+def derived_total(preset: str, quantity: str) -> int:
+    """Totals of a model derived from the preset, built on the meta device: seed_total (BAM's dense
+    seed), backbone_total (Switch-DiT without its switch: routed experts, router and shared expert
+    of every block), vanilla_total (the transformer with MoHD off)."""
+    from hecate.models.registry import build_model, count_parameters, get_preset
+
+    p = get_preset(preset)
+    if quantity == "seed_total":
+        return count_parameters(build_model(p.arch, dense_seed_config(p.config), "meta"))["total_params"]
+    if quantity == "vanilla_total":
+        return count_parameters(build_model(p.arch, dict(p.config, mohd_sub_dims=0), "meta"))["total_params"]
+    if quantity == "backbone_total":
+        model = build_model(p.arch, p.config, "meta")
+        switch = sum(q.numel() for blk in model.blocks for m in (blk.moe, blk.shared) if m is not None
+                     for q in m.parameters())
+        return sum(q.numel() for q in model.parameters()) - switch
+    raise ValueError(f"quantity {quantity!r} is not derived from a model (seed_total, backbone_total, vanilla_total)")
+
+
+DERIVED = ("seed_total", "backbone_total", "vanilla_total")
 
 
 def ours(preset: str, quantity: str, counts: dict) -> int:

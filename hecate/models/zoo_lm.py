@@ -88,6 +88,25 @@ _register("deepseekmoe-145b", deepseek(4096, 62, 32, 102400, 4096, 128, 4, 12, 1
           "with FFN 21888 (the 16B's 10944 scaled with d, ours), vocab 102400 (as the 16B), alpha1 0.003 (ours)")
 
 
+# ---- MoHD: Mixture of Hidden Dimensions (Chen et al., ICML 2025, arXiv 2412.05644). The paper
+# pretrains vanilla LLaMA-architecture models of 355M / 495M / 1.13B and their MoHD versions; its
+# layout table was not available to us, so the layout below is ours, chosen so that the vanilla
+# model (MoHD off) has the paper's 355M: d 1024, 24 layers, 16 heads, SwiGLU FFN 2560, RoPE, LLaMA's
+# 32,000-token vocabulary, untied (hecate.models.paper_sizes checks it). MoHD: the paper's 50%
+# compression setting on the FFN: 16 sub-dimensions of 160 units, 4 shared + top-4 of 12 routed. ----
+def mohd_llama(d_model, n_layers, n_heads, ffn, sub_dims, shared, top_k) -> dict:
+    return _lm(d_model, n_layers, n_heads, 32000, 2048, ffn, _moe(d_model, ffn, 1, 1), moe_every=NO_MOE,
+               dense_activation="swiglu", rope=True, tie_embeddings=False, mohd_sub_dims=sub_dims,
+               mohd_shared=shared, mohd_top_k=top_k)
+
+
+_register("mohd-355m", mohd_llama(1024, 24, 16, 2560, 16, 4, 4),
+          "MoHD on the paper's 355M vanilla LLaMA-architecture model (MoHD, arXiv 2412.05644; layout ours: "
+          "d 1024, 24 layers, 16 heads, SwiGLU FFN 2560, vocab 32,000, untied): every FFN split into 16 "
+          "sub-dimensions, 4 shared + top-4 of 12 routed (50% of the FFN units per token), activation "
+          "scaling, group fusion")
+
+
 # ---- MoH: Mixture-of-Head attention (dense SwiGLU FFN, RoPE) ----
 def moh(d_model, n_layers, n_heads, ffn, vocab, seq, shared, top_k, **extra) -> dict:
     return _lm(d_model, n_layers, n_heads, vocab, seq, ffn, _moe(d_model, ffn, 1, 1), moe_every=NO_MOE,

@@ -16,5 +16,7 @@ register_preset("switch-dit-s2", "switch_dit", dict(_PAPER, d_model=384, n_layer
                 "Switch-DiT-S/2 (DiT-S/2 + a 3-expert switch per block)")
 register_preset("switch-dit-b2", "switch_dit", dict(_PAPER, d_model=768, n_layers=12, n_heads=12),
                 "Switch-DiT-B/2 (DiT-B/2 + a 3-expert switch per block)")
+register_preset("switch-dit-l2", "switch_dit", dict(_PAPER, d_model=1024, n_layers=24, n_heads=16),
+                "Switch-DiT-L/2 (DiT-L/2 + a 3-expert switch per block)")
 register_preset("switch-dit-xl2", "switch_dit", dict(_PAPER, d_model=1152, n_layers=28, n_heads=16),
                 "Switch-DiT-XL/2 (DiT-XL/2 + a 3-expert switch per block)")
