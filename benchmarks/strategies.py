@@ -43,6 +43,10 @@ CASES = [
     ("fsdp", "fsdp", {}),
     ("fssdp", "fssdp", {"rematerialize": True}),
     ("fssdp_no_rm", "fssdp", {"rematerialize": False}),
+    # The byte fit also charges each collective the replicas add (spAG, spRS, re-gather) the
+    # backend's default latency (FssdpOptions.collective_latency_s = None): replicas that do
+    # not repay it are dropped and the layer takes ep's path (docs/fssdp.md).
+    ("fssdp_lat", "fssdp", {"rematerialize": True, "collective_latency_s": None}),
 ]
 
 
@@ -101,7 +105,7 @@ def _build_case(rank, world, a, name, options, skew):
     model = parallelize(copy.deepcopy(base), strat)
     del base
     engine = Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
-    out = {"times": [], "bytes": [], "counts": [], "owned": [], "step_peak": [],
+    out = {"times": [], "cpu": [], "bytes": [], "counts": [], "owned": [], "step_peak": [],
            "chunk_bytes": layout.chunk_numel * 4}
     return {"name": name, "model": model, "engine": engine, "topo": topo, "layers": moe_layers(model),
             "out": out}
@@ -120,15 +124,16 @@ def _run_step(case, rank, world, a, step, measured):
     before = rss_bytes()
     reset_peak()
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     loss, res = model.loss(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     engine.step()
     dist.barrier()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if measured:
         out = case["out"]
         out["times"].append(elapsed)
+        out["cpu"].append(cpu)
         out["bytes"].append(topo.stats.snapshot())
         out["counts"].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
         out["owned"].append(owned.tolist())
@@ -211,8 +216,12 @@ def summarize(runs, a, label, name, options):
     counts = [sum(map(sum, zip(*r["counts"][0]))) for r in results]
     load_E = [sum(r["counts"][0][l][e] for r in results for l in range(a["layers"]))
               for e in range(a["experts"])]
+    per_cpu = [max(r["cpu"][i] for r in res) for res in runs for i in range(steps)]
     return {
         "step_time_s": median(per_step),
+        # CPU seconds of the busier rank (process time: its own work and gloo's threads, not
+        # waits); less sensitive than wall time to other jobs on a shared machine.
+        "step_cpu_s": median(per_cpu),
         "step_time_runs_s": [median(t) for t in per_run],
         "bytes_by_collective": by_name,
         "expert_bytes": expert,
@@ -272,6 +281,7 @@ def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointin
         ep, fsdp = rows.get("ep"), rows.get("fsdp")  # the baselines, when they were selected
         for row in rows.values():
             row["time_vs_ep"] = row["step_time_s"] / ep["step_time_s"] if ep else None
+            row["cpu_vs_ep"] = row["step_cpu_s"] / ep["step_cpu_s"] if ep else None
             row["peak_vs_ep"] = row["peak_bytes_per_rank"] / ep["peak_bytes_per_rank"] if ep else None
             row["bytes_vs_fsdp"] = row["expert_bytes"] / fsdp["expert_bytes"] if fsdp and fsdp["expert_bytes"] else None
             if ep:
@@ -315,7 +325,7 @@ def _num(x, fmt):
 def format_table(world, table, timed):
     lines = [f"== world {world} ({'timed' if timed else 'bytes and memory only'}) =="]
     head = f"{'routing':8} {'strategy':12} {'expert MB':>9} {'LB MB':>7} {'/LB':>6} {'/fsdp':>6} " \
-           f"{'peak MB':>8} {'/ep':>5} {'imb':>5}" + (f" {'step ms':>8} {'t/ep':>5}" if timed else "")
+           f"{'peak MB':>8} {'/ep':>5} {'imb':>5}" + (f" {'step ms':>8} {'t/ep':>5} {'cpu ms':>7}" if timed else "")
     ckpt = any("checkpointed" in r for rows in table.values() for r in rows.values())
     if ckpt:
         head += f" | {'ckpt peak':>9} {'/off':>5} {'step pk MB':>10} {'ckpt':>7} {'/off':>5}" + \
@@ -330,7 +340,7 @@ def format_table(world, table, timed):
                     f"{_num(r['bytes_vs_fsdp'], '6.2f')} {r['peak_bytes_per_rank'] / 2**20:8.2f} "
                     f"{_num(r['peak_vs_ep'], '5.2f')} {r['imbalance']:5.2f}")
             if timed:
-                line += f" {r['step_time_s'] * 1e3:8.1f} {_num(r['time_vs_ep'], '5.2f')}"
+                line += f" {r['step_time_s'] * 1e3:8.1f} {_num(r['time_vs_ep'], '5.2f')} {r['step_cpu_s'] * 1e3:7.1f}"
             if ckpt:
                 c = r["checkpointed"]
                 line += (f" | {c['peak_bytes_per_rank'] / 2**20:9.2f} {r['ckpt_peak_vs_off']:5.2f} "

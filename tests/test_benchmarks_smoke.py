@@ -33,7 +33,7 @@ def test_strategies_smoke():
                                      "ep_time_over_fssdp", "fssdp_rm_peak_vs_ep"}
     for routing in ("uniform", "skewed"):
         rows = world["routing"][routing]
-        assert set(rows) == {"dp", "ep", "fsdp", "fssdp", "fssdp_no_rm"}
+        assert set(rows) == {"dp", "ep", "fsdp", "fssdp", "fssdp_no_rm", "fssdp_lat"}
         for label, r in rows.items():
             assert r["step_time_s"] > 0 and r["peak_bytes_per_rank"] > 0
             assert r["expert_bytes"] > 0, label

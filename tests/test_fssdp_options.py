@@ -17,7 +17,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "fssdp.md"
 # A value other than the default for every option, written as YAML would be.
 NON_DEFAULT_YAML = {
     "policy": "shadowing", "window": "3", "memory_slots": "2", "overlap_degree": "1",
-    "bandwidth": "[1e9, 2.5e8]", "token_compute_s": "3e-7", "rematerialize": "false",
+    "bandwidth": "[1e9, 2.5e8]", "token_compute_s": "3e-7", "collective_latency_s": "0.001",
+    "rematerialize": "false",
     "reshard_interval": "7", "calibrate": "true", "fit_replicas": "false", "prefetch": "false",
     "overlap_reduce": "false", "balance_compute": "true",
 }

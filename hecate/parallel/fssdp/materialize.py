@@ -277,7 +277,7 @@ class HecatePolicy(MaterializationPolicy):
         return holders
 
     @staticmethod
-    def place(load_E, owner_E, node_of_W, m, t) -> np.ndarray:
+    def place(load_E, owner_E, node_of_W, m, t, use_kernel: bool | None = None) -> np.ndarray:
         """Algorithm 1 proper on numpy inputs (public for the simulator and tests).
 
         Each copy of expert e goes to the free rank (a slot left, not holding e) that is
@@ -286,9 +286,18 @@ class HecatePolicy(MaterializationPolicy):
         copies of e are: the best free rank of each node that lacks e, in key order, then
         the best remaining free ranks. Free ranks are kept sorted by key and re-inserted
         when chosen, so placing all W * m copies costs O(W * m * (log W + ranks per node))
-        rather than a sort of all ranks per copy.
+        rather than a sort of all ranks per copy. With hecate._C built, all of it runs as one
+        C++ op (csrc/cpu/placement.cpp, place_experts) with bit-identical picks
+        (`use_kernel=False` runs the numpy and pure-Python path).
         """
         W, E = len(node_of_W), len(load_E)
+        if use_kernel is None:
+            use_kernel = use_extension("place_experts", torch.device("cpu"))
+        if use_kernel:  # the whole of it in one C++ call
+            return torch.ops.hecate.place_experts(
+                torch.from_numpy(np.ascontiguousarray(load_E, dtype=np.float64)),
+                torch.from_numpy(np.ascontiguousarray(owner_E, dtype=np.int64)),
+                torch.from_numpy(np.ascontiguousarray(node_of_W, dtype=np.int64)), int(m), int(t)).numpy()
         holders = owner_holders(owner_E, W)
         if t <= m:
             holders[:, hottest(load_E, t)] = True
@@ -299,7 +308,8 @@ class HecatePolicy(MaterializationPolicy):
         np.add.at(dev_load_W, owner_E, share_E)
         order = np.lexsort((np.arange(E), -load_E, -quota_E))
         order = order[quota_E[order] > 0]  # sorted by quota first: the rest place nothing
-        picks_d, picks_e = place_copies(dev_load_W, node_of_W, owner_E, order, quota_E, share_E, m)
+        picks_d, picks_e = place_copies(dev_load_W, node_of_W, owner_E, order, quota_E, share_E, m,
+                                        use_kernel=use_kernel)
         holders[picks_d, picks_e] = True
         return holders
 
@@ -360,7 +370,7 @@ class ShadowingPolicy(MaterializationPolicy):
 
 
 def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes: int,
-                chunk_passes: int, capacity_m: int) -> torch.Tensor:
+                chunk_passes: int, capacity_m: int, fixed_bytes: float = 0.0) -> torch.Tensor:
     """Fit P1 to bytes: keep a replica of e on rank d only when d's tokens of e cost more bytes
     to move than the chunk, then spend each rank's free slots (capacity_m) on the replicas
     that save the most (ties: the lower expert).
@@ -369,6 +379,12 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     times (spAG, spRS, and the re-gather with re-materialization). counts_WE may be real
     counts (int) or predicted ones (float). Returns bool [W, E] with P0 always included.
     O(W*E) plus a sort of the candidates; no loop over ranks.
+
+    fixed_bytes: what the replicas' own collectives cost beyond their bytes (their latency,
+    priced in bytes; summed over the ranks). Replicas add collectives (spAG, spRS, the
+    re-gather) that a layer without them does not issue at all, so the layer keeps its
+    replicas only if their summed net saving exceeds fixed_bytes; else P1 = P0 (no replica
+    pays for itself, and the layer moves exactly what ep would). 0: any saving pays.
     """
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_, copy=False)
     W, E = holders.shape
@@ -393,14 +409,18 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     held = holders[d, e] & ~owned[d, e]
     out[d[held], e[held]] = True
     free_W = m - np.bincount(d[held], minlength=W)
+    saved = float(saving[held].sum())
     add = ~holders[d, e] & ~owned[d, e] & (free_W[d] > 0)
     d, e, saving = d[add], e[add], saving[add]
     if d.size:
         order = np.lexsort((e, -saving, d))  # per rank: most saved first, then lower expert
-        d, e = d[order], e[order]
+        d, e, saving = d[order], e[order], saving[order]
         rank_in_row = np.arange(d.size) - np.searchsorted(d, d)
         keep = rank_in_row < free_W[d]
         out[d[keep], e[keep]] = True
+        saved += float(saving[keep].sum())
+    if fixed_bytes > 0 and not saved > fixed_bytes:
+        return torch.from_numpy(owned)  # the replicas would not repay their collectives: P1 = P0
     return torch.from_numpy(out)
 
 

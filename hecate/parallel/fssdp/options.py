@@ -25,6 +25,12 @@ class FssdpOptions:
     bandwidth: (intra_node, inter_node) bytes/s for the cost model; None picks a default
         for the backend (FullyShardedSparse.DEFAULT_BANDWIDTH).
     token_compute_s: the cost model's seconds of expert compute per routed token.
+    collective_latency_s: fixed seconds one collective costs beyond its bytes (latency, launch);
+        the byte fit keeps a layer's replicas only if they save more than the collectives they
+        add (spAG, spRS, the re-gather) cost this way. 0 (default): any byte saving pays, so
+        traffic tracks the byte lower bound; None: the backend's default
+        (FullyShardedSparse.DEFAULT_COLLECTIVE_LATENCY), which trades bytes for fewer
+        collectives where links are latency-bound.
     rematerialize: free materialized chunks after forward and gather them again in backward.
     reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
     calibrate: Algorithm 1's optional calibration on the current batch's routing.
@@ -41,6 +47,7 @@ class FssdpOptions:
     overlap_degree: Optional[int] = None
     bandwidth: Optional[tuple] = None
     token_compute_s: float = 1e-7
+    collective_latency_s: Optional[float] = 0.0
     rematerialize: bool = True
     reshard_interval: int = 100
     calibrate: bool = False
@@ -70,6 +77,9 @@ class FssdpOptions:
         if self.bandwidth is not None and (len(self.bandwidth) != 2 or min(self.bandwidth) <= 0):
             raise ValueError(f"{key}bandwidth must be [intra_node, inter_node] bytes/s, both > 0, "
                              f"or null for the backend's default; got {list(self.bandwidth)}")
+        if self.collective_latency_s is not None and not self.collective_latency_s >= 0:
+            raise ValueError(f"{key}collective_latency_s must be >= 0 seconds or null for the backend's "
+                             f"default, got {self.collective_latency_s}")
         if not self.token_compute_s > 0:
             raise ValueError(f"{key}token_compute_s must be > 0 seconds per token, got {self.token_compute_s}")
         return self

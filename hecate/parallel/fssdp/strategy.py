@@ -54,6 +54,10 @@ from hecate.parallel.strategy import ExpertStrategy
 # Default link speeds (bytes/s) when the user gives none: NVLink / 100 Gbps IB for NCCL,
 # loopback TCP for gloo. They only set the overlap degree t of Algorithm 1.
 DEFAULT_BANDWIDTH = {"nccl": (150e9, 12.5e9), "gloo": (2e9, 1e9)}
+# Default fixed cost of one collective beyond its bytes (seconds): what a layer's replicas must
+# repay, per collective they add, before the byte fit keeps them. gloo: a small all-to-all took
+# 0.3-0.5 ms between 2 ranks on the shared 2-core CPU box; NCCL: launch + latency.
+DEFAULT_COLLECTIVE_LATENCY = {"nccl": 2e-5, "gloo": 2.5e-4}
 _DIGEST_WORDS = 4
 
 
@@ -171,6 +175,7 @@ class FullyShardedSparse(ExpertStrategy):
 
     name = "fssdp"
     DEFAULT_BANDWIDTH = DEFAULT_BANDWIDTH
+    DEFAULT_COLLECTIVE_LATENCY = DEFAULT_COLLECTIVE_LATENCY
 
     def __init__(self, topology, options: FssdpOptions | None = None, **overrides):
         if options is not None and not isinstance(options, FssdpOptions):
@@ -188,6 +193,8 @@ class FullyShardedSparse(ExpertStrategy):
         backend = str(dist.get_backend(topology.world_group)) if dist.is_initialized() else "gloo"
         self.bandwidth = o.bandwidth if o.bandwidth is not None else DEFAULT_BANDWIDTH.get(
             backend, DEFAULT_BANDWIDTH["gloo"])
+        self.collective_latency_s = o.collective_latency_s if o.collective_latency_s is not None else \
+            DEFAULT_COLLECTIVE_LATENCY.get(backend, DEFAULT_COLLECTIVE_LATENCY["gloo"])
         self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
         # Tokens (all-to-alls, counts) on the topology's group; weights (spAG, prefetch,
         # re-gather, re-shard) and gradient reduces (spRS) on a second group over the same
@@ -395,11 +402,19 @@ class FullyShardedSparse(ExpertStrategy):
     def _fit_holders(self, holders_WE, owner_E, counts_WE, layout: ChunkLayout, token_bytes: int):
         """Fit P1 to bytes (materialize.fit_holders): drop replicas whose chunk traffic exceeds
         the token traffic they save, then spend each rank's free slots (m) on the replicas that
-        save the most."""
+        save the most; keep none unless together they also repay the collectives they add."""
+        passes = 3 if self.rematerialize else 2  # spAG, spRS (+ the re-gather): one collective each
         return fit_holders(holders_WE, owner_E, counts_WE,
                            chunk_bytes=layout.chunk_numel * self._wire_itemsize(),  # fp32, or bf16
-                           token_bytes=token_bytes, chunk_passes=3 if self.rematerialize else 2,
-                           capacity_m=self.capacity_m(owner_E.numel()))
+                           token_bytes=token_bytes, chunk_passes=passes,
+                           capacity_m=self.capacity_m(owner_E.numel()), fixed_bytes=self._replica_fixed_bytes(passes))
+
+    def _replica_fixed_bytes(self, collectives: int) -> float:
+        """What a layer's replica collectives cost beyond their bytes, in bytes summed over the
+        ranks (every rank waits out each collective's latency): W x collectives x latency x the
+        bandwidth of the link that bounds the exchange (inter-node when the world spans nodes)."""
+        bw = self.bandwidth[1] if self.topology.num_nodes > 1 else self.bandwidth[0]
+        return self.topology.world_size * collectives * self.collective_latency_s * bw
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
@@ -520,7 +535,8 @@ class FullyShardedSparse(ExpertStrategy):
         `layout` (routes.RankLayout) lists this rank's sends sorted by (expert, destination).
         Sorted by expert (a stable sort), the routed entries line up with those shares one
         after another: O(T*K + E + replicas), no [T*K, W] comparison and no [W, E] table.
-        `compact` (default on CPU) works with numpy on the host (`_host_bins`: an expert
+        `compact` (default on CPU) works on the host: one C++ pass (RankLayout.destination_bins)
+        when hecate._C is built, else numpy (`_host_bins`: an expert
         whose entries all go to one destination is a table lookup, only the entries of
         experts split over several destinations are sorted); otherwise (GPU) a binary search
         over the shares' running ends finds each entry's share with torch ops, without a
@@ -528,9 +544,12 @@ class FullyShardedSparse(ExpertStrategy):
         """
         E = num_experts
         device = indices_TK.device
-        cell_bin = layout.send_dst * E + layout.send_e
         if compact if compact is not None else device.type == "cpu":
+            if ops._backend.use_extension("destination_bins", torch.device("cpu")):  # one C++ pass, same bins
+                return layout.destination_bins(indices_TK, E).to(device)
+            cell_bin = layout.send_dst * E + layout.send_e
             return torch.from_numpy(_host_bins(indices_TK, E, layout, cell_bin)).to(device)
+        cell_bin = layout.send_dst * E + layout.send_e
         # Computed where the indices live (no round trip of T x K ids through the host on a
         # GPU); only the rank's few share entries move there.
         flat = indices_TK.reshape(-1)
