@@ -1,15 +1,23 @@
-// place_copies: the copy-by-copy loop of Algorithm 1 (hecate/parallel/fssdp/materialize.py,
-// HecatePolicy.place). Python spends ~1.5 us per copy on it, and a 1024-rank world places
-// 2048 copies per layer per step; here the same picks take a few microseconds in all.
+// Algorithm 1 of the paper (hecate/parallel/fssdp/materialize.py, HecatePolicy.place):
+//   place_copies: its copy-by-copy loop alone (the Python fallback's twin);
+//   place_experts: the whole of it (top-t, or the proportional quota, the expected tokens per
+//   copy and the copy loop) in one call, returning P1 as bool [W, E].
+// Python spends ~1.5 us per copy on the loop, and the quota and ordering around it are a dozen
+// numpy calls whose fixed costs dominate a small world's plan; here they take microseconds.
 //
-// Exactly the Python loop: experts in `order`; each takes `quota[e]` copies, each on the free
-// rank (a slot left, not the owner) first by (its node lacks e, expected tokens, used slots,
-// rank). Within one expert that is: the best free rank of each node lacking e in key order,
-// then the best remaining free ranks. The keys are compared and updated with the same double
-// additions in the same order as Python's floats, so the picks are bit-identical.
+// The copy loop: experts in `order`; each takes `quota[e]` copies, each on the free rank (a slot
+// left, not the owner) first by (its node lacks e, expected tokens, used slots, rank). Within one
+// expert that is: the best free rank of each node lacking e in key order, then the best
+// remaining free ranks. Keys are compared and updated with the same double additions in the
+// same order as Python's floats, and the quota reproduces numpy's rounding (its pairwise sum),
+// so the picks are bit-identical (tests/test_fssdp_planner_sparse.py and
+// tests/test_fssdp_planner_kernels.py compare them).
+#pragma GCC optimize("fp-contract=off")  // a fused multiply-add would round differently from numpy
 #include <torch/library.h>
 
-#include <set>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -22,8 +30,127 @@ struct Key {
   double dev;  // expected tokens
   int64_t used;
   int64_t rank;
-  bool operator<(const Key& o) const { return std::tie(dev, used, rank) < std::tie(o.dev, o.used, o.rank); }
+  bool operator<(const Key& o) const {
+    if (dev != o.dev) return dev < o.dev;
+    if (used != o.used) return used < o.used;
+    return rank < o.rank;
+  }
 };
+
+// The free ranks in key order. Keys only grow (a pick adds expected tokens and a used slot), so
+// a pick leaves a stale key behind in `base` and its new key goes to the short sorted `extra`;
+// both are merged back into `base` once either grows past ~sqrt(W). Walking the free ranks is a
+// two-way merge that skips stale keys (key.used != used[rank]).
+class FreeRanks {
+ public:
+  FreeRanks(const std::vector<double>& dev, int64_t m) : used_(dev.size(), 0), m_(m) {
+    const int64_t W = static_cast<int64_t>(dev.size());
+    base_.reserve(W);
+    for (int64_t d = 0; d < W; ++d) base_.push_back({dev[d], 0, d});
+    std::sort(base_.begin(), base_.end());
+    live_ = W;
+    limit_ = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(W))));
+  }
+  bool empty() const { return live_ == 0; }
+  int64_t used(int64_t d) const { return used_[d]; }
+
+  // Calls fn(key) on the live keys in order until it returns false.
+  template <class Fn>
+  void walk(Fn&& fn) const {
+    size_t i = 0, j = 0;
+    while (true) {
+      while (i < base_.size() && stale(base_[i])) ++i;
+      while (j < extra_.size() && stale(extra_[j])) ++j;
+      const bool bi = i < base_.size(), bj = j < extra_.size();
+      if (!bi && !bj) return;
+      const Key& k = (bi && (!bj || base_[i] < extra_[j])) ? base_[i++] : extra_[j++];
+      if (!fn(k)) return;
+    }
+  }
+
+  // Rank d took a copy: its key becomes (dev, used + 1), or it leaves when its slots are full.
+  void take(int64_t d, double dev) {
+    ++stale_;
+    if (++used_[d] < m_) {
+      Key k{dev, used_[d], d};
+      extra_.insert(std::upper_bound(extra_.begin(), extra_.end(), k), k);
+    } else {
+      --live_;
+    }
+  }
+
+  void settle() {
+    if (stale_ < limit_ && static_cast<int64_t>(extra_.size()) < limit_) return;
+    merged_.clear();
+    walk([&](const Key& k) {
+      merged_.push_back(k);
+      return true;
+    });
+    base_.swap(merged_);
+    extra_.clear();
+    stale_ = 0;
+  }
+
+ private:
+  bool stale(const Key& k) const { return k.used != used_[k.rank]; }
+  std::vector<Key> base_, extra_, merged_;
+  std::vector<int64_t> used_;
+  int64_t m_, live_ = 0, stale_ = 0, limit_ = 16;
+};
+
+// The copies of Algorithm 1, as (rank, expert) pairs in placement order; `dev` is updated.
+void copy_loop(std::vector<double>& dev, const int64_t* node, int64_t num_nodes, const int64_t* owner,
+               const std::vector<int64_t>& order, const int64_t* quota, const double* share, int64_t m,
+               std::vector<int64_t>& picks_d, std::vector<int64_t>& picks_e) {
+  const int64_t W = static_cast<int64_t>(dev.size());
+  FreeRanks ready(dev, m);
+  std::vector<int64_t> node_mark(num_nodes, -1), rank_mark(W, -1), picked;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int64_t e = order[i], q = quota[e], o = owner[e], mark = static_cast<int64_t>(i);
+    if (q == 0 || ready.empty()) break;  // sorted by quota first; or no slot left anywhere
+    picked.clear();
+    node_mark[node[o]] = mark;  // the owner's node has the expert
+    ready.walk([&](const Key& key) {  // 1: the best free rank of each node lacking e
+      if (key.rank != o && node_mark[node[key.rank]] != mark) {
+        picked.push_back(key.rank);
+        node_mark[node[key.rank]] = mark;
+        rank_mark[key.rank] = mark;
+      }
+      return static_cast<int64_t>(picked.size()) < q;
+    });
+    if (static_cast<int64_t>(picked.size()) < q) {  // 2: the best remaining free ranks
+      ready.walk([&](const Key& key) {
+        if (key.rank != o && rank_mark[key.rank] != mark) {
+          picked.push_back(key.rank);
+          rank_mark[key.rank] = mark;
+        }
+        return static_cast<int64_t>(picked.size()) < q;
+      });
+    }
+    for (int64_t d : picked) {
+      dev[d] += share[e];
+      ready.take(d, dev[d]);
+      picks_d.push_back(d);
+      picks_e.push_back(e);
+    }
+    ready.settle();
+  }
+}
+
+at::Tensor as_tensor(const std::vector<int64_t>& v, const at::TensorOptions& opts) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, opts);
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
+  return t;
+}
+
+int64_t count_nodes(const int64_t* node, int64_t W) {
+  int64_t num_nodes = 0;
+  for (int64_t d = 0; d < W; ++d) {
+    TORCH_CHECK_VALUE(node[d] >= 0 && node[d] < W, "node_W[", d, "] = ", node[d], " is out of range");
+    num_nodes = std::max(num_nodes, node[d] + 1);
+  }
+  return num_nodes;
+}
 
 std::tuple<at::Tensor, at::Tensor> place_copies(const at::Tensor& dev_load_W, const at::Tensor& node_W,
                                                 const at::Tensor& owner_E, const at::Tensor& order,
@@ -48,66 +175,151 @@ std::tuple<at::Tensor, at::Tensor> place_copies(const at::Tensor& dev_load_W, co
   const int64_t* node = node_c.const_data_ptr<int64_t>();
   const int64_t* owner = owner_c.const_data_ptr<int64_t>();
   const int64_t* ord = order_c.const_data_ptr<int64_t>();
-  const int64_t* quota = quota_c.const_data_ptr<int64_t>();
-  const double* share = share_c.const_data_ptr<double>();
+  std::vector<int64_t> ord_v(ord, ord + order.size(0));
+  for (size_t i = 0; i < ord_v.size(); ++i)
+    TORCH_CHECK_VALUE(ord_v[i] >= 0 && ord_v[i] < E, "order[", i, "] = ", ord_v[i], " is not an expert");
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(owner[e] >= 0 && owner[e] < W, "owner_E[", e, "] = ", owner[e], " is not a rank");
   std::vector<double> dev(dev_c.const_data_ptr<double>(), dev_c.const_data_ptr<double>() + W);
-  std::vector<int64_t> used(W, 0);
-  int64_t num_nodes = 0;
-  for (int64_t d = 0; d < W; ++d) {
-    TORCH_CHECK_VALUE(node[d] >= 0 && node[d] < W, "node_W[", d, "] = ", node[d], " is out of range");
-    num_nodes = std::max(num_nodes, node[d] + 1);
+  std::vector<int64_t> picks_d, picks_e;
+  copy_loop(dev, node, count_nodes(node, W), owner, ord_v, quota_c.const_data_ptr<int64_t>(),
+            share_c.const_data_ptr<double>(), m, picks_d, picks_e);
+  return {as_tensor(picks_d, owner_E.options()), as_tensor(picks_e, owner_E.options())};
+}
+
+// numpy's pairwise summation of a contiguous float64 array (np.add.reduce: blocks of up to 128
+// summed with 8 accumulators, longer arrays halved at a multiple of 8), so the quota's shares
+// round exactly as materialize.proportional_quota's do.
+double pairwise_sum(const double* a, int64_t n) {
+  if (n < 8) {
+    double res = -0.0;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
   }
-  std::set<Key> ready;
-  for (int64_t d = 0; d < W; ++d) ready.insert({dev[d], 0, d});
-  std::vector<int64_t> node_mark(num_nodes, -1), rank_mark(W, -1), picks_d, picks_e;
-  std::vector<Key> picked;
-  for (int64_t i = 0; i < order.size(0); ++i) {
-    const int64_t e = ord[i];
-    TORCH_CHECK_VALUE(e >= 0 && e < E, "order[", i, "] = ", e, " is not an expert");
-    const int64_t q = quota[e], o = owner[e];
-    if (q == 0 || ready.empty()) break;  // sorted by quota first; or no slot left anywhere
-    picked.clear();
-    node_mark[node[o]] = i;  // the owner's node has the expert
-    for (const Key& key : ready) {  // 1: the best free rank of each node lacking e
-      if (static_cast<int64_t>(picked.size()) == q) break;
-      if (key.rank != o && node_mark[node[key.rank]] != i) {
-        picked.push_back(key);
-        node_mark[node[key.rank]] = i;
-      }
-    }
-    if (static_cast<int64_t>(picked.size()) < q) {  // 2: the best remaining free ranks
-      for (const Key& key : picked) rank_mark[key.rank] = i;
-      for (const Key& key : ready) {
-        if (static_cast<int64_t>(picked.size()) == q) break;
-        if (key.rank != o && rank_mark[key.rank] != i) picked.push_back(key);
-      }
-    }
-    for (const Key& key : picked) {
-      const int64_t d = key.rank;
-      ready.erase(key);
-      dev[d] += share[e];
-      used[d] += 1;
-      if (used[d] < m) ready.insert({dev[d], used[d], d});
-      picks_d.push_back(d);
-      picks_e.push_back(e);
-    }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
   }
-  auto as_tensor = [&](const std::vector<int64_t>& v) {
-    auto t = at::empty({static_cast<int64_t>(v.size())}, owner_E.options());
-    std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
-    return t;
-  };
-  return {as_tensor(picks_d), as_tensor(picks_e)};
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// materialize.proportional_quota: `total` slots in proportion to load, at most `cap` each
+// (water-filling), rounded by the largest remainder (ties: lower expert).
+std::vector<int64_t> proportional_quota(const double* load, int64_t E, int64_t total, int64_t cap) {
+  std::vector<int64_t> quota(E, 0), base(E), order(E);
+  std::vector<char> active(E);
+  std::vector<double> share(E), frac(E), vals;
+  int64_t n_active = 0;
+  for (int64_t e = 0; e < E; ++e) n_active += (active[e] = load[e] > 0);
+  int64_t remaining = std::min(total, cap * n_active);
+  while (remaining > 0 && n_active > 0) {
+    vals.clear();
+    for (int64_t e = 0; e < E; ++e)
+      if (active[e]) vals.push_back(load[e]);
+    const double sum = pairwise_sum(vals.data(), static_cast<int64_t>(vals.size()));
+    const double rem = static_cast<double>(remaining);
+    int64_t n_over = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      share[e] = active[e] ? rem * load[e] / sum : 0.0;
+      n_over += active[e] && share[e] >= static_cast<double>(cap);
+    }
+    if (n_over) {
+      for (int64_t e = 0; e < E; ++e) {
+        if (active[e] && share[e] >= static_cast<double>(cap)) {
+          quota[e] = cap;
+          active[e] = 0;
+        }
+      }
+      remaining -= cap * n_over;
+      n_active -= n_over;
+      continue;
+    }
+    int64_t floors = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      base[e] = static_cast<int64_t>(std::floor(share[e]));
+      if (active[e]) floors += base[e];
+      frac[e] = active[e] ? share[e] - static_cast<double>(base[e]) : -1.0;
+    }
+    const int64_t leftover = remaining - floors;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return frac[a] > frac[b]; });
+    // order[:leftover] as a Python slice (a negative leftover drops that many from the end).
+    const int64_t take = leftover >= 0 ? std::min(leftover, E) : std::max<int64_t>(E + leftover, 0);
+    for (int64_t i = 0; i < take; ++i) ++base[order[i]];
+    for (int64_t e = 0; e < E; ++e)
+      if (active[e]) quota[e] = base[e];
+    break;
+  }
+  return quota;
+}
+
+at::Tensor place_experts(const at::Tensor& load_E, const at::Tensor& owner_E, const at::Tensor& node_W,
+                         int64_t m, int64_t t) {
+  TORCH_CHECK_VALUE(load_E.dim() == 1 && load_E.scalar_type() == at::kDouble, "load_E must be a 1-D float64 tensor");
+  TORCH_CHECK_VALUE(owner_E.dim() == 1 && owner_E.scalar_type() == at::kLong && owner_E.size(0) == load_E.size(0),
+                    "owner_E must be a 1-D int64 tensor of ", load_E.size(0), " experts");
+  TORCH_CHECK_VALUE(node_W.dim() == 1 && node_W.scalar_type() == at::kLong, "node_W must be a 1-D int64 tensor");
+  TORCH_CHECK_VALUE(m >= 1 && t >= 0, "m must be >= 1 and t >= 0, got m=", m, " t=", t);
+  const int64_t W = node_W.size(0), E = load_E.size(0);
+  auto lc = load_E.contiguous(), oc = owner_E.contiguous(), nc = node_W.contiguous();
+  const double* load = lc.const_data_ptr<double>();
+  const int64_t* owner = oc.const_data_ptr<int64_t>();
+  const int64_t* node = nc.const_data_ptr<int64_t>();
+  const int64_t num_nodes = count_nodes(node, W);
+  auto holders = at::zeros({W, E}, load_E.options().dtype(at::kBool));
+  bool* h = holders.mutable_data_ptr<bool>();
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(owner[e] >= 0 && owner[e] < W, "owner_E[", e, "] = ", owner[e], " is not a rank");
+    h[owner[e] * E + e] = true;
+  }
+  if (t <= m) {  // the top-t experts (load > 0; ties: lower expert) on every rank
+    std::vector<int64_t> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return load[a] > load[b]; });
+    for (int64_t i = 0, taken = 0; i < E && taken < t; ++i) {
+      const int64_t e = order[i];
+      if (!(load[e] > 0)) break;
+      ++taken;
+      for (int64_t d = 0; d < W; ++d) h[d * E + e] = true;
+    }
+    return holders;
+  }
+  const std::vector<int64_t> quota = proportional_quota(load, E, W * m, W - 1);
+  std::vector<double> share(E), dev(W, 0.0);
+  for (int64_t e = 0; e < E; ++e) share[e] = load[e] / static_cast<double>(quota[e] + 1);
+  for (int64_t e = 0; e < E; ++e) dev[owner[e]] += share[e];  // np.add.at: in expert order
+  std::vector<int64_t> order;  // by quota, then load (both descending), then expert
+  for (int64_t e = 0; e < E; ++e)
+    if (quota[e] > 0) order.push_back(e);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return quota[a] != quota[b] ? quota[a] > quota[b] : load[a] > load[b];
+  });
+  std::vector<int64_t> picks_d, picks_e;
+  copy_loop(dev, node, num_nodes, owner, order, quota.data(), share.data(), m, picks_d, picks_e);
+  for (size_t i = 0; i < picks_d.size(); ++i) h[picks_d[i] * E + picks_e[i]] = true;
+  return holders;
 }
 
 }  // namespace
 }  // namespace hecate::cpu
 
-// A fragment of the hecate library (csrc/ops.cpp defines the rest): this op is only used by
-// the planner, so it registers itself here rather than in the shared schema list.
+// A fragment of the hecate library (csrc/ops.cpp defines the rest): these ops are only used by
+// the planner, so they register themselves here rather than in the shared schema list.
 TORCH_LIBRARY_FRAGMENT(hecate, m) {
   m.def("place_copies(Tensor dev_load, Tensor node, Tensor owner, Tensor order, Tensor quota, "
         "Tensor share, int m) -> (Tensor, Tensor)");
+  m.def("place_experts(Tensor load, Tensor owner, Tensor node, int m, int t) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hecate, CPU, m) { m.impl("place_copies", &hecate::cpu::place_copies); }
+TORCH_LIBRARY_IMPL(hecate, CPU, m) {
+  m.impl("place_copies", &hecate::cpu::place_copies);
+  m.impl("place_experts", &hecate::cpu::place_experts);
+}

@@ -25,11 +25,12 @@ made after the rule (`balance_routes`) are a short list of signed moves
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from hecate.ops._backend import use_extension
 from hecate.parallel.fssdp._checks import check_nonnegative, node_array, sparse_nonzero, to_numpy
 
 _SELF, _NODE, _ALL = 0, 1, 2
@@ -59,12 +60,25 @@ class RankLayout:
     recv_WE: np.ndarray
     send_splits: list
     recv_splits: list
+    # The sends as CPU int64 tensors when the C++ op made this layout (what the bins op reads).
+    sends: tuple | None = field(default=None, repr=False, compare=False)
 
     def send_WE(self) -> np.ndarray:
         """Dense int64 [W_dst, E] view of the sends."""
         out = np.zeros_like(self.recv_WE)
         np.add.at(out, (self.send_dst, self.send_e), self.send_tokens)
         return out
+
+    def destination_bins(self, indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """bin = dst * E + e of each routed entry of this rank (-1 for dropped ones, index < 0),
+        as a CPU int64 tensor shaped like indices_TK: the entries of expert e, in token order,
+        fill its sends' shares in destination order. One pass in C++ (csrc/cpu/routes.cpp;
+        strategy._host_bins is the numpy twin); raises RuntimeError when the indices disagree
+        with the plan's counts."""
+        sends = self.sends if self.sends is not None else tuple(
+            torch.from_numpy(a) for a in (self.send_e, self.send_dst, self.send_tokens))
+        return torch.ops.hecate.destination_bins(indices_TK.detach().cpu(), *sends, int(num_experts),
+                                                 int(self.rank))
 
 
 class HoldersShape:
@@ -97,7 +111,7 @@ class TokenRoutes(HoldersShape):
 
     __slots__ = ("holders_WE", "counts_WE", "node_of_W", "moves", "_N", "_H", "_all_cnt",
                  "_all_ptr", "_all_key", "_node_cnt", "_node_ptr", "_node_key", "_members",
-                 "_member_start", "_pairs", "_loads")
+                 "_member_start", "_pairs", "_loads", "_tensors")
 
     def __init__(self, holders_WE: np.ndarray, counts_WE: np.ndarray, node_of_W: np.ndarray,
                  moves: np.ndarray | None = None):
@@ -105,7 +119,17 @@ class TokenRoutes(HoldersShape):
         self.moves = _canonical_moves(moves)
         self._pairs = None
         self._loads = None
-        self._index_holders()
+        self._members = None
+        self._tensors = None
+        if (not len(self.moves) and holders_WE.dtype == np.bool_ and counts_WE.dtype == np.int64
+                and node_of_W.dtype == np.int64 and use_extension("route_layout", torch.device("cpu"))):
+            # The C++ op indexes and checks the holders now and makes a rank's layout in one
+            # call (csrc/cpu/routes.cpp); the numpy index below is built only for what needs
+            # every rank (loads, balancing, dense views).
+            self._tensors = tuple(torch.from_numpy(a) for a in (holders_WE, counts_WE, node_of_W))
+            self._H = torch.ops.hecate.route_layout(*self._tensors, -1)[0]
+        else:
+            self._index_holders()
 
     @property
     def num_holders(self) -> int:
@@ -113,6 +137,11 @@ class TokenRoutes(HoldersShape):
         return self._H
 
     # ---- construction: O(W*E) scans, O(H log H) sorts ----------------------------------------
+    def _indexed(self) -> "TokenRoutes":
+        if self._members is None:
+            self._index_holders()
+        return self
+
     def _index_holders(self) -> None:
         holders, counts, nodes = self.holders_WE, self.counts_WE, self.node_of_W
         W, E = holders.shape
@@ -146,6 +175,7 @@ class TokenRoutes(HoldersShape):
     def _groups(self, src: np.ndarray, e: np.ndarray):
         """(start in members, n) of the group that serves each (src, expert) pair the source
         does not hold: its node's holders if any, else every holder."""
+        self._indexed()
         key = e * self._N + self.node_of_W[src]
         n_node = self._node_cnt[key]
         node_rule = n_node > 0
@@ -176,6 +206,7 @@ class TokenRoutes(HoldersShape):
     # ---- per-rank layouts: O(E + replicas + W * held experts) ---------------------------------
     def _send_entries(self, rank: int):
         """(expert, dst, tokens) this rank sends under the rule (no moves), unsorted."""
+        self._indexed()
         row, keep = self.counts_WE[rank], self.holders_WE[rank]
         local = np.flatnonzero(keep & (row > 0))
         es = np.flatnonzero(~keep & (row > 0))
@@ -194,6 +225,11 @@ class TokenRoutes(HoldersShape):
     def layout(self, rank: int) -> RankLayout:
         """This rank's sends (sparse, sorted by expert then destination) and receives."""
         W = self.world_size
+        if self._tensors is not None:  # one C++ call (no moves: those are only made by balancing)
+            _, e, dst, tok, recv, send_splits, recv_splits = torch.ops.hecate.route_layout(
+                *self._tensors, int(rank))
+            return RankLayout(rank, e.numpy(), dst.numpy(), tok.numpy(), recv.numpy(),
+                              send_splits.tolist(), recv_splits.tolist(), sends=(e, dst, tok))
         e, dst, tok = self._send_entries(rank)
         if len(self.moves):
             mv = self.moves[self.moves[:, 0] == rank]
@@ -239,6 +275,7 @@ class TokenRoutes(HoldersShape):
 
     def _recv_base(self, rank: int, experts: np.ndarray) -> np.ndarray:
         """[W_src, len(experts)] tokens the rule sends to `rank` for experts it holds (no moves)."""
+        self._indexed()
         W, N, nodes = self.world_size, self._N, self.node_of_W
         counts = self.counts_WE[:, experts]
         held = self.holders_WE[:, experts]
@@ -271,6 +308,7 @@ class TokenRoutes(HoldersShape):
         if self._loads is not None:
             return self._loads
         W = self.world_size
+        self._indexed()
         M, H = self._members.size, self._H
         src, e, start, n, q, r, off = self._pair_arrays()
         sum_q = _int_sum(start, q, M)  # at each group's first member

@@ -1,0 +1,276 @@
+// route_layout and destination_bins: one rank's side of the FSSDP token routes
+// (hecate/parallel/fssdp/routes.py, TokenRoutes.layout) and the bins of its routed entries
+// (hecate/parallel/fssdp/strategy.py, _host_bins), in one pass each.
+//
+// The Python versions are a few dozen numpy calls on arrays of E to W x E cells; at the
+// world sizes of one node (W <= 64) those calls' fixed costs are most of a layer's plan.
+// Both are integer-only, so the results are bit-identical to the Python ones (tests in
+// tests/test_fssdp_planner_kernels.py compare them on random cases).
+#include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace hecate::cpu {
+namespace {
+
+// Holders of each expert as ranks ascending (CSR over experts) and per (expert, node) counts.
+struct HolderIndex {
+  int64_t W = 0, E = 0, N = 0, H = 0;
+  std::vector<int64_t> ptr;    // [E + 1]
+  std::vector<int64_t> ranks;  // [H]
+  std::vector<int64_t> node_cnt;  // [E * N]
+};
+
+void check_routes_inputs(const at::Tensor& holders, const at::Tensor& counts, const at::Tensor& node) {
+  TORCH_CHECK_VALUE(holders.dim() == 2 && holders.scalar_type() == at::kBool,
+                    "holders_WE must be a 2-D bool tensor, got ", holders.sizes(), " ", holders.scalar_type());
+  TORCH_CHECK_VALUE(counts.dim() == 2 && counts.scalar_type() == at::kLong,
+                    "counts_WE must be a 2-D int64 tensor, got ", counts.sizes(), " ", counts.scalar_type());
+  TORCH_CHECK_VALUE(counts.sizes() == holders.sizes(), "counts_WE has shape ", counts.sizes(),
+                    " but holders_WE has ", holders.sizes());
+  TORCH_CHECK_VALUE(node.dim() == 1 && node.scalar_type() == at::kLong && node.size(0) == holders.size(0),
+                    "node_of_W must be a 1-D int64 tensor of ", holders.size(0), " ranks, got ",
+                    node.sizes(), " ", node.scalar_type());
+}
+
+HolderIndex index_holders(const bool* h, const int64_t* cnt, const int64_t* node, int64_t W, int64_t E) {
+  HolderIndex ix;
+  ix.W = W, ix.E = E;
+  for (int64_t d = 0; d < W; ++d) {
+    TORCH_CHECK_VALUE(node[d] >= 0 && node[d] < W, "node_of_W[", d, "] = ", node[d], " is not a node in [0, ",
+                      W, ")");
+    ix.N = std::max(ix.N, node[d] + 1);
+  }
+  ix.ptr.assign(E + 1, 0);
+  const int64_t cells = W * E;
+  // P1 is sparse (owners plus a few replicas): skip 8 empty cells at a time.
+  auto for_each_holder = [&](auto&& fn) {
+    int64_t i = 0;
+    for (; i + 8 <= cells; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, h + i, 8);
+      if (!word) continue;
+      for (int64_t j = i; j < i + 8; ++j)
+        if (h[j]) fn(j);
+    }
+    for (; i < cells; ++i)
+      if (h[i]) fn(i);
+  };
+  for_each_holder([&](int64_t j) { ++ix.ptr[j % E + 1]; });
+  for (int64_t e = 0; e < E; ++e) ix.ptr[e + 1] += ix.ptr[e];
+  ix.H = ix.ptr[E];
+  ix.ranks.resize(ix.H);
+  ix.node_cnt.assign(E * ix.N, 0);
+  std::vector<int64_t> fill(ix.ptr.begin(), ix.ptr.end() - 1);
+  for_each_holder([&](int64_t j) {  // row-major: ranks ascending within each expert
+    const int64_t d = j / E, e = j % E;
+    ix.ranks[fill[e]++] = d;
+    ++ix.node_cnt[e * ix.N + node[d]];
+  });
+  for (int64_t e = 0; e < E; ++e) {
+    if (ix.ptr[e + 1] > ix.ptr[e]) continue;
+    for (int64_t s = 0; s < W; ++s) {
+      TORCH_CHECK_VALUE(cnt[s * E + e] <= 0, "holders_WE has no holder of expert ", e, " but rank ", s,
+                        " routes ", cnt[s * E + e], " tokens to it; every expert needs at least its owner "
+                        "in holders_WE");
+    }
+  }
+  return ix;
+}
+
+inline int64_t share_of(int64_t c, int64_t n, int64_t pos, int64_t src, int64_t e) {
+  // Even share of c tokens over n replicas; the c % n remainder tokens go to the positions
+  // [off, off + r) (circular) with off = (src + e) % n, as routes.TokenRoutes._split.
+  const int64_t q = c / n, r = c % n, off = (src + e) % n;
+  const int64_t rel = ((pos - off) % n + n) % n;
+  return q + (rel < r ? 1 : 0);
+}
+
+// Returns (holders H, send_e, send_dst, send_tokens, recv_WE, send_splits, recv_splits); with
+// rank = -1 only the holders are indexed and checked (every routed expert has a holder).
+std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_layout(
+    const at::Tensor& holders_WE, const at::Tensor& counts_WE, const at::Tensor& node_W, int64_t rank) {
+  check_routes_inputs(holders_WE, counts_WE, node_W);
+  const int64_t W = holders_WE.size(0), E = holders_WE.size(1);
+  TORCH_CHECK_VALUE(rank >= -1 && rank < W, "rank must be in [0, ", W, "), got ", rank);
+  auto hc = holders_WE.contiguous();
+  auto cc = counts_WE.contiguous();
+  auto nc = node_W.contiguous();
+  const bool* h = hc.const_data_ptr<bool>();
+  const int64_t* cnt = cc.const_data_ptr<int64_t>();
+  const int64_t* node = nc.const_data_ptr<int64_t>();
+  auto opts = counts_WE.options();
+  if (rank < 0) {  // construction: the counts are checked once here, not by every layout
+    int64_t lowest = 0;
+    for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, cnt[i]);
+    TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
+  }
+  const HolderIndex ix = index_holders(h, cnt, node, W, E);
+  if (rank < 0) {
+    auto none = at::empty({0}, opts);
+    return {ix.H, none, none, none, none, none, none};
+  }
+  const int64_t me = node[rank], N = ix.N;
+  // Sends, sorted by (expert, destination): kept tokens, or the even shares of the group
+  // that serves this rank (its node's holders of e if any, else every holder of e).
+  std::vector<int64_t> se, sd, st;
+  se.reserve(E + 16), sd.reserve(E + 16), st.reserve(E + 16);
+  const int64_t* row = cnt + rank * E;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = row[e];
+    if (c <= 0) continue;
+    if (h[rank * E + e]) {
+      se.push_back(e), sd.push_back(rank), st.push_back(c);
+      continue;
+    }
+    const bool by_node = ix.node_cnt[e * N + me] > 0;
+    const int64_t n = by_node ? ix.node_cnt[e * N + me] : ix.ptr[e + 1] - ix.ptr[e];
+    int64_t pos = 0;
+    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1]; ++k) {
+      const int64_t d = ix.ranks[k];
+      if (by_node && node[d] != me) continue;
+      se.push_back(e), sd.push_back(d), st.push_back(share_of(c, n, pos++, rank, e));
+    }
+  }
+  // Receives [W_src, E] for the experts this rank holds.
+  auto recv = at::zeros({W, E}, opts);
+  auto recv_splits = at::zeros({W}, opts);
+  int64_t* rv = recv.mutable_data_ptr<int64_t>();
+  int64_t* rs = recv_splits.mutable_data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    if (!h[rank * E + e]) continue;
+    // This rank's position in its node's group and in the all-holders group of e.
+    int64_t pos_node = 0, pos_all = 0;
+    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1] && ix.ranks[k] != rank; ++k) {
+      ++pos_all;
+      pos_node += node[ix.ranks[k]] == me;
+    }
+    const int64_t n_node = ix.node_cnt[e * N + me], n_all = ix.ptr[e + 1] - ix.ptr[e];
+    for (int64_t s = 0; s < W; ++s) {
+      const int64_t c = cnt[s * E + e];
+      int64_t v = 0;
+      if (s == rank) {
+        v = c;
+      } else if (h[s * E + e] || c <= 0) {
+        v = 0;  // the source keeps its tokens (or has none)
+      } else if (node[s] == me) {
+        v = share_of(c, n_node, pos_node, s, e);
+      } else if (ix.node_cnt[e * N + node[s]] == 0) {
+        v = share_of(c, n_all, pos_all, s, e);
+      }
+      rv[s * E + e] = v;
+      rs[s] += v;
+    }
+  }
+  const int64_t S = static_cast<int64_t>(se.size());
+  auto send_e = at::empty({S}, opts), send_dst = at::empty({S}, opts), send_tok = at::empty({S}, opts);
+  std::copy(se.begin(), se.end(), send_e.mutable_data_ptr<int64_t>());
+  std::copy(sd.begin(), sd.end(), send_dst.mutable_data_ptr<int64_t>());
+  std::copy(st.begin(), st.end(), send_tok.mutable_data_ptr<int64_t>());
+  auto send_splits = at::zeros({W}, opts);
+  int64_t* ss = send_splits.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; ++i) ss[sd[i]] += st[i];
+  return {ix.H, send_e, send_dst, send_tok, recv, send_splits, recv_splits};
+}
+
+// bin = dst * E + e of every routed entry (-1 for dropped ones, index < 0): the entries of an
+// expert, in token order, fill its send cells' shares in the cells' (destination) order.
+at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e, const at::Tensor& send_dst,
+                            const at::Tensor& send_tokens, int64_t E, int64_t rank) {
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  for (const auto* t : {&send_e, &send_dst, &send_tokens}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->size(0) == send_e.size(0),
+                      "send_e, send_dst and send_tokens must be 1-D int64 tensors of one length");
+  }
+  TORCH_CHECK_VALUE(E >= 1, "num_experts must be >= 1, got ", E);
+  auto ic = indices.contiguous();
+  auto ec = send_e.contiguous(), dc = send_dst.contiguous(), tc = send_tokens.contiguous();
+  const int64_t* idx = ic.const_data_ptr<int64_t>();
+  const int64_t* ce = ec.const_data_ptr<int64_t>();
+  const int64_t* cd = dc.const_data_ptr<int64_t>();
+  const int64_t* ct = tc.const_data_ptr<int64_t>();
+  const int64_t S = send_e.size(0), n = indices.numel();
+  // Per expert: its bin when all of its entries go to one cell (destination), kSplit when
+  // they fill several cells' shares (cur / stop: the cell being filled and the expert's end),
+  // -1 when the plan routes none of its entries.
+  constexpr int64_t kSplit = -2;
+  std::vector<int64_t> lookup(E, -1), cur(E, 0), stop(E, 0), left(E, 0);
+  int64_t routed = 0, split_tokens = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t e = ce[i];
+    TORCH_CHECK_VALUE(e >= 0 && e < E, "send_e[", i, "] = ", e, " is not an expert in [0, ", E, ")");
+    TORCH_CHECK_VALUE(i == 0 || e >= ce[i - 1], "send_e must be sorted by expert");
+    routed += ct[i];
+    if (lookup[e] == -1) {
+      lookup[e] = cd[i] * E + e, cur[e] = i;
+    } else {
+      lookup[e] = kSplit;
+    }
+    stop[e] = i + 1;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    if (lookup[e] != kSplit) continue;
+    for (int64_t i = cur[e]; i < stop[e]; ++i) split_tokens += ct[i];
+    left[e] = ct[cur[e]];
+  }
+  auto out = at::empty(indices.sizes(), indices.options());
+  int64_t* bins = out.mutable_data_ptr<int64_t>();
+  int64_t n_valid = 0, n_split = 0, overflow_e = -1, bad = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t x = idx[j];
+    if (x < 0) {
+      bins[j] = -1;
+      continue;
+    }
+    if (x >= E) {
+      bad = j;
+      break;
+    }
+    ++n_valid;
+    const int64_t b = lookup[x];
+    if (b != kSplit) {
+      bins[j] = b;  // -1 if the plan routes none: the totals check below names the disagreement
+      continue;
+    }
+    ++n_split;
+    int64_t c = cur[x];
+    while (left[x] == 0 && c + 1 < stop[x]) left[x] = ct[++c];  // skip filled (or empty) shares
+    cur[x] = c;
+    if (left[x] == 0) {
+      overflow_e = x;
+      bins[j] = -1;
+      continue;
+    }
+    --left[x];
+    bins[j] = cd[c] * E + x;
+  }
+  TORCH_CHECK_VALUE(bad < 0, "indices has expert ", bad < 0 ? 0 : idx[bad], " but the layer has ", E, " experts");
+  TORCH_CHECK(routed == n_valid, "fssdp destination bins: the plan routes ", routed, " entries of rank ", rank,
+              " but it has ", n_valid, "; the all-gathered counts disagree with the local routing");
+  TORCH_CHECK(n_split == split_tokens, "fssdp destination bins: rank ", rank, " has ", n_split,
+              " entries of the experts its plan splits over several ranks, but the plan routes ", split_tokens,
+              "; the all-gathered counts disagree with the local routing");
+  TORCH_CHECK(overflow_e < 0, "fssdp destination bins: rank ", rank, " has more entries of expert ", overflow_e,
+              " than its plan routes; the all-gathered counts disagree with the local routing");
+  return out;
+}
+
+}  // namespace
+}  // namespace hecate::cpu
+
+// Planner-only ops: a fragment of the hecate library (csrc/ops.cpp defines the shared schemas).
+TORCH_LIBRARY_FRAGMENT(hecate, m) {
+  m.def("route_layout(Tensor holders, Tensor counts, Tensor node, int rank) -> "
+        "(int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("destination_bins(Tensor indices, Tensor send_e, Tensor send_dst, Tensor send_tokens, int num_experts, "
+        "int rank) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hecate, CPU, m) {
+  m.impl("route_layout", &hecate::cpu::route_layout);
+  m.impl("destination_bins", &hecate::cpu::destination_bins);
+}
