@@ -82,17 +82,17 @@ class KVState:
             nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
             nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
             if n:
-                nk[:, :, :n] = kb[:, :, :n]
-                nv[:, :, :n] = vb[:, :, :n]
+                nk.narrow(2, 0, n).copy_(kb.narrow(2, 0, n))
+                nv.narrow(2, 0, n).copy_(vb.narrow(2, 0, n))
             kb, vb = nk, nv
-        kb[:, :, n:n + S] = k
-        vb[:, :, n:n + S] = v
+        kb.narrow(2, n, S).copy_(k)
+        vb.narrow(2, n, S).copy_(v)
         self.kv[name] = (kb, vb, n + S)
-        return kb[:, :, :n + S], vb[:, :, :n + S]
+        return kb.narrow(2, 0, n + S), vb.narrow(2, 0, n + S)
 
     def cached(self) -> list:
         """(k, v) of every name, as filled so far."""
-        return [(kb[:, :, :n], vb[:, :, :n]) for kb, vb, n in self.kv.values()]
+        return [(kb.narrow(2, 0, n), vb.narrow(2, 0, n)) for kb, vb, n in self.kv.values()]
 
 
 def _mha(attn: Attention, h, rope, state: KVState, mask, name="") -> torch.Tensor:
