@@ -3,22 +3,25 @@
     .venv/bin/python benchmarks/sim_validate.py [--config tiny compute] [--repeats 3] [--json]
 
 The machine is shared and its load changes by the second, so everything one comparison needs
-is measured inside one task of 2 gloo ranks (1 torch thread each), under the same load:
+is measured inside one task of 2 gloo ranks (1 torch thread each), each step of it interleaved
+with the others so that all of them see the same load:
 
-1. calibration, as `hecate simulate --calibrate` does it (hecate.sim.calibrate: fused AdamW rate
-   on rank 0, all_to_all_v alpha / beta between the two ranks; the GEMM rate from a short
-   probe before every timed step on every rank, median), plus the model's
-   per-step framework overhead: a third copy of the model stepped with every expert local
-   (no collective), measured time minus what the FLOP model says;
-2. ep and fssdp (benchmarks/strategies.py's model, batches and skew) trained side by side,
-   their steps alternating (ep, fssdp, fssdp, ep, ...), each step timed between barriers
-   on the slowest rank, every rank's routing counts recorded;
-3. the step model (hecate.sim.step) predicts both step times on that calibration, the
-   runtime's planner replaying the recorded counts (its planning time, on this host, charged
-   to fssdp's step as in the runtime).
+1. the machine (hecate.sim.calibrate): fused AdamW rate on rank 0; before every step, a GEMM
+   probe on every rank and two all_to_all_v probes (64 B and 1 MiB per peer: alpha, beta);
+2. the framework terms (hecate.sim.calibrate.framework_costs): separate copies of the model
+   trained under local, ep, fssdp without replicas and fssdp with replicas on
+   CALIBRATION_TOKENS tokens per rank, uniform routing, their own batches;
+3. ep and fssdp (benchmarks/strategies.py's model, batches and skew) trained side by side with
+   a local copy, their steps alternating (ep, fssdp, local, then local, fssdp, ep), each step
+   timed between barriers on the slowest rank, every rank's routing counts recorded; the local
+   copy's excess over its FLOPs is the framework time every strategy shares (overhead_s);
+4. the step model (hecate.sim.step) predicts both step times from 1-3, the runtime's planner
+   replaying the recorded counts (its planning time, on this host, charged to fssdp's step as
+   in the runtime).
 
 Reports measured ep / fssdp ratios (per repeat: the median over steps of the ratio of the two
-back-to-back steps) and predicted ones, per repeat and their median (the target: within 20%).
+back-to-back steps) and predicted ones, per repeat and their median (the target: within 20%),
+and the load average before and after each configuration.
 """
 from __future__ import annotations
 
@@ -137,24 +140,30 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     prepare_spawn_env()
-    rows = []
+    rows, start = [], time.perf_counter()
     for cfg in args.config:
         for skew in (False, True):
+            load = [os.getloadavg()[0]]
             reps = [one_repeat(CONFIGS[cfg], skew, args.warmup, args.steps) for _ in range(args.repeats)]
+            load.append(os.getloadavg()[0])
             m = statistics.median(r["measured_ratio"] for r in reps)
             p = statistics.median(r["predicted_ratio"] for r in reps)
             rows.append({"config": cfg, "routing": "skewed" if skew else "uniform", "repeats": reps,
-                         "measured_ratio": m, "predicted_ratio": p, "relative_error": p / m - 1})
+                         "measured_ratio": m, "predicted_ratio": p, "relative_error": p / m - 1,
+                         "load_average": load})
+    wall = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps({"rows": rows, "wall_s": wall}))
         return
-    print("| config | routing | measured ep/fssdp (median; repeats) | predicted ep/fssdp (median; repeats) | error |")
-    print("|---|---|---|---|---|")
+    print("| config | routing | measured ep/fssdp (median; repeats) | predicted ep/fssdp (median; repeats) | error "
+          "| load average (1 min, before / after) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         ms = ", ".join(f"{x['measured_ratio']:.2f}" for x in r["repeats"])
         ps = ", ".join(f"{x['predicted_ratio']:.2f}" for x in r["repeats"])
         print(f"| {r['config']} | {r['routing']} | {r['measured_ratio']:.2f} ({ms}) | {r['predicted_ratio']:.2f} ({ps}) "
-              f"| {r['relative_error'] * 100:+.0f}% |")
+              f"| {r['relative_error'] * 100:+.0f}% | {r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} |")
+    print(f"\n{wall:.0f} s wall")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def link_rates(small: int = 64, large: int = 8 << 20, repeats: int = 9) -> tuple
 
 def framework_rates(hw: Hardware, steps: int = 10, warmup: int = 2) -> dict:
     """framework_costs on CALIBRATION_MODEL: 2 gloo ranks step every FRAMEWORK_CASES case at
-    both CALIBRATION_TOKENS sizes."""
+    each CALIBRATION_TOKENS size."""
     from hecate.testing import run_distributed
 
     cfg = calibration_model_config()
@@ -140,7 +140,8 @@ FRAMEWORK_CASES = {
 # and its token count per rank: small, so that the step is framework time, not FLOPs.
 CALIBRATION_MODEL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, ffn=128,
                          num_experts=16, top_k=2)
-CALIBRATION_TOKENS = ((1, 16), (4, 64))  # the two (batch, sequence) per rank of the calibration steps
+# (batch, sequence) per rank of the calibration steps; one size: fixed terms, two: fixed + per token
+CALIBRATION_TOKENS = ((1, 16),)
 
 
 def calibration_model_config(m: dict | None = None):
@@ -277,15 +278,16 @@ def _fitted_term(results, model_cfg, hw: Hardware, tokens: int, warmup: int, key
 
 def framework_costs(results_by_tokens: dict, model_cfg, hw: Hardware, warmup: int = 2,
                     count_planning: bool = True) -> dict:
-    """Hardware.framework_s from strategy_steps_task's results at two token counts per rank
-    ({tokens: results, one per rank}; FRAMEWORK_CASES).
+    """Hardware.framework_s from strategy_steps_task's results at one or two token counts per
+    rank ({tokens: results, one per rank}; FRAMEWORK_CASES).
 
     For each term, the seconds per MoE layer with which the step model reproduces its case's
     measured step (_fitted_term: the model counts FLOPs, every collective's alpha + bytes /
     beta, fssdp's planning timed by replaying the case's recorded counts through the runtime
     planner, and the all-local model's excess, the framework time every strategy shares) at
-    both token counts gives a line: fixed seconds per layer + seconds per token per rank (host
-    work that grows with the tokens but that the FLOP count misses: permutes, bins, copies).
+    two token counts gives a line: fixed seconds per layer + seconds per token per rank (host
+    work that grows with the tokens but that the FLOP count misses: permutes, bins, copies);
+    at one token count, a fixed term (0 per token).
     "fssdp.replicated" is fitted after "fssdp", as its extra. Both clamped at 0 (noise can make
     them negative).
     `count_planning` False leaves fssdp's replayed planning time out of the model (tests: it
@@ -293,12 +295,15 @@ def framework_costs(results_by_tokens: dict, model_cfg, hw: Hardware, warmup: in
     {key: {tokens: excess}}}."""
     import dataclasses
 
-    small, large = sorted(results_by_tokens)
+    sizes = sorted(results_by_tokens)
+    if len(sizes) not in (1, 2):
+        raise ValueError(f"framework_costs takes results at one or two token counts, got {sizes}")
+    small, large = sizes[0], sizes[-1]
     framework, raw = {}, {}
     for key in ("ep", "fssdp", "fssdp.replicated"):
         fitted = dataclasses.replace(hw, framework_s=dict(framework))
         raw[key] = {n: _fitted_term(results_by_tokens[n], model_cfg, fitted, n, warmup, key, count_planning)
-                    for n in (small, large)}
-        per_token = max((raw[key][large] - raw[key][small]) / (large - small), 0.0)
+                    for n in sizes}
+        per_token = max((raw[key][large] - raw[key][small]) / (large - small), 0.0) if large > small else 0.0
         framework[key] = [max(raw[key][small] - per_token * small, 0.0), per_token]
     return {"framework_s": framework, "raw_s": raw}

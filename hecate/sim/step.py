@@ -18,11 +18,17 @@ What a step is made of (per rank; phases that synchronize ranks take the slowest
   dense optimizer) and the AdamW step over the parameters each rank owns;
 * fssdp's planning, as long as the runtime's planner took for the layer on this host (it runs
   on the critical path, on every rank); `overhead_s`, a per-step framework time that a FLOP
-  count misses (calibrated on CPU runs; 0 for the GPU presets).
+  count misses and every strategy shares (measured on CPU runs; 0 for the GPU presets); and
+  each strategy's own framework time per MoE layer (Hardware.framework_s: fixed + per token,
+  plus fssdp's extra on a layer with replicas; calibrated, hecate.sim.calibrate; 0 for the
+  GPU presets).
+
+Every collective is one phase that pays its alpha; each step's count of them is reported as
+`calls` (the calls CommStats counts per rank).
 
 Two timelines per step: compute + token collectives (blocking, in order), and the weight group
 (asynchronous gathers / reduces, in issue order). Link sharing between the two and contention
-inside a node are not modelled; nor are kernel launch overheads.
+inside a node are not modelled; nor are kernel launch overheads on the GPU presets.
 """
 from __future__ import annotations
 
