@@ -199,3 +199,65 @@ def test_a_layer_that_overrides_forward_is_refused():
     block.ffn.__class__ = Custom
     with pytest.raises(TypeError, match="overrides MoELayer.forward"):
         model(torch.randint(0, 256, (1, 8)))
+
+
+def baseline_recompute_case(rank, world, strategy, steps):
+    """dp / ep / fsdp trained twice (checkpointing off, then on): the collectives in call order
+    (with sizes), the grouped expert MLP calls, and the trained parameters."""
+    import hecate.moe.experts as experts_mod
+    import hecate.parallel.expert_compute as compute_mod
+
+    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+    mlp = experts_mod.grouped_mlp
+    log, mlp_calls = [], [0]
+
+    def counted_mlp(*args, **kwargs):
+        mlp_calls[0] += 1
+        return mlp(*args, **kwargs)
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            log.append((name, tuple(a.numel() for a in args if torch.is_tensor(a))))
+            return fn(*args, **kwargs)
+        return call
+
+    out = {}
+    try:
+        for n, fn in originals.items():
+            setattr(dist, n, spy(n, fn))
+        experts_mod.grouped_mlp = compute_mod.grouped_mlp = counted_mlp
+        for on in (False, True):
+            torch.manual_seed(0)
+            cfg = tiny_config()
+            cfg.activation_checkpointing = on
+            topo = Topology()
+            strat = build_strategy(strategy, topo)
+            model = parallelize(MoETransformer(cfg), strat)
+            engine = Engine(model, strat, topo, lr=3e-3)
+            log.clear()
+            mlp_calls[0] = 0
+            for step in range(steps):
+                model.loss(*batch(step, rank, False))[0].backward()
+                engine.step()
+            out[on] = {"log": list(log), "mlp_calls": mlp_calls[0],
+                       "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+        experts_mod.grouped_mlp = compute_mod.grouped_mlp = mlp
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["dp", "ep", "fsdp"])
+def test_baselines_recompute_their_expert_mlp_without_extra_collectives(strategy):
+    """Under checkpointing dp, ep and fsdp also recompute the expert MLP (its hidden layer is not
+    kept), around their local compute only: the same collectives in the same order, and
+    bit-identical parameters."""
+    steps, layers = 2, 2  # tiny_config: every layer is MoE
+    for res in run_distributed(baseline_recompute_case, 2, strategy, steps):
+        off, on = res[False], res[True]
+        assert off["mlp_calls"] == steps * layers
+        assert on["mlp_calls"] == 2 * steps * layers, f"{strategy} did not recompute its expert MLP"
+        assert on["log"] == off["log"], "checkpointing changed the collectives (order, kind or size)"
+        for n, p in off["params"].items():
+            assert torch.equal(p, on["params"][n]), n

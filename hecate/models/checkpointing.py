@@ -25,7 +25,8 @@ the router's input and outputs (routing), and what the strategy's expert computa
 saves itself. `layer.recompute_experts` is set during strategy.forward: fssdp then keeps
 only the received tokens and recomputes its expert MLP inside its own backward, from the
 replicas it holds there anyway (re-gathered under RM): no extra collective. dp, ep and
-fsdp ignore it and keep their expert activations (dispatched tokens, hidden layer).
+fsdp recompute their local expert MLP (hecate.parallel.expert_compute.recomputed), with
+their exchanges outside it: the dispatched tokens stay, the hidden layer does not.
 """
 from __future__ import annotations
 

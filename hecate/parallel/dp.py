@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from hecate import ops
 from hecate.parallel.chunks import mark_expert
+from hecate.parallel.expert_compute import recomputed
 from hecate.parallel.local import LocalStrategy
 
 
@@ -16,6 +18,12 @@ class DataParallel(LocalStrategy):
     def attach(self, layer) -> None:
         for p in layer.experts.parameters():
             mark_expert(p)
+
+    def forward(self, layer, x_TD, routing):
+        """LocalStrategy's forward, with the expert MLP recomputed under activation checkpointing."""
+        x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, layer.config.num_experts, -1)
+        y_ND = recomputed(layer, lambda x: layer.experts(x, counts_E), x_ND)
+        return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 
     def expert_replication(self) -> int:
         return self.topology.world_size

@@ -16,7 +16,7 @@ from torch import nn
 from hecate import ops
 from hecate.comm.all_to_all import all_to_all_v, comm_device
 from hecate.parallel.chunks import ChunkLayout, mark_expert
-from hecate.parallel.expert_compute import experts_on_received
+from hecate.parallel.expert_compute import experts_on_received, recomputed
 from hecate.parallel.strategy import ExpertStrategy
 
 
@@ -76,7 +76,9 @@ class ExpertParallel(ExpertStrategy):
         recv_splits = recv_counts_PG.sum(1).tolist()
         x_recv = all_to_all_v(x_ND, send_splits, recv_splits, group=group, stats=stats, name="ep.dispatch")
         weights = {n: getattr(layer.experts, n) for n in ChunkLayout.of(layer.experts).names}
-        y_recv = _DispatchInGraph.apply(experts_on_received(layer, x_recv, recv_counts_PG, weights), x_recv)
+        # Local compute only (the all-to-alls stay outside): recomputed under activation checkpointing.
+        y_recv = recomputed(layer, lambda x: experts_on_received(layer, x, recv_counts_PG, weights), x_recv)
+        y_recv = _DispatchInGraph.apply(y_recv, x_recv)
         y_ND = all_to_all_v(y_recv, recv_splits, send_splits, group=group, stats=stats, name="ep.combine")
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 

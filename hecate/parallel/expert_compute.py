@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from hecate import ops
 from hecate.moe.experts import grouped_mlp
+
+
+def recomputed(layer, fn, *inputs):
+    """fn(*inputs); under activation checkpointing (`layer.recompute_experts`, set by
+    hecate.models.checkpointing while strategy.forward runs) its activations (the expert MLP's
+    hidden layer) are not kept but recomputed in backward (torch.utils.checkpoint,
+    non-reentrant: gradients also reach the weights fn reads).
+
+    fn must not communicate: a collective re-run from inside the autograd engine could meet
+    its peers in a different order. The strategies call it around their local expert compute
+    only, with the gathers and all-to-alls outside.
+    """
+    if getattr(layer, "recompute_experts", False) and torch.is_grad_enabled():
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
 
 
 def run_experts(layer, x_ND: torch.Tensor, counts_G: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:

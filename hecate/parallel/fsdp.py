@@ -11,7 +11,7 @@ from torch import nn
 from hecate import ops
 from hecate.comm.all_to_all import all_gather_flat, reduce_scatter_flat
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
-from hecate.parallel.expert_compute import run_experts
+from hecate.parallel.expert_compute import recomputed, run_experts
 from hecate.parallel.strategy import ExpertStrategy
 
 
@@ -64,7 +64,8 @@ class FullySharded(ExpertStrategy):
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
         E = layer.config.num_experts
         x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, E, -1)
-        y_ND = run_experts(layer, x_ND, counts_E, self.full_weights(layer))
+        weights = self.full_weights(layer)  # the all-gather stays outside the recomputed region
+        y_ND = recomputed(layer, lambda x: run_experts(layer, x, counts_E, weights), x_ND)
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 
     def expert_parameters(self, layer):
