@@ -59,6 +59,31 @@ def test_strategies_smoke():
         skewed["fssdp"]["peak_bytes_per_rank"] / skewed["ep"]["peak_bytes_per_rank"])
 
 
+def test_strategies_selected_paired_and_checkpointed():
+    """--strategies / --routing pick the cases, --paired runs them in the same processes with
+    steps alternating, --activation-checkpointing adds each case's checkpointed twin."""
+    out, text = run_json("strategies.py", "--nproc", "2", "--mem-nprocs", "--warmup", "0", "--steps", "2",
+                         "--d-model", "16", "--ffn", "16", "--experts", "4", "--seq", "8", "--batch", "2",
+                         "--vocab", "32", "--layers", "1", "--skew-scale", "0.5", "--strategies", "ep", "fssdp_lat",
+                         "--routing", "skewed", "--paired", "--activation-checkpointing")
+    world = out["worlds"]["2"]
+    assert out["paired"] is True and set(world["routing"]) == {"skewed"}
+    rows = world["routing"]["skewed"]
+    assert set(rows) == {"ep", "fssdp_lat"}
+    ep, fssdp = rows["ep"], rows["fssdp_lat"]
+    assert fssdp["time_vs_ep"] == pytest.approx(fssdp["step_time_s"] / ep["step_time_s"])
+    assert fssdp["bytes_vs_fsdp"] is None  # fsdp was not run
+    assert len(fssdp["time_vs_ep_runs"]) == 1 and fssdp["step_cpu_s"] > 0
+    for r in rows.values():
+        assert r["checkpointed"]["expert_bytes"] == r["expert_bytes"]  # recompute moves nothing more
+        assert r["ckpt_peak_vs_off"] == pytest.approx(r["checkpointed"]["peak_bytes_per_rank"] / r["peak_bytes_per_rank"])
+    # Tiny experts never repay their collectives at gloo's latency: fssdp takes ep's path.
+    assert not any(n.startswith("fssdp.sp") for n in fssdp["bytes_by_collective"])
+    for part in ("dispatch", "combine", "dispatch.backward", "combine.backward"):
+        assert fssdp["bytes_by_collective"][f"fssdp.{part}"] == ep["bytes_by_collective"][f"ep.{part}"]
+    assert "uniform_fssdp_time_over_ep" not in world["targets"] and "ep_time_over_fssdp" not in world["targets"]
+
+
 def test_moe_layer_smoke_without_deepspeed():
     out, text = run_json("moe_layer.py", "--nproc", "2", "--no-deepspeed", "--warmup", "0", "--iters", "1",
                          "--d-model", "16", "--ffn", "16", "--experts", "4", "--tokens", "32")
