@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hecate.ops._backend import use_extension
-from hecate.parallel.fssdp import HecatePolicy, route_tokens
+from hecate.parallel.fssdp import HecatePolicy, fit_holders, route_tokens
 from hecate.parallel.fssdp import routes as routes_module
 from hecate.parallel.fssdp.strategy import _host_bins
 
@@ -124,3 +124,34 @@ def test_route_ops_reject_bad_inputs_with_clear_errors():
     assert split.destination_bins(torch.tensor([0, 0, 0, 0]), 1).tolist() == [0, 0, 1, 1]
     with pytest.raises(RuntimeError, match="the plan routes 4 entries of rank 2 but it has 5"):
         split.destination_bins(torch.tensor([0, 0, 0, 0, 0]), 1)
+
+
+@SETTINGS
+@given(worlds(), st.integers(0, 2**32 - 1), st.integers(1, 5), st.booleans(),
+       st.sampled_from([0.0, 1e5, 1e7, 1e9]))
+def test_fit_replicas_op_equals_the_numpy_fit(world, seed, m, predicted, fixed_bytes):
+    """Real (int) or predicted (float) counts, with and without the collectives' fixed cost."""
+    nodes, owner, _ = world
+    W, E = len(nodes), len(owner)
+    rng = np.random.default_rng(seed)
+    holders = rng.random((W, E)) < rng.choice([0.0, 0.1, 0.5])
+    holders[owner, np.arange(E)] = True
+    counts = rng.integers(0, 400, (W, E)) * (rng.random((W, E)) < 0.5)
+    counts = torch.from_numpy(counts / 3.0 if predicted else counts.astype(np.int64))
+    sizes = dict(chunk_bytes=int(rng.choice([1000, 6000, 20000])), token_bytes=int(rng.choice([0, 8, 64])),
+                 chunk_passes=int(rng.choice([2, 3])), capacity_m=m, fixed_bytes=fixed_bytes)
+    args = torch.from_numpy(holders), torch.from_numpy(owner), counts
+    want = fit_holders(*args, use_kernel=False, **sizes)
+    got = fit_holders(*args, use_kernel=True, **sizes)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+
+
+def test_fit_replicas_op_rejects_bad_counts():
+    holders, owner = torch.tensor([[True, False]]), torch.tensor([0, 0])
+    sizes = dict(chunk_bytes=10, token_bytes=8, chunk_passes=2, capacity_m=1)
+    with pytest.raises(ValueError, match="counts_WE must be non-negative, found -1"):
+        fit_holders(holders, owner, torch.tensor([[3, -1]]), use_kernel=True, **sizes)
+    with pytest.raises(ValueError, match="finite"):
+        fit_holders(holders, owner, torch.tensor([[3.0, float("nan")]]), use_kernel=True, **sizes)
+    with pytest.raises(ValueError, match="owner_E entries must be ranks in \\[0, 1\\)"):
+        fit_holders(holders, torch.tensor([0, 2]), torch.tensor([[3, 1]]), use_kernel=True, **sizes)

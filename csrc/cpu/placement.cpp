@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "numpy_sum.h"
 
 namespace hecate::cpu {
 namespace {
@@ -187,30 +188,6 @@ std::tuple<at::Tensor, at::Tensor> place_copies(const at::Tensor& dev_load_W, co
   return {as_tensor(picks_d, owner_E.options()), as_tensor(picks_e, owner_E.options())};
 }
 
-// numpy's pairwise summation of a contiguous float64 array (np.add.reduce: blocks of up to 128
-// summed with 8 accumulators, longer arrays halved at a multiple of 8), so the quota's shares
-// round exactly as materialize.proportional_quota's do.
-double pairwise_sum(const double* a, int64_t n) {
-  if (n < 8) {
-    double res = -0.0;
-    for (int64_t i = 0; i < n; ++i) res += a[i];
-    return res;
-  }
-  if (n <= 128) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    int64_t i = 8;
-    for (; i < n - (n % 8); i += 8)
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) res += a[i];
-    return res;
-  }
-  int64_t n2 = n / 2;
-  n2 -= n2 % 8;
-  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
-}
-
 // materialize.proportional_quota: `total` slots in proportion to load, at most `cap` each
 // (water-filling), rounded by the largest remainder (ties: lower expert).
 std::vector<int64_t> proportional_quota(const double* load, int64_t E, int64_t total, int64_t cap) {
@@ -224,7 +201,7 @@ std::vector<int64_t> proportional_quota(const double* load, int64_t E, int64_t t
     vals.clear();
     for (int64_t e = 0; e < E; ++e)
       if (active[e]) vals.push_back(load[e]);
-    const double sum = pairwise_sum(vals.data(), static_cast<int64_t>(vals.size()));
+    const double sum = numpy_sum(vals.data(), static_cast<int64_t>(vals.size()));
     const double rem = static_cast<double>(remaining);
     int64_t n_over = 0;
     for (int64_t e = 0; e < E; ++e) {

@@ -370,7 +370,8 @@ class ShadowingPolicy(MaterializationPolicy):
 
 
 def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes: int,
-                chunk_passes: int, capacity_m: int, fixed_bytes: float = 0.0) -> torch.Tensor:
+                chunk_passes: int, capacity_m: int, fixed_bytes: float = 0.0,
+                use_kernel: bool | None = None) -> torch.Tensor:
     """Fit P1 to bytes: keep a replica of e on rank d only when d's tokens of e cost more bytes
     to move than the chunk, then spend each rank's free slots (capacity_m) on the replicas
     that save the most (ties: the lower expert).
@@ -385,7 +386,16 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     re-gather) that a layer without them does not issue at all, so the layer keeps its
     replicas only if their summed net saving exceeds fixed_bytes; else P1 = P0 (no replica
     pays for itself, and the layer moves exactly what ep would). 0: any saving pays.
+
+    With hecate._C built and tensor inputs, one C++ op does it all (csrc/cpu/fit.cpp,
+    fit_replicas; bit-identical, `use_kernel=False` runs the numpy path below).
     """
+    if use_kernel is None:
+        use_kernel = use_extension("fit_replicas", torch.device("cpu"))
+    if use_kernel and _kernel_fit_inputs(holders_WE, owner_E, counts_WE, chunk_bytes, token_bytes, chunk_passes):
+        return torch.ops.hecate.fit_replicas(
+            holders_WE, owner_E, counts_WE if counts_WE.dtype in (torch.int64, torch.float64) else counts_WE.double(),
+            chunk_passes * chunk_bytes, token_bytes, check_positive_int(capacity_m, "capacity_m"), float(fixed_bytes))
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_, copy=False)
     W, E = holders.shape
     owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
@@ -422,6 +432,16 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     if fixed_bytes > 0 and not saved > fixed_bytes:
         return torch.from_numpy(owned)  # the replicas would not repay their collectives: P1 = P0
     return torch.from_numpy(out)
+
+
+def _kernel_fit_inputs(holders_WE, owner_E, counts_WE, *ints) -> bool:
+    """Whether fit_replicas takes these as they are: CPU tensors (bool holders, int64 owners,
+    int64 or floating counts) and int sizes; anything else takes the numpy path and its checks."""
+    tensors = (holders_WE, owner_E, counts_WE)
+    return (all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.requires_grad for t in tensors)
+            and holders_WE.dtype == torch.bool and owner_E.dtype == torch.int64
+            and (counts_WE.dtype == torch.int64 or counts_WE.is_floating_point())
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in ints))
 
 
 def _counts_array(counts_WE, W: int, E: int) -> np.ndarray:
