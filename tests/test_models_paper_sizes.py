@@ -44,7 +44,8 @@ def test_old_layouts_would_fail():
 
 
 # DiT's model table (depth, width, heads); Switch-DiT adds to every block a switch of 3 linear
-# experts D -> D (top-2, gated by the timestep), their router and the shared expert.
+# experts D -> D with bias (top-2, gated by the timestep; the authors' ParallelExperts w, b), their
+# router (Linear(D, 3) with bias, the authors' f_gate) and the shared expert D x D.
 DIT = {"switch-dit-s2": (12, 384, 6), "switch-dit-b2": (12, 768, 12), "switch-dit-l2": (24, 1024, 16),
        "switch-dit-xl2": (28, 1152, 16)}
 
@@ -54,13 +55,14 @@ def test_switch_dit_presets_have_the_papers_layout(preset, capsys):
     c = get_preset(preset).config
     depth, width, heads = DIT[preset]
     assert (c["n_layers"], c["d_model"], c["n_heads"], c["patch_size"]) == (depth, width, heads, 2)
-    assert (c["num_experts"], c["top_k"], c.get("expert_type", "linear")) == (3, 2, "linear")
+    assert (c["num_experts"], c["top_k"], c.get("expert_type", "linear"), c.get("expert_bias", True)) \
+        == (3, 2, "linear", True)
     info = _inspect(preset, capsys)
-    assert info["routed_expert_params"] == depth * 3 * width * width  # bias-free D x D experts
+    assert info["routed_expert_params"] == depth * 3 * (width * width + width)
     switch = info["total_params"] - derived_total(preset, "backbone_total")
-    assert switch == depth * (4 * width * width + 3 * width)  # + shared expert D x D, router D -> 3
+    assert switch == depth * (3 * (width * width + width) + width * width + 3 * width + 3)
     # active: top-2 of the 3 routed experts per block
-    assert info["total_params"] - info["active_params"] == depth * width * width
+    assert info["total_params"] - info["active_params"] == depth * (width * width + width)
 
 
 @pytest.mark.parametrize("preset", ["mixture-of-mamba-760m", "mixture-of-mamba-1.4b"])

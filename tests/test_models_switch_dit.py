@@ -118,6 +118,10 @@ def test_zero_init_experts_still_learn():
     model = tiny()
     with torch.no_grad():  # adaLN-Zero: the output layer starts at zero too; open it so grads flow
         model.final.weight.normal_(std=0.1)
+        # The switch reaches the output only through the attention / MLP branches (the skip carries
+        # x, as in the authors' block), which adaLN-Zero's gates hold shut at init: open them too.
+        for b in model.blocks:
+            b.ada_ln[-1].weight.normal_(std=0.1)
     x, y = shapes_batch(0, 4)
     t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(0))
     model.loss(x, y, t, noise)[0].backward()

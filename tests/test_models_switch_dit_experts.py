@@ -17,10 +17,15 @@ def test_linear_and_shared_experts():
     block = model.blocks[0]
     w = model.expert_output_weight(block)
     assert tuple(w.shape) == (3, 32, 32) and w.abs().sum() == 0 and block.shared.weight.abs().sum() == 0
+    assert tuple(block.moe.experts.bias.shape) == (3, 32) and block.moe.experts.bias.abs().sum() == 0
     x, y = shapes_batch(0, 4)
     t, noise = sample_t_and_noise(x, 1000, torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.final.weight.normal_(std=0.1)
+        # The switch reaches a block's output through its attention / MLP branches only (the skip
+        # carries x, as in the authors' block); adaLN-Zero holds those gates shut at init.
+        for b in model.blocks:
+            b.ada_ln[-1].weight.normal_(std=0.1)
     h = torch.randn(2, 16, 32)
     temb = model.t_embed(torch.tensor([5, 700]))
     out, _, _ = block(h, temb, temb)
@@ -41,7 +46,7 @@ def test_linear_and_shared_experts():
 
 # ---- a rank whose experts get no rows (ep) ------------------------------------------------------
 def test_linear_experts_with_no_rows_still_reach_their_input():
-    # ModuleExperts(nn.Linear) runs the generic path; with no rows its (empty) output must stay
+    # ModuleExperts(nn.Linear) (grouped or generic path); with no rows its (empty) output must stay
     # in x's graph, or autograd never runs what produced x (under ep: the dispatch's backward).
     from torch import nn
 

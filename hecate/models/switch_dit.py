@@ -1,18 +1,23 @@
 """Switch-DiT (Park et al., 2024): a DiT whose blocks hold a sparse MoE gated by the timestep.
 
-Each block first scales its input by the MoE branch, x <- x * (1 + sum_j g_j(t) E_j(x)),
-then runs the usual adaLN-Zero DiT block (attention + MLP modulated by t and the class).
-The gate g(t) reads only the timestep embedding, broadcast to every token (MoELayer's
-`router_input`), so all tokens of one sample share their top-k experts: per-sample routing.
-Experts start at zero output (their second weight is zero), so the branch is the identity at
-init. The diffusion prior loss pulls each sample's gate distribution toward a prior that
-gives neighbouring timesteps the same experts (Jensen-Shannon divergence, weight 1).
+As in the authors' code (models/MoE.py, models/DiT/models.py), each block computes the switch
+m = 1 + sum_j g_j(t) E_j(x), runs the usual adaLN-Zero DiT block (attention + MLP modulated by t
+and the class) on the switched input x * m, and skip-connects the rest of its input to the end:
+    r = x * m;  r = r + attn(r);  r = r + mlp(r);  out = r + (1 - m) * x
+(= x + attn(x m) + mlp(...): the residual stream keeps x, the branches read the switched input).
+The gate g(t) = TopK(softmax(W silu(e_t) + b)) reads only the timestep embedding e_t, broadcast
+to every token (MoELayer's `router_input`), so all tokens of one sample share their top-k
+experts: per-sample routing. Experts start at zero output (weight and bias zero), so the switch is
+the identity at init. The diffusion prior loss pulls each sample's gate distribution toward a
+prior that gives neighbouring timesteps the same experts (Jensen-Shannon divergence, weight 1).
 
-Experts are single linear maps D -> D (as the authors' code), stored stacked [E, D, D] through
-hecate.moe.module_experts.ModuleExperts so that every strategy (dp, ep, fsdp, fssdp) shards them;
-`expert_type: mlp` keeps the older D -> expert_hidden_size -> D MLP experts. A shared linear
-expert (`shared_expert`, zero-initialized, dense) joins the switch for every timestep:
-x <- x * (1 + shared(x) + sum_j g_j(t) E_j(x)).
+Experts are single linear maps D -> D with a bias (`expert_bias`, the authors' ParallelExperts
+w [E, D, D] and b [E, D]), stored stacked through hecate.moe.module_experts.ModuleExperts so
+that every strategy (dp, ep, fsdp, fssdp) shards them; `expert_type: mlp` keeps the older
+D -> expert_hidden_size -> D MLP experts. A shared linear expert (`shared_expert`,
+zero-initialized, dense; our reading of the paper's "shared expert across all tasks", which the
+authors' code does not hold as a module) joins the switch for every timestep:
+m = 1 + shared(x) + sum_j g_j(t) E_j(x).
 """
 from __future__ import annotations
 
@@ -46,7 +51,8 @@ class SwitchDiTConfig:
     num_timesteps: int = 1000
     noise_schedule: str = "linear"
     prior_loss_weight: float = 1.0
-    expert_type: str = "linear"     # linear: E_j(x) = W_j x as the paper; mlp: D -> expert_hidden_size -> D
+    expert_type: str = "linear"     # linear: E_j(x) = W_j x + b_j as the paper; mlp: D -> expert_hidden_size -> D
+    expert_bias: bool = True        # linear experts carry a bias (the authors' ParallelExperts b [E, D])
     shared_expert: bool = True      # an always-on linear expert every timestep uses (in the switch)
     moe: dict = field(default_factory=dict)    # extra MoEConfig fields (e.g. capacity_factor)
 
@@ -67,6 +73,9 @@ class SwitchDiTConfig:
             raise ValueError(f"SwitchDiTConfig.noise_schedule={self.noise_schedule!r}; choose one of {SCHEDULES}")
         if self.expert_type not in ("linear", "mlp"):
             raise ValueError(f"SwitchDiTConfig.expert_type={self.expert_type!r}; choose linear or mlp")
+        if self.expert_type == "mlp" and not self.expert_bias:
+            raise ValueError("SwitchDiTConfig.expert_bias applies to expert_type='linear' only (MLP experts "
+                             "have no bias); remove it")
         if self.expert_type == "linear" and self.expert_hidden_size is not None:
             raise ValueError("SwitchDiTConfig.expert_hidden_size applies to expert_type='mlp' only; remove it")
         if self.num_classes < 0 or self.prior_loss_weight < 0:
@@ -74,12 +83,14 @@ class SwitchDiTConfig:
         return self
 
     def moe_config(self) -> MoEConfig:
+        # router_bias: the authors' gate is Linear(D, E, bias=True) over silu(e_t)
         base = dict(hidden_size=self.d_model, ffn_hidden_size=self.expert_hidden_size or self.d_model,
-                    num_experts=self.num_experts, top_k=self.top_k, router="topk", min_capacity=1)
+                    num_experts=self.num_experts, top_k=self.top_k, router="topk", min_capacity=1,
+                    router_bias=True)
         bad = {"hidden_size", "ffn_hidden_size", "num_experts", "top_k"} & set(self.moe)
         if bad:
             raise ValueError(f"SwitchDiTConfig.moe must not set {sorted(bad)}; use the top-level keys")
-        return MoEConfig(**base, **self.moe)
+        return MoEConfig(**{**base, **self.moe})
 
 
 # ---- prior and loss ------------------------------------------------------------------------
@@ -154,9 +165,9 @@ class SwitchDiTBlock(nn.Module):
         self.n_heads = cfg.n_heads
         self.moe = MoELayer(cfg.moe_config())
         if cfg.expert_type == "linear":
-            # The paper's experts are single linear maps D -> D (no bias): ModuleExperts stacks them
-            # [E, D, D] so every strategy shards them like the built-in MLP experts.
-            self.moe.experts = ModuleExperts(nn.Linear(d, d, bias=False), cfg.num_experts, warn=False)
+            # The paper's experts are single linear maps D -> D with a bias: ModuleExperts stacks them
+            # ([E, D, D] weight, [E, D] bias) so every strategy shards them like the built-in experts.
+            self.moe.experts = ModuleExperts(nn.Linear(d, d, bias=cfg.expert_bias), cfg.num_experts, warn=False)
         self.shared = nn.Linear(d, d, bias=False) if cfg.shared_expert else None
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(d, 3 * d)
@@ -174,15 +185,17 @@ class SwitchDiTBlock(nn.Module):
 
     def forward(self, x_BND, c_BD, temb_BD):
         # Sparse switch: routing from the timestep embedding only -> per-sample experts.
-        out = self.moe(x_BND, router_input=temb_BD[:, None].expand_as(x_BND))
+        gate_in_BD = F.silu(temb_BD)
+        out = self.moe(x_BND, router_input=gate_in_BD[:, None].expand_as(x_BND))
         switch = out.y if self.shared is None else out.y + self.shared(x_BND)  # shared: every timestep
-        x_BND = x_BND * (1 + switch)
+        m_BND = 1 + switch
         # Per-sample gate distribution (softmax over all experts) for the diffusion prior loss.
-        gate_BE = torch.softmax(self.moe.router.logits(temb_BD), dim=-1)
+        gate_BE = torch.softmax(self.moe.router.logits(gate_in_BD), dim=-1)
         s1, c1, g1, s2, c2, g2 = self.ada_ln(c_BD).chunk(6, dim=-1)
-        x_BND = x_BND + g1[:, None] * self.attention(modulate(self.norm1(x_BND), s1, c1))
-        x_BND = x_BND + g2[:, None] * self.mlp(modulate(self.norm2(x_BND), s2, c2))
-        return x_BND, out, gate_BE
+        r_BND = x_BND * m_BND
+        r_BND = r_BND + g1[:, None] * self.attention(modulate(self.norm1(r_BND), s1, c1))
+        r_BND = r_BND + g2[:, None] * self.mlp(modulate(self.norm2(r_BND), s2, c2))
+        return r_BND + (1 - m_BND) * x_BND, out, gate_BE
 
 
 @dataclass
@@ -232,6 +245,8 @@ class SwitchDiT(nn.Module):
             nn.init.zeros_(block.ada_ln[-1].weight)
             nn.init.zeros_(block.ada_ln[-1].bias)
             nn.init.zeros_(self.expert_output_weight(block))
+            if self.cfg.expert_type == "linear" and self.cfg.expert_bias:
+                nn.init.zeros_(block.moe.experts.bias)
             if block.shared is not None:
                 nn.init.zeros_(block.shared.weight)
         for lin in (self.final_ada[-1], self.final):
