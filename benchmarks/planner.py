@@ -10,8 +10,10 @@ times the whole plan of one MoE layer, as the runtime computes it on each rank
 
 and reports milliseconds per layer (CPU time of this process, so that other jobs on a
 shared machine do not inflate it: min and median of --repeat runs), the peak of
-numpy / Python memory during one plan (tracemalloc; torch's own allocations are not
-traced), the time of each stage, and for each series the growth exponent b of
+numpy / Python memory during one plan (tracemalloc; torch's and the C++ ops' own
+allocations are not traced) plus the bytes of the plan's [W, E] and [T, k] tensors (P1,
+the rank's receives, its bins: most of what the C++ ops allocate), the time of each
+stage, and for each series the growth exponent b of
 ms ~ W^b (least squares on log-log). One thread (torch.set_num_threads(1)).
 
 --reference also times the dense planner this one replaced (tests/fssdp_reference_planner.py:
@@ -115,11 +117,13 @@ def plan_new(case: Case, stages: dict | None = None):
     lap("routes")
     layout = routes.layout(0)
     lap("splits")
-    FullyShardedSparse._destination_bins(case.indices, case.E, layout)
+    bins = FullyShardedSparse._destination_bins(case.indices, case.E, layout)
     lap("bins")
     if routes.num_holders > case.E:  # replicas: an spAG / spRS to plan
         plan_sparse(case.owner, holders, 0)
     lap("sparse")
+    if stages is not None:
+        stages["_out_bytes"] = holders.nbytes + layout.recv_WE.nbytes + bins.nbytes
     return holders, routes
 
 
@@ -187,6 +191,7 @@ def scale_grid(args):
                            "replicas": int(holders.sum()) - E, "ms_min": round(best, 3),
                            "ms_median": round(med, 3),
                            "peak_mib": round(peak_mib(lambda: plan_new(case)), 2),
+                           "out_kib": round(stages.pop("_out_bytes") / 2**10, 1),
                            "stages_ms": {n: round(v * 1e3 / args.repeat, 3) for n, v in stages.items()}}
                     if ref is not None and W <= args.reference_max_ranks:
                         ref_holders, ref_routes = plan_reference(case, ref)
@@ -212,7 +217,7 @@ def scale_grid(args):
 def _fmt(row):
     text = (f"W={row['W']:5d} E={row['E']:4d} k={row['top_k']} {row['routing']:8s} "
             f"replicas={row['replicas']:5d}  {row['ms_min']:8.3f} ms/layer (median "
-            f"{row['ms_median']:.3f})  peak {row['peak_mib']:7.2f} MiB  "
+            f"{row['ms_median']:.3f})  peak {row['peak_mib']:5.2f} MiB + {row['out_kib']:7.1f} KiB  "
             + " ".join(f"{n}={v:.2f}" for n, v in row["stages_ms"].items()))
     if "reference_ms_min" in row:
         text += (f"  | reference {row['reference_ms_min']:.3f} ms, {row['reference_peak_mib']:.1f} MiB"

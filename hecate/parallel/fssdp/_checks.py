@@ -17,7 +17,7 @@ def to_numpy(x, name: str, *, ndim: int, dtype=np.int64, shape=None, copy: bool 
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
-        arr = (x.detach() if x.requires_grad else x).cpu().numpy()
+        arr = x.numpy() if x.device.type == "cpu" and not x.requires_grad else x.detach().cpu().numpy()
     elif isinstance(x, (np.ndarray, list, tuple)):
         arr = np.asarray(x)
     else:
@@ -67,8 +67,26 @@ def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+# The last node map node_array accepted: (tensor, its version counter, the checked read-only
+# copy). The runtime passes the same tensor every layer and step; an in-place change to it
+# bumps _version, which sends it through the checks again.
+_checked_nodes: tuple = (None, -1, None)
+
+
 def node_array(node_of_W, name: str = "node_of_W") -> np.ndarray:
-    """Validate the rank -> node map: int64 [W], values 0..N-1, every node used."""
+    """Validate the rank -> node map: int64 [W], values 0..N-1, every node used (read-only)."""
+    global _checked_nodes
+    last, version, checked = _checked_nodes
+    if node_of_W is last and node_of_W._version == version:
+        return checked
+    nodes = _node_array(node_of_W, name)
+    nodes.flags.writeable = False  # shared by every caller of the cache
+    if isinstance(node_of_W, torch.Tensor) and node_of_W.device.type == "cpu":
+        _checked_nodes = (node_of_W, node_of_W._version, nodes)
+    return nodes
+
+
+def _node_array(node_of_W, name: str) -> np.ndarray:
     nodes = to_numpy(node_of_W, name, ndim=1)
     if nodes.size == 0:
         raise ValueError(f"{name} must name the node of at least one rank, got an empty tensor")
