@@ -1,6 +1,8 @@
 """`hecate simulate`: whole-step predictions of ep / fsdp / fssdp at cluster scale."""
 import json
 
+import pytest
+
 from hecate.cli import main
 
 
@@ -35,3 +37,26 @@ def test_simulate_rejects_bad_input(capsys):
     assert "is not a preset" in capsys.readouterr().err
     assert main(["simulate", "--trace", "/nonexistent.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_simulate_calibrated_hardware_charges_its_framework_terms(capsys, tmp_path):
+    """A calibration file's framework terms (hecate simulate --calibrate writes them) reach the
+    step breakdown: `framework` = MoE layers x (fixed + per token x tokens per rank)."""
+    import dataclasses
+
+    from hecate.sim.hardware import PRESETS
+
+    hw = dataclasses.replace(PRESETS["a100-400g"], name="calibrated", ranks_per_node=2,
+                             framework_s={"ep": [2e-3, 1e-7], "fssdp": [3e-3, 0.0]})
+    path = tmp_path / "calibration.json"
+    path.write_text(hw.to_json())
+    args = ["simulate", "--hardware", "calibrated", "--calibration", str(path), "--model", "tiny-gpt-moe",
+            "--ranks", "2", "--tokens-per-rank", "512", "--steps", "1", "--warmup", "1", "--json"]
+    assert main(args) == 0
+    out = _json(capsys)
+    assert out["hardware"]["framework_s"]["ep"] == [2e-3, 1e-7]
+    parts = out["results"][0]["parts"]
+    n_moe = out["moe_layers"]
+    assert parts["ep"]["framework"] == pytest.approx(n_moe * (2e-3 + 1e-7 * 512))
+    assert parts["fssdp"]["framework"] == pytest.approx(n_moe * 3e-3)  # no "fssdp.replicated" term given
+    assert parts["fsdp"]["framework"] == 0.0  # not calibrated: no term
