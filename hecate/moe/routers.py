@@ -62,10 +62,17 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 router logits [T, E] (autocast off so bf16 runs keep fp32 routing)."""
+        # Entering torch.autocast costs tens of microseconds, a decode step's MoE layer about as
+        # much as its matmul: only switch it off when it is on.
+        if not torch.is_autocast_enabled(x_TD.device.type):
+            return self._logits_fp32(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            bias = None if self.bias_E is None else self.bias_E.float()
-            logits_TE = F.linear(x_TD.float(), self.weight_ED.float(), bias)
-            return logits_TE if self.override is None else self.override.adjust_logits(logits_TE)
+            return self._logits_fp32(x_TD)
+
+    def _logits_fp32(self, x_TD: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias_E is None else self.bias_E.float()
+        logits_TE = F.linear(x_TD.float(), self.weight_ED.float(), bias)
+        return logits_TE if self.override is None else self.override.adjust_logits(logits_TE)
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         bias = self.expert_bias_E if self.config.aux_free_bias else None
