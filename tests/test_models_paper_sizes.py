@@ -67,9 +67,9 @@ def test_switch_dit_presets_have_the_papers_layout(preset, capsys):
 
 @pytest.mark.parametrize("preset", ["mixture-of-mamba-760m", "mixture-of-mamba-1.4b"])
 def test_mixture_of_mamba_presets_have_the_authors_block(preset):
-    """The authors' block (their code's defaults): d_state 16, d_conv 4, expand 2, all four
-    projections (in, x, dt, out) modality-specific for 2 modalities, in + out projections
-    3 * expand * d_model^2 per modality; conv, A and D shared."""
+    """The authors' block (their MixtureOfMamba.py defaults): d_state 16, d_conv 4, expand 2,
+    dt_rank ceil(d / 16), all four projections (in, x, dt, out) modality-specific for 2
+    modalities, in + out projections 3 * expand * d_model^2 per modality; conv, A and D shared."""
     p = get_preset(preset)
     c = p.config
     assert (c["d_state"], c["d_conv"], c["expand"], c["num_modalities"]) == (16, 4, 2, 2)
@@ -81,6 +81,8 @@ def test_mixture_of_mamba_presets_have_the_authors_block(preset):
         == mixer.out_proj_MDE.shape[0] == 2
     assert (mixer.in_proj_MXD[0].numel() + mixer.out_proj_MDE[0].numel()) == 3 * c["expand"] * d * d
     assert mixer.A_log_EN.shape == (c["expand"] * d, 16) and mixer.conv.weight.shape == (c["expand"] * d, 1, 4)
+    dt_rank = -(-d // 16)  # the authors' dt_rank="auto": ceil(d_model / 16)
+    assert mixer.dt_proj_MER.shape[-1] == dt_rank and mixer.x_proj_MPE.shape[1] == dt_rank + 2 * 16
 
 
 def test_mohd_preset_totals(capsys):
