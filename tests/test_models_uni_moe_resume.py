@@ -24,8 +24,12 @@ def _cfg(out, every=0, extra=()):
 def _run(out, every=0, fault=None, resume=False, monkeypatch=None):
     if fault:
         monkeypatch.setenv("HECATE_FAULT", fault)
-        with pytest.raises(RuntimeError, match="injected fault"):
-            train_stages(_cfg(out, every))
+        if fault.startswith("term"):  # a SIGTERM: the step ends, is checkpointed, the run stops
+            summary = train_stages(_cfg(out, every))
+            assert summary["stopped"] and summary["checkpoint"].endswith(f"step_{summary['stopped_at']:08d}")
+        else:
+            with pytest.raises(RuntimeError, match="injected fault"):
+                train_stages(_cfg(out, every))
         monkeypatch.delenv("HECATE_FAULT")
         return None
     return train_stages(_cfg(out, every), resume=resume)
@@ -35,12 +39,14 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("every,resumed_from", [(1, 2), (0, 1)])  # inside the experts stage / at its start
-def test_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch, every, resumed_from):
+# After step 2 (experts step 1): a crash resumes from the mid-stage checkpoint (checkpoint.every=1)
+# or the align stage's end (every=0); a SIGTERM checkpoints step 2 itself and stops.
+@pytest.mark.parametrize("every,fault,resumed_from", [(1, "raise:0:3", 2), (0, "raise:0:3", 1), (0, "term:0:3", 2)])
+def test_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch, every, fault, resumed_from):
     monkeypatch.delenv("HECATE_RUN_LOCK_HELD", raising=False)
     ref, out = tmp_path / "ref", tmp_path / "run"
     _run(ref, every)
-    _run(out, every, fault="raise:0:3", monkeypatch=monkeypatch)  # dies after step 2 (experts step 1)
+    _run(out, every, fault=fault, monkeypatch=monkeypatch)
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     summary = _run(out, every, resume=True)
     assert summary["resumed_from"] == resumed_from

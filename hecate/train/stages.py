@@ -19,7 +19,9 @@ every `checkpoint.every` global steps if set. `--resume` (and the launcher's res
 `--max-restarts`) continue from the newest checkpoint: resume_point verifies it and every finished
 stage's snapshot, checks the config still describes the run (model, seed, batch size, the finished
 stages' names and steps), then the run loads it (weights, and the optimizer state when it was
-taken inside a stage) and carries on from that stage and step with the same data.
+taken inside a stage) and carries on from that stage and step with the same data. A SIGTERM or
+SIGINT on any rank ends the run after the current step, every rank agreeing, with a checkpoint of
+that step (the summary says `stopped`; the launcher says to continue with --resume).
 
 Each stage freezes all but its parameters (UniMoE.set_stage) and builds a fresh Engine over
 exactly the trainable ones, so a frozen parameter is neither changed nor given optimizer state
@@ -258,13 +260,14 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
     from hecate.comm.topology import Topology
     from hecate.train.checkpoint import export_safetensors, save_checkpoint
     from hecate.train.checkpoint_io import atomic_write_json, sha256_hex
-    from hecate.train.faults import RunLock, injected_fault
+    from hecate.train.faults import RunLock, StopRequest, injected_fault
     from hecate.train.metrics import truncate_metrics
     from hecate.train.trainer import init_distributed
 
     t0 = time.time()
     _, owns_group = init_distributed()
     lock = None
+    stop = StopRequest().install()  # SIGTERM / SIGINT: finish the step, checkpoint it, leave together
     try:
         topology = Topology()
         rank, world = topology.rank, topology.world_size
@@ -293,6 +296,7 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
         state = {"checkpoint": point.checkpoint if point else None}
 
         def save(step, i, k, model, engine):
+            state["saved"] = True
             state["checkpoint"] = save_checkpoint(
                 str(ckpt_dir), model, engine.strategy, engine, step, config_dict=_stage_record(cfg),
                 topology=topology, extra={"stage": {"index": i, "name": cfg.stages[i]["name"], "stage_step": k}},
@@ -320,17 +324,30 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
                 save(step, i, k, model, engine)
             elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step, i, k, model, engine)
+            else:
+                state["saved"] = False
             injected_fault(rank, step + 1)  # tests: HECATE_FAULT (hecate.train.faults)
+            if _agreed(stop.requested, world):  # some rank was asked to stop: all checkpoint and leave
+                if not state.get("saved", True):
+                    save(step, i, k, model, engine)
+                raise _Stopped(step)
 
         def load(model, strategy, engine):
             from hecate.train.checkpoint import load_checkpoint
 
             load_checkpoint(point.checkpoint, model, strategy, engine, topology)
 
-        run_stages(cfg, rank, world, topology, on_step_end=on_step_end,
-                   resume_from=(point.stage, point.stage_step, load) if point else None)
+        stopped_at = None
+        try:
+            run_stages(cfg, rank, world, topology, on_step_end=on_step_end,
+                       resume_from=(point.stage, point.stage_step, load) if point else None)
+        except _Stopped as e:
+            stopped_at = e.step
         if rank == 0:
             metrics.close()
+        if stopped_at is not None:
+            return {"stopped": True, "stopped_at": stopped_at, "checkpoint": state["checkpoint"],
+                    "seconds": time.time() - t0}
         steps = sum(st["steps"] for st in cfg.stages)
         firsts = [losses[i][0] for i in sorted(k for k in losses if k is not None) if losses[i]]
         lasts = [losses[i][-1] for i in sorted(k for k in losses if k is not None) if losses[i]]
@@ -338,12 +355,34 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
                 "checkpoint": state["checkpoint"], "first_loss": firsts[0] if firsts else None,
                 "last_loss": lasts[-1] if lasts else None, "seconds": time.time() - t0}
     finally:
+        stop.uninstall()
         if lock is not None:
             lock.release()
         if owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+class _Stopped(Exception):
+    """A stop request ended the staged run after `step` (its checkpoint written)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """Whether any rank's flag is set (an all-reduce: every rank calls it every step)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    from hecate.comm.all_to_all import comm_device
+
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def run_stages(cfg: StageConfig, rank: int = 0, world: int = 1, topology=None, model=None,
