@@ -10,7 +10,8 @@ holders_WC[r, c] says whether rank r holds chunk c this iteration (P1, P0 a subs
   (the owner's own contribution first, then the other holders by ascending rank).
 
 Each is the autograd backward of the other. The split planning (`plan_sparse`) runs
-on the host with numpy and reads only this rank's part of the placement (the holders of
+on the host (one C++ op, sparse_plan, when hecate._C is built; else numpy) and reads only
+this rank's part of the placement (the holders of
 the chunks it owns, its own row); packing runs in hecate.ops (C++ / CUDA kernels); the
 transport is one `all_to_all_single` with
 uneven splits on the group, issued from Python, synchronously or asynchronously
@@ -92,6 +93,14 @@ def plan_sparse(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int) -> S
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < W:
         raise ValueError(f"rank must be an int in [0, {W}), got {rank!r}")
     device = owner_C.device
+    if (owner_C.dtype == torch.int64 and owner_C.device.type == "cpu" and holders_WC.device.type == "cpu"
+            and ops._backend.use_extension("sparse_plan", device)):  # one C++ call (csrc/cpu/plan.cpp)
+        (send_ids, send_counts, recv_ids, recv_counts, owned_ids, held_ids, send_rows, recv_rows,
+         owned_rows_M) = torch.ops.hecate.sparse_plan(owner_C.detach(), holders_WC.detach(), int(rank))
+        return SparsePlan(rank=int(rank), world_size=W, num_chunks=C, send_counts=send_counts.tolist(),
+                          recv_counts=recv_counts.tolist(), send_ids=send_ids, recv_ids=recv_ids,
+                          owned_ids=owned_ids, held_ids=held_ids, send_rows=send_rows, recv_rows=recv_rows,
+                          owned_rows_M=owned_rows_M)
     owner = owner_C.detach().cpu().numpy().astype(np.int64, copy=False)
     holders = holders_WC.detach().cpu().numpy()
     if C and (owner.min() < 0 or owner.max() >= W):

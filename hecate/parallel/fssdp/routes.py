@@ -384,7 +384,8 @@ def _inputs(holders_WE, counts_WE, node_of_W):
     # A view, not a copy (2 MiB at W=1024, E=256): the routes keep it, so the caller must
     # not modify counts_WE while it uses them (the runtime never does).
     counts = to_numpy(counts_WE, "counts_WE", ndim=2, shape=(W, E), copy=False)
-    check_nonnegative(counts, "counts_WE")
+    if not (counts.dtype == np.int64 and use_extension("route_layout", torch.device("cpu"))):
+        check_nonnegative(counts, "counts_WE")  # else route_layout checks them, in the same pass
     nodes = node_array(node_of_W)
     if nodes.shape[0] != W:
         raise ValueError(f"node_of_W has {nodes.shape[0]} ranks but holders_WE has {W} rows")
