@@ -67,20 +67,20 @@ def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
-# The last node map node_array accepted: (tensor, its version counter, the checked read-only
-# copy). The runtime passes the same tensor every layer and step; an in-place change to it
-# bumps _version, which sends it through the checks again.
+# The last node map node_array accepted: (tensor, its version counter, the checked copy). The
+# runtime passes the same tensor every layer and step; an in-place change to it bumps _version,
+# which sends it through the checks again. Its callers (materialize, routes) only read it.
 _checked_nodes: tuple = (None, -1, None)
 
 
 def node_array(node_of_W, name: str = "node_of_W") -> np.ndarray:
-    """Validate the rank -> node map: int64 [W], values 0..N-1, every node used (read-only)."""
+    """Validate the rank -> node map: int64 [W], values 0..N-1, every node used. Do not modify
+    the result: it may be shared with other callers."""
     global _checked_nodes
     last, version, checked = _checked_nodes
     if node_of_W is last and node_of_W._version == version:
         return checked
     nodes = _node_array(node_of_W, name)
-    nodes.flags.writeable = False  # shared by every caller of the cache
     if isinstance(node_of_W, torch.Tensor) and node_of_W.device.type == "cpu":
         _checked_nodes = (node_of_W, node_of_W._version, nodes)
     return nodes
