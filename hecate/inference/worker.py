@@ -23,6 +23,11 @@ def main(argv: list[str]) -> int:
         result = run_rank(request)
         if result is not None:  # rank 0
             atomic_write_json(request["result"], result)
+            r = result
+            print(f"[hecate generate] {r['world_size']} ranks ({r['strategy']}): {r['new_tokens']} new tokens "
+                  f"decoded in {r['decode_seconds']:.2f} s ({r['tokens_per_s']:.1f} tok/s); expert bytes per rank "
+                  f"{r['expert_bytes_per_rank']}; bytes sent per rank {r['sent_bytes_per_rank']}",
+                  file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - every error becomes one line naming the rank
