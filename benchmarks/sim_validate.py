@@ -117,15 +117,20 @@ def one_repeat(a, skew, warmup, steps) -> dict:
     fw = framework_costs({n: [r["framework"][n] for r in res] for n in res[0]["framework"]}, model_config(a), hw,
                          warmup)
     hw = dataclasses.replace(hw, framework_s=fw["framework_s"])
-    setup = StepSetup(shape, hw, 2, tokens, overhead_s=max(local_excess_s(local, shape, hw, tokens), 0.0))
-    predicted, parts = {}, {}
+    # The replay plans with the options the run's planner resolved (gloo's default bandwidth and
+    # collective latency), not the calibrated figures: the same plans as the run.
+    setup = StepSetup(shape, hw, 2, tokens, fssdp_options=res[0]["runs"]["planner"]["fssdp"],
+                      overhead_s=max(local_excess_s(local, shape, hw, tokens), 0.0))
+    predicted, parts, calls = {}, {}, {}
     for name in ("ep", "fssdp"):
         trace = [[[r["runs"]["counts"][name][s][l] for r in res] for l in range(a["layers"])]
                  for s in range(warmup + steps)]
         sim = simulate_steps(setup, trace, (name,), warmup=warmup)[name]
         predicted[name], parts[name] = sim["seconds"], sim["parts"]
+        # collectives per step: the model's count against what CommStats counted on rank 0
+        calls[name] = {"predicted": sim["calls"], "measured": statistics.mean(res[0]["runs"]["calls"][name][warmup:])}
     return {"measured_s": measured, "predicted_s": predicted, "measured_ratio": paired,
-            "predicted_ratio": predicted["ep"] / predicted["fssdp"], "parts": parts,
+            "predicted_ratio": predicted["ep"] / predicted["fssdp"], "parts": parts, "calls_per_step": calls,
             "hardware": {"gemm_flops": hw.gemm_flops, "adam_params_per_s": hw.adam_params_per_s,
                          "alpha": hw.alpha_intra, "beta": hw.bw_intra, "overhead_s": setup.overhead_s,
                          "local_step_s": local, "framework_s": fw["framework_s"], "framework_raw_s": fw["raw_s"]}}

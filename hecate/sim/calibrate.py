@@ -136,12 +136,14 @@ FRAMEWORK_CASES = {
     "fssdp": ("fssdp", {"policy": "none", "fit_replicas": False, "reshard_interval": 0}),
     "fssdp.replicated": ("fssdp", {"fit_replicas": False, "overlap_degree": 2, "reshard_interval": 0}),
 }
-# The calibration model of `hecate simulate --calibrate` (benchmarks/strategies.py's tiny model)
-# and its token count per rank: small, so that the step is framework time, not FLOPs.
+# The calibration model of `hecate simulate --calibrate` (benchmarks/strategies.py's tiny model).
 CALIBRATION_MODEL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, ffn=128,
                          num_experts=16, top_k=2)
 # (batch, sequence) per rank of the calibration steps; one size: fixed terms, two: fixed + per token
-CALIBRATION_TOKENS = ((1, 16),)
+# (host work that grows with the tokens: permutes, destination bins, fssdp's concatenation of
+# its owned and replica expert blocks). Small against the runs predicted, large enough that the
+# per-token part shows above the noise of a shared machine.
+CALIBRATION_TOKENS = ((2, 64), (8, 64))
 
 
 def calibration_model_config(m: dict | None = None):
@@ -179,14 +181,16 @@ class CaseSteps:
         if bias_E is not None:
             for layer in moe_layers(base):
                 layer.router.expert_bias_E.copy_(torch.as_tensor(bias_E))
-        self.runs = {}
+        self.runs, self.topologies = {}, {}
         for key, (name, options) in self.cases.items():
             topo = None if name == "local" else Topology()
             strat = build_strategy(name, topo, **options)
             model = parallelize(copy.deepcopy(base), strat)
             self.runs[key] = (model, Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0))
+            self.topologies[key] = topo
         self.times = {key: [] for key in self.cases}
         self.counts = {key: [] for key in self.cases}
+        self.calls = {key: [] for key in self.cases}  # collectives CommStats counted per step
 
     def step(self, i: int) -> None:
         import torch.distributed as dist
@@ -205,9 +209,23 @@ class CaseSteps:
             dist.barrier()
             self.times[key].append(time.perf_counter() - start)
             self.counts[key].append(torch.stack([s.tokens_per_expert_E for s in res.moe_stats]).tolist())
+            topo = self.topologies[key]
+            self.calls[key].append(sum(v["calls"] for v in topo.stats.reset().values()) if topo else 0)
+
+    def planner_options(self, key: str) -> dict:
+        """The options case `key`'s fssdp planner ran with, defaults resolved as the runtime
+        resolved them (its backend's bandwidth and collective latency): a replay of its routing
+        must plan with these, not with the calibrated hardware's figures."""
+        strat = self.runs[key][1].strategy
+        out = {"bandwidth": tuple(strat.bandwidth), "token_compute_s": strat.token_compute_s}
+        if getattr(strat, "collective_latency_s", None) is not None:
+            out["collective_latency_s"] = strat.collective_latency_s
+        return out
 
     def result(self) -> dict:
-        return {"times": self.times, "counts": self.counts}
+        return {"times": self.times, "counts": self.counts, "calls": self.calls,
+                "planner": {key: self.planner_options(key) for key, (name, _) in self.cases.items()
+                            if name == "fssdp"}}
 
 
 def strategy_steps_task(rank, world, model_cfg, batch: int, seq: int, steps: int, cases=None, bias_E=None):
@@ -251,8 +269,9 @@ def _fitted_term(results, model_cfg, hw: Hardware, tokens: int, warmup: int, key
     local = local_excess_s(measured("local"), shape, hw, tokens)
     name, options = FRAMEWORK_CASES[key]
     trace = [[[r["counts"][key][s][layer] for r in results] for layer in range(n_moe)] for s in range(steps)]
-    setup = StepSetup(shape, hw, W, tokens, fssdp_options=dict(options) if name == "fssdp" else {},
-                      overhead_s=max(local, 0.0), count_planning=count_planning)
+    planner = {**options, **results[0].get("planner", {}).get(key, {})} if name == "fssdp" else {}
+    setup = StepSetup(shape, hw, W, tokens, fssdp_options=planner, overhead_s=max(local, 0.0),
+                      count_planning=count_planning)
     plans = replay_fssdp(setup, trace) if name == "fssdp" else None
 
     def predicted(x: float) -> dict:
