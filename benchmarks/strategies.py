@@ -24,8 +24,9 @@ changes which experts are chosen, never the gate weights. Per strategy and world
   median over the measured steps; ratio = strategy / ep (< 1 is faster than ep); with
   --paired the cases share processes and their steps alternate, so load from other jobs
   hits them alike, and each repeat's own ratio is shown (t/ep per repeat);
-* cpu: process CPU time of the busier rank per step (its work and gloo's threads, not its
-  waits), median: on a machine shared with other jobs a steadier measure of framework work;
+* cpu: process CPU time of the busier rank per step (its work and gloo's threads; a gloo
+  wait sleeps for the most part but also spins some), median: on a machine shared with other
+  jobs a steadier measure of the work a strategy does than wall time, though not free of load;
 * memory: state = params + AdamW state (exact tensor bytes); step peak = VmHWM - VmRSS
   over a step (see benchmarks/_common.py); peak = state + step peak, max over ranks;
 * --activation-checkpointing: every case runs a second time with model.activation_checkpointing
