@@ -70,6 +70,20 @@ def _shard_contents(rank, world, run_dir, strategy_name):
     return out
 
 
+def _save_fsdp(rank, world, out_dir):
+    """An untrained checkpoint written by fsdp: flat [E*S] ranges per rank, not whole rows."""
+    from hecate.train import tasks
+
+    cfg = load_config("configs/tiny_ep.yaml")
+    torch.manual_seed(3)
+    topo = Topology()
+    strategy = build_strategy("fsdp", topo)
+    model = parallelize(tasks.build_model(cfg), strategy)
+    if rank == 0:
+        (Path(out_dir) / "config.yaml").write_text(cfg.to_yaml())
+    save_checkpoint(str(Path(out_dir) / "checkpoints"), model, strategy, None, 2, cfg.to_dict(), topo)
+
+
 def _idle_rank_steps(rank, world, run_dir, strategy_name):
     """Rank 1 has no rows: it must still join every MoE collective of rank 0's decode steps."""
     cfg = load_config(str(Path(run_dir) / "config.yaml"))
@@ -165,6 +179,63 @@ def test_each_rank_holds_only_its_expert_rows(trained_run, strategy):
             assert torch.equal(p, dense[n]), n
 
 
+def test_rows_come_out_of_an_fsdp_flat_checkpoint(tmp_path):
+    run_distributed(_save_fsdp, 2, str(tmp_path))
+    full, _, _ = load_run(tmp_path)
+    per_rank = run_distributed(_shard_contents, 2, str(tmp_path), "ep")
+    for layer_index, layer in enumerate(moe_layers(full)):
+        layout = full_layout(layer)
+        rows_ES = layout.flatten({n: getattr(layer.experts, n) for n in layout.names}).detach()
+        for r in per_rank:
+            assert torch.equal(r["rows"][layer_index], rows_ES[r["ids"][layer_index]])
+    assert [r["ids"][0] for r in per_rank] == [[0, 1], [2, 3]]
+
+
+class _FlatPiece:
+    """A stand-in for one fsdp shard file of layer 0: elements [start, start + numel) of the
+    zero-padded flat buffer."""
+
+    def __init__(self, flat, start, numel):
+        self.flat, self.start, self.numel = flat, start, numel
+
+    def layers(self):
+        return {"0": {"kind": "flat", "start": self.start, "numel": self.numel}}
+
+    def tensor(self, name):
+        assert name == "experts.0.flat"
+        return self.flat[self.start:self.start + self.numel]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_flat_pieces_split_mid_row(world):
+    from hecate.inference.shard_load import expert_rows
+    from hecate.parallel.chunks import ChunkLayout
+    from hecate.train.checkpoint_io import CheckpointError
+
+    layout = ChunkLayout(("w",), ((7,),), 4)  # E = 4 rows of S = 7: pieces end mid-row
+    rows_ES = torch.arange(28, dtype=torch.float32).view(4, 7)
+    per = -(-28 // world)
+    flat = torch.cat([rows_ES.flatten(), torch.zeros(per * world - 28)])
+    pieces = [_FlatPiece(flat, r * per, per) for r in range(world)]
+    for ids in ([0], [1, 3], [3, 2, 1, 0]):
+        assert torch.equal(expert_rows(pieces, 0, layout, torch.tensor(ids)), rows_ES[ids])
+    with pytest.raises(CheckpointError, match=r"experts \[1\] are in no shard file"):
+        expert_rows([p for p in pieces if not p.start <= 10 < p.start + p.numel], 0, layout, torch.tensor([1]))
+
+
+def test_a_corrupted_shard_is_named(tmp_path):
+    from hecate.train.checkpoint_io import CheckpointError
+
+    _make_run(tmp_path)
+    shard = next((tmp_path / "checkpoints").glob("step_*/rank_00000.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cfg = load_config(str(tmp_path / "config.yaml"))
+    with pytest.raises(CheckpointError, match="rank_00000.safetensors fails its sha256"):
+        build_sharded_model(cfg, tmp_path, "local", None, torch.device("cpu"))
+
+
 def test_experts_are_built_on_meta():
     from hecate.train import tasks
 
@@ -193,15 +264,17 @@ def test_bad_requests_fail_before_any_worker_starts(tmp_path):
         generate_text(tmp_path, ["a"], 4, strategy="ep")
 
 
-def test_cli_nproc_2_prints_the_single_process_texts(tmp_path):
+def test_cli_nproc_2_prints_the_single_process_texts(tmp_path, capsys):
     """The whole command: launcher, 2 worker processes (ep), texts printed in prompt order."""
+    from hecate.cli import main
+
     _make_run(tmp_path)
     args = [str(tmp_path), "--prompt", "def f", "--prompt", "x = ", "--tokens", "8", "--temperature", "0"]
+    assert main(["generate", *args]) == 0
+    single = capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hecate.cli", "generate", *args]
-    single = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    sharded = subprocess.run(cmd + ["--nproc", "2", "--strategy", "ep"], capture_output=True, text=True, env=env,
-                             timeout=300, cwd=REPO)
-    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run([sys.executable, "-m", "hecate.cli", "generate", *args, "--nproc", "2", "--strategy", "ep"],
+                             capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert sharded.returncode == 0, sharded.stderr
-    assert sharded.stdout == single.stdout and single.stdout.count("--- sample") == 2
+    assert sharded.stdout == single and single.count("--- sample") == 2
+    assert "[hecate generate] 2 ranks (ep)" in sharded.stderr
