@@ -273,8 +273,8 @@ def test_cli_nproc_2_prints_the_single_process_texts(tmp_path, capsys):
     assert main(["generate", *args]) == 0
     single = capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    sharded = subprocess.run([sys.executable, "-m", "hecate.cli", "generate", *args, "--nproc", "2", "--strategy", "ep"],
-                             capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    cmd = [sys.executable, "-m", "hecate.cli", "generate", *args, "--nproc", "2", "--strategy", "ep"]
+    sharded = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert sharded.returncode == 0, sharded.stderr
     assert sharded.stdout == single and single.count("--- sample") == 2
     assert "[hecate generate] 2 ranks (ep)" in sharded.stderr

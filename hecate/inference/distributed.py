@@ -311,7 +311,8 @@ def generate_distributed(run_dir, rows: list[list[int]], max_new_tokens: int, *,
         request = {"run_dir": os.path.abspath(run_dir), "strategy": strategy, "rows": [list(map(int, r)) for r in rows],
                    "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_k": int(top_k),
                    "top_p": float(top_p), "seed": int(seed), "routing": routing, "scmoe": scmoe,
-                   "warmup_tokens": int(warmup_tokens), "repeats": int(repeats), "result": os.path.join(workdir, RESULT)}
+                   "warmup_tokens": int(warmup_tokens), "repeats": int(repeats),
+                   "result": os.path.join(workdir, RESULT)}
         path = os.path.join(workdir, REQUEST)
         with open(path, "w") as f:
             json.dump(request, f)
