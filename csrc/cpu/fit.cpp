@@ -24,6 +24,11 @@ template <class T>
 at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, int64_t E, int64_t cost,
                int64_t token_bytes, int64_t m, double fixed_bytes, const at::TensorOptions& opts) {
   const double tb = static_cast<double>(token_bytes), c0 = static_cast<double>(cost);
+  // Below the break-even count nothing can pay: one comparison per cell skips those (the
+  // threshold is lowered far beyond rounding, as fit_holders' own prefilter), and the exact
+  // saving decides for the rest.
+  const bool prefilter = token_bytes > 0 && cost > 0;
+  const double threshold = prefilter ? c0 / (4.0 * tb) * (1 - 1e-9) : 0.0;
   auto out = at::zeros({W, E}, opts);
   bool* o = out.mutable_data_ptr<bool>();
   std::vector<int64_t> owned_by(E);
@@ -42,6 +47,7 @@ at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, 
     int64_t held = 0;
     cand.clear();
     for (int64_t e = 0; e < E; ++e) {
+      if (prefilter && !(static_cast<double>(row[e]) > threshold)) continue;
       const double saving = 4.0 * static_cast<double>(row[e]) * tb - c0;
       if (!(saving > 0) || owned_by[e] == d) continue;
       if (hold[e]) {
