@@ -72,7 +72,7 @@ def test_generate_benchmark_smoke():
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "generate.py"), "--tokens", "6",
-                           "--sizes", "tiny", "--batch", "2", "--prompt-len", "5", "--json"],
+                           "--sizes", "tiny", "--batch", "2", "--prompt-len", "5", "--repeat", "1", "--json"],
                           cwd=repo, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])["sizes"]["tiny"]

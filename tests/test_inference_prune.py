@@ -157,3 +157,13 @@ def test_pruned_run_fine_tunes_with_train_resume(tmp_path):
     model, _, step = load_run(out)
     assert step == 9 and [m.config.num_experts for m in model.moe_layers()] == [2, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # RUN_DIR untouched
+    # --init OUT_RUN: a new run at step 0 from the pruned weights
+    fresh = tmp_path / "fresh"
+    cfg = load_config(str(out / "config.yaml"),
+                      ["parallel.strategy=local", "parallel.nproc=1", "train.steps=2", "train.log_every=1",
+                       "train.eval_every=2", "checkpoint.every=2", "sample.num_samples=0", "logging.heatmap=false",
+                       "logging.progress=false", "data.embedded_max_bytes=100000", f"data.cache_dir={tmp_path}/cache",
+                       f"train.init={out}", f"train.out_dir={fresh}"])
+    train(cfg)
+    steps = [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2] and [m.config.num_experts for m in load_run(fresh)[0].moe_layers()] == [2, 2]
