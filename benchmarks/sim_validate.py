@@ -166,7 +166,8 @@ def main() -> None:
     for r in rows:
         ms = ", ".join(f"{x['measured_ratio']:.2f}" for x in r["repeats"])
         ps = ", ".join(f"{x['predicted_ratio']:.2f}" for x in r["repeats"])
-        print(f"| {r['config']} | {r['routing']} | {r['measured_ratio']:.2f} ({ms}) | {r['predicted_ratio']:.2f} ({ps}) "
+        print(f"| {r['config']} | {r['routing']} | {r['measured_ratio']:.2f} ({ms}) "
+              f"| {r['predicted_ratio']:.2f} ({ps}) "
               f"| {r['relative_error'] * 100:+.0f}% | {r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} |")
     print(f"\n{wall:.0f} s wall")
 

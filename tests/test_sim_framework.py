@@ -59,7 +59,8 @@ def test_framework_term_is_charged_per_moe_layer_and_per_replicated_layer():
 
 def test_replicated_term_is_zero_when_no_layer_holds_replicas():
     fw = {"fssdp": [2e-3, 0.0], "fssdp.replicated": [5e-4, 0.0]}
-    r, _ = _simulate(dataclasses.replace(HW, framework_s=fw), options={**FSSDP, "policy": "none", "fit_replicas": False},
+    no_replicas = {**FSSDP, "policy": "none", "fit_replicas": False}
+    r, _ = _simulate(dataclasses.replace(HW, framework_s=fw), options=no_replicas,
                      strategies=("fssdp",))
     assert r["fssdp"]["replicated_layers"] == 0
     assert r["fssdp"]["parts"]["framework"] == pytest.approx(len(SHAPE.moe_layers) * 2e-3)

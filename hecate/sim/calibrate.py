@@ -123,13 +123,12 @@ def calibrate(path: str | Path | None = None) -> Hardware:
     return hw
 
 
-
 # What each framework term is measured on: a calibration step of this strategy (build_strategy
 # options), and the term it leaves once its modelled time is taken off. "fssdp" with the
 # no-replication policy and no byte fit (which could add replicas): P1 = P0, no spAG / spRS;
-# "fssdp.replicated" with t pinned to 2 and no
-# byte fitting, so every layer with load history holds replicas: its excess over "fssdp" is the
-# extra of a replicated layer.
+# "fssdp.replicated" with t pinned to 2 and no byte fit, so every layer with load history holds
+# replicas: its excess over "fssdp" is the extra of a replicated layer. "local" (every expert on
+# the rank, no collective) is the framework time every strategy shares.
 FRAMEWORK_CASES = {
     "local": ("local", {}),
     "ep": ("ep", {}),
