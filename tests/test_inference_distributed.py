@@ -136,6 +136,17 @@ def test_sharded_greedy_equals_single_process(trained_run, strategy):
     assert len({tuple(r[len(p):]) for r, p in zip(want, rows)}) > 1  # not one degenerate continuation
 
 
+def test_fssdp_on_three_ranks_from_a_two_rank_checkpoint(trained_run):
+    """W = 3 (saved at W = 2: even placement, 4 experts over 3 ranks), 2 rows: rank 2 is idle."""
+    run, _ = trained_run
+    rows = [list(b"import os\n"), list(b"x")]
+    got = run_distributed(_generate, 3, _request(run, rows, "fssdp", 8))[0]
+    assert got["ids"] == _single(run, rows, 8)
+    chunk = 2 * 32 * 32 * 4  # one expert's w1 + w2, fp32
+    # 2 layers x 4 experts over 3 ranks, each layer's even placement rotated: 3, 3 and 2 chunks
+    assert sorted(got["expert_bytes_per_rank"]) == [2 * chunk, 3 * chunk, 3 * chunk]
+
+
 def test_sharded_scmoe_with_an_idle_rank(trained_run):
     """One prompt on two ranks (rank 1 steps on zero tokens) with SCMoE's two passes per step
     and a routing override."""
