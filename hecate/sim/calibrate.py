@@ -248,7 +248,8 @@ def _fitted_term(results, model_cfg, hw: Hardware, tokens: int, warmup: int, key
     """Seconds per MoE layer of term `key` at this token count: the value with which the step
     model (hw.framework_s as fitted so far, the local model's excess as overhead_s, fssdp's
     plans replayed from the case's recorded counts) predicts the case's measured step (slowest
-    rank, median over the steps after `warmup`). Bisection: the predicted step grows with the
+    rank; the median local step plus the median over the steps after `warmup` of the case's
+    step minus the local step of the same iteration). Bisection: the predicted step grows with the
     term (less than one for one where fssdp's host time hides asynchronous gathers). Negative
     when the model without the term already predicts more than was measured (noise)."""
     import dataclasses
@@ -278,7 +279,11 @@ def _fitted_term(results, model_cfg, hw: Hardware, tokens: int, warmup: int, key
         return simulate_steps(dataclasses.replace(setup, hw=dataclasses.replace(hw, framework_s=fw)), trace,
                               (name,), warmup=warmup, fssdp_plans=plans)[name]
 
-    target, base = measured(key), predicted(0.0)
+    # The case's step relative to the local step run beside it (same iteration, same load),
+    # median over the steps, plus the local median: load drift between iterations cancels.
+    slowest = {c: [max(r["times"][c][i] for r in results) for i in range(warmup, steps)] for c in (key, "local")}
+    target = measured("local") + statistics.median(a - b for a, b in zip(slowest[key], slowest["local"]))
+    base = predicted(0.0)
     per = n_moe if key != "fssdp.replicated" else base["replicated_layers"]
     if per <= 0:
         raise RuntimeError(f"framework calibration: case {key!r} ran no layer to measure "
