@@ -247,6 +247,25 @@ def test_a_corrupted_shard_is_named(tmp_path):
         build_sharded_model(cfg, tmp_path, "local", None, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("overrides", [["model.moe.expert_bias=true"], ["model.moe.num_shared_experts=1"]])
+def test_sharded_loader_equals_load_run_for_other_expert_forms(tmp_path, overrides):
+    """Biased experts (ModuleExperts) and shared experts: every parameter and the logits match."""
+    from hecate.train import tasks
+
+    cfg = load_config("configs/tiny_ep.yaml", overrides)
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    local = build_strategy("local")
+    model = parallelize(tasks.build_model(cfg), local)
+    save_checkpoint(str(tmp_path / "checkpoints"), model, local, None, 1)
+    want, _, _ = load_run(tmp_path)
+    got, _, _ = build_sharded_model(cfg, tmp_path, "local", None, torch.device("cpu"))
+    a, b = want.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(want(x).logits, got(x).logits)
+
+
 def test_experts_are_built_on_meta():
     from hecate.train import tasks
 
