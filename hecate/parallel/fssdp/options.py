@@ -27,10 +27,11 @@ class FssdpOptions:
     token_compute_s: the cost model's seconds of expert compute per routed token.
     collective_latency_s: fixed seconds one collective costs beyond its bytes (latency, launch);
         the byte fit keeps a layer's replicas only if they save more than the collectives they
-        add (spAG, spRS, the re-gather) cost this way. 0 (default): any byte saving pays, so
-        traffic tracks the byte lower bound; None: the backend's default
+        add (spAG, spRS, the re-gather) cost this way: a replica is made only when it pays for
+        itself. None (default): the backend's default
         (FullyShardedSparse.DEFAULT_COLLECTIVE_LATENCY), which trades bytes for fewer
-        collectives where links are latency-bound.
+        collectives where links are latency-bound; 0: any byte saving pays, so traffic tracks
+        the byte lower bound (what the byte-plan tests and benchmarks' fssdp_bytes row pin).
     rematerialize: free materialized chunks after forward and gather them again in backward.
     reshard_interval: iterations between heterogeneous re-shardings (0 = never; paper: 100).
     calibrate: Algorithm 1's optional calibration on the current batch's routing.
@@ -47,7 +48,7 @@ class FssdpOptions:
     overlap_degree: Optional[int] = None
     bandwidth: Optional[tuple] = None
     token_compute_s: float = 1e-7
-    collective_latency_s: Optional[float] = 0.0
+    collective_latency_s: Optional[float] = None
     rematerialize: bool = True
     reshard_interval: int = 100
     calibrate: bool = False
