@@ -151,7 +151,8 @@ def test_pruned_run_fine_tunes_with_train_resume(tmp_path):
                       ["parallel.strategy=local", "parallel.nproc=1", "train.steps=9", "train.log_every=1",
                        "train.eval_every=9", "checkpoint.every=9", "sample.num_samples=0", "logging.heatmap=false",
                        "logging.progress=false", "data.embedded_max_bytes=100000", f"data.cache_dir={tmp_path}/cache"])
-    train(cfg, resume=True)
+    with pytest.warns(RuntimeWarning, match="weights only .* fresh optimizer"):
+        train(cfg, resume=True)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == [8, 9]
     model, _, step = load_run(out)

@@ -422,6 +422,10 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     if optimizer is not None:
         optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
     restore_optim = optimizer is not None and bool((manifest.get("optimizer") or {}).get("has_state"))
+    if optimizer is not None and manifest.get("optimizer") is None:  # saved with engine=None
+        warnings.warn(f"{step_dir} holds weights only (no optimizer state, e.g. written by `hecate prune`): "
+                      f"training continues from step {manifest['step']} with a fresh optimizer", RuntimeWarning,
+                      stacklevel=3)
     for i, (layer, entry) in enumerate(zip(layers, saved_layers)):
         layout = full_layout(layer)
         parts = [(fname, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items()
