@@ -7,11 +7,12 @@
 // fixed_bytes > 0 and the summed saving does not exceed it, P1 = P0. The savings and their sums
 // are computed with the same double operations, in the same order, as numpy's (numpy_sum.h),
 // so the result is bit-identical (tests/test_fssdp_planner_kernels.py).
-#pragma GCC optimize("fp-contract=off")  // a fused multiply-add would round differently from numpy
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -29,6 +30,16 @@ at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, 
   // saving decides for the rest.
   const bool prefilter = token_bytes > 0 && cost > 0;
   const double threshold = prefilter ? c0 / (4.0 * tb) * (1 - 1e-9) : 0.0;
+  // The same test in the counts' own type: an integer count exceeds the threshold iff it
+  // exceeds its floor (an integer comparison, no conversion per cell).
+  T bound = std::numeric_limits<T>::lowest();
+  if (prefilter) {
+    if constexpr (std::is_integral_v<T>) {
+      bound = threshold >= 9.2e18 ? std::numeric_limits<T>::max() : static_cast<T>(std::floor(threshold));
+    } else {
+      bound = threshold;
+    }
+  }
   auto out = at::zeros({W, E}, opts);
   bool* o = out.mutable_data_ptr<bool>();
   std::vector<int64_t> owned_by(E);
@@ -47,8 +58,11 @@ at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, 
     int64_t held = 0;
     cand.clear();
     for (int64_t e = 0; e < E; ++e) {
-      if (prefilter && !(static_cast<double>(row[e]) > threshold)) continue;
-      const double saving = 4.0 * static_cast<double>(row[e]) * tb - c0;
+      if (!(row[e] > bound)) continue;
+      // volatile: the product is rounded before the subtraction, as numpy's is (a fused
+      // multiply-add, which some targets' default contraction would emit, rounds once).
+      volatile double bytes = 4.0 * static_cast<double>(row[e]) * tb;
+      const double saving = bytes - c0;
       if (!(saving > 0) || owned_by[e] == d) continue;
       if (hold[e]) {
         o[d * E + e] = true;

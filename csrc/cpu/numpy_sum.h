@@ -7,8 +7,8 @@
 namespace hecate::cpu {
 
 // np.add.reduce of a contiguous float64 array: blocks of up to 128 summed with 8 accumulators,
-// longer arrays halved at a multiple of 8 (numpy's pairwise summation). Compile the caller
-// without floating-point contraction (#pragma GCC optimize("fp-contract=off")).
+// longer arrays halved at a multiple of 8 (numpy's pairwise summation). Additions only: no
+// multiply-add for a compiler to contract.
 inline double numpy_sum(const double* a, int64_t n) {
   if (n < 8) {
     double res = -0.0;

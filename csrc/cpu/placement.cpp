@@ -12,7 +12,6 @@
 // same order as Python's floats, and the quota reproduces numpy's rounding (its pairwise sum),
 // so the picks are bit-identical (tests/test_fssdp_planner_sparse.py and
 // tests/test_fssdp_planner_kernels.py compare them).
-#pragma GCC optimize("fp-contract=off")  // a fused multiply-add would round differently from numpy
 #include <torch/library.h>
 
 #include <algorithm>
