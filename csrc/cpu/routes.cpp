@@ -195,10 +195,11 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
   const int64_t* ct = tc.const_data_ptr<int64_t>();
   const int64_t S = send_e.size(0), n = indices.numel();
   // Per expert: its bin when all of its entries go to one cell (destination), kSplit when
-  // they fill several cells' shares (cur / stop: the cell being filled and the expert's end),
-  // -1 when the plan routes none of its entries.
+  // they fill several cells' shares, -1 when the plan routes none of its entries. A split
+  // expert fills its cells in order: `bin` is the current cell's, `left` the entries it still
+  // takes, `cur` / `stop` the cell's index and the expert's end in the send lists.
   constexpr int64_t kSplit = -2;
-  std::vector<int64_t> lookup(E, -1), cur(E, 0), stop(E, 0), left(E, 0);
+  std::vector<int64_t> lookup(E, -1), bin(E, -1), left(E, 0), cur(E, 0), stop(E, 0);
   int64_t routed = 0, split_tokens = 0;
   for (int64_t i = 0; i < S; ++i) {
     const int64_t e = ce[i];
@@ -215,7 +216,7 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
   for (int64_t e = 0; e < E; ++e) {
     if (lookup[e] != kSplit) continue;
     for (int64_t i = cur[e]; i < stop[e]; ++i) split_tokens += ct[i];
-    left[e] = ct[cur[e]];
+    left[e] = ct[cur[e]], bin[e] = cd[cur[e]] * E + e;
   }
   auto out = at::empty(indices.sizes(), indices.options());
   int64_t* bins = out.mutable_data_ptr<int64_t>();
@@ -237,16 +238,18 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
       continue;
     }
     ++n_split;
-    int64_t c = cur[x];
-    while (left[x] == 0 && c + 1 < stop[x]) left[x] = ct[++c];  // skip filled (or empty) shares
-    cur[x] = c;
-    if (left[x] == 0) {
-      overflow_e = x;
-      bins[j] = -1;
-      continue;
+    if (left[x] == 0) {  // this cell's share is full: the next cell with tokens
+      int64_t c = cur[x] + 1;
+      while (c < stop[x] && ct[c] == 0) ++c;
+      if (c == stop[x]) {
+        overflow_e = x;
+        bins[j] = -1;
+        continue;
+      }
+      cur[x] = c, left[x] = ct[c], bin[x] = cd[c] * E + x;
     }
     --left[x];
-    bins[j] = cd[c] * E + x;
+    bins[j] = bin[x];
   }
   TORCH_CHECK_VALUE(bad < 0, "indices has expert ", bad < 0 ? 0 : idx[bad], " but the layer has ", E, " experts");
   TORCH_CHECK(routed == n_valid, "fssdp destination bins: the plan routes ", routed, " entries of rank ", rank,
