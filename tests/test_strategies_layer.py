@@ -155,7 +155,9 @@ def fssdp_fit_case(rank, world, tokens_per_rank):
     """Byte-fitted P1: a replica only where the rank's tokens outweigh the chunk, and every
     such replica kept up to m per rank."""
     torch.manual_seed(0)
-    strategy = build_strategy("fssdp", Topology(), overlap_degree=3)
+    # collective_latency_s=0: this is about the byte-fitted plan (the rule that also charges the
+    # replicas' collectives a latency is tested in test_fssdp_ep_path.py).
+    strategy = build_strategy("fssdp", Topology(), overlap_degree=3, collective_latency_s=0)
     layer = parallelize(MoELayer(_config(2, None)), strategy)
     layer(torch.randn(tokens_per_rank, HIDDEN))
     plan = layer.fssdp_state.last_plan
