@@ -166,5 +166,6 @@ def test_pruned_run_fine_tunes_with_train_resume(tmp_path):
                        "logging.progress=false", "data.embedded_max_bytes=100000", f"data.cache_dir={tmp_path}/cache",
                        f"train.init={out}", f"train.out_dir={fresh}"])
     train(cfg)
-    steps = [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    lines = (fresh / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if '"loss"' in line]
     assert steps == [1, 2] and [m.config.num_experts for m in load_run(fresh)[0].moe_layers()] == [2, 2]
