@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     # the launcher's restarts: resume when a checkpoint exists, else start over (metrics truncated)
     tr.add_argument("--resume-if-any", action="store_true", help=argparse.SUPPRESS)
     ins = sub.add_parser("inspect", help="parameter counts and per-rank memory of a config or model preset")
-    ins.add_argument("config", nargs="?", help="YAML file, config name in configs/, or model-zoo preset name")
+    ins.add_argument("config", nargs="?", help="YAML file, run directory, config name in configs/, or model-zoo preset name")
     ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (config files only)")
     ins.add_argument("--nproc", type=int, default=None, help="world size to estimate for")
@@ -295,7 +295,13 @@ def _is_config(name: str) -> bool:
 def inspect_config(config: str, overrides: list[str] | None = None, nproc: int | None = None,
                    strategy: str | None = None) -> dict:
     """Counts and memory estimate for a config file, a configs/ name, or a model-zoo preset
-    (models are built on the meta device, so paper-size presets take seconds)."""
+    (models are built on the meta device, so paper-size presets take seconds). A run directory
+    (e.g. one `hecate prune` wrote) means its config.yaml."""
+    if Path(config).is_dir():
+        if not (Path(config) / "config.yaml").is_file():
+            raise ValueError(f"{config} is a directory without a config.yaml: pass a training run "
+                             "directory, a config file, a config name or a model-zoo preset")
+        config = str(Path(config) / "config.yaml")
     if not _is_config(config):
         from hecate.models.registry import PRESETS, get_preset
 

@@ -115,3 +115,17 @@ def test_inspect_list(presets, capsys):
     listing = json.loads(stdout)
     assert "demo" in listing["configs"]
     assert listing["presets"]["test-tiny-transformer"] == {"arch": "transformer", "description": "test preset"}
+
+
+def test_inspect_takes_a_run_directory(tmp_path, capsys):
+    from hecate.train.config import configs_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((configs_dir() / "tiny_dp.yaml").read_text())
+    code, stdout, _ = _run(capsys, "inspect", str(run), "--json")
+    _, from_name, _ = _run(capsys, "inspect", "tiny_dp", "--json")
+    assert code == 0 and json.loads(stdout) == json.loads(from_name)
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = _run(capsys, "inspect", str(tmp_path / "empty"))
+    assert code == 2 and "without a config.yaml" in stderr
