@@ -12,7 +12,9 @@ from tests.training_cases import D
 
 STEPS = 2
 # t pinned: by default Algorithm 1 derives it from the measured non-MoE time (wall clock).
-FSSDP = {"overlap_degree": 2, "reshard_interval": 0}
+# collective_latency_s 0: the byte-fitted plan, so that skewed routing replicates (spAG / spRS
+# bytes to predict); the default would drop replicas that do not repay their collectives.
+FSSDP = {"overlap_degree": 2, "reshard_interval": 0, "collective_latency_s": 0}
 
 
 @pytest.mark.parametrize("world,rpn", [(2, 2), (4, 2), (8, 2)])
