@@ -33,7 +33,7 @@ def test_strategies_smoke():
                                      "ep_time_over_fssdp", "fssdp_rm_peak_vs_ep"}
     for routing in ("uniform", "skewed"):
         rows = world["routing"][routing]
-        assert set(rows) == {"dp", "ep", "fsdp", "fssdp", "fssdp_no_rm", "fssdp_lat"}
+        assert set(rows) == {"dp", "ep", "fsdp", "fssdp", "fssdp_bytes", "fssdp_no_rm"}
         for label, r in rows.items():
             assert r["step_time_s"] > 0 and r["peak_bytes_per_rank"] > 0
             assert r["expert_bytes"] > 0, label
@@ -51,10 +51,14 @@ def test_strategies_smoke():
         # The persistent state of fssdp and ep is 1/W of the experts, dp's is all of them.
         assert rows["dp"]["state_bytes_per_rank"] > rows["fssdp"]["state_bytes_per_rank"]
     assert world["routing"]["skewed"]["ep"]["imbalance"] > world["routing"]["uniform"]["ep"]["imbalance"]
-    # The headline targets are read off the skewed rows.
+    # The headline targets are read off the skewed rows: bytes off the byte-fitted plan
+    # (fssdp_bytes), time and memory off fssdp's defaults.
     skewed, t = world["routing"]["skewed"], world["targets"]
     assert t["ep_time_over_fssdp"] == pytest.approx(skewed["ep"]["step_time_s"] / skewed["fssdp"]["step_time_s"])
-    assert t["fssdp_bytes_vs_fsdp"] == pytest.approx(skewed["fssdp"]["expert_bytes"] / skewed["fsdp"]["expert_bytes"])
+    assert t["fssdp_bytes_vs_fsdp"] == pytest.approx(
+        skewed["fssdp_bytes"]["expert_bytes"] / skewed["fsdp"]["expert_bytes"])
+    assert t["fssdp_bytes_over_lower_bound"] == pytest.approx(
+        skewed["fssdp_bytes"]["expert_bytes"] / skewed["fssdp_bytes"]["lower_bound_bytes"])
     assert t["fssdp_rm_peak_vs_ep"] == pytest.approx(
         skewed["fssdp"]["peak_bytes_per_rank"] / skewed["ep"]["peak_bytes_per_rank"])
 
@@ -64,24 +68,28 @@ def test_strategies_selected_paired_and_checkpointed():
     steps alternating, --activation-checkpointing adds each case's checkpointed twin."""
     out, text = run_json("strategies.py", "--nproc", "2", "--mem-nprocs", "--warmup", "0", "--steps", "2",
                          "--d-model", "16", "--ffn", "16", "--experts", "4", "--seq", "8", "--batch", "2",
-                         "--vocab", "32", "--layers", "1", "--skew-scale", "0.5", "--strategies", "ep", "fssdp_lat",
+                         "--vocab", "32", "--layers", "1", "--skew-scale", "0.5", "--strategies", "ep", "fssdp",
                          "--routing", "skewed", "--paired", "--activation-checkpointing")
     world = out["worlds"]["2"]
     assert out["paired"] is True and set(world["routing"]) == {"skewed"}
     rows = world["routing"]["skewed"]
-    assert set(rows) == {"ep", "fssdp_lat"}
-    ep, fssdp = rows["ep"], rows["fssdp_lat"]
+    assert set(rows) == {"ep", "fssdp"}
+    ep, fssdp = rows["ep"], rows["fssdp"]
     assert fssdp["time_vs_ep"] == pytest.approx(fssdp["step_time_s"] / ep["step_time_s"])
     assert fssdp["bytes_vs_fsdp"] is None  # fsdp was not run
     assert len(fssdp["time_vs_ep_runs"]) == 1 and fssdp["step_cpu_s"] > 0
     for r in rows.values():
         assert r["checkpointed"]["expert_bytes"] == r["expert_bytes"]  # recompute moves nothing more
         assert r["ckpt_peak_vs_off"] == pytest.approx(r["checkpointed"]["peak_bytes_per_rank"] / r["peak_bytes_per_rank"])
-    # Tiny experts never repay their collectives at gloo's latency: fssdp takes ep's path.
+    # Tiny experts never repay their collectives at gloo's latency (fssdp's default): fssdp
+    # takes ep's path.
     assert not any(n.startswith("fssdp.sp") for n in fssdp["bytes_by_collective"])
     for part in ("dispatch", "combine", "dispatch.backward", "combine.backward"):
         assert fssdp["bytes_by_collective"][f"fssdp.{part}"] == ep["bytes_by_collective"][f"ep.{part}"]
-    assert "uniform_fssdp_time_over_ep" not in world["targets"] and "ep_time_over_fssdp" not in world["targets"]
+    # Only the selected rows' targets: skewed fssdp's time, no uniform row, no byte-fitted row.
+    t = world["targets"]
+    assert t["ep_time_over_fssdp"] == pytest.approx(ep["step_time_s"] / fssdp["step_time_s"])
+    assert "uniform_fssdp_time_over_ep" not in t and "fssdp_bytes_over_lower_bound" not in t
 
 
 def test_moe_layer_smoke_without_deepspeed():
