@@ -113,7 +113,7 @@ def plan_new(case: Case, stages: dict | None = None):
     lap("p1")
     holders = fit_holders(holders, case.owner, case.counts, capacity_m=case.m, **FIT)
     lap("fit")
-    routes = route_tokens(holders, case.counts, case.nodes)
+    routes = route_tokens(holders, case.counts, case.nodes, rank=0)  # rank 0's layout made with them
     lap("routes")
     layout = routes.layout(0)
     lap("splits")

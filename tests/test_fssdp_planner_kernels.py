@@ -98,6 +98,15 @@ def test_route_layout_op_equals_the_numpy_layout(world, seed, density):
         want = _host_bins(indices, E, b, b.send_dst * E + b.send_e)
         assert np.array_equal(a.destination_bins(indices, E).numpy(), want)
         assert np.array_equal(b.destination_bins(indices, E).numpy(), want)  # numpy-made layout
+    # A layout made with the routes (route_tokens(..., rank=)) is the same, and so is the next.
+    rank = int(rng.integers(W))
+    early = route_tokens(*args, rank=rank)
+    assert early.num_holders == slow.num_holders
+    for _ in range(2):
+        a, b = early.layout(rank), slow.layout(rank)
+        assert all(np.array_equal(getattr(a, n), getattr(b, n)) for n in ("send_e", "send_dst", "send_tokens",
+                                                                          "recv_WE"))
+        assert a.send_splits == b.send_splits and a.recv_splits == b.recv_splits
     # What needs every rank (loads) comes from the numpy index, built on first use.
     for name, value in slow.rank_loads().items():
         assert np.array_equal(fast.rank_loads()[name], value), name
@@ -109,8 +118,11 @@ def test_route_ops_reject_bad_inputs_with_clear_errors():
     nodes = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="no holder of expert 1 but rank 1 routes 3 tokens"):
         route_tokens(holders, counts, nodes)
-    with pytest.raises(ValueError, match="non-negative"):
-        route_tokens(holders, torch.tensor([[1, 0], [-2, 0]]), nodes)
+    for rank in (None, 1):
+        with pytest.raises(ValueError, match="non-negative"):
+            route_tokens(holders, torch.tensor([[1, 0], [-2, 0]]), nodes, rank=rank)
+        with pytest.raises(ValueError, match="no holder of expert 1 but rank 1 routes 3 tokens"):
+            route_tokens(holders, counts, nodes, rank=rank)
     routes = route_tokens(holders, torch.tensor([[1, 0], [2, 0]]), nodes)
     layout = routes.layout(1)  # rank 1 sends its 2 tokens of expert 0 to rank 0
     with pytest.raises(RuntimeError, match="the plan routes 2 entries of rank 1 but it has 3"):

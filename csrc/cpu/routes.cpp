@@ -92,8 +92,10 @@ inline int64_t share_of(int64_t c, int64_t n, int64_t pos, int64_t src, int64_t 
 
 // Returns (holders H, send_e, send_dst, send_tokens, recv_WE, send_splits, recv_splits); with
 // rank = -1 only the holders are indexed and checked (every routed expert has a holder).
+// check_counts: also check that no count is negative (once per routes, at construction).
 std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_layout(
-    const at::Tensor& holders_WE, const at::Tensor& counts_WE, const at::Tensor& node_W, int64_t rank) {
+    const at::Tensor& holders_WE, const at::Tensor& counts_WE, const at::Tensor& node_W, int64_t rank,
+    bool check_counts) {
   check_routes_inputs(holders_WE, counts_WE, node_W);
   const int64_t W = holders_WE.size(0), E = holders_WE.size(1);
   TORCH_CHECK_VALUE(rank >= -1 && rank < W, "rank must be in [0, ", W, "), got ", rank);
@@ -104,7 +106,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
   const int64_t* cnt = cc.const_data_ptr<int64_t>();
   const int64_t* node = nc.const_data_ptr<int64_t>();
   auto opts = counts_WE.options();
-  if (rank < 0) {  // construction: the counts are checked once here, not by every layout
+  if (check_counts) {
     int64_t lowest = 0;
     for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, cnt[i]);
     TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
@@ -267,7 +269,7 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
 
 // Planner-only ops: a fragment of the hecate library (csrc/ops.cpp defines the shared schemas).
 TORCH_LIBRARY_FRAGMENT(hecate, m) {
-  m.def("route_layout(Tensor holders, Tensor counts, Tensor node, int rank) -> "
+  m.def("route_layout(Tensor holders, Tensor counts, Tensor node, int rank, bool check_counts=False) -> "
         "(int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("destination_bins(Tensor indices, Tensor send_e, Tensor send_dst, Tensor send_tokens, int num_experts, "
         "int rank) -> Tensor");

@@ -111,23 +111,29 @@ class TokenRoutes(HoldersShape):
 
     __slots__ = ("holders_WE", "counts_WE", "node_of_W", "moves", "_N", "_H", "_all_cnt",
                  "_all_ptr", "_all_key", "_node_cnt", "_node_ptr", "_node_key", "_members",
-                 "_member_start", "_pairs", "_loads", "_tensors")
+                 "_member_start", "_pairs", "_loads", "_tensors", "_ready")
 
     def __init__(self, holders_WE: np.ndarray, counts_WE: np.ndarray, node_of_W: np.ndarray,
-                 moves: np.ndarray | None = None):
+                 moves: np.ndarray | None = None, rank: int | None = None):
         self.holders_WE, self.counts_WE, self.node_of_W = holders_WE, counts_WE, node_of_W
         self.moves = _canonical_moves(moves)
         self._pairs = None
         self._loads = None
         self._members = None
         self._tensors = None
+        self._ready = None
         if (not len(self.moves) and holders_WE.dtype == np.bool_ and counts_WE.dtype == np.int64
                 and node_of_W.dtype == np.int64 and use_extension("route_layout", torch.device("cpu"))):
             # The C++ op indexes and checks the holders now and makes a rank's layout in one
-            # call (csrc/cpu/routes.cpp); the numpy index below is built only for what needs
-            # every rank (loads, balancing, dense views).
+            # call (csrc/cpu/routes.cpp): with `rank`, that rank's layout in the same call (the
+            # first `layout(rank)` returns it). The numpy index below is built only for what
+            # needs every rank (loads, balancing, dense views).
             self._tensors = tuple(torch.from_numpy(a) for a in (holders_WE, counts_WE, node_of_W))
-            self._H = torch.ops.hecate.route_layout(*self._tensors, -1)[0]
+            if rank is None:
+                self._H = torch.ops.hecate.route_layout(*self._tensors, -1, True)[0]
+            else:
+                _check_rank(rank, holders_WE.shape[0])
+                self._ready = self._op_layout(int(rank), check_counts=True)
         else:
             self._index_holders()
 
@@ -225,11 +231,11 @@ class TokenRoutes(HoldersShape):
     def layout(self, rank: int) -> RankLayout:
         """This rank's sends (sparse, sorted by expert then destination) and receives."""
         W = self.world_size
+        if self._ready is not None and self._ready.rank == rank:  # made with the routes: once
+            ready, self._ready = self._ready, None
+            return ready
         if self._tensors is not None:  # one C++ call (no moves: those are only made by balancing)
-            _, e, dst, tok, recv, send_splits, recv_splits = torch.ops.hecate.route_layout(
-                *self._tensors, int(rank))
-            return RankLayout(rank, e.numpy(), dst.numpy(), tok.numpy(), recv.numpy(),
-                              send_splits.tolist(), recv_splits.tolist(), sends=(e, dst, tok))
+            return self._op_layout(int(rank))
         e, dst, tok = self._send_entries(rank)
         if len(self.moves):
             mv = self.moves[self.moves[:, 0] == rank]
@@ -251,6 +257,13 @@ class TokenRoutes(HoldersShape):
             np.add.at(recv, (mv[:, 0], mv[:, 1]), mv[:, 3])
             recv_splits += _int_sum(mv[:, 0], mv[:, 3], W)
         return RankLayout(rank, e, dst, tok, recv, _int_sum(dst, tok, W).tolist(), recv_splits.tolist())
+
+    def _op_layout(self, rank: int, check_counts: bool = False) -> RankLayout:
+        H, e, dst, tok, recv, send_splits, recv_splits = torch.ops.hecate.route_layout(
+            *self._tensors, rank, check_counts)
+        self._H = H
+        return RankLayout(rank, e.numpy(), dst.numpy(), tok.numpy(), recv.numpy(),
+                          send_splits.tolist(), recv_splits.tolist(), sends=(e, dst, tok))
 
     def send_WE(self, rank: int) -> np.ndarray:
         """int64 [W_dst, E]: tokens of each expert `rank` sends to each rank (itself included)."""
@@ -392,18 +405,20 @@ def _inputs(holders_WE, counts_WE, node_of_W):
     return holders, counts, nodes
 
 
-def route_tokens(holders_WE, counts_WE, node_of_W) -> TokenRoutes:
+def route_tokens(holders_WE, counts_WE, node_of_W, rank: int | None = None) -> TokenRoutes:
     """The sparse routes (TokenRoutes) for P1 `holders_WE` and the batch's `counts_WE`.
 
     holders_WE: bool [W, E], P1 (every expert with tokens needs >= 1 holder).
     counts_WE: int64 [W_src, E], tokens of each source rank per expert.
     node_of_W: int64 [W], node index of each rank.
     The routes keep a view of counts_WE (no copy): do not modify it while they are in use.
+    rank: the rank whose layout the caller wants next; with hecate._C it is made in the same
+    C++ call as the routes (one pass instead of two), and the first `layout(rank)` returns it.
     Guarantees: every source's tokens of e are routed exactly once, only to holders of e;
     a source holding e keeps all of its tokens of e; the chosen replicas' shares differ by
     at most one token.
     """
-    return TokenRoutes(*_inputs(holders_WE, counts_WE, node_of_W))
+    return TokenRoutes(*_inputs(holders_WE, counts_WE, node_of_W), rank=rank)
 
 
 def token_routes(holders_WE, counts_WE, node_of_W) -> torch.Tensor:

@@ -355,7 +355,7 @@ class FullyShardedSparse(ExpertStrategy):
                 holders = self._fit_holders(holders, state.owner_E, counts_WE, layer.expert_layout,
                                             token_bytes)
         # Sparse routes (routes.TokenRoutes): O(W*E + replicas), never a [W, E, W] array.
-        routes = route_tokens(holders, counts_WE, self.node_of_W)
+        routes = route_tokens(holders, counts_WE, self.node_of_W, rank=self.topology.rank)  # + its layout
         if self.balance_compute and bool((holders.sum(0) > 1).any()):
             routes = balance_routes(routes)
             self.timings["balanced_rows"] = self.timings.get("balanced_rows", 0) + routes.moved_tokens()
