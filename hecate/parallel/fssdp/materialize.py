@@ -392,10 +392,13 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     """
     if use_kernel is None:
         use_kernel = use_extension("fit_replicas", torch.device("cpu"))
-    if use_kernel and _kernel_fit_inputs(holders_WE, owner_E, counts_WE, chunk_bytes, token_bytes, chunk_passes):
-        return torch.ops.hecate.fit_replicas(
-            holders_WE, owner_E, counts_WE if counts_WE.dtype in (torch.int64, torch.float64) else counts_WE.double(),
-            chunk_passes * chunk_bytes, token_bytes, check_positive_int(capacity_m, "capacity_m"), float(fixed_bytes))
+    if use_kernel and _kernel_fit_inputs(holders_WE, owner_E, counts_WE, chunk_bytes, token_bytes,
+                                         chunk_passes):
+        if counts_WE.dtype not in (torch.int64, torch.float64):
+            counts_WE = counts_WE.double()  # predicted (float) counts: as the numpy path's float64
+        return torch.ops.hecate.fit_replicas(holders_WE, owner_E, counts_WE, chunk_passes * chunk_bytes,
+                                             token_bytes, check_positive_int(capacity_m, "capacity_m"),
+                                             float(fixed_bytes))
     holders = to_numpy(holders_WE, "holders_WE", ndim=2, dtype=np.bool_, copy=False)
     W, E = holders.shape
     owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
