@@ -244,6 +244,7 @@ def check_request(cfg, run_dir, nproc: int, strategy: str, max_new_tokens: int, 
                   top_k: int, top_p: float, routing: Optional[str], scmoe: Optional[str], use_cache: bool) -> None:
     """Everything the workers would trip on, raised here as one ValueError before any starts."""
     from hecate.inference.run import routing_kwargs
+    from hecate.inference.sampling import check_sampling
     from hecate.inference.scmoe import parse_scmoe
     from hecate.train import tasks
 
@@ -259,12 +260,7 @@ def check_request(cfg, run_dir, nproc: int, strategy: str, max_new_tokens: int, 
         raise ValueError("--nproc needs the KV cache (every rank runs one forward per step); drop --no-cache")
     if max_new_tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = no top-k cut), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, prefix="--")
     routing_kwargs(run_dir, routing)  # a bad spec or a missing mask fails here, named
     if scmoe:
         parse_scmoe(scmoe)

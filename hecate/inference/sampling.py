@@ -14,16 +14,23 @@ import torch
 from hecate.moe.overrides import routing_overrides
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
+    """Raise a ValueError naming the bad option (prefix "--" names them as CLI flags)."""
+    k = "top-k" if prefix else "top_k"
+    p = "top-p" if prefix else "top_p"
+    if temperature < 0:
+        raise ValueError(f"{prefix}temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"{prefix}{k} must be >= 0 (0 = no top-k cut), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{prefix}{p} must be in (0, 1], got {top_p}")
+
+
 def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next ids [B]: argmax when temperature == 0, else a sample of softmax(logits / temperature)
     restricted to the top_k best (0 = all) and to the smallest set whose probability >= top_p."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k cut), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
