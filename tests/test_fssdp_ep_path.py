@@ -12,18 +12,15 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hecate.comm.topology import Topology
 from hecate.moe.layer import MoELayer
 from hecate.parallel import build_strategy, parallelize
 from hecate.parallel.dense import all_reduce_dense_gradients
 from hecate.testing import run_distributed
+from tests.collective_spy import layer_step
 from tests.test_strategies_layer import _config, _inputs, _oracle
 
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather_into_tensor", "all_gather_single",
-                "all_gather", "all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
-                "send", "recv", "isend", "irecv", "barrier")
 _TOKENS = ("dispatch", "combine", "dispatch.backward", "combine.backward")
 
 
@@ -39,23 +36,7 @@ def _run(rank, world, strategy, options, counts, seed):
     topo = Topology()
     layer = parallelize(copy.deepcopy(base), build_strategy(strategy, topo, **options))
     x = xs[rank].clone().requires_grad_(True)
-    calls, originals = [], {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for n, fn in originals.items():
-        setattr(dist, n, counting(n, fn))
-    try:
-        out = layer(x)
-        ((out.y * gs[rank]).sum() + out.aux_loss).backward()
-        layer.strategy.finish_backward([layer])
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
+    out, calls = layer_step(layer, x, gs[rank])
     stats = topo.stats.snapshot()
     all_reduce_dense_gradients(layer)
     sl = slice(sum(counts[:rank]), sum(counts[:rank + 1]))

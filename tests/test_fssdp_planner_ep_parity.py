@@ -13,17 +13,14 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hecate.comm.topology import Topology
 from hecate.moe.layer import MoELayer
 from hecate.parallel import build_strategy, parallelize
 from hecate.testing import run_distributed
+from tests.collective_spy import layer_step
 from tests.test_strategies_layer import EXPERTS, _config, _inputs
 
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather_into_tensor", "all_gather_single",
-                "all_gather", "all_reduce", "reduce_scatter_tensor", "broadcast", "send", "recv",
-                "isend", "irecv", "barrier")
 _TOKENS = ("dispatch", "combine", "dispatch.backward", "combine.backward")
 
 
@@ -36,24 +33,7 @@ def _layer_traffic(rank, world, strategy, counts, seed):
     layer = parallelize(copy.deepcopy(base), build_strategy(strategy, topo))
     xs, gs = _inputs(world, counts, seed + 1)
     x = xs[rank].clone().requires_grad_(True)
-    calls = []
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for n, fn in originals.items():
-        setattr(dist, n, counting(n, fn))
-    try:
-        out = layer(x)
-        ((out.y * gs[rank]).sum() + out.aux_loss).backward()
-        layer.strategy.finish_backward([layer])
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
+    out, calls = layer_step(layer, x, gs[rank])
     return {"stats": topo.stats.snapshot(), "calls": calls,
             "replicas": layer.fssdp_state.last_plan.num_replicas if strategy == "fssdp" else 0}
 
