@@ -53,13 +53,7 @@ def test_profile_saves_a_mask_that_eval_applies(tmp_path, capsys):
 
 
 def test_prune_writes_a_smaller_run_equal_to_the_masked_model(tmp_path, capsys):
-    run, out = tmp_path / "run", tmp_path / "pruned"
-    run.mkdir()
-    _make_run(run)
-    a, b = _files(tmp_path)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(a.read_text() + b.read_text())
-    assert main(["prune", str(run), "--keep", "2", "--calib", str(calib), "--out", str(out), "--batches", "1"]) == 0
+    run, out, calib = _pruned(tmp_path)
     report = json.loads((out / "prune.json").read_text())
     full, tok, step = load_run(run)
     pruned, _, pstep = load_run(out)
