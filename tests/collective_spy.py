@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.distributed as dist
 
 COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather_into_tensor", "all_gather_single",
@@ -11,14 +12,15 @@ COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather_into_tensor", "all
 
 
 @contextlib.contextmanager
-def spy_collectives():
-    """Yields the list the calls are appended to; the originals are restored on exit."""
-    calls: list[str] = []
-    originals = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+def spy_collectives(names=COLLECTIVES, sizes: bool = False):
+    """Yields the list the calls are appended to (name, or (name, tensor numels) with sizes);
+    the originals are restored on exit."""
+    calls: list = []
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
-            calls.append(name)
+            calls.append((name, tuple(a.numel() for a in args if torch.is_tensor(a))) if sizes else name)
             return fn(*args, **kwargs)
         return wrapper
 

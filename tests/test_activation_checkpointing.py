@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hecate.comm.topology import Topology
 from hecate.models.transformer import MoETransformer, TransformerConfig
@@ -13,6 +12,7 @@ from hecate.parallel import build_strategy, moe_layers, parallelize
 from hecate.parallel.local import LocalStrategy
 from hecate.testing import run_distributed
 from hecate.train.engine import Engine
+from tests.collective_spy import spy_collectives
 from tests.training_cases import batch, check_training, tiny_config, train_side_by_side
 
 FSSDP_REPLICAS = {"overlap_degree": 2, "fit_replicas": False, "rematerialize": True}
@@ -63,54 +63,42 @@ def collectives_with_and_without(rank, world, steps, bf16=False):
 
     from hecate.parallel.fssdp import expert_exchange
 
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
     experts_fn = expert_exchange.experts_on_received
-    log: list = []
     expert_calls = [0]
 
     def counted_experts(*args, **kwargs):
         expert_calls[0] += 1
         return experts_fn(*args, **kwargs)
 
-    def spy(name, fn):
-        def call(*args, **kwargs):
-            sizes = tuple(a.numel() for a in args if torch.is_tensor(a))
-            log.append((name, sizes))
-            return fn(*args, **kwargs)
-        return call
-
     out = {}
-    try:
-        for n, fn in originals.items():
-            setattr(dist, n, spy(n, fn))
-        expert_exchange.experts_on_received = counted_experts
-        for on in (False, True):
-            torch.manual_seed(0)
-            cfg = tiny_config()
-            cfg.activation_checkpointing = on
-            topo = Topology()
-            strat = build_strategy("fssdp", topo, **FSSDP_REPLICAS)
-            model = parallelize(MoETransformer(cfg), strat)
-            engine = Engine(model, strat, topo, lr=3e-3)
-            router_calls = [0]
-            hooks = [layer.router.register_forward_hook(lambda *a: router_calls.__setitem__(0, router_calls[0] + 1))
-                     for layer in moe_layers(model)]
-            log.clear()
-            expert_calls[0] = 0
-            for step in range(steps):
-                with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                    loss = model.loss(*batch(step, rank, True))[0]
-                loss.backward()
-                engine.step()
-            for h in hooks:
-                h.remove()
-            out[on] = {"log": list(log), "stats": topo.stats.snapshot(), "router_calls": router_calls[0],
-                       "expert_calls": expert_calls[0],
-                       "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
-        expert_exchange.experts_on_received = experts_fn
+    with spy_collectives(_COLLECTIVES, sizes=True) as log:
+        try:
+            expert_exchange.experts_on_received = counted_experts
+            for on in (False, True):
+                torch.manual_seed(0)
+                cfg = tiny_config()
+                cfg.activation_checkpointing = on
+                topo = Topology()
+                strat = build_strategy("fssdp", topo, **FSSDP_REPLICAS)
+                model = parallelize(MoETransformer(cfg), strat)
+                engine = Engine(model, strat, topo, lr=3e-3)
+                router_calls = [0]
+                hooks = [layer.router.register_forward_hook(
+                    lambda *a: router_calls.__setitem__(0, router_calls[0] + 1)) for layer in moe_layers(model)]
+                log.clear()
+                expert_calls[0] = 0
+                for step in range(steps):
+                    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                        loss = model.loss(*batch(step, rank, True))[0]
+                    loss.backward()
+                    engine.step()
+                for h in hooks:
+                    h.remove()
+                out[on] = {"log": list(log), "stats": topo.stats.snapshot(), "router_calls": router_calls[0],
+                           "expert_calls": expert_calls[0],
+                           "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        finally:
+            expert_exchange.experts_on_received = experts_fn
     return out
 
 
@@ -207,44 +195,34 @@ def baseline_recompute_case(rank, world, strategy, steps):
     import hecate.moe.experts as experts_mod
     import hecate.parallel.expert_compute as compute_mod
 
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
     mlp = experts_mod.grouped_mlp
-    log, mlp_calls = [], [0]
+    mlp_calls = [0]
 
     def counted_mlp(*args, **kwargs):
         mlp_calls[0] += 1
         return mlp(*args, **kwargs)
 
-    def spy(name, fn):
-        def call(*args, **kwargs):
-            log.append((name, tuple(a.numel() for a in args if torch.is_tensor(a))))
-            return fn(*args, **kwargs)
-        return call
-
     out = {}
-    try:
-        for n, fn in originals.items():
-            setattr(dist, n, spy(n, fn))
-        experts_mod.grouped_mlp = compute_mod.grouped_mlp = counted_mlp
-        for on in (False, True):
-            torch.manual_seed(0)
-            cfg = tiny_config()
-            cfg.activation_checkpointing = on
-            topo = Topology()
-            strat = build_strategy(strategy, topo)
-            model = parallelize(MoETransformer(cfg), strat)
-            engine = Engine(model, strat, topo, lr=3e-3)
-            log.clear()
-            mlp_calls[0] = 0
-            for step in range(steps):
-                model.loss(*batch(step, rank, False))[0].backward()
-                engine.step()
-            out[on] = {"log": list(log), "mlp_calls": mlp_calls[0],
-                       "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
-        experts_mod.grouped_mlp = compute_mod.grouped_mlp = mlp
+    with spy_collectives(_COLLECTIVES, sizes=True) as log:
+        try:
+            experts_mod.grouped_mlp = compute_mod.grouped_mlp = counted_mlp
+            for on in (False, True):
+                torch.manual_seed(0)
+                cfg = tiny_config()
+                cfg.activation_checkpointing = on
+                topo = Topology()
+                strat = build_strategy(strategy, topo)
+                model = parallelize(MoETransformer(cfg), strat)
+                engine = Engine(model, strat, topo, lr=3e-3)
+                log.clear()
+                mlp_calls[0] = 0
+                for step in range(steps):
+                    model.loss(*batch(step, rank, False))[0].backward()
+                    engine.step()
+                out[on] = {"log": list(log), "mlp_calls": mlp_calls[0],
+                           "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        finally:
+            experts_mod.grouped_mlp = compute_mod.grouped_mlp = mlp
     return out
 
 
