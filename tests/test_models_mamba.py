@@ -193,7 +193,7 @@ def test_parameter_counts():
     experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     assert c["total_params"] == total
     assert c["active_params"] == total - per_modality - experts // 2  # one of 2 modalities, top-2 of 4
-    p = get_preset("mixture-of-mamba-760m")
+    p = get_preset("mixture-of-mamba-790m")
     big = count_parameters(build_model(p.arch, dict(p.config), "meta"))
     # One modality's share is a Mamba-790M-sized model (~0.8B); both modalities ~1.5B in all.
     assert 0.75e9 < big["active_params"] < 0.85e9 and 1.45e9 < big["total_params"] < 1.6e9

@@ -65,7 +65,7 @@ def test_switch_dit_presets_have_the_papers_layout(preset, capsys):
     assert info["total_params"] - info["active_params"] == depth * (width * width + width)
 
 
-@pytest.mark.parametrize("preset", ["mixture-of-mamba-760m", "mixture-of-mamba-1.4b"])
+@pytest.mark.parametrize("preset", ["mixture-of-mamba-790m", "mixture-of-mamba-1.4b"])
 def test_mixture_of_mamba_presets_have_the_authors_block(preset):
     """The authors' block (their MixtureOfMamba.py defaults): d_state 16, d_conv 4, expand 2,
     dt_rank ceil(d / 16), all four projections (in, x, dt, out) modality-specific for 2

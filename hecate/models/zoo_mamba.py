@@ -17,7 +17,7 @@ register_preset("tiny-mixture-of-mamba", "mixture_of_mamba",
 # two modalities; pure Mamba (no MoE FFN).
 _PAPER = dict(vocab_size=65536, modality_vocab_starts=[0, 57344], d_state=16, d_conv=4, expand=2,
               num_modalities=2, moe_every=0)
-register_preset("mixture-of-mamba-760m", "mixture_of_mamba", dict(_PAPER, d_model=1536, n_layers=48),
+register_preset("mixture-of-mamba-790m", "mixture_of_mamba", dict(_PAPER, d_model=1536, n_layers=48),
                 "Mixture-of-Mamba on a Mamba-790M layout, text + image modalities")
 register_preset("mixture-of-mamba-1.4b", "mixture_of_mamba", dict(_PAPER, d_model=2048, n_layers=48),
                 "Mixture-of-Mamba on a Mamba-1.4B layout, text + image modalities")
