@@ -56,7 +56,12 @@ CASES = [
     # without re-materialization.
     ("fssdp_bytes", "fssdp", {"rematerialize": True, "collective_latency_s": 0.0}),
     ("fssdp_no_rm", "fssdp", {"rematerialize": False, "collective_latency_s": 0.0}),
+    # fssdp's defaults with the dense optimizer replicated as under ep (one all-reduce instead of
+    # ZeRO-1's reduce-scatter + all-gather): separates the MoE layers' cost from the dense sync's.
+    ("fssdp_dense_repl", "fssdp", {"rematerialize": True, "dense_optimizer": "replicated"}),
 ]
+OPT_IN = ("fssdp_dense_repl",)  # run only when --strategies names them
+DEFAULT_CASES = [c for c in CASES if c[0] not in OPT_IN]
 
 
 def model_config(a):
@@ -110,10 +115,13 @@ def _build_case(rank, world, a, name, options, skew):
         layer.router.expert_bias_E.copy_(bias_E)
     layout = ChunkLayout.of(moe_layers(base)[0].experts)
     topo = Topology()
+    options = dict(options)
+    dense_optimizer = options.pop("dense_optimizer", "auto")  # an Engine option, not the strategy's
     strat = build_strategy(name, topo, **options)
     model = parallelize(copy.deepcopy(base), strat)
     del base
-    engine = Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
+    engine = Engine(model, strat, topo, lr=1e-3, weight_decay=0.01, max_grad_norm=1.0,
+                    dense_optimizer=dense_optimizer)
     out = {"times": [], "cpu": [], "bytes": [], "counts": [], "owned": [], "step_peak": [],
            "chunk_bytes": layout.chunk_numel * 4}
     return {"name": name, "model": model, "engine": engine, "topo": topo, "layers": moe_layers(model),
@@ -247,13 +255,13 @@ def summarize(runs, a, label, name, options):
 
 def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointing=False, cases=None,
         paired=False):
-    """The selected `cases` (default: every one of CASES) under each routing; with repeats > 1
+    """The selected `cases` (default: DEFAULT_CASES) under each routing; with repeats > 1
     they run in turn, `repeats` times over, so slow drift of the machine hits every strategy
     alike. `paired`: the cases of one repeat share processes and alternate step by step
     (bench_paired), which also cancels faster load changes."""
     from hecate.testing import run_distributed
 
-    cases = CASES if cases is None else cases
+    cases = DEFAULT_CASES if cases is None else cases
     table = {}
     for skew in skews:
         key = "skewed" if skew else "uniform"
@@ -385,7 +393,8 @@ def main():
                     help="model preset: tiny (default sizes) or compute (d_model 256, ffn 1024, batch 64, "
                          "skew 0.1, no extra worlds); explicit size flags override it")
     ap.add_argument("--strategies", nargs="+", choices=[label for label, _, _ in CASES], default=None,
-                    help="cases to run (default: all); ratios need ep (time, peak) and fsdp (bytes)")
+                    help="cases to run (default: all but the opt-in fssdp_dense_repl); ratios need ep "
+                         "(time, peak) and fsdp (bytes)")
     ap.add_argument("--routing", choices=("uniform", "skewed", "both"), default="both")
     ap.add_argument("--paired", action="store_true",
                     help="run the selected cases in the same processes, alternating step by step "
@@ -418,7 +427,7 @@ def main():
     a = {"layers": args.layers, "experts": args.experts, "top_k": args.top_k, "d_model": args.d_model,
          "ffn": args.ffn, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
          "skew_scale": args.skew_scale, "threads": args.threads}
-    cases = [c for c in CASES if args.strategies is None or c[0] in args.strategies]
+    cases = DEFAULT_CASES if args.strategies is None else [c for c in CASES if c[0] in args.strategies]
     skews = {"uniform": (False,), "skewed": (True,), "both": (False, True)}[args.routing]
     result = {"config": a, "preset": args.config, "cores": os.cpu_count(), "paired": args.paired,
               "load_average": os.getloadavg(), "worlds": {}}
