@@ -25,7 +25,6 @@ built for thousands of tokens. Each of these computes what the general path comp
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -38,7 +37,7 @@ from hecate.models.rope_scaling import scaled_rope_tables
 from hecate.models.transformer import MoETransformer, RMSNorm
 from hecate.moe.experts import GroupedExperts, _activate as activate_rows, autocast_dtype
 from hecate.moe.layer import MoELayer
-from hecate.moe.overrides import routing_overrides
+from hecate.moe.overrides import stacked_overrides
 from hecate.moe.strategy import LocalStrategy
 
 
@@ -284,10 +283,7 @@ class CachedDecoder:
                          scaled_rope_tables(self.window, hd, cfg.rope_theta, cfg.rope_scaling, device=self.device))
 
     def context(self):
-        stack = contextlib.ExitStack()
-        for kw in self.overrides:
-            stack.enter_context(routing_overrides(self.model, **kw))
-        return stack
+        return stacked_overrides(self.model, self.overrides)
 
     def _prefill(self):
         ctx = [s[-self.window:] for s in self.seqs]

@@ -6,12 +6,11 @@ logits() gives each sequence's next-token logits [B, V], append(ids_B) extends e
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 
-from hecate.moe.overrides import routing_overrides
+from hecate.moe.overrides import stacked_overrides
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
@@ -57,10 +56,7 @@ class FullDecoder:
         self.device = next(model.parameters()).device
 
     def context(self):
-        stack = contextlib.ExitStack()
-        for kw in self.overrides:
-            stack.enter_context(routing_overrides(self.model, **kw))
-        return stack
+        return stacked_overrides(self.model, self.overrides)
 
     def logits(self) -> torch.Tensor:
         window = self.model.cfg.max_seq_len

@@ -208,6 +208,15 @@ def routing_overrides(model, *, top_k=None, disabled=None, forced=None, temperat
             layer.router.override = old
 
 
+def stacked_overrides(model, overrides: Sequence[Mapping]) -> contextlib.ExitStack:
+    """One context applying each routing_overrides keyword set in turn (later ones merge over
+    earlier ones), e.g. a run's --routing and then SCMoE's weak pass."""
+    stack = contextlib.ExitStack()
+    for kw in overrides:
+        stack.enter_context(routing_overrides(model, **kw))
+    return stack
+
+
 def parse_routing(spec: str) -> dict:
     """The CLI's --routing string -> routing_overrides keywords.
 
