@@ -70,13 +70,9 @@ class IdleDecoder:
                                  device=p.device, dtype=p.dtype)
 
     def logits(self):
-        import contextlib
+        from hecate.moe.overrides import stacked_overrides
 
-        from hecate.moe.overrides import routing_overrides
-
-        with contextlib.ExitStack() as stack:
-            for kw in self.overrides:
-                stack.enter_context(routing_overrides(self.model, **kw))
+        with stacked_overrides(self.model, self.overrides):
             for layer in self.layers:
                 layer(self.empty)
         return None
@@ -120,7 +116,7 @@ def decode_share(model, rows: Sequence[Sequence[int]], max_new_tokens: int, *, t
     base = [routing] if routing else []
     passes = [base] + ([base + [scmoe.weak_overrides(model)]] if scmoe is not None else [])
     if rows:
-        decoders = [make_decoder(model, rows, p, use_cache=True) for p in passes]
+        decoders = [make_decoder(model, rows, p, use_cache=True, reserve=max_new_tokens) for p in passes]
     else:
         decoders = [IdleDecoder(model, p) for p in passes]
     gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds] if temperature > 0 else []
