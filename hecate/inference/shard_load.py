@@ -23,7 +23,6 @@ import hashlib
 import json
 import mmap
 import os
-import struct
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from hecate.moe.module_experts import ModuleExperts
 from hecate.parallel import moe_layers
 from hecate.parallel.chunks import ChunkLayout, mark_expert
 from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
-from hecate.train.checkpoint_io import CheckpointError
+from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized, safetensors_header
 from hecate.train.checkpoint_layout import full_layout
 
 # Routed-expert containers of MoELayer (hecate.moe.layer): their stacked [E, ...] parameters.
@@ -69,30 +68,16 @@ class ShardFile:
     (nothing is read until indexed), `rows()` copies out the requested rows only."""
 
     def __init__(self, path: str, sha256: str, size: int):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint file {path} is missing (listed in the manifest); "
-                                  "the checkpoint is incomplete, load an earlier step")
         self.path = path
-        with open(path, "rb") as f:
-            actual = os.fstat(f.fileno()).st_size
-            if actual != size:
-                raise CheckpointError(f"checkpoint file {path} has {actual} bytes, the manifest says {size} "
-                                      "(truncated or overwritten); load an earlier step")
+        with open_sized(path, size) as f:
             h = hashlib.sha256()
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-            if h.hexdigest() != sha256:
-                raise CheckpointError(f"checkpoint file {path} fails its sha256 checksum (corrupted on disk); "
-                                      "load an earlier step")
+            check_sha256(path, h.hexdigest(), sha256)
             # Mapped from the descriptor that was hashed; ACCESS_COPY: writable for torch.frombuffer,
             # private (nothing is ever written back).
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        try:
-            (n,) = struct.unpack("<Q", self._map[:8])
-            header = json.loads(bytes(self._map[8:8 + n]))
-        except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
-            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
-        self._base = 8 + n
+        header, self._base = safetensors_header(self._map if self._map is not None else b"", path)
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries = header
 

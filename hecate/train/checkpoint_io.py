@@ -66,27 +66,46 @@ def tensor_to_digest(t: torch.Tensor) -> tuple[str, int]:
     return t[:4].contiguous().numpy().tobytes().hex(), int(t[4])
 
 
-def read_verified(path: str, sha256: str | None, size: int | None) -> bytes:
-    """Read a whole file and check its size and sha256 against the manifest; errors name the file."""
+def open_sized(path: str, size: int | None):
+    """Open a manifest-listed file for binary reading after checking it exists and has `size`
+    bytes (None: any size); errors name the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing (listed in the manifest); "
                               "the checkpoint is incomplete, load an earlier step")
-    with open(path, "rb") as f:
-        data = f.read()
-    if size is not None and len(data) != size:
-        raise CheckpointError(f"checkpoint file {path} has {len(data)} bytes, the manifest says {size} "
+    f = open(path, "rb")
+    actual = os.fstat(f.fileno()).st_size
+    if size is not None and actual != size:
+        f.close()
+        raise CheckpointError(f"checkpoint file {path} has {actual} bytes, the manifest says {size} "
                               "(truncated or overwritten); load an earlier step")
-    if sha256 is not None and sha256_hex(data) != sha256:
+    return f
+
+
+def check_sha256(path: str, hexdigest: str, sha256: str | None) -> None:
+    if sha256 is not None and hexdigest != sha256:
         raise CheckpointError(f"checkpoint file {path} fails its sha256 checksum (corrupted on disk); "
                               "load an earlier step")
+
+
+def read_verified(path: str, sha256: str | None, size: int | None) -> bytes:
+    """Read a whole file and check its size and sha256 against the manifest; errors name the file."""
+    with open_sized(path, size) as f:
+        data = f.read()
+    check_sha256(path, sha256_hex(data), sha256)
     return data
 
 
-def safetensors_metadata(data: bytes, path: str = "<bytes>") -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob (header: u64 little-endian length, then JSON)."""
+def safetensors_header(data, path: str = "<bytes>") -> tuple[dict, int]:
+    """The JSON header of a safetensors blob or mapping (u64 little-endian length, then JSON;
+    `__metadata__` included) and the offset where its tensor data starts."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
+        header = json.loads(bytes(data[8:8 + n]))
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
-    return header.get("__metadata__", {}) or {}
+    return header, 8 + n
+
+
+def safetensors_metadata(data: bytes, path: str = "<bytes>") -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob."""
+    return safetensors_header(data, path)[0].get("__metadata__", {}) or {}
