@@ -1,5 +1,6 @@
 """`hecate generate RUN_DIR --nproc N`: experts stay sharded (each rank loads only its rows), tokens
 move through the strategy's dispatch, and greedy texts equal single-process generation."""
+import json
 import os
 import subprocess
 import sys
@@ -202,23 +203,23 @@ def test_rows_come_out_of_an_fsdp_flat_checkpoint(tmp_path):
     assert [r["ids"][0] for r in per_rank] == [[0, 1], [2, 3]]
 
 
-class _FlatPiece:
-    """A stand-in for one fsdp shard file of layer 0: elements [start, start + numel) of the
-    zero-padded flat buffer."""
+def _shard(path, tensors, layers):
+    """A safetensors shard file with hecate's layer metadata, opened as the loader opens it."""
+    import hashlib
 
-    def __init__(self, flat, start, numel):
-        self.flat, self.start, self.numel = flat, start, numel
+    import safetensors.torch
 
-    def layers(self):
-        return {"0": {"kind": "flat", "start": self.start, "numel": self.numel}}
+    from hecate.inference.shard_load import ShardFile
 
-    def tensor(self, name):
-        assert name == "experts.0.flat"
-        return self.flat[self.start:self.start + self.numel]
+    safetensors.torch.save_file(tensors, str(path), metadata={"hecate.layers": json.dumps(layers)})
+    data = path.read_bytes()
+    return ShardFile(str(path), hashlib.sha256(data).hexdigest(), len(data))
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])
-def test_flat_pieces_split_mid_row(world):
+def test_flat_pieces_split_mid_row(tmp_path, world):
+    """fsdp shard files of layer 0, each elements [start, start + numel) of the zero-padded flat
+    buffer: pieces end mid-row, and the rows come out whole from the files' 1-D slices."""
     from hecate.inference.shard_load import expert_rows
     from hecate.parallel.chunks import ChunkLayout
     from hecate.train.checkpoint_io import CheckpointError
@@ -227,11 +228,73 @@ def test_flat_pieces_split_mid_row(world):
     rows_ES = torch.arange(28, dtype=torch.float32).view(4, 7)
     per = -(-28 // world)
     flat = torch.cat([rows_ES.flatten(), torch.zeros(per * world - 28)])
-    pieces = [_FlatPiece(flat, r * per, per) for r in range(world)]
-    for ids in ([0], [1, 3], [3, 2, 1, 0]):
-        assert torch.equal(expert_rows(pieces, 0, layout, torch.tensor(ids)), rows_ES[ids])
-    with pytest.raises(CheckpointError, match=r"experts \[1\] are in no shard file"):
-        expert_rows([p for p in pieces if not p.start <= 10 < p.start + p.numel], 0, layout, torch.tensor([1]))
+    pieces = [_shard(tmp_path / f"rank_{r}.safetensors", {"experts.0.flat": flat[r * per:(r + 1) * per].clone()},
+                     {"0": {"kind": "flat", "start": r * per, "numel": per}}) for r in range(world)]
+    try:
+        for ids in ([0], [1, 3], [3, 2, 1, 0]):
+            assert torch.equal(expert_rows(pieces, 0, layout, torch.tensor(ids)), rows_ES[ids])
+        without = [f for r, f in enumerate(pieces) if not r * per <= 10 < (r + 1) * per]
+        with pytest.raises(CheckpointError, match=r"experts \[1\] are in no shard file"):
+            expert_rows(without, 0, layout, torch.tensor([1]))
+    finally:
+        for f in pieces:
+            f.close()
+
+
+def test_rows_layout_reads_the_kept_rows_in_runs(tmp_path):
+    """A rows layout holding experts in any order: the kept ones come out at their places, read
+    as runs of consecutive rows of the file; bf16 rows are widened to fp32."""
+    from hecate.inference.shard_load import _runs, expert_rows
+    from hecate.parallel.chunks import ChunkLayout
+
+    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)] and _runs([]) == []
+    layout = ChunkLayout(("w",), ((3,),), 6)
+    rows_ES = torch.randn(6, 3).bfloat16()
+    held = [4, 0, 5, 2]
+    f = _shard(tmp_path / "rows.safetensors", {"experts.0.ids": torch.tensor(held), "experts.0.rows": rows_ES[held]},
+               {"0": {"kind": "rows"}})
+    try:
+        for ids in ([0, 5], [2, 4, 0], [4]):
+            assert torch.equal(expert_rows([f], 0, layout, torch.tensor(ids)), rows_ES[ids].float())
+    finally:
+        f.close()
+
+
+def test_shard_file_errors_name_the_file(tmp_path, monkeypatch):
+    """Size, checksum and format are checked before a byte is used, and the file read is the one
+    that was hashed (a shard replaced in between is refused)."""
+    import hashlib
+
+    from hecate.inference import shard_load
+    from hecate.inference.shard_load import ShardFile
+    from hecate.train.checkpoint_io import CheckpointError
+
+    good = tmp_path / "good.safetensors"
+    _shard(good, {"a": torch.arange(4.0)}, {}).close()
+    data = good.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(CheckpointError, match=f"good.safetensors has {len(data)} bytes, the manifest says 3"):
+        ShardFile(str(good), digest, 3)
+    with pytest.raises(CheckpointError, match="good.safetensors fails its sha256"):
+        ShardFile(str(good), "0" * 64, len(data))
+    with pytest.raises(CheckpointError, match="missing.safetensors is missing"):
+        ShardFile(str(tmp_path / "missing.safetensors"), digest, len(data))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x05" + bytes(7) + b"{abc}")
+    with pytest.raises(CheckpointError, match="junk.safetensors is not a valid safetensors file"):
+        ShardFile(str(junk), hashlib.sha256(junk.read_bytes()).hexdigest(), 13)
+
+    other = tmp_path / "other.safetensors"
+    _shard(other, {"a": torch.zeros(4)}, {}).close()
+    real_open = shard_load.safe_open
+
+    def replaced_first(path, **kw):  # another writer renames a new file over the path in between
+        os.replace(other, path)
+        return real_open(path, **kw)
+
+    monkeypatch.setattr(shard_load, "safe_open", replaced_first)
+    with pytest.raises(CheckpointError, match="good.safetensors was replaced while it was being loaded"):
+        ShardFile(str(good), digest, len(data))
 
 
 def test_a_corrupted_shard_is_named(tmp_path):

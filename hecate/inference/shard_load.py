@@ -9,8 +9,9 @@ we avoid, so here:
   or initializes all experts; the strategy then attaches to the meta layer and keeps the
   meta shape of its own slice (ep: E/W experts, fssdp: the owned chunk rows);
 * every shard file is checked against the manifest (size and sha256, streamed: constant
-  memory), memory-mapped, and only the rows of the experts this rank keeps are copied out
-  of it (safetensors' header gives each tensor's byte range);
+  memory), then opened with safetensors' lazy reader (safe_open), and only the rows of the
+  experts this rank keeps are read out of it: `get_slice(name)[a:b]` of a rows layout's
+  [E_held, S] matrix, or of an fsdp flat layout's 1-D range (which may start and end mid-row);
 * the dense parameters and buffers come from the file that holds them (rank 0's shard).
 
 Any strategy and world size may have written the checkpoint (rows or flat layouts, see
@@ -21,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
@@ -33,17 +34,13 @@ from hecate.moe.module_experts import ModuleExperts
 from hecate.parallel import moe_layers
 from hecate.parallel.chunks import ChunkLayout, mark_expert
 from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
-from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized, safetensors_header
+from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized
 from hecate.train.checkpoint_layout import full_layout
 
 # Routed-expert containers of MoELayer (hecate.moe.layer): their stacked [E, ...] parameters.
 EXPERT_MODULES = (GroupedExperts, ModuleExperts)
 SHARDED = ("ep", "fssdp")
 GATHERED = ("dp", "local")
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 @contextlib.contextmanager
@@ -64,50 +61,58 @@ def experts_on_meta():
 
 
 class ShardFile:
-    """One verified, memory-mapped safetensors shard: tensors are views into the mapping
-    (nothing is read until indexed), `rows()` copies out the requested rows only."""
+    """One verified safetensors shard, read lazily with safetensors' own reader (safe_open): the
+    header is parsed by the library, `slice(name)[a:b]` copies out elements / rows a..b only
+    (`get_slice` reads the file's mapping, nothing else), `tensor(name)` a whole tensor."""
 
     def __init__(self, path: str, sha256: str, size: int):
         self.path = path
+        self._stack = contextlib.ExitStack()
         with open_sized(path, size) as f:
             h = hashlib.sha256()
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
             check_sha256(path, h.hexdigest(), sha256)
-            # Mapped from the descriptor that was hashed; ACCESS_COPY: writable for torch.frombuffer,
-            # private (nothing is ever written back).
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        header, self._base = safetensors_header(self._map if self._map is not None else b"", path)
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.entries = header
+            try:
+                self._file = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as e:  # noqa: BLE001 - safetensors' own parse errors: a bad file
+                raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+            # safe_open reopened the path: it must still be the file that was hashed (checkpoints
+            # are replaced by rename, which gives the path a new inode).
+            hashed, opened = os.fstat(f.fileno()), os.stat(path)
+            if (hashed.st_dev, hashed.st_ino) != (opened.st_dev, opened.st_ino):
+                self.close()
+                raise CheckpointError(f"checkpoint file {path} was replaced while it was being loaded; "
+                                      "load again once the writer is done")
+        self.metadata = self._file.metadata() or {}
 
     def close(self) -> None:
-        try:
-            self._map.close()
-        except BufferError:  # a view is still alive somewhere: the mapping goes with it
-            pass
+        self._stack.close()
 
     def layers(self) -> dict:
         return json.loads(self.metadata.get("hecate.layers", "{}"))
 
     def names(self):
-        return self.entries.keys()
+        return self._file.keys()
+
+    def slice(self, name: str):
+        """Tensor `name`, unread: index it with [a:b] (along its first dim) to read those rows."""
+        return self._file.get_slice(name)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A view of tensor `name` into the mapping (copy what you keep)."""
-        e = self.entries[name]
-        dtype = _DTYPES.get(e["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {name} has dtype {e['dtype']}, which hecate "
-                                  "checkpoints never hold")
-        start, end = e["data_offsets"]
-        shape = tuple(e["shape"])
-        count = end - start
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=count // dtype.itemsize,
-                                offset=self._base + start)
-        return flat.view(shape)
+        """Tensor `name`, read whole (a copy)."""
+        return self._file.get_tensor(name)
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions as [start, stop) runs of consecutive ones (one read per run)."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 def _open_all(step_dir: str, manifest: dict) -> list[ShardFile]:
@@ -137,11 +142,12 @@ def expert_rows(files: list[ShardFile], layer_index: int, layout: ChunkLayout, i
             pos = pos_of_E[held]
             take = (pos >= 0).nonzero().flatten()
             if take.numel():
-                rows = f.tensor(prefix + "rows")
-                out[pos[take]] = rows[take].float()  # copies only these rows out of the mapping
+                rows = f.slice(prefix + "rows")
+                for a, b in _runs(take.tolist()):  # reads only these rows of the file
+                    out[pos[a:b]] = rows[a:b].float()
                 seen[pos[take]] = True
         elif info["kind"] == "flat":
-            flat = f.tensor(prefix + "flat")
+            flat = f.slice(prefix + "flat")
             start, numel = int(info["start"]), int(info["numel"])
             for j, e in enumerate(ids.tolist()):
                 lo, hi = max(e * S, start), min((e + 1) * S, start + numel, E * S)
@@ -240,7 +246,7 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
         for f in files:
             for name in f.names():
                 if name.startswith("dense."):
-                    dense[name] = f.tensor(name).clone()
+                    dense[name] = f.tensor(name)
         _load_dense(model, layers, dense, step_dir)
     finally:
         for f in files:
