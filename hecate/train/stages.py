@@ -15,7 +15,10 @@ model after each stage, export_safetensors names), stages.json (rewritten after 
 steps, end_step, trainable parameter names, snapshot file with its sha256 and size, first/last
 loss) and checkpoints in checkpoints/ (save_checkpoint with the stage's optimizer; the manifest's
 `extra.stage` says which stage and how many of its steps): one at the end of every stage, and
-every `checkpoint.every` global steps if set. `--resume` (and the launcher's restarts,
+every `checkpoint.every` global steps if set. Before a snapshot or checkpoint every rank checks
+its parameters are finite (refuse_nonfinite): a NaN/inf anywhere stops the run with a
+NonFiniteError naming the stage, step, parameter and rank, and nothing of that step is written,
+so the newest checkpoint stays the last good one. `--resume` (and the launcher's restarts,
 `--max-restarts`) continue from the newest checkpoint: resume_point verifies it and every finished
 stage's snapshot, checks the config still describes the run (model, seed, batch size, the finished
 stages' names and steps), then the run loads it (weights, and the optimizer state when it was
@@ -296,6 +299,8 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
         state = {"checkpoint": point.checkpoint if point else None}
 
         def save(step, i, k, model, engine):
+            refuse_nonfinite(model, world, f"stages[{i}] {cfg.stages[i]['name']!r}, step {step} (stage step {k})",
+                             ckpt_dir)
             state["saved"] = True
             state["checkpoint"] = save_checkpoint(
                 str(ckpt_dir), model, engine.strategy, engine, step, config_dict=_stage_record(cfg),
@@ -310,6 +315,8 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
                 metrics.flush()
             if k == cfg.stages[i]["steps"]:  # the stage is over: its snapshot, then its checkpoint
                 st = cfg.stages[i]
+                # a NaN'd stage must not leave a snapshot either (save checks again: cheap, agreed)
+                refuse_nonfinite(model, world, f"stages[{i}] {st['name']!r}, step {step} (stage step {k})", ckpt_dir)
                 snapshot = snapshot_path(out, i, st["name"])
                 export_safetensors(snapshot, model, engine.strategy, topology)  # collective
                 if rank == 0:
@@ -362,6 +369,33 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def refuse_nonfinite(model, world: int, where: str, ckpt_dir) -> None:
+    """Raise NonFiniteError, on every rank, when any rank holds a NaN/inf parameter: a staged run
+    must neither save nor later resume from a diverged stage. The message names the stage and
+    step (`where`), the first such parameter and its rank (collective: every rank calls it)."""
+    from hecate.train.faults import NonFiniteError
+
+    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        from hecate.comm.all_to_all import comm_device
+
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=comm_device(None))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not float(flag):
+            return
+        names = [None] * world
+        dist.all_gather_object(names, bad)  # only on the error path: every rank agreed to be here
+        rank = next(r for r, n in enumerate(names) if n is not None)
+        bad = names[rank]
+    if bad is not None:
+        raise NonFiniteError(f"{where}: parameter {bad} is not finite (NaN/inf) on rank {rank}; no stage "
+                             f"snapshot or checkpoint written (the newest good one stays under {ckpt_dir}); "
+                             "lower that stage's lr and --resume")
 
 
 class _Stopped(Exception):
