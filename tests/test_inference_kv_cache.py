@@ -89,7 +89,7 @@ def test_cache_refuses_other_models_by_name():
 
 # ---- the decode step's fast paths equal the general code they stand in for ----------------------
 
-from hecate.inference.kv_cache import KVState, _attend, moe_decode, moe_decode_applies, rms_norm  # noqa: E402
+from hecate.inference.kv_cache import KVState, _attend, moe_decode, moe_decode_applies  # noqa: E402
 from hecate.moe import MoEConfig, MoELayer  # noqa: E402
 from hecate.moe.overrides import routing_overrides  # noqa: E402
 
@@ -157,11 +157,22 @@ def test_kv_state_grows_in_place_like_a_concatenation():
     assert [(a.shape, b.shape) for a, b in st.cached()] == [((2, 1, 9, 4), (2, 1, 9, 5))]
 
 
-def test_fused_rms_norm_equals_the_module():
-    model = model_of(CASES["gqa_rope"])
-    torch.nn.init.normal_(model.norm.weight)
-    x = torch.randn(3, 1, model.cfg.d_model) * 4
-    torch.testing.assert_close(rms_norm(model.norm, x), model.norm(x), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("case", ["gqa_rope", "parallel_block"])
+@torch.no_grad()
+def test_the_cached_decoder_runs_the_models_own_norms(case):
+    """One RMSNorm implementation: every norm module of the model runs once per cached forward
+    (prefill, then each step), so the decoder normalizes with the model's code."""
+    from hecate.models.transformer import RMSNorm
+
+    model = model_of(CASES[case])
+    norms = [m for m in model.modules() if type(m) is RMSNorm]
+    calls = {id(m): 0 for m in norms}
+    for m in norms:
+        m.register_forward_hook(lambda mod, args, out: calls.__setitem__(id(mod), calls[id(mod)] + 1))
+    decoder = CachedDecoder(model, [[1, 2, 3], [4, 5]], reserve=2)
+    for _ in range(3):
+        decoder.append(decoder.logits().argmax(-1))
+    assert len(norms) >= 2 and set(calls.values()) == {3}
 
 
 @pytest.mark.parametrize("prompts", [[[5, 6, 7]], [[1, 2, 3, 4], [9, 8, 7, 6]]])

@@ -34,7 +34,7 @@ from hecate.models.attention import (Attention, BAMAttention, LightningAttention
                                      rope_tables)
 from hecate.models.attention_options import MLAttention
 from hecate.models.rope_scaling import scaled_rope_tables
-from hecate.models.transformer import MoETransformer, RMSNorm
+from hecate.models.transformer import MoETransformer
 from hecate.moe.experts import GroupedExperts, _activate as activate_rows, autocast_dtype
 from hecate.moe.layer import MoELayer
 from hecate.moe.overrides import stacked_overrides
@@ -240,14 +240,6 @@ def _expert_rows(experts, expert_ids: list, xs: list) -> list:
     return ys
 
 
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x); the model's fp32 RMSNorm as torch's fused F.rms_norm (the same formula in one
-    op instead of six)."""
-    if type(norm) is RMSNorm and x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm(x)
-
-
 def _ffn_cached(block, h) -> torch.Tensor:
     if isinstance(block.ffn, MoELayer) and h.shape[1] == 1 and moe_decode_applies(block.ffn, h):
         return moe_decode(block.ffn, h)
@@ -318,14 +310,14 @@ class CachedDecoder:
         else:
             rope = (self.rope[0][pos_BS][:, None], self.rope[1][pos_BS][:, None])
         for block, state in zip(m.blocks, self.states):
-            h = rms_norm(block.norm1, x)
+            h = block.norm1(x)
             a = attend_cached(block.attn, h, rope, state, mask_BSK, real_BS)
             if block.parallel:
                 x = x + a + _ffn_cached(block, h)
             else:
                 x = x + a
-                x = x + _ffn_cached(block, rms_norm(block.norm2, x))
-        x = rms_norm(m.norm, x[:, -1:])
+                x = x + _ffn_cached(block, block.norm2(x))
+        x = m.norm(x[:, -1:])
         return (x @ m.embed.weight.t() if m.head is None else m.head(x))[:, 0]
 
     def logits(self) -> torch.Tensor:

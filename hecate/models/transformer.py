@@ -179,6 +179,10 @@ class TransformerConfig:
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, in x's dtype; the KV-cached decoder calls this module
+    too. Not F.rms_norm: on the CPU that is bit-identical in fp32 / fp64 but computes bf16 / fp16
+    inputs in fp32 (other roundings), and the model's numbers must not change with the path."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
