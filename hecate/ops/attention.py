@@ -1,10 +1,11 @@
 """Python face of the attention kernels: flash_attention and moh_attention (docs/ops.md).
 
 Layouts: q_BHSd [B, H, Sq, d], k_BGSd / v_BGSd [B, G, Sk, d] with G dividing H (GQA / MQA:
-query head h reads kv head h // (H // G)); outputs are [B, H, Sq, d]. The kernels accept any
-strides whose last dimension is contiguous (a [B, S, H, d] projection transposed to
-[B, H, S, d] is read in place) and return views of [B, Sq, H, d] buffers, the layout the output
-projection of a model reads.
+query head h reads kv head h // (H // G)); outputs are [B, H, Sq, d]. The CPU kernel accepts
+any strides whose last dimension is contiguous (a [B, S, H, d] projection transposed to
+[B, H, S, d] is read in place) and returns views of [B, Sq, H, d] buffers, the layout the output
+projection of a model reads; the CUDA wrapper copies q, k, v to contiguous [B, H, S, d] and
+returns contiguous [B, H, Sq, d] tensors.
 
 Each call validates its input (ValueError / TypeError naming the argument), then runs the
 compiled kernel for the tensors' device when hecate._C has one, else the materialised
@@ -100,7 +101,42 @@ def _check_block_sparse(bs: BlockSparse, q, k):
     check.tensor("block_sparse.offsets_HQ", bs.offsets_HQ, 2, integer=True)
     check.shape("block_sparse.offsets_HQ", bs.offsets_HQ, (H, nqb + 1), "[H, ceil(Sq / block_size) + 1]")
     check.tensor("block_sparse.cols", bs.cols, 1, integer=True)
+    check.same_device(**{"block_sparse.offsets_HQ": bs.offsets_HQ, "block_sparse.cols": bs.cols})
     check.below("block_sparse.cols", bs.cols, nkb, "the key blocks ceil(Sk / block_size)", allow_negative=False)
+    _check_block_list(bs.offsets_HQ, bs.cols)
+
+
+def _check_block_list(offsets_HQ: torch.Tensor, cols: torch.Tensor) -> None:
+    """Every (head, query block) segment cols[offsets[h, qb]:offsets[h, qb + 1]] lies in
+    [0, nnz] and is strictly ascending, as the CPU kernel checks. The CUDA kernel
+    binary-searches these segments unchecked: a bad offset reads past `cols` (an illegal
+    memory access), an unsorted segment hides listed blocks. Checked where the list lives:
+    on the host at once (ValueError), on an accelerator queued (torch._assert_async)."""
+    nnz = cols.numel()
+    lo, hi = offsets_HQ[:, :-1], offsets_HQ[:, 1:]
+    bad_range_HQ = (lo < 0) | (lo > hi) | (hi > nnz)
+    # Pairs (i - 1, i) inside one segment [a, e) (a < i < e) must ascend: mark them with a
+    # difference array over the non-empty segments (+1 at a + 1, -1 at e), summed up.
+    inside = torch.zeros(nnz + 2, dtype=torch.int64, device=cols.device)
+    if nnz > 1:
+        weight = ((hi > lo) & ~bad_range_HQ).reshape(-1).to(torch.int64)
+        inside.scatter_add_(0, (lo + 1).clamp(0, nnz + 1).reshape(-1), weight)
+        inside.scatter_add_(0, hi.clamp(0, nnz + 1).reshape(-1), -weight)
+    inside = inside.cumsum(0)[1:nnz] > 0  # pair (i - 1, i) for i = 1 .. nnz - 1
+    unsorted = inside & (cols[1:] <= cols[:-1])
+    what = ("block_sparse.offsets_HQ must be non-decreasing within [0, len(cols) = {nnz}] per head "
+            "and each segment of block_sparse.cols strictly ascending (BlockSparse.from_mask builds "
+            "such a list)").format(nnz=nnz)
+    if not check.host_reads_free(cols.device) and not check.sync_checks():
+        torch._assert_async(~(bad_range_HQ.any() | unsorted.any()), what)
+        return
+    if bool(bad_range_HQ.any()):
+        h, qb = (int(v) for v in bad_range_HQ.nonzero()[0])
+        raise ValueError(f"{what}; head {h} query block {qb} has offsets {int(lo[h, qb])}..{int(hi[h, qb])}")
+    if bool(unsorted.any()):
+        i = int(unsorted.nonzero()[0, 0]) + 1
+        raise ValueError(f"{what}; cols[{i - 1}] = {int(cols[i - 1])} and cols[{i}] = {int(cols[i])} "
+                         "share a segment but do not ascend")
 
 
 def flash_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, *,
@@ -120,8 +156,10 @@ def flash_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Te
     block_size = 0
     if block_sparse is not None:
         _check_block_sparse(block_sparse, q_BHSd, k_BGSd)
-        offsets, cols, block_size = (block_sparse.offsets_HQ.to(q_BHSd.device),
-                                     block_sparse.cols.to(q_BHSd.device), block_sparse.block_size)
+        from hecate.ops import to_device  # a host list goes up pinned, without blocking the host
+
+        offsets, cols, block_size = (to_device(block_sparse.offsets_HQ, q_BHSd.device),
+                                     to_device(block_sparse.cols, q_BHSd.device), block_sparse.block_size)
     scale_value = float(scale) if scale is not None else 0.0
     if not use_extension("flash_attention_fwd", q_BHSd.device):
         return reference.flash_attention(q_BHSd, k_BGSd, v_BGSd, scale=scale, causal=causal, window=window,
@@ -153,18 +191,32 @@ def moh_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tens
     check.shape("head_weight_BSK", head_weight_BSK, head_idx_BSK.shape, "same as head_idx_BSK")
     check.same_device(q_BHSd=q_BHSd, head_idx_BSK=head_idx_BSK, head_weight_BSK=head_weight_BSK)
     check.below("head_idx_BSK", head_idx_BSK, H, "the query heads", allow_negative=True)
-    if head_idx_BSK.numel() and head_idx_BSK.device.type == "cpu":
-        if int(head_idx_BSK.min()) < -1:
-            raise ValueError("head_idx_BSK entries must be >= -1 (-1 marks an unused slot)")
-        sorted_idx = head_idx_BSK.sort(-1).values
-        if bool(((sorted_idx[..., 1:] == sorted_idx[..., :-1]) & (sorted_idx[..., 1:] >= 0)).any()):
-            raise ValueError("head_idx_BSK selects one head twice for a token; each head at most once")
+    _check_head_idx(head_idx_BSK)
     scale_value = float(scale) if scale is not None else 0.0
     if not use_extension("moh_attention_fwd", q_BHSd.device):
         return reference.moh_attention(q_BHSd, k_BGSd, v_BGSd, head_idx_BSK, head_weight_BSK, scale=scale,
                                        causal=causal, window=window, sinks=sinks)
     return MoHAttentionFn.apply(q_BHSd, k_BGSd, v_BGSd, head_idx_BSK, head_weight_BSK, scale_value,
                                 causal, window, sinks)
+
+
+def _check_head_idx(head_idx_BSK: torch.Tensor) -> None:
+    """Entries >= -1 and no head twice per token: on the host at once (ValueError), on an
+    accelerator queued on the device (torch._assert_async; the CUDA kernel does not check,
+    and a repeated head would silently keep one of its weights)."""
+    if not head_idx_BSK.numel():
+        return
+    below = (head_idx_BSK < -1).any()
+    sorted_idx = head_idx_BSK.sort(-1).values
+    twice = ((sorted_idx[..., 1:] == sorted_idx[..., :-1]) & (sorted_idx[..., 1:] >= 0)).any()
+    if not check.host_reads_free(head_idx_BSK.device) and not check.sync_checks():
+        torch._assert_async(~(below | twice), "head_idx_BSK entries must be >= -1 (-1 marks an unused "
+                            "slot) and select each head at most once per token")
+        return
+    if bool(below):
+        raise ValueError("head_idx_BSK entries must be >= -1 (-1 marks an unused slot)")
+    if bool(twice):
+        raise ValueError("head_idx_BSK selects one head twice for a token; each head at most once")
 
 
 class FlashAttention(torch.autograd.Function):
