@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from hecate.comm.all_to_all import all_to_all_v
 from hecate.comm.sparse import SparsePlan
@@ -110,18 +111,21 @@ class ExchangeSpec:
 
     def expert_graph(self, x_recv: torch.Tensor, owned_OS: torch.Tensor, replicas_RS: torch.Tensor,
                      grad: bool = True):
-        """Build the expert computation on leaf inputs so its backward can be run on demand
-        (grad=False: compute the outputs only, keeping no graph).
+        """Build the expert computation on its own inputs so its backward can be run on demand
+        (grad=False: compute the outputs only, keeping no graph). Returns (tokens, owned
+        leaves, replica leaves, outputs).
 
-        Leaves are the per-parameter views of the owned rows and of the replicas (no copy);
-        their gradients are flattened back into rows in backward.
+        The weights' leaves are the per-parameter views of the owned rows and of the replicas
+        (no copy); their gradients are flattened back into rows in backward. The tokens enter
+        through `_TokensIn` (not as a leaf), so the graph does not keep their buffer alive.
         """
         layout = self.layer.expert_layout
-        x_leaf = x_recv.detach().requires_grad_(grad)
         own = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(owned_OS.detach()).items()}
         rep = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(replicas_RS).items()}
-        autocast = autocast_dtype(x_leaf.device.type) is not None
+        autocast = autocast_dtype(x_recv.device.type) is not None
         with torch.set_grad_enabled(grad):
+            x_leaf = _TokensIn.apply(x_recv.new_empty(0).requires_grad_(), x_recv.detach()) if grad \
+                else x_recv.detach()
             # Under autocast the grouped MLP casts every weight to the compute dtype itself (the
             # replicas arrive in it already). Without autocast, tokens in a dtype other than the
             # fp32 master rows' (a bf16 model) set it; the cast's backward returns fp32 grads.
@@ -131,6 +135,34 @@ class ExchangeSpec:
 
             y = experts_on_received(self.layer, x_leaf, self.recv_WE, [used(own), used(rep)], self.slot_of_E)
         return x_leaf, own, rep, y
+
+
+class _TokensIn(torch.autograd.Function):
+    """The received tokens as a non-leaf input of the expert graph (an alias of `x`, made to
+    require grad by the empty `anchor` leaf). A leaf would be held, storage and all, by its
+    gradient accumulator for as long as the graph lives, i.e. until backward: one [N, D]
+    token buffer per layer more than ep, whose tokens enter its expert graph as the output of
+    its all-to-all. This node saves nothing: the buffer lives only as long as something the
+    graph saved needs it (the permute keeps just its row map). Backward asks for the tokens'
+    gradient at this node's edge (`torch.autograd.graph.get_gradient_edge`), so this backward
+    is not run; it is the identity for anyone who does run it."""
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _edges(x_in: torch.Tensor, y: torch.Tensor):
+    """(tokens' edge, outputs' edge) of an expert graph, or None when it has nothing to
+    differentiate. Holding edges, not the outputs themselves, lets the outputs' buffer go once
+    the combine all-to-all has copied it (ep frees it then too)."""
+    if not (y.requires_grad and y.numel()):
+        return None
+    return get_gradient_edge(x_in), get_gradient_edge(y)
 
 
 def _rows(layout, leaves: dict, grads) -> torch.Tensor:
@@ -157,17 +189,22 @@ class FssdpExperts(torch.autograd.Function):
         if spec.recompute_experts:
             spec.autocast = autocast_dtype(x_recv.device.type)
             y_recv = spec.expert_graph(x_recv, owned_OS, replicas, grad=False)[3]
-            x_leaf, own, rep = x_recv, None, None  # backward rebuilds the graph from these
+            tokens, own, rep, edges = x_recv, None, None, None  # backward rebuilds the graph from these
         else:
-            x_leaf, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
+            x_in, own, rep, y_recv = spec.expert_graph(x_recv, owned_OS, replicas)
+            tokens, edges = None, _edges(x_in, y_recv)
+            del x_in
+        ctx.x_meta = (x_recv.shape, x_recv.dtype, x_recv.device)
+        del x_recv
         with torch.no_grad():
             y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.token_group,
                                 stats=spec.stats, name="fssdp.combine")
+        del y_recv  # the graph holds its edge, not its buffer
         if spec.rematerialize:
             # Free the replicas now; the graph's views of them come back to life in backward.
             replicas.untyped_storage().resize_(0)
         ctx.spec = spec
-        ctx.graph = (x_leaf, own, rep, y_recv, replicas)
+        ctx.graph = (tokens, own, rep, edges, replicas)
         spec.saved_owned = owned_OS.detach()  # the owner's rows persist anyway: no extra memory
         spec.replicas = replicas if spec.rematerialize else None
         return y_ND
@@ -175,7 +212,7 @@ class FssdpExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_ND):
         spec = ctx.spec
-        x_leaf, own, rep, y_recv, replicas = ctx.graph
+        tokens, own, rep, edges, replicas = ctx.graph
         layout = spec.layer.expert_layout
         grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
                                    group=spec.token_group, stats=spec.stats, name="fssdp.combine.backward")
@@ -194,15 +231,20 @@ class FssdpExperts(torch.autograd.Function):
             # Start the previous layer's re-gather now, behind this layer's expert backward.
             prev.pending_regather = prev.start_gather(prev.saved_owned, out=prev.regrow_replicas())
         spec.previous = None
-        if spec.recompute_experts:  # x_leaf holds the received tokens; replicas are current again
-            with torch.autocast(x_leaf.device.type, dtype=spec.autocast, enabled=spec.autocast is not None):
-                x_leaf, own, rep, y_recv = spec.expert_graph(x_leaf, spec.saved_owned, replicas)
-        leaves = [x_leaf, *own.values(), *rep.values()]
-        if y_recv.requires_grad and y_recv.numel():
-            grads = torch.autograd.grad(y_recv, leaves, grad_y_recv, allow_unused=True)
+        if spec.recompute_experts:  # the received tokens were kept; replicas are current again
+            with torch.autocast(tokens.device.type, dtype=spec.autocast, enabled=spec.autocast is not None):
+                x_in, own, rep, y_recv = spec.expert_graph(tokens, spec.saved_owned, replicas)
+            edges = _edges(x_in, y_recv)
+            del tokens, x_in, y_recv
+        weights = [*own.values(), *rep.values()]
+        if edges is not None:
+            x_edge, y_edge = edges
+            grads = torch.autograd.grad([y_edge], [x_edge, *weights], [grad_y_recv], allow_unused=True)
         else:
-            grads = [None] * len(leaves)
-        grad_x = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
+            grads = [None] * (1 + len(weights))
+        del edges
+        shape, dtype, device = ctx.x_meta
+        grad_x = torch.zeros(shape, dtype=dtype, device=device) if grads[0] is None else grads[0]
         grad_owned = _rows(layout, own, grads[1:1 + len(own)])
         grad_replicas = _rows(layout, rep, grads[1 + len(own):])
         if spec.rematerialize:
