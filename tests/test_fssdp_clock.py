@@ -20,9 +20,9 @@ class FakeEvent:
         assert enable_timing
         self.t = None
 
-    def record(self):
+    def record(self, stream=None):
         FakeEvent.clock_ms += 5.0  # the device's own clock advances 5 ms per recorded event
-        self.t = FakeEvent.clock_ms
+        self.t, self.stream = FakeEvent.clock_ms, stream
 
     def query(self):
         return id(self) in FakeEvent.reached
@@ -38,6 +38,7 @@ class FakeEvent:
 def fake_cuda_events(monkeypatch):
     FakeEvent.reached, FakeEvent.clock_ms = set(), 0.0
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
     return FakeEvent
 
 
@@ -93,3 +94,9 @@ def test_interval_read_before_stop_is_an_error():
     with pytest.raises(RuntimeError, match="before stop"):
         Interval(torch.device("cpu")).start().seconds()
     assert clock.__all__ == ["Interval", "DeviceTimings", "timed"]
+
+
+def test_gpu_interval_records_on_its_devices_stream(fake_cuda_events):
+    # Not the current device's (Event.record()'s default): cuda:1's work is what is timed.
+    interval = Interval(torch.device("cuda", 1)).start().stop()
+    assert interval._start.stream == interval._stop.stream == ("stream of", torch.device("cuda", 1))

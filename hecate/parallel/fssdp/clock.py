@@ -22,24 +22,24 @@ class Interval:
     """One time interval on `device`'s current stream (host clock off CUDA)."""
 
     def __init__(self, device: torch.device):
-        self.events = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.events = self.device.type == "cuda"
         self.host_seconds: float | None = None  # what the host measured, when it is the truth
         self._start = self._stop = None
 
+    def _mark(self):
+        # On the stream of `device`, not of the current device (Event.record()'s default):
+        # a process that computes on cuda:1 while cuda:0 is current would time an idle GPU.
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     def start(self) -> "Interval":
-        if self.events:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
+        self._start = self._mark() if self.events else time.perf_counter()
         return self
 
     def stop(self) -> "Interval":
-        if self.events:
-            self._stop = torch.cuda.Event(enable_timing=True)
-            self._stop.record()
-        else:
-            self._stop = time.perf_counter()
+        self._stop = self._mark() if self.events else time.perf_counter()
         return self
 
     def done(self) -> bool:
