@@ -7,13 +7,14 @@ per token). hecate.ops checks both before any kernel runs: on the host at once, 
 accelerator with torch._assert_async (no host read). Here the device branch is taken by
 declaring host reads not free (as on a GPU), and the kernel that runs is the reference (a
 device without the check), so a missing check shows as a silent result instead of an error.
+Last, the reference fallback a GPU runs without the compiled kernels reads ids back once.
 """
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hecate.ops import _validate
+from hecate.ops import _validate, reference
 from hecate.ops import attention as attn
 from tests.host_reads import HostReadCounter
 
@@ -105,3 +106,16 @@ def test_device_checks_read_nothing_back(device_branch):
         attn._check_head_idx(idx)
         attn._check_block_list(bs.offsets_HQ, bs.cols)
     assert counter.count == 0, counter.where
+
+
+def test_reference_scatter_add_reads_the_ids_once():
+    """The fallback a GPU runs when hecate._C has no CUDA kernel (the spRS's last step): one
+    read of the ids, not one host sync per received row."""
+    recv, ids, out = torch.randn(6, 3), torch.tensor([4, 0, 4, 2, 4, 1]), torch.zeros(5, 3)
+    want = out.clone()
+    for i, c in enumerate([4, 0, 4, 2, 4, 1]):
+        want[c] += recv[i]
+    with HostReadCounter() as counter:
+        reference.scatter_add_chunks(recv, ids, out)
+    assert counter.count == 1, counter.where
+    assert torch.equal(out, want)  # repeated ids in order of i

@@ -150,8 +150,10 @@ def unpack_chunks(recv_nS: torch.Tensor, chunk_ids_n: torch.Tensor, out_CS: torc
 
 def scatter_add_chunks(recv_nS: torch.Tensor, chunk_ids_n: torch.Tensor, out_CS: torch.Tensor) -> None:
     """out[chunk_ids[i]] += recv[i], in place; repeated ids accumulate in order."""
-    for i in range(chunk_ids_n.numel()):
-        out_CS[int(chunk_ids_n[i])] += recv_nS[i]
+    # The ids are read once (not one int() per row: on a GPU without the kernel, each would be
+    # a host sync); index_add_ would add a repeated id's rows in no set order on a GPU.
+    for i, c in enumerate(chunk_ids_n.tolist()):
+        out_CS[c] += recv_nS[i]
 
 
 def plan_sparse_collective(owner_C: torch.Tensor, holders_WC: torch.Tensor, rank: int):
