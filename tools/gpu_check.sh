@@ -8,8 +8,9 @@
 # 3. tools/gpu_check.py: the real spAG / spRS and a few FSSDP training steps on NCCL at world
 #    size 1, then the kernels against torch (permute / unpermute, gating, chunk packing,
 #    grouped GEMM TFLOP/s against the device's peak, attention);
-# and write every result into one JSON file (default runs/gpu_check.json). Sized for < 8 min on
-# one GPU: each step has its own time limit. Every step runs even after a failure; the exit
+# and write every result into one JSON file (default runs/gpu_check.json), each step's whole
+# log beside it (gpu_check_<step>.log: the JSON keeps only the tail). Sized for < 8 min on one
+# GPU: each step has its own time limit. Every step runs even after a failure; the exit
 # status is non-zero if any failed.
 #
 # --dry-run: the same steps on a CPU machine (CPU build, gpu tests collected but skipped,
@@ -31,6 +32,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$(dirname "$OUT")"
+LOGDIR="$(dirname "$OUT")"
+# Unbuffered: a step stopped at its time limit still leaves everything it printed in its log.
+export PYTHONUNBUFFERED=1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -65,14 +69,18 @@ step() {
   local t1; t1=$(date +%s%N)
   tail -n 15 "$log"
   record "$name" "$rc" "$(( (t1 - t0) / 1000000 )).0e-3" "$log"
+  cp "$log" "$LOGDIR/gpu_check_$name.log"
   rm -f "$log"
   [ "$rc" = 0 ] || echo "== $name FAILED (exit $rc)" >&2
 }
 
+# Only the modules that hold gpu-marked tests: collecting all of tests/ takes a minute of the
+# two minutes the GPU run gives its tests.
+mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/*.py tests/gpu/*.py)
 if [ "$DRY" = 1 ]; then
   # CPU build (a no-op when hecate/_C is up to date), then collect the gpu tests: they must skip.
   step build 600 env HECATE_NO_CUDA=1 flock .build.lock "$PYTHON" setup.py -q build_ext --inplace
-  step pytest_gpu 300 "$PYTHON" -m pytest -q -m gpu tests/gpu tests/test_cuda_kernels.py -p no:cacheprovider
+  step pytest_gpu 300 "$PYTHON" -m pytest -q -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider
   step gpu_check 300 "$PYTHON" tools/gpu_check.py --dry-run --out "$OUT" --prior "$PRIOR"
 else
   if [ -z "${HECATE_CUDA_ARCHS:-}" ]; then
@@ -82,7 +90,8 @@ else
   export HECATE_CUDA_ARCHS MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   # Limits add up to 7.7 min: build 4, tests 2, checks and benchmarks 1.7.
   step build 240 "$PYTHON" setup.py -q build_ext --inplace
-  step pytest_gpu 120 "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60
+  # -v: one line per test in the log, so a run stopped at its limit still says which passed.
+  step pytest_gpu 120 "$PYTHON" -m pytest -v -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider --timeout 60
   step gpu_check 100 "$PYTHON" tools/gpu_check.py --out "$OUT" --prior "$PRIOR"
 fi
 # gpu_check.py merges the earlier steps into OUT; if it could not write it, write them alone.
