@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -17,13 +18,14 @@
 
 #include "common.h"
 #include "numpy_sum.h"
+#include "planner.h"
 
 namespace hecate::cpu {
-namespace {
+namespace planner {
 
 template <class T>
-at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, int64_t E, int64_t cost,
-               int64_t token_bytes, int64_t m, double fixed_bytes, const at::TensorOptions& opts) {
+void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t W, int64_t E, int64_t cost,
+         int64_t token_bytes, int64_t m, double fixed_bytes) {
   const double tb = static_cast<double>(token_bytes), c0 = static_cast<double>(cost);
   // Below the break-even count nothing can pay: one comparison per cell skips those (the
   // threshold is lowered far beyond rounding, as fit_holders' own prefilter), and the exact
@@ -40,8 +42,6 @@ at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, 
       bound = threshold;
     }
   }
-  auto out = at::zeros({W, E}, opts);
-  bool* o = out.mutable_data_ptr<bool>();
   std::vector<int64_t> owned_by(E);
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK_VALUE(owner[e] >= 0 && owner[e] < W, "owner_E entries must be ranks in [0, ", W, "), found ",
@@ -86,12 +86,20 @@ at::Tensor fit(const bool* h, const int64_t* owner, const T* counts, int64_t W, 
     double saved = numpy_sum(held_saving.data(), static_cast<int64_t>(held_saving.size()));
     if (!kept_saving.empty()) saved += numpy_sum(kept_saving.data(), static_cast<int64_t>(kept_saving.size()));
     if (!(saved > fixed_bytes)) {  // the replicas would not repay their collectives: P1 = P0
-      out.zero_();
+      std::memset(o, 0, static_cast<size_t>(W * E));
       for (int64_t e = 0; e < E; ++e) o[owner[e] * E + e] = true;
     }
   }
-  return out;
 }
+
+template void fit<int64_t>(const bool*, bool*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, double);
+template void fit<double>(const bool*, bool*, const int64_t*, const double*, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, double);
+
+}  // namespace planner
+
+namespace {
 
 at::Tensor fit_replicas(const at::Tensor& holders_WE, const at::Tensor& owner_E, const at::Tensor& counts_WE,
                         int64_t cost, int64_t token_bytes, int64_t m, double fixed_bytes) {
@@ -109,13 +117,15 @@ at::Tensor fit_replicas(const at::Tensor& holders_WE, const at::Tensor& owner_E,
   auto hc = holders_WE.contiguous(), oc = owner_E.contiguous(), cc = counts_WE.contiguous();
   const bool* h = hc.const_data_ptr<bool>();
   const int64_t* owner = oc.const_data_ptr<int64_t>();
-  auto opts = holders_WE.options();
+  auto out = at::zeros({W, E}, holders_WE.options());
+  bool* o = out.mutable_data_ptr<bool>();
   if (cc.scalar_type() == at::kLong) {
     const int64_t* c = cc.const_data_ptr<int64_t>();
     int64_t lowest = 0;
     for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, c[i]);
     TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
-    return fit(h, owner, c, W, E, cost, token_bytes, m, fixed_bytes, opts);
+    planner::fit(h, o, owner, c, W, E, cost, token_bytes, m, fixed_bytes);
+    return out;
   }
   const double* c = cc.const_data_ptr<double>();
   bool finite = true;
@@ -126,7 +136,8 @@ at::Tensor fit_replicas(const at::Tensor& holders_WE, const at::Tensor& owner_E,
   }
   TORCH_CHECK_VALUE(finite, "counts_WE must be finite (found NaN or inf)");
   TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
-  return fit(h, owner, c, W, E, cost, token_bytes, m, fixed_bytes, opts);
+  planner::fit(h, o, owner, c, W, E, cost, token_bytes, m, fixed_bytes);
+  return out;
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 
 #include "common.h"
 #include "numpy_sum.h"
+#include "planner.h"
 
 namespace hecate::cpu {
 namespace {
@@ -143,15 +144,6 @@ at::Tensor as_tensor(const std::vector<int64_t>& v, const at::TensorOptions& opt
   return t;
 }
 
-int64_t count_nodes(const int64_t* node, int64_t W) {
-  int64_t num_nodes = 0;
-  for (int64_t d = 0; d < W; ++d) {
-    TORCH_CHECK_VALUE(node[d] >= 0 && node[d] < W, "node_W[", d, "] = ", node[d], " is out of range");
-    num_nodes = std::max(num_nodes, node[d] + 1);
-  }
-  return num_nodes;
-}
-
 std::tuple<at::Tensor, at::Tensor> place_copies(const at::Tensor& dev_load_W, const at::Tensor& node_W,
                                                 const at::Tensor& owner_E, const at::Tensor& order,
                                                 const at::Tensor& quota_E, const at::Tensor& share_E,
@@ -182,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> place_copies(const at::Tensor& dev_load_W, co
     TORCH_CHECK_VALUE(owner[e] >= 0 && owner[e] < W, "owner_E[", e, "] = ", owner[e], " is not a rank");
   std::vector<double> dev(dev_c.const_data_ptr<double>(), dev_c.const_data_ptr<double>() + W);
   std::vector<int64_t> picks_d, picks_e;
-  copy_loop(dev, node, count_nodes(node, W), owner, ord_v, quota_c.const_data_ptr<int64_t>(),
+  copy_loop(dev, node, planner::count_nodes(node, W), owner, ord_v, quota_c.const_data_ptr<int64_t>(),
             share_c.const_data_ptr<double>(), m, picks_d, picks_e);
   return {as_tensor(picks_d, owner_E.options()), as_tensor(picks_e, owner_E.options())};
 }
@@ -246,12 +238,28 @@ at::Tensor place_experts(const at::Tensor& load_E, const at::Tensor& owner_E, co
   TORCH_CHECK_VALUE(m >= 1 && t >= 0, "m must be >= 1 and t >= 0, got m=", m, " t=", t);
   const int64_t W = node_W.size(0), E = load_E.size(0);
   auto lc = load_E.contiguous(), oc = owner_E.contiguous(), nc = node_W.contiguous();
-  const double* load = lc.const_data_ptr<double>();
-  const int64_t* owner = oc.const_data_ptr<int64_t>();
-  const int64_t* node = nc.const_data_ptr<int64_t>();
-  const int64_t num_nodes = count_nodes(node, W);
   auto holders = at::zeros({W, E}, load_E.options().dtype(at::kBool));
-  bool* h = holders.mutable_data_ptr<bool>();
+  planner::place(holders.mutable_data_ptr<bool>(), lc.const_data_ptr<double>(), oc.const_data_ptr<int64_t>(),
+                 nc.const_data_ptr<int64_t>(), W, E, m, t);
+  return holders;
+}
+
+}  // namespace
+
+namespace planner {
+
+int64_t count_nodes(const int64_t* node, int64_t W) {
+  int64_t num_nodes = 0;
+  for (int64_t d = 0; d < W; ++d) {
+    TORCH_CHECK_VALUE(node[d] >= 0 && node[d] < W, "node_W[", d, "] = ", node[d], " is out of range");
+    num_nodes = std::max(num_nodes, node[d] + 1);
+  }
+  return num_nodes;
+}
+
+void place(bool* h, const double* load, const int64_t* owner, const int64_t* node, int64_t W, int64_t E,
+           int64_t m, int64_t t) {
+  const int64_t num_nodes = count_nodes(node, W);
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK_VALUE(owner[e] >= 0 && owner[e] < W, "owner_E[", e, "] = ", owner[e], " is not a rank");
     h[owner[e] * E + e] = true;
@@ -266,7 +274,7 @@ at::Tensor place_experts(const at::Tensor& load_E, const at::Tensor& owner_E, co
       ++taken;
       for (int64_t d = 0; d < W; ++d) h[d * E + e] = true;
     }
-    return holders;
+    return;
   }
   const std::vector<int64_t> quota = proportional_quota(load, E, W * m, W - 1);
   std::vector<double> share(E), dev(W, 0.0);
@@ -281,10 +289,9 @@ at::Tensor place_experts(const at::Tensor& load_E, const at::Tensor& owner_E, co
   std::vector<int64_t> picks_d, picks_e;
   copy_loop(dev, node, num_nodes, owner, order, quota.data(), share.data(), m, picks_d, picks_e);
   for (size_t i = 0; i < picks_d.size(); ++i) h[picks_d[i] * E + picks_e[i]] = true;
-  return holders;
 }
 
-}  // namespace
+}  // namespace planner
 }  // namespace hecate::cpu
 
 // A fragment of the hecate library (csrc/ops.cpp defines the rest): these ops are only used by

@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "ops.h"
+#include "planner.h"
 
 namespace hecate::cpu {
 
@@ -73,8 +74,14 @@ std::vector<at::Tensor> sparse_plan(const at::Tensor& owner_C, const at::Tensor&
   TORCH_CHECK_VALUE(rank >= 0 && rank < W, "rank must be an int in [0, ", W, "), got ", rank);
   auto oc = owner_C.contiguous();
   auto hc = holders_WC.contiguous();
-  const int64_t* owner = oc.const_data_ptr<int64_t>();
-  const bool* holds = hc.const_data_ptr<bool>();
+  return planner::sparse_plan(oc.const_data_ptr<int64_t>(), hc.const_data_ptr<bool>(), W, C, rank, owner_C.options());
+}
+
+}  // namespace
+namespace planner {
+
+std::vector<at::Tensor> sparse_plan(const int64_t* owner, const bool* holds, int64_t W, int64_t C, int64_t rank,
+                                    const at::TensorOptions& opts) {
   for (int64_t c = 0; c < C; ++c) {
     TORCH_CHECK_VALUE(owner[c] >= 0 && owner[c] < W, "owner_C[", c, "] = ", owner[c], " is out of range [0, ", W,
                       "): every chunk needs one owner");
@@ -110,7 +117,6 @@ std::vector<at::Tensor> sparse_plan(const at::Tensor& owner_C, const at::Tensor&
   std::vector<int64_t> owned_rows_M;
   owned_rows_M.reserve(owned.size());
   for (int64_t c : owned) owned_rows_M.push_back(held_row[c]);
-  auto opts = owner_C.options();
   auto as_tensor = [&](const std::vector<int64_t>& v) {
     auto t = at::empty({static_cast<int64_t>(v.size())}, opts);
     std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
@@ -120,7 +126,7 @@ std::vector<at::Tensor> sparse_plan(const at::Tensor& owner_C, const at::Tensor&
           as_tensor(owned), as_tensor(held), as_tensor(send_rows), as_tensor(recv_rows), as_tensor(owned_rows_M)};
 }
 
-}  // namespace
+}  // namespace planner
 }  // namespace hecate::cpu
 
 // Planner-only op: a fragment of the hecate library (csrc/ops.cpp defines the shared schemas).

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "planner.h"
 
 namespace hecate::cpu {
 namespace {
@@ -102,81 +103,19 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
   auto hc = holders_WE.contiguous();
   auto cc = counts_WE.contiguous();
   auto nc = node_W.contiguous();
-  const bool* h = hc.const_data_ptr<bool>();
   const int64_t* cnt = cc.const_data_ptr<int64_t>();
-  const int64_t* node = nc.const_data_ptr<int64_t>();
-  auto opts = counts_WE.options();
   if (check_counts) {
     int64_t lowest = 0;
     for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, cnt[i]);
     TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
   }
-  const HolderIndex ix = index_holders(h, cnt, node, W, E);
+  planner::Layout l = planner::route_layout(hc.const_data_ptr<bool>(), cnt, nc.const_data_ptr<int64_t>(), W, E,
+                                            rank, counts_WE.options());
   if (rank < 0) {
-    auto none = at::empty({0}, opts);
-    return {ix.H, none, none, none, none, none, none};
+    auto none = at::empty({0}, counts_WE.options());
+    return {l.H, none, none, none, none, none, none};
   }
-  const int64_t me = node[rank], N = ix.N;
-  // Sends, sorted by (expert, destination): kept tokens, or the even shares of the group
-  // that serves this rank (its node's holders of e if any, else every holder of e).
-  std::vector<int64_t> se, sd, st;
-  se.reserve(E + 16), sd.reserve(E + 16), st.reserve(E + 16);
-  const int64_t* row = cnt + rank * E;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t c = row[e];
-    if (c <= 0) continue;
-    if (h[rank * E + e]) {
-      se.push_back(e), sd.push_back(rank), st.push_back(c);
-      continue;
-    }
-    const bool by_node = ix.node_cnt[e * N + me] > 0;
-    const int64_t n = by_node ? ix.node_cnt[e * N + me] : ix.ptr[e + 1] - ix.ptr[e];
-    int64_t pos = 0;
-    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1]; ++k) {
-      const int64_t d = ix.ranks[k];
-      if (by_node && node[d] != me) continue;
-      se.push_back(e), sd.push_back(d), st.push_back(share_of(c, n, pos++, rank, e));
-    }
-  }
-  // Receives [W_src, E] for the experts this rank holds.
-  auto recv = at::zeros({W, E}, opts);
-  auto recv_splits = at::zeros({W}, opts);
-  int64_t* rv = recv.mutable_data_ptr<int64_t>();
-  int64_t* rs = recv_splits.mutable_data_ptr<int64_t>();
-  for (int64_t e = 0; e < E; ++e) {
-    if (!h[rank * E + e]) continue;
-    // This rank's position in its node's group and in the all-holders group of e.
-    int64_t pos_node = 0, pos_all = 0;
-    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1] && ix.ranks[k] != rank; ++k) {
-      ++pos_all;
-      pos_node += node[ix.ranks[k]] == me;
-    }
-    const int64_t n_node = ix.node_cnt[e * N + me], n_all = ix.ptr[e + 1] - ix.ptr[e];
-    for (int64_t s = 0; s < W; ++s) {
-      const int64_t c = cnt[s * E + e];
-      int64_t v = 0;
-      if (s == rank) {
-        v = c;
-      } else if (h[s * E + e] || c <= 0) {
-        v = 0;  // the source keeps its tokens (or has none)
-      } else if (node[s] == me) {
-        v = share_of(c, n_node, pos_node, s, e);
-      } else if (ix.node_cnt[e * N + node[s]] == 0) {
-        v = share_of(c, n_all, pos_all, s, e);
-      }
-      rv[s * E + e] = v;
-      rs[s] += v;
-    }
-  }
-  const int64_t S = static_cast<int64_t>(se.size());
-  auto send_e = at::empty({S}, opts), send_dst = at::empty({S}, opts), send_tok = at::empty({S}, opts);
-  std::copy(se.begin(), se.end(), send_e.mutable_data_ptr<int64_t>());
-  std::copy(sd.begin(), sd.end(), send_dst.mutable_data_ptr<int64_t>());
-  std::copy(st.begin(), st.end(), send_tok.mutable_data_ptr<int64_t>());
-  auto send_splits = at::zeros({W}, opts);
-  int64_t* ss = send_splits.mutable_data_ptr<int64_t>();
-  for (int64_t i = 0; i < S; ++i) ss[sd[i]] += st[i];
-  return {ix.H, send_e, send_dst, send_tok, recv, send_splits, recv_splits};
+  return {l.H, l.send_e, l.send_dst, l.send_tokens, l.recv_WE, l.send_splits, l.recv_splits};
 }
 
 // bin = dst * E + e of every routed entry (-1 for dropped ones, index < 0): the entries of an
@@ -265,6 +204,82 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
 }
 
 }  // namespace
+
+namespace planner {
+
+Layout route_layout(const bool* h, const int64_t* cnt, const int64_t* node, int64_t W, int64_t E, int64_t rank,
+                    const at::TensorOptions& opts) {
+  const HolderIndex ix = index_holders(h, cnt, node, W, E);
+  planner::Layout out;
+  out.H = ix.H;
+  if (rank < 0) return out;
+  const int64_t me = node[rank], N = ix.N;
+  // Sends, sorted by (expert, destination): kept tokens, or the even shares of the group
+  // that serves this rank (its node's holders of e if any, else every holder of e).
+  std::vector<int64_t> se, sd, st;
+  se.reserve(E + 16), sd.reserve(E + 16), st.reserve(E + 16);
+  const int64_t* row = cnt + rank * E;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = row[e];
+    if (c <= 0) continue;
+    if (h[rank * E + e]) {
+      se.push_back(e), sd.push_back(rank), st.push_back(c);
+      continue;
+    }
+    const bool by_node = ix.node_cnt[e * N + me] > 0;
+    const int64_t n = by_node ? ix.node_cnt[e * N + me] : ix.ptr[e + 1] - ix.ptr[e];
+    int64_t pos = 0;
+    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1]; ++k) {
+      const int64_t d = ix.ranks[k];
+      if (by_node && node[d] != me) continue;
+      se.push_back(e), sd.push_back(d), st.push_back(share_of(c, n, pos++, rank, e));
+    }
+  }
+  // Receives [W_src, E] for the experts this rank holds.
+  auto recv = at::zeros({W, E}, opts);
+  auto recv_splits = at::zeros({W}, opts);
+  int64_t* rv = recv.mutable_data_ptr<int64_t>();
+  int64_t* rs = recv_splits.mutable_data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    if (!h[rank * E + e]) continue;
+    // This rank's position in its node's group and in the all-holders group of e.
+    int64_t pos_node = 0, pos_all = 0;
+    for (int64_t k = ix.ptr[e]; k < ix.ptr[e + 1] && ix.ranks[k] != rank; ++k) {
+      ++pos_all;
+      pos_node += node[ix.ranks[k]] == me;
+    }
+    const int64_t n_node = ix.node_cnt[e * N + me], n_all = ix.ptr[e + 1] - ix.ptr[e];
+    for (int64_t s = 0; s < W; ++s) {
+      const int64_t c = cnt[s * E + e];
+      int64_t v = 0;
+      if (s == rank) {
+        v = c;
+      } else if (h[s * E + e] || c <= 0) {
+        v = 0;  // the source keeps its tokens (or has none)
+      } else if (node[s] == me) {
+        v = share_of(c, n_node, pos_node, s, e);
+      } else if (ix.node_cnt[e * N + node[s]] == 0) {
+        v = share_of(c, n_all, pos_all, s, e);
+      }
+      rv[s * E + e] = v;
+      rs[s] += v;
+    }
+  }
+  const int64_t S = static_cast<int64_t>(se.size());
+  auto send_e = at::empty({S}, opts), send_dst = at::empty({S}, opts), send_tok = at::empty({S}, opts);
+  std::copy(se.begin(), se.end(), send_e.mutable_data_ptr<int64_t>());
+  std::copy(sd.begin(), sd.end(), send_dst.mutable_data_ptr<int64_t>());
+  std::copy(st.begin(), st.end(), send_tok.mutable_data_ptr<int64_t>());
+  auto send_splits = at::zeros({W}, opts);
+  int64_t* ss = send_splits.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; ++i) ss[sd[i]] += st[i];
+  out.send_e = send_e, out.send_dst = send_dst, out.send_tokens = send_tok, out.recv_WE = recv;
+  out.send_splits = send_splits, out.recv_splits = recv_splits;
+  return out;
+}
+
+
+}  // namespace planner
 }  // namespace hecate::cpu
 
 // Planner-only ops: a fragment of the hecate library (csrc/ops.cpp defines the shared schemas).

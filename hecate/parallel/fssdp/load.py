@@ -27,6 +27,9 @@ class LoadPredictor:
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.window = check_positive_int(window, "window")
         self._history: deque[np.ndarray] = deque(maxlen=self.window)
+        # predict()'s result until the next update: the runtime asks for it up to three times a
+        # step (the state digest, the early P1, the plan), each a sum over the window.
+        self._prediction: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self._history)
@@ -37,6 +40,13 @@ class LoadPredictor:
                           shape=(self.num_experts,))
         check_nonnegative(counts, "global_counts_E")
         self._history.append(counts)
+        self._prediction = None
+
+    def update_checked(self, global_counts_E: torch.Tensor) -> None:
+        """`update` for totals the caller has already checked (the planner's plan_layer sums and
+        checks the all-gathered counts in C++): int64 or float64 [E], non-negative, on the CPU."""
+        self._history.append(global_counts_E.numpy().astype(np.float64))
+        self._prediction = None
 
     def update_from_rank_counts(self, counts_WE) -> None:
         """Record one iteration from per-rank counts [W, E] (the all-gathered tensor)."""
@@ -48,16 +58,22 @@ class LoadPredictor:
                           shape=(None, self.num_experts), copy=False)
         check_nonnegative(counts, "counts_WE")
         self._history.append(counts.sum(axis=0).astype(np.float64))
+        self._prediction = None
 
     def predict(self) -> torch.Tensor:
-        """Predicted load per expert, float64 [E]; uniform ones before any history."""
-        if not self._history:
-            return torch.ones(self.num_experts, dtype=torch.float64)
-        # Sum in a fixed order (oldest first) so every rank rounds identically.
-        total = np.zeros(self.num_experts, dtype=np.float64)
-        for counts in self._history:
-            total += counts
-        return torch.from_numpy(total / len(self._history))
+        """Predicted load per expert, float64 [E]; uniform ones before any history. The same
+        tensor is returned until the next update: read it, do not modify it in place."""
+        if self._prediction is None:
+            if not self._history:
+                self._prediction = torch.ones(self.num_experts, dtype=torch.float64)
+            else:
+                # Sum in a fixed order (oldest first) so every rank rounds identically.
+                total = np.zeros(self.num_experts, dtype=np.float64)
+                for counts in self._history:
+                    total += counts
+                self._prediction = torch.from_numpy(total / len(self._history))
+        return self._prediction
 
     def reset(self) -> None:
         self._history.clear()
+        self._prediction = None

@@ -137,6 +137,22 @@ class TokenRoutes(HoldersShape):
         else:
             self._index_holders()
 
+    @classmethod
+    def from_layout(cls, holders_WE: torch.Tensor, counts_WE: torch.Tensor, node_of_W: torch.Tensor,
+                    num_holders: int, layout: RankLayout) -> "TokenRoutes":
+        """The routes whose rank layout `layout` the caller already made with the C++ op
+        (planner.plan_layer: route_layout's code on checked inputs), without indexing the
+        holders again. The tensors are CPU ones the routes keep (bool, int64, int64)."""
+        routes = cls.__new__(cls)
+        routes.holders_WE, routes.counts_WE = holders_WE.numpy(), counts_WE.numpy()
+        routes.node_of_W = node_of_W.numpy()
+        routes.moves = _NO_MOVES
+        routes._pairs = routes._loads = routes._members = None
+        routes._tensors = (holders_WE, counts_WE, node_of_W)
+        routes._H = int(num_holders)
+        routes._ready = layout  # the first layout(layout.rank) returns it
+        return routes
+
     @property
     def num_holders(self) -> int:
         """Holders in P1 (owners plus replicas), counted when the holders were indexed."""
@@ -379,10 +395,14 @@ def _ptr(cnt: np.ndarray) -> np.ndarray:
     return out
 
 
+_NO_MOVES = np.zeros((0, 4), dtype=np.int64)
+_NO_MOVES.flags.writeable = False  # shared by every route set without moves
+
+
 def _canonical_moves(moves) -> np.ndarray:
     """Merge rows with equal (src, expert, dst), drop zero rows, sort: one form per route set."""
     if moves is None or len(moves) == 0:
-        return np.zeros((0, 4), dtype=np.int64)
+        return _NO_MOVES
     moves = np.asarray(moves, dtype=np.int64).reshape(-1, 4)
     keys, inverse = np.unique(moves[:, :3], axis=0, return_inverse=True)
     tokens = np.zeros(len(keys), dtype=np.int64)

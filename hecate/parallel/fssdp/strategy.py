@@ -47,7 +47,8 @@ from hecate.parallel.fssdp.materialize import (
 )
 from hecate.parallel.fssdp.options import FssdpOptions
 from hecate.parallel.fssdp.plan import Plan
-from hecate.parallel.fssdp.routes import balance_routes, route_tokens
+from hecate.parallel.fssdp.planner import ReplicaFit, history_buffer, plan_layer
+from hecate.parallel.fssdp.routes import balance_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
 from hecate.parallel.strategy import ExpertStrategy
 
@@ -340,29 +341,38 @@ class FullyShardedSparse(ExpertStrategy):
         early, staged = both if both is not None else (None, None)
         self._staged_prefetch = (ahead, staged) if ahead is not None else None
         state.non_moe_agreed_s = non_moe_us * 1e-6
+        m = self.capacity_m(layer.expert_layout.num_experts)
+        holders = load = t = fit = None
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
             holders = state.prefetched.holders_WE
         else:
             policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1)
-            if early is not None and early[0] == policy.overlap_degree(self.node_of_W.numpy()):
-                holders = early[1]  # planned while the counts travelled, with the same t
-                self.timings["early_p1"] = self.timings.get("early_p1", 0) + 1
+            if isinstance(policy, HecatePolicy) and not policy.calibrate:
+                t = policy.overlap_degree(self.node_of_W.numpy())
+                if early is not None and early[0] == t:
+                    holders = early[1]  # planned while the counts travelled, with the same t
+                    self.timings["early_p1"] = self.timings.get("early_p1", 0) + 1
+                else:
+                    load = state.predictor.predict()  # Algorithm 1 runs inside plan_layer
             else:
-                holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
-                                      self.capacity_m(layer.expert_layout.num_experts), counts_WE=counts_WE)
+                holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, m,
+                                      counts_WE=counts_WE)
             if self.fit_replicas:
-                holders = self._fit_holders(holders, state.owner_E, counts_WE, layer.expert_layout,
-                                            token_bytes)
-        # Sparse routes (routes.TokenRoutes): O(W*E + replicas), never a [W, E, W] array.
-        routes = route_tokens(holders, counts_WE, self.node_of_W, rank=self.topology.rank)  # + its layout
-        if self.balance_compute and bool((holders.sum(0) > 1).any()):
-            routes = balance_routes(routes)
+                fit = self._replica_fit(layer.expert_layout, token_bytes)
+        # P1 (unless given), its byte fit, the sparse routes with this rank's layout (O(W*E +
+        # replicas), never a [W, E, W] array) and the counts' totals: one call (planner.py).
+        history = history_buffer(state.rank_history, counts_WE)
+        laid = plan_layer(counts_WE, state.owner_E, self.node_of_W, self.topology.rank, capacity_m=m,
+                          load_E=load, overlap_degree=t, holders_WE=holders, fit=fit, history_out=history)
+        plan = laid.plan
+        if self.balance_compute and plan.num_replicas:
+            routes = balance_routes(plan.routes)
             self.timings["balanced_rows"] = self.timings.get("balanced_rows", 0) + routes.moved_tokens()
-        plan = Plan(state.owner_E.clone(), holders, routes)
-        state.rank_history.append(counts_WE.to(torch.float64))
-        state.predictor.update_from_rank_counts(counts_WE)
-        state.observed_E = counts_WE.sum(0)
+            plan = Plan(plan.owner_E, plan.holders_WE, routes)
+        state.rank_history.append(history)
+        state.predictor.update_checked(laid.counts_E)
+        state.observed_E = laid.counts_E
         state.last_plan = plan
         return plan
 
@@ -403,11 +413,17 @@ class FullyShardedSparse(ExpertStrategy):
         """Fit P1 to bytes (materialize.fit_holders): drop replicas whose chunk traffic exceeds
         the token traffic they save, then spend each rank's free slots (m) on the replicas that
         save the most; keep none unless together they also repay the collectives they add."""
-        passes = 3 if self.rematerialize else 2  # spAG, spRS (+ the re-gather): one collective each
-        return fit_holders(holders_WE, owner_E, counts_WE,
-                           chunk_bytes=layout.chunk_numel * self._wire_itemsize(),  # fp32, or bf16
-                           token_bytes=token_bytes, chunk_passes=passes,
-                           capacity_m=self.capacity_m(owner_E.numel()), fixed_bytes=self._replica_fixed_bytes(passes))
+        f = self._replica_fit(layout, token_bytes)
+        return fit_holders(holders_WE, owner_E, counts_WE, chunk_bytes=f.chunk_bytes, token_bytes=f.token_bytes,
+                           chunk_passes=f.chunk_passes, capacity_m=self.capacity_m(owner_E.numel()),
+                           fixed_bytes=f.fixed_bytes)
+
+    def _replica_fit(self, layout: ChunkLayout, token_bytes: int) -> ReplicaFit:
+        """The byte prices of the fit: chunks in the wire dtype (fp32, or bf16), one collective
+        per pass: spAG, spRS (+ the re-gather)."""
+        passes = 3 if self.rematerialize else 2
+        return ReplicaFit(chunk_bytes=layout.chunk_numel * self._wire_itemsize(), token_bytes=token_bytes,
+                          chunk_passes=passes, fixed_bytes=self._replica_fixed_bytes(passes))
 
     def _replica_fixed_bytes(self, collectives: int) -> float:
         """What a layer's replica collectives cost beyond their bytes, in bytes summed over the
