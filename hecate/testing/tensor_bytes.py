@@ -11,8 +11,11 @@ order gives the bytes the block allocated and still holds at each point:
     tb.net   # bytes allocated inside the block still alive at its end (what it kept)
 
 Only allocations made inside the block are counted: a tensor allocated before it and freed
-inside it is not subtracted (the profiler cannot size it), so `peak` and `net` never go below
-what the block itself allocated. Profiling slows the block down: do not time it.
+inside it is not subtracted (the profiler cannot size it). Only this thread's frees are seen:
+a buffer whose last reference another thread drops (gloo's worker releasing a collective's
+send buffer after the caller has let go of it, a race) counts as alive to the end. Both errors
+only ever add bytes, so the smallest of a few repeats is the sharpest figure. Profiling slows
+the block down: do not time it.
 """
 from __future__ import annotations
 
