@@ -109,47 +109,37 @@ def decode_share(model, rows: Sequence[Sequence[int]], max_new_tokens: int, *, t
                  top_k: int = 0, top_p: float = 1.0, row_seeds: Sequence[int] = (),
                  routing: Optional[dict] = None, scmoe=None) -> list[list[int]]:
     """This rank's rows + max_new_tokens new ids each (rows may be empty: the rank then only
-    steps its MoE layers). The loop of hecate.inference.sampling.generate, with the KV cache."""
-    from hecate.inference.sampling import make_decoder, pick_next
+    steps its MoE layers). generate()'s loop (sampling.decode_loop) with the KV cache; what
+    differs here: idle decoders for a rank without rows, one generator per row when sampling,
+    and a check that every pass is exactly one model forward."""
+    from hecate.inference.sampling import decode_loop, make_decoder, pass_overrides, pick_next
 
     model.eval()
-    base = [routing] if routing else []
-    passes = [base] + ([base + [scmoe.weak_overrides(model)]] if scmoe is not None else [])
+    passes = pass_overrides(model, routing, scmoe)
     if rows:
         decoders = [make_decoder(model, rows, p, use_cache=True, reserve=max_new_tokens) for p in passes]
     else:
         decoders = [IdleDecoder(model, p) for p in passes]
     gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds] if temperature > 0 else []
-    out = [list(r) for r in rows]
-    counter = _ForwardCounter(model)
-    try:
-        for step in range(max_new_tokens):
-            logits = []
-            for d in decoders:
-                logits.append(d.logits())
-                n = counter.take()
-                if counter.handle is not None and n != 1:
-                    raise RuntimeError(f"step {step}: the decoder ran {n} model forwards in one pass; "
-                                       "distributed generation needs exactly one per pass on every rank")
-            if not rows:
-                continue
-            logits_BV = logits[0]
-            if scmoe is not None:
-                from hecate.inference.scmoe import contrast
 
-                logits_BV = contrast(logits_BV, logits[1], scmoe.beta, scmoe.alpha)
-            if temperature > 0:  # each row from its own generator: independent of the split
-                ids_B = torch.cat([pick_next(logits_BV[i:i + 1], temperature, top_k, top_p, gens[i])
-                                   for i in range(len(rows))])
-            else:
-                ids_B = pick_next(logits_BV, temperature, top_k, top_p)
-            for s, i in zip(out, ids_B.tolist()):
-                s.append(int(i))
-            for d in decoders:
-                d.append(ids_B)
+    def pick(logits_BV):
+        if temperature > 0:  # each row from its own generator: independent of the split
+            return torch.cat([pick_next(logits_BV[i:i + 1], temperature, top_k, top_p, gens[i])
+                              for i in range(len(rows))])
+        return pick_next(logits_BV, temperature, top_k, top_p)
+
+    counter = _ForwardCounter(model)
+
+    def one_forward(step):
+        n = counter.take()
+        if counter.handle is not None and n != 1:
+            raise RuntimeError(f"step {step}: the decoder ran {n} model forwards in one pass; "
+                               "distributed generation needs exactly one per pass on every rank")
+
+    try:
+        return decode_loop(decoders, rows, max_new_tokens, pick, scmoe, one_forward)
     finally:
         counter.remove()
-    return out
 
 
 def row_seed(seed: int, row: int) -> int:

@@ -6,7 +6,7 @@ logits() gives each sequence's next-token logits [B, V], append(ids_B) extends e
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -78,6 +78,44 @@ def make_decoder(model, prompts, overrides=(), use_cache: bool = True, reserve: 
     return FullDecoder(model, prompts, overrides)
 
 
+def pass_overrides(model, routing: Optional[dict] = None, scmoe=None) -> list[list[dict]]:
+    """The routing overrides of each pass of a decode step: the strong pass under `routing`, and
+    with SCMoE a weak pass under routing + its weak overrides."""
+    base = [routing] if routing else []
+    return [base] + ([base + [scmoe.weak_overrides(model)]] if scmoe is not None else [])
+
+
+def decode_loop(decoders: Sequence, rows: Sequence[Sequence[int]], max_new_tokens: int,
+                pick: Callable[[torch.Tensor], torch.Tensor], scmoe=None,
+                after_pass: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+    """The decode loop of every generation path: each step, every decoder's logits() (one pass
+    each, in pass_overrides order), SCMoE's contrast of the two, `pick(logits_BV)` -> ids [B],
+    appended to the rows and to every decoder; returns rows + max_new_tokens ids each.
+    rows empty (an idle rank of distributed generation): the passes still run every step and
+    nothing is picked. after_pass(step) runs after each pass (distributed generation counts its
+    forwards there)."""
+    out = [list(r) for r in rows]
+    for step in range(max_new_tokens):
+        logits = []
+        for d in decoders:
+            logits.append(d.logits())
+            if after_pass is not None:
+                after_pass(step)
+        if not out:
+            continue
+        logits_BV = logits[0]
+        if scmoe is not None:
+            from hecate.inference.scmoe import contrast
+
+            logits_BV = contrast(logits_BV, logits[1], scmoe.beta, scmoe.alpha)
+        ids_B = pick(logits_BV)
+        for s, i in zip(out, ids_B.tolist()):
+            s.append(int(i))
+        for d in decoders:
+            d.append(ids_B)
+    return out
+
+
 @torch.inference_mode()  # no autograd bookkeeping per op (both paths; nothing here is trained)
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
@@ -92,21 +130,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
-    base = [routing] if routing else []
-    strong = make_decoder(model, prompts, base, use_cache, max_new_tokens)
-    weak = (make_decoder(model, prompts, base + [scmoe.weak_overrides(model)], use_cache, max_new_tokens)
-            if scmoe else None)
-    out = [list(p) for p in prompts]
-    for _ in range(max_new_tokens):
-        logits_BV = strong.logits()
-        if weak is not None:
-            from hecate.inference.scmoe import contrast
-
-            logits_BV = contrast(logits_BV, weak.logits(), scmoe.beta, scmoe.alpha)
-        ids_B = pick_next(logits_BV, temperature, top_k, top_p, generator)
-        for s, i in zip(out, ids_B.tolist()):
-            s.append(int(i))
-        strong.append(ids_B)
-        if weak is not None:
-            weak.append(ids_B)
-    return out
+    decoders = [make_decoder(model, prompts, o, use_cache, max_new_tokens)
+                for o in pass_overrides(model, routing, scmoe)]
+    return decode_loop(decoders, prompts, max_new_tokens,
+                       lambda logits_BV: pick_next(logits_BV, temperature, top_k, top_p, generator), scmoe)
