@@ -50,8 +50,12 @@ def test_flash_attention_cuda(dtype, S, d, H, G, causal, window, sinks, block):
         bs = attn.BlockSparse.from_mask(torch.rand(H, nb, nb, generator=g) < 0.6, block)
     grad = torch.randn(2, H, S, d, generator=g).to(dtype)
     kw = dict(causal=causal, window=window, sinks=sinks)
-    out_c, grads_c = _grads(lambda q, k, v: attn.flash_attention(q, k, v, block_sparse=bs, **kw),
-                            [t.to(CUDA) for t in (q, k, v)], grad.to(CUDA))
+    try:
+        out_c, grads_c = _grads(lambda q, k, v: attn.flash_attention(q, k, v, block_sparse=bs, **kw),
+                                [t.to(CUDA) for t in (q, k, v)], grad.to(CUDA))
+    except ValueError as exc:  # fp64 with d > 211 needs more shared memory than sm_80 has
+        assert dtype == torch.float64 and d > 211 and "shared memory per block" in str(exc), exc
+        pytest.skip(f"this GPU cannot hold the fp64 tiles: {exc}")
     extra = {} if bs is None else dict(block_offsets=bs.offsets_HQ, block_cols=bs.cols, block_size=block)
     out_r, grads_r = _grads(lambda q, k, v: ref.flash_attention(q, k, v, **kw, **extra), [q, k, v], grad)
     torch.testing.assert_close(out_c.cpu(), out_r, **TOL[dtype])

@@ -302,6 +302,14 @@ AttnShape make_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, in
   return s;
 }
 
+// Dynamic shared memory of each kernel (the layouts at the top of the kernels), in bytes.
+size_t fwd_smem(size_t acc_bytes, int64_t d) {
+  return acc_bytes * ((2 * kRowsQ + 2 * kRowsK) * d + kRowsQ * kRowsK + 3 * kRowsQ);
+}
+size_t bwd_smem(size_t acc_bytes, int64_t d) {
+  return acc_bytes * ((4 * kRowsK + 2 * kRowsQ) * d + 2 * kRowsQ * kRowsK + 2 * kRowsQ);
+}
+
 bool bad_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, int64_t d, int64_t block_size,
                const int64_t* block_offsets) {
   return B < 0 || H < 1 || G < 1 || H % G != 0 || Sq < 0 || Sk < 0 || d < 1 || d > 256 ||
@@ -310,6 +318,13 @@ bool bad_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, int64_t 
 
 }  // namespace
 }  // namespace hecate::cuda
+
+extern "C" size_t hecate_attention_smem_bytes(hecate_dtype dtype, int64_t d, int backward) {
+  using namespace hecate::cuda;
+  const size_t acc_bytes = dtype == HECATE_F64 ? sizeof(double) : sizeof(float);
+  // The forward also holds one static int (any_active).
+  return backward ? bwd_smem(acc_bytes, d) : fwd_smem(acc_bytes, d) + sizeof(int);
+}
 
 extern "C" cudaError_t hecate_attention_fwd(const void* q, const void* k, const void* v, hecate_dtype dtype,
                                             int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk,
@@ -327,7 +342,7 @@ extern "C" cudaError_t hecate_attention_fwd(const void* q, const void* k, const 
                   static_cast<unsigned>(B));
   return HECATE_DISPATCH_FLOAT(dtype, [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const size_t smem = sizeof(acc_t) * ((2 * kRowsQ + 2 * kRowsK) * d + kRowsQ * kRowsK + 3 * kRowsQ);
+    const size_t smem = fwd_smem(sizeof(acc_t), d);
     cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<scalar_t>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -355,7 +370,7 @@ extern "C" cudaError_t hecate_attention_bwd(const void* q, const void* k, const 
                   static_cast<unsigned>(B));
   return HECATE_DISPATCH_FLOAT(dtype, [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const size_t smem = sizeof(acc_t) * ((4 * kRowsK + 2 * kRowsQ) * d + 2 * kRowsQ * kRowsK + 2 * kRowsQ);
+    const size_t smem = bwd_smem(sizeof(acc_t), d);
     cudaError_t err = cudaFuncSetAttribute(attention_bwd_kernel<scalar_t>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;

@@ -323,12 +323,26 @@ AttnInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, d
 
 const int64_t* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
 
+// The kernels keep tiles of 16 x d in shared memory in the math type: refuse a head_dim / dtype
+// this GPU cannot hold with a message saying so (the launch would fail with "invalid argument").
+void check_attention_smem(const AttnInputs& in, bool backward) {
+  const size_t need = hecate_attention_smem_bytes(dtype_code(in.q, "q"), in.d, backward);
+  int optin = 0;  // an attribute query: no synchronization
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.q.get_device()));
+  const size_t have = static_cast<size_t>(optin);
+  TORCH_CHECK_VALUE(need <= have, "the CUDA attention ", backward ? "backward" : "forward", " with head_dim ",
+                    in.d, " in ", in.q.scalar_type(), " needs ", need,
+                    " bytes of shared memory per block, more than this GPU's ", have,
+                    "; use float32 / bfloat16 (fp32 math) or a smaller head_dim");
+}
+
 std::tuple<Tensor, Tensor> flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                                                bool causal, int64_t window, int64_t sinks,
                                                const std::optional<Tensor>& block_offsets,
                                                const std::optional<Tensor>& block_cols, int64_t block_size) {
   AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, block_offsets, block_cols, block_size);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_attention_smem(in, /*backward=*/false);
   auto out = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options());
   auto lse = at::empty({in.B, in.H, in.Sq}, in.q.options().dtype(math_dtype(q.scalar_type())));
   C10_CUDA_CHECK(hecate_attention_fwd(in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
@@ -343,6 +357,7 @@ std::tuple<Tensor, Tensor> flash_attention_fwd(const Tensor& q, const Tensor& k,
 std::tuple<Tensor, Tensor, Tensor> attention_grads(const AttnInputs& in, const Tensor& dout, const Tensor& lse,
                                                    const Tensor& delta, bool causal, int64_t window,
                                                    int64_t sinks) {
+  check_attention_smem(in, /*backward=*/true);
   const auto math = math_dtype(in.q.scalar_type());
   auto dq = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options().dtype(math));
   auto dk = at::zeros({in.B, in.G, in.Sk, in.d}, in.q.options().dtype(math));
@@ -399,6 +414,7 @@ std::tuple<Tensor, Tensor, Tensor> moh_attention_fwd(const Tensor& q, const Tens
                                                      double scale, bool causal, int64_t window, int64_t sinks) {
   AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, std::nullopt, std::nullopt, 0);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_attention_smem(in, /*backward=*/false);
   auto [active, weight, selected, column] = routing_maps(in, head_idx, head_weight);
   auto out = at::zeros({in.B, in.H, in.Sq, in.d}, in.q.options());
   auto out_raw = at::zeros_like(out);

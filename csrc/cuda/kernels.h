@@ -42,7 +42,8 @@ typedef enum {
 
 // topk_gating: logits_TE (dtype) -> weights_TK, indices_TK i64, scores_TE. bias_E, weights_TK
 // and scores_TE are in the math type; bias_E may be NULL. Requires 1 <= K <= E.
-// Renormalization divides by max(sum, 1e-20), like the CPU kernel and the reference.
+// Renormalization divides by max(sum, 1e-20), like the CPU kernel and the reference. Every index
+// is in [0, E): a NaN selection value ranks as -inf (its weight is the NaN score).
 cudaError_t hecate_topk_gating(const void* logits_TE, hecate_dtype dtype, const void* bias_E,
                                int64_t T, int64_t E, int64_t K, hecate_score_func score_func,
                                int renormalize, void* weights_TK, int64_t* indices_TK,
@@ -117,6 +118,11 @@ cudaError_t hecate_attention_fwd(const void* q, const void* k, const void* v, he
                                  const int64_t* block_offsets, const int64_t* block_cols,
                                  int64_t block_size, const uint8_t* row_active, const void* row_weight,
                                  void* out, void* out_raw, void* lse, cudaStream_t stream);
+// Shared memory (bytes, dynamic plus static) one block of the forward (backward = 0) or the
+// backward (backward = 1) needs for head_dim d in `dtype`: it grows with d and the math type,
+// and the caller compares it with the device's per-block opt-in limit before launching (fp64
+// backward with d > 211 exceeds sm_80's 163 KiB).
+size_t hecate_attention_smem_bytes(hecate_dtype dtype, int64_t d, int backward);
 // Backward: dout [B, H, Sq, d] (already multiplied by MoH weights), lse and delta
 // (= rowsum(dout * out)) [B, H, Sq]; accumulates (atomicAdd) into zeroed dq [B, H, Sq, d] and
 // dk / dv [B, G, Sk, d]. Rows with lse = -inf contribute nothing.
