@@ -90,6 +90,27 @@ def test_topk_gating_ties_go_to_lower_index(score_func):
         assert torch.equal(idx.cpu(), idx_cpu)
 
 
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_topk_gating_nan_rows_keep_valid_indices(score_func):
+    # A NaN selection value ranks as -inf: every slot still names a distinct expert in [0, E)
+    # (an index of -1 made the backward's gather fault on the device), its weight is NaN.
+    logits = torch.randn(6, 8, device=CUDA, requires_grad=True)
+    with torch.no_grad():
+        logits[1, 3] = float("nan")           # softmax: the whole row is NaN
+        logits[2] = float("nan")
+        logits[4, :2] = float("inf")          # softmax: inf - inf
+    w, idx, s = hecate_op("topk_gating")(logits.detach(), 3, score_func, True, None)
+    assert ((idx >= 0) & (idx < 8)).all()
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct per row
+    assert torch.isnan(w[2]).all() and torch.isfinite(w[0]).all()
+    from hecate import ops
+
+    w, _, s = ops.topk_gating(logits, 3, score_func)  # autograd: gather / scatter on the indices
+    (w.nansum() + s.nansum()).backward()
+    torch.cuda.synchronize()
+    assert logits.grad.shape == logits.shape
+
+
 def test_topk_gating_empty_and_errors():
     w, idx, s = hecate_op("topk_gating")(torch.empty(0, 8, device=CUDA), 2, "softmax", True, None)
     assert w.shape == (0, 2) and idx.shape == (0, 2) and s.shape == (0, 8)

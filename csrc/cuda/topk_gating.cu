@@ -86,6 +86,10 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits_TE, const A* __r
 
   // k rounds of argmax. Round r only considers entries ranked strictly after the pick of
   // round r-1 in the (value desc, index asc) order, so no "already taken" mask is needed.
+  // A NaN selection value (NaN logits, or inf - inf in the softmax) ranks as -inf: it compares
+  // false with everything and would never be picked, leaving slots without an expert. Every
+  // slot gets a real expert, as on the CPU (its weight is the NaN score, so the loss shows it);
+  // an index of -1 would make the backward's gather fault on the device.
   A prev_value = INFINITY;
   int prev_index = -1;
   A weight_sum = 0;
@@ -93,18 +97,18 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits_TE, const A* __r
     Pick<A> best{-INFINITY, INT_MAX, 0};
     for (int e = lane; e < E; e += kWarp) {
       const A score = row[e];
-      const A value = bias_E ? score + bias_E[e] : score;
+      A value = bias_E ? score + bias_E[e] : score;
+      if (value != value) value = -INFINITY;
       const bool after_prev = value < prev_value || (value == prev_value && e > prev_index);
       if (after_prev && ranks_before(value, e, best.value, best.index)) best = Pick<A>{value, e, score};
     }
     best = warp_argmax(best);
     prev_value = best.value;
     prev_index = best.index;
-    const bool found = best.index != INT_MAX;  // false only with NaN scores
-    weight_sum += found ? best.score : A(0);
+    weight_sum += best.score;  // K <= E entries, all ranked: every round finds one
     if (lane == 0) {
-      indices_TK[t * K + r] = found ? best.index : -1;
-      weights_TK[t * K + r] = found ? best.score : A(0);
+      indices_TK[t * K + r] = best.index;
+      weights_TK[t * K + r] = best.score;
     }
   }
   if (renormalize && lane == 0) {
