@@ -116,8 +116,15 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
 
 
 def _open_all(step_dir: str, manifest: dict) -> list[ShardFile]:
-    return [ShardFile(os.path.join(step_dir, fname), meta["sha256"], meta["bytes"])
-            for fname, meta in sorted(manifest["files"].items())]
+    files: list[ShardFile] = []
+    try:
+        for fname, meta in sorted(manifest["files"].items()):
+            files.append(ShardFile(os.path.join(step_dir, fname), meta["sha256"], meta["bytes"]))
+    except BaseException:  # a bad file: close the ones already open, then report it
+        for f in files:
+            f.close()
+        raise
+    return files
 
 
 def expert_rows(files: list[ShardFile], layer_index: int, layout: ChunkLayout, ids: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def read_verified(path: str, sha256: str | None, size: int | None) -> bytes:
 
 
 def safetensors_header(data, path: str = "<bytes>") -> tuple[dict, int]:
-    """The JSON header of a safetensors blob or mapping (u64 little-endian length, then JSON;
+    """The JSON header of a safetensors blob (u64 little-endian length, then JSON;
     `__metadata__` included) and the offset where its tensor data starts."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
