@@ -32,3 +32,24 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
 def test_gpu_check_refuses_unknown_arguments():
     proc = subprocess.run(["bash", "tools/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
+
+
+CRASH = r"""
+import os, sys
+sys.path.insert(0, "tools")
+import gpu_check
+gpu_check.collectives = lambda device, backend, quick: {"chunks": 1}
+gpu_check.bench = lambda device, quick: os._exit(7)  # the process dies inside a step (a segfault)
+gpu_check.main(["--dry-run", "--steps", "collectives,bench", "--out", sys.argv[1]])
+"""
+
+
+def test_a_crash_inside_a_step_keeps_the_steps_before_it(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["steps"]["collectives"]["ok"] and results["steps"]["collectives"]["chunks"] == 1
+    assert not results["steps"]["bench"]["ok"] and "did not finish" in results["steps"]["bench"]["error"]
+    assert results["ok"] is False

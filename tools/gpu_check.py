@@ -14,11 +14,14 @@ Called by tools/gpu_check.sh after it built the extension and ran the `gpu`-mark
 
 --dry-run runs the same code on the CPU (gloo, tiny shapes, one repeat): CI runs it, so the
 script cannot rot while no GPU is at hand. Every step runs even if an earlier one failed;
-the exit status is non-zero if any failed (each failure's traceback is in the JSON).
+the exit status is non-zero if any failed (each failure's traceback is in the JSON). The JSON
+is rewritten after every step, so a crash of the process itself (a segfault, a kill at the
+time limit) keeps the steps before it; faulthandler prints where such a crash happened.
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
@@ -242,6 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prior", default=None, help="JSON of the steps tools/gpu_check.sh ran before")
     parser.add_argument("--steps", default="collectives,fssdp_step,bench")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a segfault (a kernel, NCCL) prints the Python stack into the step's log
     if args.dry_run:
         device, backend = torch.device("cpu"), "gloo"
     else:
@@ -268,20 +272,31 @@ def main(argv=None) -> int:
     steps = {"collectives": lambda: collectives(device, backend, args.dry_run),
              "fssdp_step": lambda: fssdp_step(device, backend, args.dry_run),
              "bench": lambda: bench(device, args.dry_run)}
-    for name in args.steps.split(","):
+    names = args.steps.split(",")
+    for name in names:
         if name not in steps:
             parser.error(f"--steps: unknown step {name!r}; choose from {sorted(steps)}")
+    for name in names:
+        # Marked unfinished first: if the process dies inside the step, the JSON names it.
+        results["steps"][name] = {"ok": False, "error": "did not finish: the process died or was stopped "
+                                  "at its time limit (see the step's log for faulthandler's stack)"}
+        _write(results, args.out)
         _run(results, name, steps[name])
+        _write(results, args.out)  # what ran so far survives a crash of a later step
     if dist.is_initialized():
         dist.destroy_process_group()
-    results["ok"] = all(step.get("ok") for step in results["steps"].values())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, args.out)
     print(f"gpu_check: {'ok' if results['ok'] else 'FAILED'}; results in {args.out}")
     return 0 if results["ok"] else 1
+
+
+def _write(results: dict, out: str) -> None:
+    """Write the results so far (atomically: a crash leaves the previous file whole)."""
+    results["ok"] = all(step.get("ok") for step in results["steps"].values())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$(dirname "$OUT")"
+rm -f "$OUT"  # a file left by an earlier run must not pass for this run's results
 LOGDIR="$(dirname "$OUT")"
 # Unbuffered: a step stopped at its time limit still leaves everything it printed in its log.
 export PYTHONUNBUFFERED=1
