@@ -1,20 +1,23 @@
 """How long the FSSDP per-step control plane takes, from 8 to 1024 ranks.
 
 For every world size W, expert count E, top-k and routing (uniform or Zipf-skewed) it
-times the whole plan of one MoE layer, as the runtime computes it on each rank
+times the whole plan of one MoE layer as the runtime computes it on each rank
 (hecate/parallel/fssdp/strategy.py `plan` + `forward`):
 
-  load update + predict  ->  P1 (Algorithm 1, proportional case)  ->  P1 fitted to bytes
-  ->  token routes  ->  this rank's send / receive splits  ->  destination bins of its
-  T x k routed entries  ->  its spAG / spRS plan (hecate.comm.sparse.plan_sparse)
+  predict  ->  planner.plan_layer (one C++ op: the counts' check and totals, P1 by Algorithm 1
+  in its proportional case, P1 fitted to bytes, the token routes with this rank's layout)
+  ->  load update  ->  destination bins of its T x k routed entries  ->  its spAG / spRS plan
+  (hecate.comm.sparse.plan_sparse, when P1 has replicas)
 
-and reports milliseconds per layer (CPU time of this process, so that other jobs on a
-shared machine do not inflate it: min and median of --repeat runs), the peak of
-numpy / Python memory during one plan (tracemalloc; torch's and the C++ ops' own
-allocations are not traced) plus the bytes of the plan's [W, E] and [T, k] tensors (P1,
-the rank's receives, its bins: most of what the C++ ops allocate), the time of each
-stage, and for each series the growth exponent b of
-ms ~ W^b (least squares on log-log). One thread (torch.set_num_threads(1)).
+and, side by side on the same inputs, the staged path it replaced (one call per stage with
+the Python between them: load update + predict, P1, fit, routes, splits, bins, sparse), with
+the time of each of its stages. Reported: milliseconds per layer (CPU time of this process, so
+that other jobs on a shared machine do not inflate it: min and median of --repeat runs), the
+ratio staged / fused, the peak of numpy / Python memory during one plan (tracemalloc; torch's
+and the C++ ops' own allocations are not traced) plus the bytes of the plan's [W, E] and
+[T, k] tensors (P1, the rank's receives, its bins: most of what the C++ ops allocate), and
+for each series the growth exponent b of ms ~ W^b (least squares on log-log). One thread
+(torch.set_num_threads(1)).
 
 --reference also times the dense planner this one replaced (tests/fssdp_reference_planner.py:
 [W, E, W] routes, a sort over ranks per copy in Algorithm 1, a loop over ranks in the byte
@@ -57,6 +60,7 @@ from hecate.parallel.fssdp import (  # noqa: E402
     proportional_quota,
     route_tokens,
 )
+from hecate.parallel.fssdp.planner import ReplicaFit, plan_layer  # noqa: E402
 from hecate.parallel.fssdp.sharding import even_sharding  # noqa: E402
 from hecate.parallel.fssdp.strategy import FullyShardedSparse  # noqa: E402
 
@@ -89,13 +93,40 @@ class Case:
         self.nodes = node_of_ranks(W, min(ranks_per_node, W))
         self.owner = (even_sharding(E, W) + 0) % W
         self.m = 2 * math.ceil(E / W)  # the runtime's default memory slots
-        self.policy = HecatePolicy(overlap_degree=4 * self.m)  # t > m: the proportional case
+        self.t = 4 * self.m  # t > m: the proportional case
+        self.policy = HecatePolicy(overlap_degree=self.t)
         self.predictor = LoadPredictor(E)
         self.predictor.update_from_rank_counts(self.counts)
+        self.history = torch.empty(W, E, dtype=torch.float64)  # the runtime reuses the evicted entry
 
 
 def plan_new(case: Case, stages: dict | None = None):
-    """The runtime's whole plan of one layer, as rank 0 computes it."""
+    """The runtime's whole plan of one layer, as rank 0 computes it (strategy.plan + forward)."""
+    clock = time.process_time
+    t = clock()
+    laid = plan_layer(case.counts, case.owner, case.nodes, 0, capacity_m=case.m, load_E=case.predictor.predict(),
+                      overlap_degree=case.t, fit=ReplicaFit(**FIT), history_out=case.history)
+    case.predictor.update_checked(laid.counts_E)
+    layout = laid.plan.rank_layout(0)
+    if stages is not None:
+        now = clock()
+        stages["plan"] = stages.get("plan", 0.0) + now - t
+        t = now
+    bins = FullyShardedSparse._destination_bins(case.indices, case.E, layout)
+    if stages is not None:
+        now = clock()
+        stages["bins"] = stages.get("bins", 0.0) + now - t
+        t = now
+    if laid.plan.num_replicas:  # forward's device_plan: the spAG / spRS plan
+        plan_sparse(case.owner, laid.plan.holders_WE, 0)
+    if stages is not None:
+        stages["sparse"] = stages.get("sparse", 0.0) + clock() - t
+        stages["_out_bytes"] = laid.plan.holders_WE.nbytes + layout.recv_WE.nbytes + bins.nbytes
+    return laid.plan.holders_WE, laid.plan.routes
+
+
+def plan_staged(case: Case, stages: dict | None = None):
+    """The staged path plan_new replaced: one call per stage, Python between them."""
     clock = time.process_time
     t = clock()
 
@@ -182,17 +213,30 @@ def scale_grid(args):
                 for W in args.ranks:
                     case = Case(W, E, k, routing, args.tokens_per_rank, args.ranks_per_node)
                     plan_new(case)  # warm up (imports, caches)
-                    best, med = cpu_ms(lambda: plan_new(case), args.repeat)
-                    stages = {}
+                    plan_staged(case)
+                    # Interleaved, so that a burst of load on a shared machine hits both alike.
+                    runs = [(cpu_ms(lambda: plan_new(case), 1)[0], cpu_ms(lambda: plan_staged(case), 1)[0])
+                            for _ in range(args.repeat)]
+                    best, med = min(r[0] for r in runs), statistics.median(r[0] for r in runs)
+                    sbest = min(r[1] for r in runs)
+                    stages, staged_stages = {}, {}
                     for _ in range(args.repeat):
                         plan_new(case, stages)
+                        plan_staged(case, staged_stages)
                     holders, routes = plan_new(case)
+                    s_holders, s_routes = plan_staged(case)
+                    staged_stages.pop("_out_bytes")
                     row = {"W": W, "E": E, "top_k": k, "routing": routing, "m": case.m,
                            "replicas": int(holders.sum()) - E, "ms_min": round(best, 3),
-                           "ms_median": round(med, 3),
+                           "ms_median": round(med, 3), "staged_ms_min": round(sbest, 3),
+                           "staged_over_fused": round(sbest / max(best, 1e-6), 2),
+                           "same_plan_as_staged": bool(torch.equal(holders, s_holders) and np.array_equal(
+                               routes.layout(0).recv_WE, s_routes.layout(0).recv_WE)),
                            "peak_mib": round(peak_mib(lambda: plan_new(case)), 2),
                            "out_kib": round(stages.pop("_out_bytes") / 2**10, 1),
-                           "stages_ms": {n: round(v * 1e3 / args.repeat, 3) for n, v in stages.items()}}
+                           "stages_ms": {n: round(v * 1e3 / args.repeat, 3) for n, v in stages.items()},
+                           "staged_stages_ms": {n: round(v * 1e3 / args.repeat, 3)
+                                                for n, v in staged_stages.items()}}
                     if ref is not None and W <= args.reference_max_ranks:
                         ref_holders, ref_routes = plan_reference(case, ref)
                         row["same_plan_as_reference"] = bool(
@@ -216,9 +260,11 @@ def scale_grid(args):
 
 def _fmt(row):
     text = (f"W={row['W']:5d} E={row['E']:4d} k={row['top_k']} {row['routing']:8s} "
-            f"replicas={row['replicas']:5d}  {row['ms_min']:8.3f} ms/layer (median "
-            f"{row['ms_median']:.3f})  peak {row['peak_mib']:5.2f} MiB + {row['out_kib']:7.1f} KiB  "
-            + " ".join(f"{n}={v:.2f}" for n, v in row["stages_ms"].items()))
+            f"replicas={row['replicas']:5d}  {row['ms_min']:7.3f} ms/layer (median "
+            f"{row['ms_median']:.3f}; staged {row['staged_ms_min']:.3f}, {row['staged_over_fused']}x, "
+            f"same plan: {row['same_plan_as_staged']})  peak {row['peak_mib']:5.2f} MiB + "
+            f"{row['out_kib']:7.1f} KiB  " + " ".join(f"{n}={v:.2f}" for n, v in row["stages_ms"].items())
+            + "  | staged " + " ".join(f"{n}={v:.2f}" for n, v in row["staged_stages_ms"].items()))
     if "reference_ms_min" in row:
         text += (f"  | reference {row['reference_ms_min']:.3f} ms, {row['reference_peak_mib']:.1f} MiB"
                  f" ({row['reference_over_new']}x, same plan: {row['same_plan_as_reference']})")

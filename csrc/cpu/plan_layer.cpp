@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -21,12 +22,21 @@
 namespace hecate::cpu {
 namespace {
 
-using PlanLayerResult = std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                   at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+using PlanLayerResult =
+    std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
-// Returns (holders_WE, H, counts_E, send_e, send_dst, send_tokens, recv_WE, send_splits,
-// recv_splits, sparse): sparse is plan_sparse's nine tensors when `sparse` is set and P1 has
-// replicas, else empty.
+// Algorithm 1's P1 when it is fitted right after: a buffer kept across calls (no [W, E] allocation).
+bool* scratch_holders(int64_t cells) {
+  thread_local std::unique_ptr<bool[]> buf;
+  thread_local int64_t size = 0;
+  if (size < cells) buf.reset(new bool[cells]), size = cells;
+  std::fill(buf.get(), buf.get() + cells, false);
+  return buf.get();
+}
+
+// Returns (holders_WE, H, counts_E, sends [3, S] (expert, destination, tokens), recv_WE,
+// splits [2, W] (send, receive), sparse): sparse is plan_sparse's nine tensors when `sparse` is
+// set and P1 has replicas, else empty.
 PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_E, const at::Tensor& node_W,
                            const std::optional<at::Tensor>& load_E, const std::optional<at::Tensor>& holders_WE,
                            int64_t m, int64_t t, bool fit, int64_t fit_cost, int64_t token_bytes,
@@ -74,6 +84,7 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
 
   // P1: the caller's (an early, prefetched or other policy's P1), or Algorithm 1's.
   at::Tensor holders;
+  const bool* p1 = nullptr;
   if (holders_WE.has_value()) {
     holders = *holders_WE;
     TORCH_CHECK_VALUE(holders.dim() == 2 && holders.scalar_type() == at::kBool && holders.size(0) == W &&
@@ -81,6 +92,7 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
                       "holders_WE must be a bool tensor [W, E] = [", W, ", ", E, "], got ", holders.sizes(), " ",
                       holders.scalar_type());
     holders = holders.contiguous();
+    p1 = holders.const_data_ptr<bool>();
   } else {
     TORCH_CHECK_VALUE(load_E.has_value(), "plan_layer needs load_E (the predicted load) or holders_WE (P1)");
     const at::Tensor& load = *load_E;
@@ -89,21 +101,26 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
                       load.scalar_type());
     TORCH_CHECK_VALUE(t >= 0, "the overlap degree t must be >= 0, got ", t);
     auto lc = load.contiguous();
-    holders = at::zeros({W, E}, opts.dtype(at::kBool));
-    planner::place(holders.mutable_data_ptr<bool>(), lc.const_data_ptr<double>(), owner, node, W, E, m, t);
+    bool* placed = nullptr;
+    if (fit) {
+      placed = scratch_holders(W * E);
+    } else {
+      holders = at::zeros({W, E}, opts.dtype(at::kBool));
+      placed = holders.mutable_data_ptr<bool>();
+    }
+    planner::place(placed, lc.const_data_ptr<double>(), owner, node, W, E, m, t);
+    p1 = placed;
   }
   if (fit) {
     auto fitted = at::zeros({W, E}, opts.dtype(at::kBool));
-    planner::fit(holders.const_data_ptr<bool>(), fitted.mutable_data_ptr<bool>(), owner, cnt, W, E, fit_cost,
-                 token_bytes, m, fixed_bytes);
+    planner::fit(p1, fitted.mutable_data_ptr<bool>(), owner, cnt, W, E, fit_cost, token_bytes, m, fixed_bytes);
     holders = fitted;
   }
   const bool* h = holders.const_data_ptr<bool>();
   planner::Layout l = planner::route_layout(h, cnt, node, W, E, rank, opts);
   std::vector<at::Tensor> sp;
   if (sparse && l.H > E) sp = planner::sparse_plan(owner, h, W, E, rank, opts);
-  return {holders, l.H, counts_E, l.send_e, l.send_dst, l.send_tokens, l.recv_WE, l.send_splits,
-          l.recv_splits, std::move(sp)};
+  return {holders, l.H, counts_E, l.sends, l.recv_WE, l.splits, std::move(sp)};
 }
 
 }  // namespace
@@ -113,7 +130,7 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
 TORCH_LIBRARY_FRAGMENT(hecate, m) {
   m.def("plan_layer(Tensor counts, Tensor owner, Tensor node, Tensor? load, Tensor? holders, int m, int t, "
         "bool fit, int fit_cost, int token_bytes, float fixed_bytes, int rank, bool sparse, Tensor(a!)? history_out) "
-        "-> (Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])");
+        "-> (Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(hecate, CPU, m) { m.impl("plan_layer", &hecate::cpu::plan_layer); }

@@ -28,8 +28,10 @@ void fit(const bool* h, bool* out, const int64_t* owner, const T* counts, int64_
 // One rank's side of the token routes (routes.TokenRoutes.layout); counts already checked
 // non-negative. rank = -1: only index and check the holders (the tensors are left undefined).
 struct Layout {
-  int64_t H = 0;  // holders in P1
-  at::Tensor send_e, send_dst, send_tokens, recv_WE, send_splits, recv_splits;
+  int64_t H = 0;      // holders in P1
+  at::Tensor sends;   // int64 [3, S]: expert, destination, tokens of each send, by (expert, destination)
+  at::Tensor recv_WE;  // int64 [W_src, E]
+  at::Tensor splits;  // int64 [2, W]: tokens sent to / received from each peer
 };
 Layout route_layout(const bool* h, const int64_t* counts, const int64_t* node, int64_t W, int64_t E,
                     int64_t rank, const at::TensorOptions& opts);

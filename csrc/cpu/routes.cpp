@@ -115,7 +115,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
     auto none = at::empty({0}, counts_WE.options());
     return {l.H, none, none, none, none, none, none};
   }
-  return {l.H, l.send_e, l.send_dst, l.send_tokens, l.recv_WE, l.send_splits, l.recv_splits};
+  return {l.H, l.sends[0], l.sends[1], l.sends[2], l.recv_WE, l.splits[0], l.splits[1]};
 }
 
 // bin = dst * E + e of every routed entry (-1 for dropped ones, index < 0): the entries of an
@@ -161,24 +161,36 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
   }
   auto out = at::empty(indices.sizes(), indices.options());
   int64_t* bins = out.mutable_data_ptr<int64_t>();
-  int64_t n_valid = 0, n_split = 0, overflow_e = -1, bad = -1;
+  // Pass 1, without branches on the entries (whether an entry's expert is split is random
+  // from one entry to the next, so a branch would be mispredicted often): every entry gets
+  // its expert's lookup (-1 for dropped and out-of-range ones: lookup[E]), and the positions
+  // of the split experts' entries are appended to a list, in token order.
+  lookup.push_back(-1);
+  thread_local std::vector<int64_t> split_at;
+  if (static_cast<int64_t>(split_at.size()) < n) split_at.resize(n);
+  int64_t* sp = split_at.data();
+  int64_t n_dropped = 0, n_split = 0;
+  bool out_of_range = false;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t x = idx[j];
-    if (x < 0) {
-      bins[j] = -1;
-      continue;
-    }
-    if (x >= E) {
-      bad = j;
-      break;
-    }
-    ++n_valid;
-    const int64_t b = lookup[x];
-    if (b != kSplit) {
-      bins[j] = b;  // -1 if the plan routes none: the totals check below names the disagreement
-      continue;
-    }
-    ++n_split;
+    const bool dropped = x < 0, over = x >= E;
+    out_of_range |= over;
+    n_dropped += dropped;
+    const int64_t b = lookup[(dropped | over) ? E : x];
+    bins[j] = b;
+    sp[n_split] = j;
+    n_split += b == kSplit;
+  }
+  if (out_of_range) {
+    int64_t bad = 0;
+    while (idx[bad] < E) ++bad;
+    TORCH_CHECK_VALUE(false, "indices has expert ", idx[bad], " but the layer has ", E, " experts");
+  }
+  const int64_t n_valid = n - n_dropped;
+  // Pass 2: the split experts' entries fill their cells' shares one after another.
+  int64_t overflow_e = -1;
+  for (int64_t s = 0; s < n_split; ++s) {
+    const int64_t j = sp[s], x = idx[j];
     if (left[x] == 0) {  // this cell's share is full: the next cell with tokens
       int64_t c = cur[x] + 1;
       while (c < stop[x] && ct[c] == 0) ++c;
@@ -192,7 +204,6 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
     --left[x];
     bins[j] = bin[x];
   }
-  TORCH_CHECK_VALUE(bad < 0, "indices has expert ", bad < 0 ? 0 : idx[bad], " but the layer has ", E, " experts");
   TORCH_CHECK(routed == n_valid, "fssdp destination bins: the plan routes ", routed, " entries of rank ", rank,
               " but it has ", n_valid, "; the all-gathered counts disagree with the local routing");
   TORCH_CHECK(n_split == split_tokens, "fssdp destination bins: rank ", rank, " has ", n_split,
@@ -235,11 +246,12 @@ Layout route_layout(const bool* h, const int64_t* cnt, const int64_t* node, int6
       se.push_back(e), sd.push_back(d), st.push_back(share_of(c, n, pos++, rank, e));
     }
   }
-  // Receives [W_src, E] for the experts this rank holds.
+  // Receives [W_src, E] for the experts this rank holds; per-peer splits [2, W]: sends, receives.
   auto recv = at::zeros({W, E}, opts);
-  auto recv_splits = at::zeros({W}, opts);
+  auto splits = at::zeros({2, W}, opts);
   int64_t* rv = recv.mutable_data_ptr<int64_t>();
-  int64_t* rs = recv_splits.mutable_data_ptr<int64_t>();
+  int64_t* ss = splits.mutable_data_ptr<int64_t>();
+  int64_t* rs = ss + W;
   for (int64_t e = 0; e < E; ++e) {
     if (!h[rank * E + e]) continue;
     // This rank's position in its node's group and in the all-holders group of e.
@@ -265,19 +277,17 @@ Layout route_layout(const bool* h, const int64_t* cnt, const int64_t* node, int6
       rs[s] += v;
     }
   }
+  // Sends [3, S]: expert, destination, tokens.
   const int64_t S = static_cast<int64_t>(se.size());
-  auto send_e = at::empty({S}, opts), send_dst = at::empty({S}, opts), send_tok = at::empty({S}, opts);
-  std::copy(se.begin(), se.end(), send_e.mutable_data_ptr<int64_t>());
-  std::copy(sd.begin(), sd.end(), send_dst.mutable_data_ptr<int64_t>());
-  std::copy(st.begin(), st.end(), send_tok.mutable_data_ptr<int64_t>());
-  auto send_splits = at::zeros({W}, opts);
-  int64_t* ss = send_splits.mutable_data_ptr<int64_t>();
+  auto sends = at::empty({3, S}, opts);
+  int64_t* sp = sends.mutable_data_ptr<int64_t>();
+  std::copy(se.begin(), se.end(), sp);
+  std::copy(sd.begin(), sd.end(), sp + S);
+  std::copy(st.begin(), st.end(), sp + 2 * S);
   for (int64_t i = 0; i < S; ++i) ss[sd[i]] += st[i];
-  out.send_e = send_e, out.send_dst = send_dst, out.send_tokens = send_tok, out.recv_WE = recv;
-  out.send_splits = send_splits, out.recv_splits = recv_splits;
+  out.sends = sends, out.recv_WE = recv, out.splits = splits;
   return out;
 }
-
 
 }  // namespace planner
 }  // namespace hecate::cpu

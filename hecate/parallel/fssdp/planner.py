@@ -34,6 +34,15 @@ from hecate.parallel.fssdp.plan import Plan
 from hecate.parallel.fssdp.routes import RankLayout, TokenRoutes, route_tokens
 
 
+_OP = []  # torch.ops.hecate.plan_layer.default, looked up once (the overload call skips the packet's resolution)
+
+
+def _op():
+    if not _OP:
+        _OP.append(torch.ops.hecate.plan_layer.default)
+    return _OP[0]
+
+
 @dataclass(frozen=True)
 class ReplicaFit:
     """materialize.fit_holders' byte prices: a chunk crosses `chunk_passes` times, a token 4
@@ -77,12 +86,12 @@ def plan_layer(counts_WE: torch.Tensor, owner_E: torch.Tensor, node_of_W: torch.
     if use_kernel:
         cost, token_bytes, fixed = ((fit.chunk_passes * fit.chunk_bytes, fit.token_bytes, float(fit.fixed_bytes))
                                     if fit is not None else (0, 0, 0.0))
-        (holders, H, counts_E, send_e, send_dst, send_tokens, recv_WE, send_splits, recv_splits,
-         sp) = torch.ops.hecate.plan_layer(counts_WE, owner_E, node_of_W, load_E, holders_WE, int(capacity_m),
-                                           int(overlap_degree or 0), fit is not None, int(cost), int(token_bytes),
-                                           fixed, int(rank), bool(sparse), history_out)
-        layout = RankLayout(int(rank), send_e.numpy(), send_dst.numpy(), send_tokens.numpy(), recv_WE.numpy(),
-                            send_splits.tolist(), recv_splits.tolist(), sends=(send_e, send_dst, send_tokens))
+        holders, H, counts_E, sends, recv_WE, splits, sp = _op()(
+            counts_WE, owner_E, node_of_W, load_E, holders_WE, int(capacity_m), int(overlap_degree or 0),
+            fit is not None, int(cost), int(token_bytes), fixed, int(rank), bool(sparse), history_out)
+        send_e, send_dst, send_tokens = sends.numpy()
+        send_splits, recv_splits = splits.tolist()
+        layout = RankLayout(int(rank), send_e, send_dst, send_tokens, recv_WE.numpy(), send_splits, recv_splits)
         routes = TokenRoutes.from_layout(holders, counts_WE, node_of_W, H, layout)
         sparse_plan = None
         if sp:
