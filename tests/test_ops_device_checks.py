@@ -7,7 +7,8 @@ per token). hecate.ops checks both before any kernel runs: on the host at once, 
 accelerator with torch._assert_async (no host read). Here the device branch is taken by
 declaring host reads not free (as on a GPU), and the kernel that runs is the reference (a
 device without the check), so a missing check shows as a silent result instead of an error.
-Last, the reference fallback a GPU runs without the compiled kernels reads ids back once.
+Also: zero query heads are refused before a kernel divides by them, and the reference fallback
+a GPU runs without the compiled kernels reads ids back once.
 """
 import pytest
 import torch
@@ -119,3 +120,12 @@ def test_reference_scatter_add_reads_the_ids_once():
         reference.scatter_add_chunks(recv, ids, out)
     assert counter.count == 1, counter.where
     assert torch.equal(out, want)  # repeated ids in order of i
+
+
+def test_zero_query_heads_are_refused_before_any_kernel():
+    # H = 0 passed the GQA check (0 % G == 0) and the CPU kernel died of a SIGFPE (H // G = 0).
+    q, k = torch.randn(1, 0, 5, 8), torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="no query heads"):
+        attn.flash_attention(q, k, k)
+    with pytest.raises(ValueError, match="no query heads"):
+        attn.moh_attention(q, k, k, torch.zeros(1, 5, 1, dtype=torch.long), torch.ones(1, 5, 1))

@@ -76,6 +76,8 @@ def _check_qkv(q, k, v):
     if k.shape[3] != d:
         raise ValueError(f"k_BGSd has head_dim {k.shape[3]} but q_BHSd has {d}")
     G = k.shape[1]
+    if H < 1:  # the CPU kernel divides by H // G (a SIGFPE), the CUDA launcher refuses it
+        raise ValueError(f"q_BHSd {tuple(q.shape)} has no query heads; attention needs at least one")
     if G < 1 or H % G:
         raise ValueError(f"the kv heads of k_BGSd ({G}) must divide the query heads of q_BHSd ({H}) "
                          "(GQA: each kv head serves H // G query heads)")
