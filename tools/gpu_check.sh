@@ -76,8 +76,10 @@ step() {
 }
 
 # Only the modules that hold gpu-marked tests: collecting all of tests/ takes a minute of the
-# two minutes the GPU run gives its tests.
-mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/*.py tests/gpu/*.py)
+# two minutes the GPU run gives its tests. The kernel tests (*cuda*) first: quick, and their
+# results are in the log even if the multi-process tests after them reach the time limit.
+mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/*.py tests/gpu/*.py | grep cuda
+                         grep -l "mark\.gpu" tests/*.py tests/gpu/*.py | grep -v cuda)
 if [ "$DRY" = 1 ]; then
   # CPU build (a no-op when hecate/_C is up to date), then collect the gpu tests: they must skip.
   step build 600 env HECATE_NO_CUDA=1 flock .build.lock "$PYTHON" setup.py -q build_ext --inplace
