@@ -108,3 +108,37 @@ def test_dense_optimizer_is_checked():
     model = parallelize(MoETransformer(tiny_config()), strategy)
     with pytest.raises(ValueError, match=r"parallel\.dense_optimizer='zero3' must be one of"):
         Engine(model, strategy, dense_optimizer="zero3")
+
+
+def _reduce_paths_case(rank, world):
+    """The shard gradient reduced as on gloo (one all-reduce, keep the slice) and by
+    reduce_scatter, from the same gradients (magnitudes 1e-4..1e4, so the summation order
+    would show in the bits)."""
+    from torch import nn
+
+    from hecate.parallel.dense_shard import DenseShard
+
+    g = torch.Generator().manual_seed(rank)
+    params = [nn.Parameter(torch.zeros(n)) for n in (7, 130, 33)]  # 170: padded for W=3
+    grads = [torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-4, 5, p.shape, generator=g)
+             for p in params]
+    shard = DenseShard(params, rank, world)
+    picks = shard.reduce_by_all_reduce
+    out = {}
+    for all_reduce in (True, False):
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        shard.reduce_by_all_reduce = all_reduce
+        shard.reduce_scatter_gradients()
+        out[all_reduce] = shard.shard.grad.clone()
+    return {"gloo_picks_all_reduce": picks,
+            "same_bits": torch.equal(out[True].view(torch.int32), out[False].view(torch.int32))}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_all_reduce_path_gives_reduce_scatters_bits(world):
+    """On gloo the dense gradients are reduced with one all-reduce (gloo's reduce_scatter also
+    reduces the whole input, at about twice the time): the shard's gradient must be the one
+    reduce_scatter gives, bit for bit, or ZeRO-1 would drift from its reference."""
+    for out in run_distributed(_reduce_paths_case, world):
+        assert out == {"gloo_picks_all_reduce": True, "same_bits": True}
