@@ -121,7 +121,10 @@ class ExchangeSpec:
         """
         layout = self.layer.expert_layout
         own = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(owned_OS.detach()).items()}
-        rep = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(replicas_RS).items()}
+        # Without replicas anywhere (ep's path) there is no replica block: no empty leaves to
+        # build, differentiate and flatten back every layer.
+        rep = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(replicas_RS).items()} \
+            if self.replicated else {}
         autocast = autocast_dtype(x_recv.device.type) is not None
         with torch.set_grad_enabled(grad):
             x_leaf = _TokensIn.apply(x_recv.new_empty(0).requires_grad_(), x_recv.detach()) if grad \
@@ -133,7 +136,8 @@ class ExchangeSpec:
                 return {n: (t if autocast or t.dtype == x_leaf.dtype else t.to(x_leaf.dtype))
                         for n, t in ws.items()}
 
-            y = experts_on_received(self.layer, x_leaf, self.recv_WE, [used(own), used(rep)], self.slot_of_E)
+            blocks = [used(own), used(rep)] if rep else [used(own)]
+            y = experts_on_received(self.layer, x_leaf, self.recv_WE, blocks, self.slot_of_E)
         return x_leaf, own, rep, y
 
 
@@ -181,6 +185,8 @@ class FssdpExperts(torch.autograd.Function):
                     replicas, interval.host_seconds = spec.prefetched.wait()
                 spec.timings["prefetched_layers"] = spec.timings.get("prefetched_layers", 0) + 1
                 spec.prefetched = None
+            elif not spec.replicated:  # ep's path (P1 == P0): nothing to gather or to time
+                replicas = spec.gather(owned_OS)
             else:
                 with timed(spec.timings, "blocking_gather_s", owned_OS.device):
                     replicas = spec.gather(owned_OS)
@@ -246,7 +252,7 @@ class FssdpExperts(torch.autograd.Function):
         shape, dtype, device = ctx.x_meta
         grad_x = torch.zeros(shape, dtype=dtype, device=device) if grads[0] is None else grads[0]
         grad_owned = _rows(layout, own, grads[1:1 + len(own)])
-        grad_replicas = _rows(layout, rep, grads[1 + len(own):])
+        grad_replicas = _rows(layout, rep, grads[1 + len(own):]) if spec.replicated else None
         if spec.rematerialize:
             replicas.untyped_storage().resize_(0)
         ctx.graph = None

@@ -19,7 +19,9 @@ optimizer state; nobody else keeps any of it. Every iteration:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,13 +78,14 @@ class LayerState:
     gaps: deque = field(default_factory=lambda: deque(maxlen=4))
 
 
-def _digest_words(*tensors: torch.Tensor) -> torch.Tensor:
-    import hashlib
-
+def _digest_words(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The first _DIGEST_WORDS int64 words of the sha256 of the tensors' bytes (host ints: they
+    go into the counts message with the non-MoE time as one small tensor, no tensor round trip)."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return torch.frombuffer(bytearray(h.digest()), dtype=torch.int64)[:_DIGEST_WORDS].clone()
+        t = t.detach()
+        h.update((t if t.device.type == "cpu" and t.is_contiguous() else t.cpu().contiguous()).numpy())
+    return struct.unpack(f"<{_DIGEST_WORDS}q", h.digest()[:8 * _DIGEST_WORDS])
 
 
 def device_plan(owner_E: torch.Tensor, holders_WE: torch.Tensor, rank: int, device: torch.device):
@@ -271,17 +274,17 @@ class FullyShardedSparse(ExpertStrategy):
         in flight, off the critical path: the wait is mostly for the slowest peer to arrive.
         Returns (counts_WE, agreed non-MoE us, what meanwhile returned)."""
         state = layer.fssdp_state
-        digest = _digest_words(state.owner_E, state.predictor.predict())
+        words = _digest_words(state.owner_E, state.predictor.predict())
         from hecate.comm.all_to_all import all_gather_flat, comm_device
 
         dev = comm_device(self.token_group)
         # Assembled where the counts are (the host parts go up): the only read back from
         # the device in this layer's step is the gathered result below.
-        host = torch.cat([torch.tensor([state.non_moe_us]), digest])
-        mine = torch.cat([counts_E.to(dev), ops.to_device(host, dev)])
+        host = torch.tensor([state.non_moe_us, *words], dtype=torch.int64)
+        mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
         W = self.topology.world_size
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
-        work = all_gather_flat(gathered, mine.to(dev), group=self.token_group, async_op=True)
+        work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
         try:
             early = meanwhile() if meanwhile is not None else None
         finally:  # never leave the collective in flight, even if meanwhile raised
@@ -293,17 +296,18 @@ class FullyShardedSparse(ExpertStrategy):
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=group_ranks(self.token_group))
         gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
         E = counts_E.numel()
-        digests = gathered[:, E + 1:]
+        table = gathered.numpy()  # the checks below on the host array: no small tensor ops
+        digests = table[:, E + 1:]
         differs = (digests != digests[0]).any(1)  # one vector op, not a loop over W ranks
-        if bool(differs.any()):
-            bad = differs.nonzero().flatten().tolist()
-            good = (~differs).nonzero().flatten().tolist()
+        if differs.any():
+            bad = np.flatnonzero(differs).tolist()
+            good = np.flatnonzero(~differs).tolist()
             raise AgreementError(
                 f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
         # One contiguous copy that every planning stage reads (and the routes keep) as is.
-        return gathered[:, :E].contiguous(), int(gathered[:, E].max()), early
+        return gathered[:, :E].contiguous(), int(table[:, E].max()), early
 
     def _early_p1(self, layer):
         """A function that plans P1 from the predicted load while the counts travel, or None.
