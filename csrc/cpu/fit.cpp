@@ -52,13 +52,22 @@ void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t 
   std::vector<double> held_saving;  // row-major, as numpy's saving[held]
   std::vector<double> kept_saving;  // by rank, then most saved first, as numpy's saving[keep]
   std::vector<std::pair<double, int64_t>> cand;
+  std::vector<int64_t> above(E);  // a row's cells above the break-even, in expert order
   for (int64_t d = 0; d < W; ++d) {
     const T* row = counts + d * E;
     const bool* hold = h + d * E;
+    // Most cells are below the break-even: find the others without a branch per cell.
+    int64_t* ab = above.data();
+    int64_t n_above = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      ab[n_above] = e;
+      n_above += row[e] > bound;
+    }
+    if (n_above == 0) continue;
     int64_t held = 0;
     cand.clear();
-    for (int64_t e = 0; e < E; ++e) {
-      if (!(row[e] > bound)) continue;
+    for (int64_t i = 0; i < n_above; ++i) {
+      const int64_t e = ab[i];
       // volatile: the product is rounded before the subtraction, as numpy's is (a fused
       // multiply-add, which some targets' default contraction would emit, rounds once).
       volatile double bytes = 4.0 * static_cast<double>(row[e]) * tb;
