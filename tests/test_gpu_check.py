@@ -19,6 +19,11 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert results["dry_run"] is True and results["ok"] is True
     assert set(results["steps"]) == {"build", "pytest_gpu", "gpu_check", "collectives", "fssdp_step", "bench"}
     assert all(step["ok"] for step in results["steps"].values())
+    # Every step's whole log beside the JSON; the gpu tests of every module were collected.
+    pytest_log = (tmp_path / "gpu_check_pytest_gpu.log").read_text()
+    assert (tmp_path / "gpu_check_build.log").exists() and (tmp_path / "gpu_check_gpu_check.log").exists()
+    for module in ("test_cuda_kernels.py", "test_ops_attention_cuda.py", "gpu/test_gpu_path.py"):
+        assert module in pytest_log, pytest_log[-2000:]  # -ra lists each module's skips
     fssdp = results["steps"]["fssdp_step"]
     assert fssdp["fp32"]["max_abs_diff"] <= 1e-4 and len(fssdp["bf16_autocast"]["losses"]) == 2
     bench = results["bench"]
