@@ -211,3 +211,19 @@ def test_runtime_plan_keeps_the_history_and_prediction_of_the_staged_path():
         assert torch.equal(state.observed_E, torch.from_numpy(counts.sum(0)))
         assert torch.equal(plan.routes.counts_WE if isinstance(plan.routes.counts_WE, torch.Tensor)
                            else torch.from_numpy(plan.routes.counts_WE), torch.from_numpy(counts))
+
+
+def test_policy_checks_run_again_after_an_in_place_change():
+    """materialize's check cache (the same owners / load tensors are planned with several times
+    a step) is keyed on the tensor's version: an in-place change is checked again."""
+    policy = HecatePolicy(overlap_degree=2)
+    load, owner, nodes = torch.ones(4, dtype=torch.float64), torch.tensor([0, 1, 0, 1]), torch.zeros(2, dtype=torch.int64)
+    first = policy.plan(load, owner, nodes, 2)
+    assert torch.equal(policy.plan(load, owner, nodes, 2), first)  # cached checks, same P1
+    owner[3] = 5
+    with pytest.raises(ValueError, match=r"owner_E entries must be ranks in \[0, 2\)"):
+        policy.plan(load, owner, nodes, 2)
+    owner[3] = 1
+    load[0] = -1.0
+    with pytest.raises(ValueError, match="predicted_load_E must be non-negative"):
+        policy.plan(load, owner, nodes, 2)

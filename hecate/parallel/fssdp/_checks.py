@@ -67,6 +67,30 @@ def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+class CheckedCache:
+    """The arrays a check accepted for the last few CPU tensors, keyed on the tensor object, its
+    version counter (an in-place change bumps it, which sends the tensor through the checks
+    again) and what else the check depended on. The runtime passes the same owners and the
+    same predicted load (LoadPredictor.predict returns one tensor per update) several times a
+    step; each is checked once. Callers only read the cached arrays."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._entries: dict = {}
+
+    def get(self, t, key):
+        hit = self._entries.get(id(t))
+        if hit is not None and hit[0] is t and hit[1] == t._version and hit[2] == key:
+            return hit[3]
+        return None
+
+    def put(self, t, key, value) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.requires_grad:
+            if len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))  # the oldest
+            self._entries[id(t)] = (t, t._version, key, value)  # keeps t alive: its id stays its own
+
+
 # The last node map node_array accepted: (tensor, its version counter, the checked copy). The
 # runtime passes the same tensor every layer and step; an in-place change to it bumps _version,
 # which sends it through the checks again. Its callers (materialize, routes) only read it.

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hecate.parallel.fssdp._checks import (
+    CheckedCache,
     check_nonnegative,
     check_owner,
     check_positive_int,
@@ -34,6 +35,11 @@ from hecate.parallel.fssdp._checks import (
 from hecate.ops._backend import use_extension
 from hecate.parallel.fssdp.cost import CostModel
 from hecate.parallel.fssdp.routes import TokenRoutes
+
+
+# Predicted loads and owners a policy's plan() has checked: the runtime plans with the same
+# tensors more than once a step (the early P1, the plan, the next layer's prefetch).
+_CHECKED = CheckedCache()
 
 
 def owner_holders(owner_E: np.ndarray, world_size: int) -> np.ndarray:
@@ -189,13 +195,19 @@ class MaterializationPolicy:
     def plan(self, predicted_load_E, owner_E, node_of_W, capacity_m: int,
              counts_WE=None) -> torch.Tensor:
         """Return holders_WE (bool [W, E]) with holders_WE[owner_E[e], e] True for every e."""
-        load = to_numpy(predicted_load_E, "predicted_load_E", ndim=1, dtype=np.float64)
+        load = _CHECKED.get(predicted_load_E, "load")
+        if load is None:
+            load = to_numpy(predicted_load_E, "predicted_load_E", ndim=1, dtype=np.float64)
+            check_nonnegative(load, "predicted_load_E")
+            _CHECKED.put(predicted_load_E, "load", load)
         E = load.shape[0]
-        check_nonnegative(load, "predicted_load_E")
-        owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
         nodes = node_array(node_of_W)
         W = nodes.shape[0]
-        check_owner(owner, W)
+        owner = _CHECKED.get(owner_E, ("owner", E, W))
+        if owner is None:
+            owner = to_numpy(owner_E, "owner_E", ndim=1, shape=(E,))
+            check_owner(owner, W)
+            _CHECKED.put(owner_E, ("owner", E, W), owner)
         m = check_positive_int(capacity_m, "capacity_m")
         counts = None
         if counts_WE is not None:
