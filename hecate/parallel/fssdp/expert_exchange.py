@@ -248,11 +248,14 @@ class FssdpExperts(torch.autograd.Function):
             grads = torch.autograd.grad([y_edge], [x_edge, *weights], [grad_y_recv], allow_unused=True)
         else:
             grads = [None] * (1 + len(weights))
-        del edges
+        del edges, grad_y_recv  # consumed: ep's autograd engine frees it here too
         shape, dtype, device = ctx.x_meta
         grad_x = torch.zeros(shape, dtype=dtype, device=device) if grads[0] is None else grads[0]
         grad_owned = _rows(layout, own, grads[1:1 + len(own)])
         grad_replicas = _rows(layout, rep, grads[1 + len(own):]) if spec.replicated else None
+        # The per-parameter gradients are copied into rows: free them before the dispatch
+        # backward and the spRS allocate their buffers.
+        del grads, weights
         if spec.rematerialize:
             replicas.untyped_storage().resize_(0)
         ctx.graph = None
