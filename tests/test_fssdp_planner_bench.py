@@ -20,5 +20,7 @@ def test_planner_benchmark_small_grid_matches_reference():
     for row in rows:
         assert row["same_plan_as_reference"] is True
         assert row["ms_min"] > 0 and row["peak_mib"] >= 0 and row["out_kib"] > 0
-        assert set(row["stages_ms"]) == {"load", "p1", "fit", "routes", "splits", "bins", "sparse"}
+        assert row["same_plan_as_staged"] is True  # the fused runtime path and the staged one
+        assert set(row["stages_ms"]) == {"plan", "bins", "sparse"}
+        assert set(row["staged_stages_ms"]) == {"load", "p1", "fit", "routes", "splits", "bins", "sparse"}
     assert set(result["growth_exponent_in_W"]) == {"E=8 k=2 skewed"}
