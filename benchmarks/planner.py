@@ -139,6 +139,7 @@ def plan_staged(case: Case, stages: dict | None = None):
 
     case.predictor.update_from_rank_counts(case.counts)
     load = case.predictor.predict()
+    case.counts.to(torch.float64)  # the staged runtime's rank_history entry (plan_layer writes it in place)
     lap("load")
     holders = case.policy.plan(load, case.owner, case.nodes, case.m, counts_WE=case.counts)
     lap("p1")

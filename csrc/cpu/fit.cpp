@@ -57,11 +57,12 @@ void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t 
     const T* row = counts + d * E;
     const bool* hold = h + d * E;
     // Most cells are below the break-even: find the others without a branch per cell.
-    int64_t* ab = above.data();
+    int64_t* __restrict ab = above.data();
+    const T* __restrict r = row;
     int64_t n_above = 0;
     for (int64_t e = 0; e < E; ++e) {
       ab[n_above] = e;
-      n_above += row[e] > bound;
+      n_above += r[e] > bound;
     }
     if (n_above == 0) continue;
     int64_t held = 0;

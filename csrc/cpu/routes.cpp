@@ -171,15 +171,26 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
   int64_t* sp = split_at.data();
   int64_t n_dropped = 0, n_split = 0;
   bool out_of_range = false;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t x = idx[j];
-    const bool dropped = x < 0, over = x >= E;
-    out_of_range |= over;
-    n_dropped += dropped;
-    const int64_t b = lookup[(dropped | over) ? E : x];
-    bins[j] = b;
-    sp[n_split] = j;
-    n_split += b == kSplit;
+  {
+    // restrict: the stores into the bins and the list cannot change the indices or the lookup,
+    // so the loop keeps every pointer and count in registers.
+    const int64_t* __restrict in = idx;
+    const int64_t* __restrict lk = lookup.data();
+    int64_t* __restrict bo = bins;
+    int64_t* __restrict at = sp;
+    int64_t dropped_n = 0, split_n = 0;
+    bool over_any = false;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t x = in[j];
+      const bool dropped = x < 0, over = x >= E;
+      over_any |= over;
+      dropped_n += dropped;
+      const int64_t b = lk[(dropped | over) ? E : x];
+      bo[j] = b;
+      at[split_n] = j;
+      split_n += b == kSplit;
+    }
+    n_dropped = dropped_n, n_split = split_n, out_of_range = over_any;
   }
   if (out_of_range) {
     int64_t bad = 0;
