@@ -227,3 +227,38 @@ def test_policy_checks_run_again_after_an_in_place_change():
     load[0] = -1.0
     with pytest.raises(ValueError, match="predicted_load_E must be non-negative"):
         policy.plan(load, owner, nodes, 2)
+
+
+@needs_ext
+def test_runtime_plans_agree_with_and_without_the_extension(monkeypatch):
+    """FullyShardedSparse.plan on ranks with hecate._C (plan_layer's op) and without it (its
+    numpy fallback) gives the same plans step after step: P1 (with replicas fitted and
+    pruned), this rank's layout, the history and the predictions."""
+    import hecate._extension as extension
+    from hecate.sim.plans import FssdpReplay
+
+    W, E = 8, 16
+    rng = np.random.default_rng(5)
+    steps = [rng.multinomial(600, 1.0 / np.arange(1, E + 1) ** 1.5 / (1.0 / np.arange(1, E + 1) ** 1.5).sum(),
+                             size=W).astype(np.int64) for _ in range(6)]
+
+    def run():
+        replay = FssdpReplay(W, 4, E, 50, 2, window=3, overlap_degree=5, prefetch=True, collective_latency_s=0.0)
+        out = []
+        for counts in steps:
+            for lp in replay.step([counts, counts[::-1].copy()], token_bytes=8):
+                lay = lp.plan.rank_layout(0)
+                out.append((lp.plan.holders_WE.clone(), lay.send_e.copy(), lay.send_dst.copy(),
+                            lay.send_tokens.copy(), lay.recv_WE.copy()))
+            state = replay.layers[1].fssdp_state
+            out.append((state.predictor.predict().clone(), torch.stack(list(state.rank_history))))
+        return out
+
+    with_ext = run()
+    monkeypatch.setattr(extension, "_loaded", False)
+    assert not use_extension("plan_layer", torch.device("cpu"))
+    without = run()
+    assert any(int(item[0].sum()) > E for item in with_ext if item[0].dtype == torch.bool)  # replicas
+    for a, b in zip(with_ext, without, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y))
