@@ -35,6 +35,12 @@ import numpy as np
 from hecate.parallel.fssdp.routes import TokenRoutes
 
 
+def overlap_degree(t_non_moe: float, bandwidth: float, chunk_bytes: int) -> int:
+    """t: chunks one rank can gather at `bandwidth` hidden behind `t_non_moe` seconds
+    (CostModel.overlap_degree; the runtime calls this per step without building a model)."""
+    return int(np.floor(t_non_moe * bandwidth / chunk_bytes))
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Bandwidths in bytes/s, times in seconds, sizes in bytes."""
@@ -59,8 +65,8 @@ class CostModel:
     # ---- overlap degree -------------------------------------------------
     def overlap_degree(self, multi_node: bool) -> int:
         """t: chunks one rank can gather hidden behind T_non_moe."""
-        bw = self.inter_node_bw if multi_node else self.intra_node_bw
-        return int(np.floor(self.t_non_moe * bw / self.chunk_bytes))
+        return overlap_degree(self.t_non_moe, self.inter_node_bw if multi_node else self.intra_node_bw,
+                              self.chunk_bytes)
 
     # ---- per-rank components (numpy, W = world size) --------------------
     def _bw_WW(self, node_of_W: np.ndarray) -> np.ndarray:

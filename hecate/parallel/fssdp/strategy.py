@@ -37,7 +37,7 @@ from hecate.comm.sparse import plan_sparse, sparse_all_gather
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
 from hecate.parallel.fssdp.clock import DeviceTimings, Interval, timed
-from hecate.parallel.fssdp.cost import CostModel
+from hecate.parallel.fssdp.cost import CostModel, overlap_degree
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
 from hecate.parallel.fssdp.overlap import PendingGather
 from hecate.parallel.fssdp.load import LoadPredictor
@@ -70,6 +70,7 @@ class LayerState:
     predictor: LoadPredictor
     non_moe_us: int = 0
     last_plan: object = None
+    last_sparse: object = None  # last_plan's SparsePlan on this rank (host tensors), None without replicas
     observed_E: torch.Tensor = field(default=None)
     rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
     prefetched: object = None  # PendingGather issued for this layer's next forward
@@ -88,11 +89,13 @@ def _digest_words(*tensors: torch.Tensor) -> tuple[int, ...]:
     return struct.unpack(f"<{_DIGEST_WORDS}q", h.digest()[:8 * _DIGEST_WORDS])
 
 
-def device_plan(owner_E: torch.Tensor, holders_WE: torch.Tensor, rank: int, device: torch.device):
+def device_plan(owner_E: torch.Tensor, holders_WE: torch.Tensor, rank: int, device: torch.device,
+                planned=None):
     """plan_sparse with its row maps moved to the chunks' device once (pinned, non-blocking),
     instead of by every gather, re-gather and reduce that uses them. The chunk ids stay on
-    the host (the expert slots are laid out there)."""
-    sparse = plan_sparse(owner_E, holders_WE, rank)
+    the host (the expert slots are laid out there). `planned`: plan_sparse's result for these
+    owners and holders when the caller has it already (plan_layer(sparse=True) makes it)."""
+    sparse = planned if planned is not None else plan_sparse(owner_E, holders_WE, rank)
     return dataclasses.replace(sparse, **{k: ops.to_device(getattr(sparse, k), device)
                                           for k in ("send_rows", "recv_rows", "owned_rows_M")})
 
@@ -200,6 +203,8 @@ class FullyShardedSparse(ExpertStrategy):
         self.collective_latency_s = o.collective_latency_s if o.collective_latency_s is not None else \
             DEFAULT_COLLECTIVE_LATENCY.get(backend, DEFAULT_COLLECTIVE_LATENCY["gloo"])
         self.node_of_W = torch.tensor([topology.node_of(r) for r in range(topology.world_size)])
+        # What HecatePolicy.overlap_degree reads off the node map (fixed): whether it spans nodes.
+        self._spans_nodes = bool((self.node_of_W != self.node_of_W[0]).any())
         # Tokens (all-to-alls, counts) on the topology's group; weights (spAG, prefetch,
         # re-gather, re-shard) and gradient reduces (spRS) on a second group over the same
         # ranks, created here, at the same point on every rank (a collective).
@@ -267,6 +272,30 @@ class FullyShardedSparse(ExpertStrategy):
                                 calibrate=self.calibrate)
         return HecatePolicy(cost, calibrate=self.calibrate)
 
+    def _lean_p1(self) -> bool:
+        """Whether P1 is Algorithm 1 on the predicted load alone (the default policy): then it
+        is placed from t without building a CostModel and a HecatePolicy per call (three per
+        layer and step: the early P1, the plan, the next layer's prefetch)."""
+        return self.policy_name == "hecate" and not self.calibrate
+
+    def _p1_degree(self, layout: ChunkLayout, non_moe_s: float) -> int:
+        """t of Algorithm 1: what `_policy(layout, non_moe_s, ...).overlap_degree(node_of_W)`
+        returns, without the objects (the same formula, cost.overlap_degree)."""
+        if self.overlap_degree is not None:
+            return self.overlap_degree
+        bw = self.bandwidth[1] if self._spans_nodes else self.bandwidth[0]
+        return overlap_degree(non_moe_s, bw, layout.chunk_numel * self._wire_itemsize())
+
+    def _place_p1(self, layer, t: int) -> torch.Tensor:
+        """Algorithm 1 on the layer's predicted load with overlap degree t: the holders
+        HecatePolicy.plan returns (it calls HecatePolicy.place on the same arrays; the load
+        is the predictor's, checked as it was recorded, the owners checked at attach and
+        re-shard)."""
+        state = layer.fssdp_state
+        return torch.from_numpy(HecatePolicy.place(
+            state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(),
+            self.capacity_m(layer.expert_layout.num_experts), t))
+
     def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
 
@@ -320,13 +349,11 @@ class FullyShardedSparse(ExpertStrategy):
         state = layer.fssdp_state
         if state.prefetched is not None or self.policy_name != "hecate" or self.calibrate:
             return None
-        guess_s, multi_node = state.non_moe_agreed_s, self.topology.num_nodes > 1
+        guess_s = state.non_moe_agreed_s
 
         def plan_p1():
-            policy = self._policy(layer.expert_layout, guess_s, multi_node)
-            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W,
-                                  self.capacity_m(layer.expert_layout.num_experts))
-            return policy.overlap_degree(self.node_of_W.numpy()), holders
+            t = self._p1_degree(layer.expert_layout, guess_s)
+            return t, self._place_p1(layer, t)
 
         return plan_p1
 
@@ -350,25 +377,28 @@ class FullyShardedSparse(ExpertStrategy):
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
             holders = state.prefetched.holders_WE
+        elif self._lean_p1():
+            t = self._p1_degree(layer.expert_layout, non_moe_us * 1e-6)
+            if early is not None and early[0] == t:
+                holders = early[1]  # planned while the counts travelled, with the same t
+                self.timings["early_p1"] = self.timings.get("early_p1", 0) + 1
+            else:
+                load = state.predictor.predict()  # Algorithm 1 runs inside plan_layer
         else:
             policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1)
-            if isinstance(policy, HecatePolicy) and not policy.calibrate:
-                t = policy.overlap_degree(self.node_of_W.numpy())
-                if early is not None and early[0] == t:
-                    holders = early[1]  # planned while the counts travelled, with the same t
-                    self.timings["early_p1"] = self.timings.get("early_p1", 0) + 1
-                else:
-                    load = state.predictor.predict()  # Algorithm 1 runs inside plan_layer
-            else:
-                holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, m,
-                                      counts_WE=counts_WE)
-            if self.fit_replicas:
-                fit = self._replica_fit(layer.expert_layout, token_bytes)
+            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, m,
+                                  counts_WE=counts_WE)
+        if state.prefetched is None and self.fit_replicas:
+            fit = self._replica_fit(layer.expert_layout, token_bytes)
         # P1 (unless given), its byte fit, the sparse routes with this rank's layout (O(W*E +
         # replicas), never a [W, E, W] array) and the counts' totals: one call (planner.py).
         history = history_buffer(state.rank_history, counts_WE)
+        # This rank's spAG / spRS plan comes out of the same call when P1 has replicas (forward
+        # uses it; a prefetched layer already has the one its gather was issued with).
         laid = plan_layer(counts_WE, state.owner_E, self.node_of_W, self.topology.rank, capacity_m=m,
-                          load_E=load, overlap_degree=t, holders_WE=holders, fit=fit, history_out=history)
+                          load_E=load, overlap_degree=t, holders_WE=holders, fit=fit, history_out=history,
+                          sparse=state.prefetched is None)
+        state.last_sparse = laid.sparse
         plan = laid.plan
         if self.balance_compute and plan.num_replicas:
             routes = balance_routes(plan.routes)
@@ -402,9 +432,11 @@ class FullyShardedSparse(ExpertStrategy):
         if not state.rank_history:
             return None
         E = layer.expert_layout.num_experts
-        policy = self._policy(layer.expert_layout, state.non_moe_agreed_s,
-                              self.topology.num_nodes > 1)
-        holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
+        if self._lean_p1():  # always, as prefetch is on only for the hecate policy without calibration
+            holders = self._place_p1(layer, self._p1_degree(layer.expert_layout, state.non_moe_agreed_s))
+        else:
+            policy = self._policy(layer.expert_layout, state.non_moe_agreed_s, self.topology.num_nodes > 1)
+            holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
         if self.fit_replicas:
             predicted_WE = torch.stack(list(state.rank_history)).mean(0)
             holders = self._fit_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
@@ -467,7 +499,8 @@ class FullyShardedSparse(ExpertStrategy):
         sparse = None
         if plan.num_replicas:
             sparse = prefetched.plan if prefetched is not None else device_plan(
-                plan.owner_E, plan.holders_WE, rank, layer.expert_chunks.device)
+                plan.owner_E, plan.holders_WE, rank, layer.expert_chunks.device,
+                planned=layer.fssdp_state.last_sparse)
         # Expert slots: the owned chunks (ascending) computed in place, then the received
         # replicas in arrival order (hecate.comm.sparse.start_replica_gather).
         owned = (plan.owner_E == rank).nonzero().flatten()
