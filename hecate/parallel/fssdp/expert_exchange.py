@@ -20,13 +20,15 @@ replicas are alive at a time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
-from hecate.comm.all_to_all import all_to_all_v
+from hecate.comm.all_to_all import group_ranks
 from hecate.comm.sparse import SparsePlan
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.expert_compute import experts_on_received
@@ -88,6 +90,27 @@ class ExchangeSpec:
         if self.replicated and self.sparse_plan is None:
             raise ValueError("a plan with replicas needs its sparse_plan (hecate.comm.sparse.plan_sparse)")
         self.rematerialize = self.rematerialize and self.replicated
+        self._token_ranks = None  # (rank in token_group, its global ranks), read at the first exchange
+
+    def exchange_tokens(self, x: torch.Tensor, send: list, recv: list, name: str) -> torch.Tensor:
+        """One of the node's four token all-to-alls (rows to peers by `send`, from them by
+        `recv`). They run inside the node's forward and backward, where nothing is
+        differentiated, with the plan's splits (one per rank, summing to the rows the plan
+        routes): hecate.comm.all_to_all_v's argument checks and autograd wrapper, paid per call,
+        buy nothing here. Counted in `stats` under `name` as all_to_all_v counts them."""
+        if x.shape[0] != sum(send):
+            raise RuntimeError(f"fssdp {name}: {x.shape[0]} rows for splits {send} (sum {sum(send)}); "
+                               "the plan's splits must cover the rows exactly")
+        x = x.contiguous()
+        if self._token_ranks is None:
+            self._token_ranks = (dist.get_rank(self.token_group), group_ranks(self.token_group))
+        rank, ranks = self._token_ranks
+        if self.stats is not None:
+            row = x.element_size() * math.prod(x.shape[1:])
+            self.stats.record_peers(name, [n * row for n in send], [n * row for n in recv], rank, ranks)
+        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.token_group)
+        return out
 
     def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True,
                      out: torch.Tensor | None = None) -> PendingGather:
@@ -190,8 +213,7 @@ class FssdpExperts(torch.autograd.Function):
             else:
                 with timed(spec.timings, "blocking_gather_s", owned_OS.device):
                     replicas = spec.gather(owned_OS)
-        x_recv = all_to_all_v(x_ND.detach(), spec.send_splits, spec.recv_splits, group=spec.token_group,
-                              stats=spec.stats, name="fssdp.dispatch")
+        x_recv = spec.exchange_tokens(x_ND.detach(), spec.send_splits, spec.recv_splits, "fssdp.dispatch")
         if spec.recompute_experts:
             spec.autocast = autocast_dtype(x_recv.device.type)
             y_recv = spec.expert_graph(x_recv, owned_OS, replicas, grad=False)[3]
@@ -202,9 +224,7 @@ class FssdpExperts(torch.autograd.Function):
             del x_in
         ctx.x_meta = (x_recv.shape, x_recv.dtype, x_recv.device)
         del x_recv
-        with torch.no_grad():
-            y_ND = all_to_all_v(y_recv.detach(), spec.recv_splits, spec.send_splits, group=spec.token_group,
-                                stats=spec.stats, name="fssdp.combine")
+        y_ND = spec.exchange_tokens(y_recv.detach(), spec.recv_splits, spec.send_splits, "fssdp.combine")
         del y_recv  # the graph holds its edge, not its buffer
         if spec.rematerialize:
             # Free the replicas now; the graph's views of them come back to life in backward.
@@ -220,8 +240,8 @@ class FssdpExperts(torch.autograd.Function):
         spec = ctx.spec
         tokens, own, rep, edges, replicas = ctx.graph
         layout = spec.layer.expert_layout
-        grad_y_recv = all_to_all_v(grad_y_ND.contiguous(), spec.send_splits, spec.recv_splits,
-                                   group=spec.token_group, stats=spec.stats, name="fssdp.combine.backward")
+        grad_y_recv = spec.exchange_tokens(grad_y_ND, spec.send_splits, spec.recv_splits,
+                                           "fssdp.combine.backward")
         if spec.rematerialize:
             # The re-gather receives into the replicas' re-grown storage (regrow_replicas).
             early = spec.pending_regather is not None  # issued by the next layer's backward
@@ -259,8 +279,7 @@ class FssdpExperts(torch.autograd.Function):
         if spec.rematerialize:
             replicas.untyped_storage().resize_(0)
         ctx.graph = None
-        grad_x_ND = all_to_all_v(grad_x, spec.recv_splits, spec.send_splits, group=spec.token_group,
-                                 stats=spec.stats, name="fssdp.dispatch.backward")
+        grad_x_ND = spec.exchange_tokens(grad_x, spec.recv_splits, spec.send_splits, "fssdp.dispatch.backward")
         if not spec.replicated:
             return grad_x_ND, grad_owned, None
         if spec.pending is not None:
