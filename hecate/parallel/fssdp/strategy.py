@@ -52,6 +52,7 @@ from hecate.parallel.fssdp.plan import Plan
 from hecate.parallel.fssdp.planner import ReplicaFit, history_buffer, plan_layer
 from hecate.parallel.fssdp.routes import balance_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
+from hecate.ops._backend import use_extension
 from hecate.parallel.strategy import ExpertStrategy
 
 # Default link speeds (bytes/s) when the user gives none: NVLink / 100 Gbps IB for NCCL,
@@ -229,6 +230,7 @@ class FullyShardedSparse(ExpertStrategy):
         self.timings = DeviceTimings({"blocking_reduce_s": 0.0, "exposed_reduce_s": 0.0,
                                       "exposed_gather_s": 0.0})
         self._gap = None  # Interval from the previous MoE layer's exit (the non-MoE compute)
+        self._token_comm = None  # (comm_device, group_ranks) of token_group, on first use
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -292,9 +294,11 @@ class FullyShardedSparse(ExpertStrategy):
         is the predictor's, checked as it was recorded, the owners checked at attach and
         re-shard)."""
         state = layer.fssdp_state
+        m = self.capacity_m(layer.expert_layout.num_experts)
+        if use_extension("place_experts", torch.device("cpu")):  # the op place() calls, on the tensors as they are
+            return torch.ops.hecate.place_experts(state.predictor.predict(), state.owner_E, self.node_of_W, m, t)
         return torch.from_numpy(HecatePolicy.place(
-            state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(),
-            self.capacity_m(layer.expert_layout.num_experts), t))
+            state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(), m, t))
 
     def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
@@ -304,14 +308,24 @@ class FullyShardedSparse(ExpertStrategy):
         Returns (counts_WE, agreed non-MoE us, what meanwhile returned)."""
         state = layer.fssdp_state
         words = _digest_words(state.owner_E, state.predictor.predict())
-        from hecate.comm.all_to_all import all_gather_flat, comm_device
+        from hecate.comm.all_to_all import all_gather_flat, comm_device, group_ranks
 
-        dev = comm_device(self.token_group)
-        # Assembled where the counts are (the host parts go up): the only read back from
-        # the device in this layer's step is the gathered result below.
-        host = torch.tensor([state.non_moe_us, *words], dtype=torch.int64)
-        mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
-        W = self.topology.world_size
+        if self._token_comm is None:  # the group's fixed facts, looked up once (not per layer and step)
+            self._token_comm = (comm_device(self.token_group), group_ranks(self.token_group))
+        dev, peers = self._token_comm
+        E, W = counts_E.numel(), self.topology.world_size
+        if dev.type == "cpu" and counts_E.device.type == "cpu":
+            # One host array, no small tensor ops (cast, cat): [counts | non-MoE us | digest].
+            message = np.empty(E + 1 + _DIGEST_WORDS, dtype=np.int64)
+            message[:E] = counts_E.numpy()
+            message[E] = state.non_moe_us
+            message[E + 1:] = words
+            mine = torch.from_numpy(message)
+        else:
+            # Assembled where the counts are (the host parts go up): the only read back from
+            # the device in this layer's step is the gathered result below.
+            host = torch.tensor([state.non_moe_us, *words], dtype=torch.int64)
+            mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
         work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
         try:
@@ -320,12 +334,9 @@ class FullyShardedSparse(ExpertStrategy):
             work.wait()
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
-            from hecate.comm.all_to_all import group_ranks  # the group's peers, for the link classes
-
-            self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=group_ranks(self.token_group))
-        gathered = gathered.cpu().view(self.topology.world_size, mine.numel())
-        E = counts_E.numel()
-        table = gathered.numpy()  # the checks below on the host array: no small tensor ops
+            self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
+        # The checks below on the host array: no small tensor ops.
+        table = gathered.cpu().numpy().reshape(W, mine.numel())
         digests = table[:, E + 1:]
         differs = (digests != digests[0]).any(1)  # one vector op, not a loop over W ranks
         if differs.any():
@@ -336,7 +347,7 @@ class FullyShardedSparse(ExpertStrategy):
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
         # One contiguous copy that every planning stage reads (and the routes keep) as is.
-        return gathered[:, :E].contiguous(), int(table[:, E].max()), early
+        return torch.from_numpy(np.ascontiguousarray(table[:, :E])), int(table[:, E].max()), early
 
     def _early_p1(self, layer):
         """A function that plans P1 from the predicted load while the counts travel, or None.
