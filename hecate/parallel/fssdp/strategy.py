@@ -314,8 +314,9 @@ class FullyShardedSparse(ExpertStrategy):
             self._token_comm = (comm_device(self.token_group), group_ranks(self.token_group))
         dev, peers = self._token_comm
         E, W = counts_E.numel(), self.topology.world_size
-        if dev.type == "cpu" and counts_E.device.type == "cpu":
-            # One host array, no small tensor ops (cast, cat): [counts | non-MoE us | digest].
+        if dev.type == "cpu" and not ops._device_path(counts_E.device):
+            # Counts on the host: one host array, no small tensor ops (cast, cat):
+            # [counts | non-MoE us | digest].
             message = np.empty(E + 1 + _DIGEST_WORDS, dtype=np.int64)
             message[:E] = counts_E.numpy()
             message[E] = state.non_moe_us
