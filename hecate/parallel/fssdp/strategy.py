@@ -72,6 +72,7 @@ class LayerState:
     non_moe_us: int = 0
     last_plan: object = None
     last_sparse: object = None  # last_plan's SparsePlan on this rank (host tensors), None without replicas
+    owned_slots: tuple = None  # FullyShardedSparse._owned_slots' cache: (owner_E, its version, owned, slot_of_E)
     observed_E: torch.Tensor = field(default=None)
     rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
     prefetched: object = None  # PendingGather issued for this layer's next forward
@@ -515,10 +516,11 @@ class FullyShardedSparse(ExpertStrategy):
                 planned=layer.fssdp_state.last_sparse)
         # Expert slots: the owned chunks (ascending) computed in place, then the received
         # replicas in arrival order (hecate.comm.sparse.start_replica_gather).
-        owned = (plan.owner_E == rank).nonzero().flatten()
-        slot_ids = owned if sparse is None else torch.cat([owned, sparse.recv_ids.cpu()])
-        slot_of_E = torch.zeros(E, dtype=torch.int64)
-        slot_of_E[slot_ids] = torch.arange(slot_ids.numel())
+        owned, slot_of_E = self._owned_slots(layer.fssdp_state, rank)  # plan.owner_E is state.owner_E's copy
+        if sparse is not None:
+            slot_ids = torch.cat([owned, sparse.recv_ids.cpu()])
+            slot_of_E = torch.zeros(E, dtype=torch.int64)
+            slot_of_E[slot_ids] = torch.arange(slot_ids.numel())
         spec = ExchangeSpec(layer=layer, owner_E=plan.owner_E, holders_WE=plan.holders_WE,
                             send_splits=layout.send_splits, recv_splits=layout.recv_splits,
                             recv_WE=torch.from_numpy(layout.recv_WE), slot_of_E=slot_of_E, rank=rank,
@@ -545,6 +547,20 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_exit = time.perf_counter()
         self._gap = Interval(x_TD.device).start()  # on the device's clock: events on a GPU
         return out
+
+    @staticmethod
+    def _owned_slots(state, rank: int):
+        """(the expert ids `rank` owns, ascending; slot_of_E without replicas: owned expert ->
+        its slot, 0 elsewhere), kept until the owners change (re-shard replaces owner_E; an
+        in-place write bumps its version). Read-only: ExchangeSpec only reads them."""
+        owner_E = state.owner_E
+        cached = state.owned_slots
+        if cached is None or cached[0] is not owner_E or cached[1] != owner_E._version:
+            owned = (owner_E == rank).nonzero().flatten()
+            slot_of_E = torch.zeros(owner_E.numel(), dtype=torch.int64)
+            slot_of_E[owned] = torch.arange(owned.numel())
+            cached = state.owned_slots = (owner_E, owner_E._version, owned, slot_of_E)
+        return cached[2], cached[3]
 
     @staticmethod
     def _read_non_moe_time(state) -> None:
