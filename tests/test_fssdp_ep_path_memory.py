@@ -26,7 +26,7 @@ from tests.test_strategies_layer import HIDDEN, _config, _inputs
 
 SMALL_BYTES = 4096
 COUNTS = [600, 560]  # tests/test_fssdp_ep_path.py's tokens per rank
-REPEATS = 3
+REPEATS = 4
 
 
 def _layer_bytes(rank, strategy, seed):
