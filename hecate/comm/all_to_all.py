@@ -67,12 +67,6 @@ def exchange_splits(send_splits: list[int], group=None) -> list[int]:
     return [int(v) for v in recv.tolist()]
 
 
-def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    x = x.contiguous()
-    out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                           group=group)
-    return out
 
 
 def group_ranks(group) -> list[int] | None:
@@ -82,13 +76,22 @@ def group_ranks(group) -> list[int] | None:
     return list(dist.get_process_group_ranks(group))
 
 
-def _record(stats: CommStats | None, name: str, x: torch.Tensor, send_splits: list[int],
-            recv_splits: list[int], rank: int, group=None) -> None:
-    if stats is None:
-        return
-    row_bytes = x.element_size() * math.prod(x.shape[1:])
-    stats.record_peers(name, [n * row_bytes for n in send_splits], [n * row_bytes for n in recv_splits],
-                       rank, group_ranks(group))
+def exchange_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
+                  stats: CommStats | None = None, name: str = "all_to_all_v", peers=None) -> torch.Tensor:
+    """The exchange under all_to_all_v, without its argument checks or autograd: for callers
+    whose splits (lists) are known to cover x and to mirror the peers' (fssdp's expert node).
+    Counted in `stats` under `name`; `peers` = (this rank in `group`, group_ranks(group)) when
+    the caller keeps them, else they are looked up."""
+    if stats is not None:
+        rank, ranks = peers if peers is not None else (dist.get_rank(group), group_ranks(group))
+        row_bytes = x.element_size() * math.prod(x.shape[1:])
+        stats.record_peers(name, [n * row_bytes for n in send_splits], [n * row_bytes for n in recv_splits],
+                           rank, ranks)
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                           group=group)
+    return out
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -96,16 +99,13 @@ class _AllToAllV(torch.autograd.Function):
     def forward(ctx, x, send_splits, recv_splits, group, stats, name):
         ctx.splits = (send_splits, recv_splits)
         ctx.group, ctx.stats, ctx.name = group, stats, name
-        rank = dist.get_rank(group)
-        _record(stats, name, x, send_splits, recv_splits, rank, group)
-        return _exchange(x, send_splits, recv_splits, group)
+        return exchange_rows(x, send_splits, recv_splits, group, stats, name)
 
     @staticmethod
     def backward(ctx, grad_out):
         send_splits, recv_splits = ctx.splits
-        rank = dist.get_rank(ctx.group)
-        _record(ctx.stats, ctx.name + ".backward", grad_out, recv_splits, send_splits, rank, ctx.group)
-        return _exchange(grad_out, recv_splits, send_splits, ctx.group), None, None, None, None, None
+        grad_x = exchange_rows(grad_out, recv_splits, send_splits, ctx.group, ctx.stats, ctx.name + ".backward")
+        return grad_x, None, None, None, None, None
 
 
 def all_to_all_v(x: torch.Tensor, send_splits: Sequence[int] | torch.Tensor,

@@ -20,7 +20,6 @@ replicas are alive at a time.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
-from hecate.comm.all_to_all import group_ranks
+from hecate.comm.all_to_all import exchange_rows, group_ranks
 from hecate.comm.sparse import SparsePlan
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.expert_compute import experts_on_received
@@ -97,20 +96,13 @@ class ExchangeSpec:
         `recv`). They run inside the node's forward and backward, where nothing is
         differentiated, with the plan's splits (one per rank, summing to the rows the plan
         routes): hecate.comm.all_to_all_v's argument checks and autograd wrapper, paid per call,
-        buy nothing here. Counted in `stats` under `name` as all_to_all_v counts them."""
+        buy nothing here, so it calls the exchange under it (exchange_rows)."""
         if x.shape[0] != sum(send):
             raise RuntimeError(f"fssdp {name}: {x.shape[0]} rows for splits {send} (sum {sum(send)}); "
                                "the plan's splits must cover the rows exactly")
-        x = x.contiguous()
         if self._token_ranks is None:
             self._token_ranks = (dist.get_rank(self.token_group), group_ranks(self.token_group))
-        rank, ranks = self._token_ranks
-        if self.stats is not None:
-            row = x.element_size() * math.prod(x.shape[1:])
-            self.stats.record_peers(name, [n * row for n in send], [n * row for n in recv], rank, ranks)
-        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.token_group)
-        return out
+        return exchange_rows(x, send, recv, self.token_group, self.stats, name, peers=self._token_ranks)
 
     def start_gather(self, owned_OS: torch.Tensor, async_op: bool = True,
                      out: torch.Tensor | None = None) -> PendingGather:
