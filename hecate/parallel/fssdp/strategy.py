@@ -52,7 +52,6 @@ from hecate.parallel.fssdp.plan import Plan
 from hecate.parallel.fssdp.planner import ReplicaFit, history_buffer, plan_layer
 from hecate.parallel.fssdp.routes import balance_routes
 from hecate.parallel.fssdp.sharding import even_sharding, heterogeneous_sharding
-from hecate.ops._backend import use_extension
 from hecate.parallel.strategy import ExpertStrategy
 
 # Default link speeds (bytes/s) when the user gives none: NVLink / 100 Gbps IB for NCCL,
@@ -296,8 +295,7 @@ class FullyShardedSparse(ExpertStrategy):
         re-shard)."""
         state = layer.fssdp_state
         m = self.capacity_m(layer.expert_layout.num_experts)
-        if use_extension("place_experts", torch.device("cpu")):  # the op place() calls, on the tensors as they are
-            return torch.ops.hecate.place_experts(state.predictor.predict(), state.owner_E, self.node_of_W, m, t)
+        # place() runs the place_experts op when hecate._C is built (no copies: the dtypes match).
         return torch.from_numpy(HecatePolicy.place(
             state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(), m, t))
 
