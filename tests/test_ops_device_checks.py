@@ -129,3 +129,14 @@ def test_zero_query_heads_are_refused_before_any_kernel():
         attn.flash_attention(q, k, k)
     with pytest.raises(ValueError, match="no query heads"):
         attn.moh_attention(q, k, k, torch.zeros(1, 5, 1, dtype=torch.long), torch.ones(1, 5, 1))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.hecate, "flash_attention_fwd"), reason="needs hecate._C")
+def test_zero_query_heads_are_refused_by_the_ops_themselves():
+    # Callers of torch.ops.hecate skip the Python face's check; the CPU kernel checks H >= 1 itself.
+    q, k = torch.randn(1, 0, 5, 8), torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="no query heads"):
+        torch.ops.hecate.flash_attention_fwd(q, k, k, 1.0, True, 0, 0, None, None, 1)
+    with pytest.raises(ValueError, match="no query heads"):
+        torch.ops.hecate.moh_attention_fwd(q, k, k, torch.zeros(1, 5, 1, dtype=torch.long),
+                                           torch.ones(1, 5, 1), 1.0, True, 0, 0)

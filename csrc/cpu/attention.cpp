@@ -599,6 +599,9 @@ Inputs check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
   const int64_t G = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B, "k has batch ", k.size(0), " but q has ", B);
   TORCH_CHECK_VALUE(k.size(3) == d, "k has head_dim ", k.size(3), " but q has ", d);
+  // H = 0 passes the divisibility check (0 % G == 0) and then divides by H / G: refuse it here,
+  // not only in the Python face, for callers of torch.ops.hecate directly.
+  TORCH_CHECK_VALUE(H >= 1, "q ", q.sizes(), " has no query heads; attention needs at least one");
   TORCH_CHECK_VALUE(G >= 1 && H % G == 0, "the kv heads (", G, ") must divide the query heads (", H, ")");
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxHeadDim, "head_dim must be in [1, ", kMaxHeadDim, "], got ", d);
   return {last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), B, H, G, Sq, Sk, d};

@@ -300,6 +300,7 @@ AttnInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, d
   in.B = q.size(0); in.H = q.size(1); in.Sq = q.size(2); in.d = q.size(3);
   in.G = k.size(1); in.Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == in.B && k.size(3) == in.d, "k must have q's batch and head_dim");
+  TORCH_CHECK_VALUE(in.H >= 1, "q has no query heads; attention needs at least one");
   TORCH_CHECK_VALUE(in.G >= 1 && in.H % in.G == 0, "the kv heads (", in.G, ") must divide the query heads (",
                     in.H, ")");
   TORCH_CHECK_VALUE(in.d >= 1 && in.d <= 256, "head_dim must be in [1, 256], got ", in.d);
