@@ -59,6 +59,28 @@ def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
     scatter(out, x, group=group)
 
 
+def reduce_scatter_by_all_to_all(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
+    """reduce_scatter_flat from one all_to_all_single: every rank sends each peer that peer's
+    slice of `x`, then adds the W slices of its own in rank order ((x_0 + x_1) + x_2 ...), on
+    every rank alike. The bytes of a ring reduce-scatter, (W - 1)/W of `x` per rank. For gloo,
+    whose reduce_scatter reduces the whole input and took longer than an all-reduce of it
+    (docs/results.md); for W = 2 the sum is the all-reduce's bit for bit (a + b == b + a)."""
+    world = dist.get_world_size(group)
+    if x.dim() != 1 or out.dim() != 1 or x.numel() != world * out.numel() or x.dtype != out.dtype:
+        raise ValueError(f"reduce_scatter_by_all_to_all needs a 1-D x of W = {world} equal slices of the "
+                         f"1-D out, in one dtype; got x {x.dtype} {tuple(x.shape)}, out {out.dtype} "
+                         f"{tuple(out.shape)}")
+    received = torch.empty_like(x)
+    dist.all_to_all_single(received, x.contiguous(), group=group)
+    parts = received.view(world, out.numel())  # row r: rank r's values of this rank's slice
+    if world == 1:
+        out.copy_(parts[0])
+        return
+    torch.add(parts[0], parts[1], out=out)
+    for r in range(2, world):
+        out.add_(parts[r])
+
+
 def exchange_splits(send_splits: list[int], group=None) -> list[int]:
     """Tell every rank how many rows it will receive from each peer (a small all_to_all)."""
     send = torch.tensor(send_splits, dtype=torch.int64, device=comm_device(group))

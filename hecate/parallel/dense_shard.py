@@ -8,11 +8,16 @@ forward needs them) but AdamW state for only 1/W of them:
   the only dense tensor the optimizer sees;
 * after backward the flat gradient is reduce-scattered (sum, then / W: the same
   average as the replicated all-reduce), so each rank holds its shard's gradient.
-  On gloo the transport is one all-reduce of the flat gradient, of which each rank
-  keeps its slice: gloo's own reduce_scatter reduces the whole input too (its slices
-  are bit-identical to an all-reduce's, checked for W = 2, 3, 4) but took ~2x as long
-  as an all-reduce of the same 512 KiB on 2 ranks; NCCL's reduce_scatter moves half
-  the bytes and stays;
+  On NCCL that is its reduce_scatter. On gloo it is one all_to_all_single: every rank
+  sends each peer that peer's slice of its flat gradient and adds the W slices it
+  receives in rank order (comm's reduce_scatter_by_all_to_all). gloo's own
+  reduce_scatter reduces the whole input (it took ~2x an all-reduce of the same
+  512 KiB on 2 ranks), and an all-reduce keeping the slice moves twice the bytes; the
+  all-to-all moves (W-1)/W of the buffer, and on 2 gloo ranks it plus the all-gather
+  below take about one all-reduce's time (docs/results.md). For W = 2 the sum is the
+  all-reduce's bit for bit (a + b); for W > 2 the rank order may differ from gloo's
+  ring order in the last bits. Each shard is summed by its owner only and then
+  all-gathered, so every rank still ends with the same weights;
 * after the optimizer step the shards are all-gathered back into the flat buffer,
   so every rank's dense weights are current again.
 
@@ -34,7 +39,7 @@ from torch import nn
 
 import torch.distributed as dist
 
-from hecate.comm.all_to_all import all_gather_flat, reduce_scatter_flat
+from hecate.comm.all_to_all import all_gather_flat, reduce_scatter_by_all_to_all, reduce_scatter_flat
 
 
 class DenseShard:
@@ -50,9 +55,9 @@ class DenseShard:
                              f"one device, got dtypes {sorted(map(str, dtypes))} on {sorted(map(str, devices))}; "
                              "cast the model first or use parallel.dense_optimizer=replicated")
         self.params, self.rank, self.world_size, self.group = params, rank, world_size, group
-        # gloo: reduce by one all-reduce and keep the slice (module docstring); any other backend
-        # (NCCL) reduce-scatters.
-        self.reduce_by_all_reduce = dist.is_initialized() and str(dist.get_backend(group)) == "gloo"
+        # gloo: reduce-scatter by one all-to-all and a local sum (module docstring); any other
+        # backend (NCCL) uses its reduce_scatter.
+        self.reduce_by_all_to_all = dist.is_initialized() and str(dist.get_backend(group)) == "gloo"
         self.numel = sum(p.numel() for p in params)
         self.shard_numel = math.ceil(self.numel / world_size)
         p0 = params[0]
@@ -81,13 +86,9 @@ class DenseShard:
             if p.grad is not None:
                 grad_flat[where].copy_(p.grad.reshape(-1))
             p.grad = None  # the shard's gradient is all this rank keeps
-        if self.reduce_by_all_reduce:
-            dist.all_reduce(grad_flat, group=self.group)
-            lo, hi = self.shard_range
-            out = grad_flat[lo:hi].clone()  # the shard's sum; the rest of the buffer is freed
-        else:
-            out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
-            reduce_scatter_flat(out, grad_flat, group=self.group)
+        out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
+        scatter = reduce_scatter_by_all_to_all if self.reduce_by_all_to_all else reduce_scatter_flat
+        scatter(out, grad_flat, group=self.group)
         out /= self.world_size
         self.shard.grad = out
         self._record(stats, "dense.reduce_scatter")
@@ -99,8 +100,8 @@ class DenseShard:
         self._record(stats, "dense.all_gather")
 
     def _record(self, stats, name: str) -> None:
-        # A ring reduce-scatter's (all-gather's) bytes: what NCCL moves. gloo's all-reduce moves
-        # more, as gloo's reduce_scatter did (it reduces the whole input too).
+        # A ring reduce-scatter's (all-gather's) bytes: what NCCL moves, and what gloo's
+        # all-to-all reduce-scatter sends (W - 1 slices of the shard's size per rank).
         if stats is not None:
             crossing = (self.world_size - 1) * self.shard_numel * self.flat.element_size()
             stats.record(name, crossing, crossing)
