@@ -1,23 +1,33 @@
 """How long the FSSDP per-step control plane takes, from 8 to 1024 ranks.
 
 For every world size W, expert count E, top-k and routing (uniform or Zipf-skewed) it
-times the whole plan of one MoE layer as the runtime computes it on each rank
-(hecate/parallel/fssdp/strategy.py `plan` + `forward`):
+times the whole plan of one MoE layer as the runtime computes it on each rank, the calls of
+hecate/parallel/fssdp/strategy.py on its default path (the hecate policy, P1 placed by
+Algorithm 1 inside the fused op, replicas fitted to bytes):
 
-  predict  ->  planner.plan_layer (one C++ op: the counts' check and totals, P1 by Algorithm 1
-  in its proportional case, P1 fitted to bytes, the token routes with this rank's layout)
-  ->  load update  ->  destination bins of its T x k routed entries  ->  its spAG / spRS plan
-  (hecate.comm.sparse.plan_sparse, when P1 has replicas)
+  plan():     predict  ->  planner.plan_layer(..., sparse=True) (one C++ op: the counts' check,
+              totals and float64 history copy, P1 by Algorithm 1 in its proportional case, P1
+              fitted to bytes, the token routes with this rank's layout, and this rank's spAG /
+              spRS plan when P1 has replicas)  ->  history append + load update
+  forward():  rank layout  ->  destination bins of its T x k routed entries (the C++ op)
+              ->  device_plan on the spAG / spRS plan plan_layer made (when P1 has replicas)
 
-and, side by side on the same inputs, the staged path it replaced (one call per stage with
-the Python between them: load update + predict, P1, fit, routes, splits, bins, sparse), with
-the time of each of its stages. Reported: milliseconds per layer (CPU time of this process, so
-that other jobs on a shared machine do not inflate it: min and median of --repeat runs), the
-ratio staged / fused, the peak of numpy / Python memory during one plan (tracemalloc; torch's
-and the C++ ops' own allocations are not traced) plus the bytes of the plan's [W, E] and
-[T, k] tensors (P1, the rank's receives, its bins: most of what the C++ ops allocate), and
-for each series the growth exponent b of ms ~ W^b (least squares on log-log). One thread
-(torch.set_num_threads(1)).
+(stages "plan", "bins", "sparse"); not the rest of forward (permute, expert slots, exchange)
+nor the counts' all-gather. `fused_ms` splits "plan" into the C++ op alone (`op`, its
+dispatch included) and the Python around it (`wrap`: the result's RankLayout, TokenRoutes,
+Plan and SparsePlan, the load update); `op_stages_us` times the op's stages as their own ops
+(place_experts, fit_replicas, route_layout, sparse_plan) on the same inputs, each minus the
+time of the same op on a 2-rank case (its dispatch), for reading where the op's time goes.
+
+Side by side on the same inputs it times the staged path the fused one replaced (one call per
+stage with the Python between them: load update + predict, P1, fit, routes, splits, bins,
+sparse), with the time of each of its stages. Reported: milliseconds per layer (CPU time of
+this process, so that other jobs on a shared machine do not inflate it: min and median of
+--repeat runs), the ratio staged / fused, the peak of numpy / Python memory during one plan
+(tracemalloc; torch's and the C++ ops' own allocations are not traced) plus the bytes of the
+plan's [W, E] and [T, k] tensors (P1, the rank's receives, its bins: most of what the C++ ops
+allocate), and for each series the growth exponent b of ms ~ W^b (least squares on log-log).
+One thread (torch.set_num_threads(1)).
 
 --reference also times the dense planner this one replaced (tests/fssdp_reference_planner.py:
 [W, E, W] routes, a sort over ranks per copy in Algorithm 1, a loop over ranks in the byte
@@ -39,6 +49,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +71,11 @@ from hecate.parallel.fssdp import (  # noqa: E402
     proportional_quota,
     route_tokens,
 )
-from hecate.parallel.fssdp.planner import ReplicaFit, plan_layer  # noqa: E402
+from hecate.parallel.fssdp.planner import ReplicaFit, _op, history_buffer, plan_layer  # noqa: E402
 from hecate.parallel.fssdp.sharding import even_sharding  # noqa: E402
-from hecate.parallel.fssdp.strategy import FullyShardedSparse  # noqa: E402
+from hecate.parallel.fssdp.strategy import FullyShardedSparse, device_plan  # noqa: E402
+
+CPU = torch.device("cpu")
 
 # A GPT-MoE-like expert (d=768, ffn 3072) in bf16; tokens of d=768 in bf16; RM on.
 FIT = dict(chunk_bytes=2 * 768 * 3072 * 2, token_bytes=768 * 2, chunk_passes=3)
@@ -97,15 +110,19 @@ class Case:
         self.policy = HecatePolicy(overlap_degree=self.t)
         self.predictor = LoadPredictor(E)
         self.predictor.update_from_rank_counts(self.counts)
-        self.history = torch.empty(W, E, dtype=torch.float64)  # the runtime reuses the evicted entry
+        self.history = torch.empty(W, E, dtype=torch.float64)  # op_args' history_out
+        self.rank_history = deque([self.history], maxlen=1)  # history_buffer reuses the evicted entry
 
 
 def plan_new(case: Case, stages: dict | None = None):
-    """The runtime's whole plan of one layer, as rank 0 computes it (strategy.plan + forward)."""
+    """The runtime's whole plan of one layer, as rank 0 computes it (strategy.plan + forward's
+    planning): the calls FullyShardedSparse makes, in its order."""
     clock = time.process_time
     t = clock()
+    history = history_buffer(case.rank_history, case.counts)
     laid = plan_layer(case.counts, case.owner, case.nodes, 0, capacity_m=case.m, load_E=case.predictor.predict(),
-                      overlap_degree=case.t, fit=ReplicaFit(**FIT), history_out=case.history)
+                      overlap_degree=case.t, fit=ReplicaFit(**FIT), history_out=history, sparse=True)
+    case.rank_history.append(history)
     case.predictor.update_checked(laid.counts_E)
     layout = laid.plan.rank_layout(0)
     if stages is not None:
@@ -117,12 +134,45 @@ def plan_new(case: Case, stages: dict | None = None):
         now = clock()
         stages["bins"] = stages.get("bins", 0.0) + now - t
         t = now
-    if laid.plan.num_replicas:  # forward's device_plan: the spAG / spRS plan
-        plan_sparse(case.owner, laid.plan.holders_WE, 0)
+    if laid.plan.num_replicas:  # forward's spAG / spRS plan: plan_layer's, its row maps on the device
+        device_plan(case.owner, laid.plan.holders_WE, 0, CPU, planned=laid.sparse)
     if stages is not None:
         stages["sparse"] = stages.get("sparse", 0.0) + clock() - t
         stages["_out_bytes"] = laid.plan.holders_WE.nbytes + layout.recv_WE.nbytes + bins.nbytes
     return laid.plan.holders_WE, laid.plan.routes
+
+
+def op_args(case: Case):
+    """The fused op's arguments as plan_layer passes them in plan_new."""
+    f = ReplicaFit(**FIT)
+    return (case.counts, case.owner, case.nodes, case.predictor.predict(), None, case.m, case.t, True,
+            f.chunk_passes * f.chunk_bytes, f.token_bytes, float(f.fixed_bytes), 0, True, case.history)
+
+
+def op_stages_us(case: Case, repeat: int) -> dict:
+    """The fused op's stages timed as their own ops on the same inputs (us, min of `repeat`),
+    each minus the same op on a 2-rank case (the dispatch every op call pays)."""
+    ops, f = torch.ops.hecate, ReplicaFit(**FIT)
+    cost = f.chunk_passes * f.chunk_bytes
+    load = case.predictor.predict()
+    p1 = ops.place_experts(load, case.owner, case.nodes, case.m, case.t)
+    fitted = ops.fit_replicas(p1, case.owner, case.counts, cost, f.token_bytes, case.m, 0.0)
+    tiny = Case(2, 2, 1, "uniform", 8, 2)
+    tiny_load, tiny_all = tiny.predictor.predict(), torch.ones(2, 2, dtype=torch.bool)
+    pairs = {
+        "place": (lambda: ops.place_experts(load, case.owner, case.nodes, case.m, case.t),
+                  lambda: ops.place_experts(tiny_load, tiny.owner, tiny.nodes, tiny.m, tiny.t)),
+        "fit": (lambda: ops.fit_replicas(p1, case.owner, case.counts, cost, f.token_bytes, case.m, 0.0),
+                lambda: ops.fit_replicas(tiny_all, tiny.owner, tiny.counts, cost, f.token_bytes, tiny.m, 0.0)),
+        "routes": (lambda: ops.route_layout(fitted, case.counts, case.nodes, 0, False),
+                   lambda: ops.route_layout(tiny_all, tiny.counts, tiny.nodes, 0, False)),
+        "sparse": (lambda: ops.sparse_plan(case.owner, fitted, 0), lambda: ops.sparse_plan(tiny.owner, tiny_all, 0)),
+    }
+    out = {}
+    for name, (fn, base) in pairs.items():
+        runs = [(cpu_ms(fn, 1)[0], cpu_ms(base, 1)[0]) for _ in range(repeat)]
+        out[name] = round(1e3 * (min(r[0] for r in runs) - min(r[1] for r in runs)), 1)
+    return out
 
 
 def plan_staged(case: Case, stages: dict | None = None):
@@ -221,9 +271,16 @@ def scale_grid(args):
                     best, med = min(r[0] for r in runs), statistics.median(r[0] for r in runs)
                     sbest = min(r[1] for r in runs)
                     stages, staged_stages = {}, {}
+                    plan_best = op_best = float("inf")
+                    args_op = op_args(case)
                     for _ in range(args.repeat):
-                        plan_new(case, stages)
+                        one = {}
+                        plan_new(case, one)
+                        plan_best = min(plan_best, one["plan"] * 1e3)
+                        for n, v in one.items():
+                            stages[n] = v if n == "_out_bytes" else stages.get(n, 0.0) + v
                         plan_staged(case, staged_stages)
+                        op_best = min(op_best, cpu_ms(lambda: _op()(*args_op), 1)[0])
                     holders, routes = plan_new(case)
                     s_holders, s_routes = plan_staged(case)
                     staged_stages.pop("_out_bytes")
@@ -237,7 +294,10 @@ def scale_grid(args):
                            "out_kib": round(stages.pop("_out_bytes") / 2**10, 1),
                            "stages_ms": {n: round(v * 1e3 / args.repeat, 3) for n, v in stages.items()},
                            "staged_stages_ms": {n: round(v * 1e3 / args.repeat, 3)
-                                                for n, v in staged_stages.items()}}
+                                                for n, v in staged_stages.items()},
+                           "fused_ms": {"op": round(op_best, 3), "wrap": round(plan_best - op_best, 3)}}
+                    if args.breakdown:
+                        row["op_stages_us"] = op_stages_us(case, args.repeat)
                     if ref is not None and W <= args.reference_max_ranks:
                         ref_holders, ref_routes = plan_reference(case, ref)
                         row["same_plan_as_reference"] = bool(
@@ -265,7 +325,10 @@ def _fmt(row):
             f"{row['ms_median']:.3f}; staged {row['staged_ms_min']:.3f}, {row['staged_over_fused']}x, "
             f"same plan: {row['same_plan_as_staged']})  peak {row['peak_mib']:5.2f} MiB + "
             f"{row['out_kib']:7.1f} KiB  " + " ".join(f"{n}={v:.2f}" for n, v in row["stages_ms"].items())
+            + f" (op={row['fused_ms']['op']:.3f} wrap={row['fused_ms']['wrap']:.3f})"
             + "  | staged " + " ".join(f"{n}={v:.2f}" for n, v in row["staged_stages_ms"].items()))
+    if "op_stages_us" in row:
+        text += "  | op stages us " + " ".join(f"{n}={v:.1f}" for n, v in row["op_stages_us"].items())
     if "reference_ms_min" in row:
         text += (f"  | reference {row['reference_ms_min']:.3f} ms, {row['reference_peak_mib']:.1f} MiB"
                  f" ({row['reference_over_new']}x, same plan: {row['same_plan_as_reference']})")
@@ -325,6 +388,8 @@ def main():
     ap.add_argument("--tokens-per-rank", type=int, default=4096, help="tokens per rank (x top-k entries)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time the dense planner it replaced")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the fused op's stages as their own ops (op_stages_us)")
     ap.add_argument("--reference-max-ranks", type=int, default=64)
     ap.add_argument("--policies", action="store_true", help="the per-policy table at one size instead")
     ap.add_argument("--layers", type=int, default=12, help="--policies: MoE layers")
