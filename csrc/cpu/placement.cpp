@@ -111,14 +111,19 @@ void copy_loop(std::vector<double>& dev, const int64_t* node, int64_t num_nodes,
     if (q == 0 || ready.empty()) break;  // sorted by quota first; or no slot left anywhere
     picked.clear();
     node_mark[node[o]] = mark;  // the owner's node has the expert
-    ready.walk([&](const Key& key) {  // 1: the best free rank of each node lacking e
-      if (key.rank != o && node_mark[node[key.rank]] != mark) {
-        picked.push_back(key.rank);
-        node_mark[node[key.rank]] = mark;
-        rank_mark[key.rank] = mark;
-      }
-      return static_cast<int64_t>(picked.size()) < q;
-    });
+    // 1: the best free rank of each node lacking e. It ends once every node has e (nothing
+    // further could be picked), not after a walk over all the free ranks.
+    const int64_t picks_1 = std::min(q, num_nodes - 1);
+    if (picks_1 > 0) {
+      ready.walk([&](const Key& key) {
+        if (node_mark[node[key.rank]] != mark) {  // never the owner: its node is marked
+          picked.push_back(key.rank);
+          node_mark[node[key.rank]] = mark;
+          rank_mark[key.rank] = mark;
+        }
+        return static_cast<int64_t>(picked.size()) < picks_1;
+      });
+    }
     if (static_cast<int64_t>(picked.size()) < q) {  // 2: the best remaining free ranks
       ready.walk([&](const Key& key) {
         if (key.rank != o && rank_mark[key.rank] != mark) {
@@ -217,11 +222,19 @@ std::vector<int64_t> proportional_quota(const double* load, int64_t E, int64_t t
       frac[e] = active[e] ? share[e] - static_cast<double>(base[e]) : -1.0;
     }
     const int64_t leftover = remaining - floors;
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return frac[a] > frac[b]; });
-    // order[:leftover] as a Python slice (a negative leftover drops that many from the end).
+    // order[:leftover] as a Python slice (a negative leftover drops that many from the end) of
+    // the experts by fraction (descending), ties by the lower expert: a total order, so its
+    // first `take` experts are one set, which a selection finds without sorting all E.
     const int64_t take = leftover >= 0 ? std::min(leftover, E) : std::max<int64_t>(E + leftover, 0);
-    for (int64_t i = 0; i < take; ++i) ++base[order[i]];
+    if (take > 0 && take < E) {
+      std::iota(order.begin(), order.end(), 0);
+      std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), [&](int64_t a, int64_t b) {
+        return frac[a] != frac[b] ? frac[a] > frac[b] : a < b;
+      });
+      for (int64_t i = 0; i < take; ++i) ++base[order[i]];
+    } else if (take == E) {
+      for (int64_t e = 0; e < E; ++e) ++base[e];
+    }
     for (int64_t e = 0; e < E; ++e)
       if (active[e]) quota[e] = base[e];
     break;
@@ -280,12 +293,24 @@ void place(bool* h, const double* load, const int64_t* owner, const int64_t* nod
   std::vector<double> share(E), dev(W, 0.0);
   for (int64_t e = 0; e < E; ++e) share[e] = load[e] / static_cast<double>(quota[e] + 1);
   for (int64_t e = 0; e < E; ++e) dev[owner[e]] += share[e];  // np.add.at: in expert order
-  std::vector<int64_t> order;  // by quota, then load (both descending), then expert
+  // By quota, then load (both descending), then expert: sorted as packed keys (a total order,
+  // so the same order as the stable sort by quota and load it stands for).
+  struct Rank1 {
+    int64_t quota;
+    double load;
+    int64_t e;
+  };
+  std::vector<Rank1> keys;
+  keys.reserve(E);
   for (int64_t e = 0; e < E; ++e)
-    if (quota[e] > 0) order.push_back(e);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return quota[a] != quota[b] ? quota[a] > quota[b] : load[a] > load[b];
+    if (quota[e] > 0) keys.push_back({quota[e], load[e], e});
+  std::sort(keys.begin(), keys.end(), [](const Rank1& a, const Rank1& b) {
+    if (a.quota != b.quota) return a.quota > b.quota;
+    if (a.load != b.load) return a.load > b.load;
+    return a.e < b.e;
   });
+  std::vector<int64_t> order(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) order[i] = keys[i].e;
   std::vector<int64_t> picks_d, picks_e;
   copy_loop(dev, node, num_nodes, owner, order, quota.data(), share.data(), m, picks_d, picks_e);
   for (size_t i = 0; i < picks_d.size(); ++i) h[picks_d[i] * E + picks_e[i]] = true;
