@@ -76,17 +76,29 @@ class LayerState:
     rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
     prefetched: object = None  # PendingGather issued for this layer's next forward
     non_moe_agreed_s: float = 0.0  # max over ranks of the measured non-MoE time (agreed)
+    # Per rank_history entry (same order, same window): _fit_bound's (largest cell, the bytes a
+    # fit to it could save at most, owners, prices), what _prefetch_plan bounds its fit with; and
+    # whether the last plan's counts could keep no replica (the early P1 is then skipped).
+    history_fit: deque = None
+    fit_kept_none: bool = False
+    owner_cache: tuple = None  # (owner_E, its version, sha256 of its bytes, P0 [W, E]: tensor, numpy)
     # Measured non-MoE gaps before this layer not yet read (CUDA events complete later).
     gaps: deque = field(default_factory=lambda: deque(maxlen=4))
 
 
+def _host_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a host array to hash (a view when it is a contiguous CPU tensor)."""
+    t = t.detach()
+    return (t if t.device.type == "cpu" and t.is_contiguous() else t.cpu().contiguous()).numpy()
+
+
 def _digest_words(*tensors: torch.Tensor) -> tuple[int, ...]:
     """The first _DIGEST_WORDS int64 words of the sha256 of the tensors' bytes (host ints: they
-    go into the counts message with the non-MoE time as one small tensor, no tensor round trip)."""
+    go into the counts message with the non-MoE time as one small tensor, no tensor round trip).
+    FullyShardedSparse._state_digest computes the same words with the owners' part cached."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach()
-        h.update((t if t.device.type == "cpu" and t.is_contiguous() else t.cpu().contiguous()).numpy())
+        h.update(_host_bytes(t))
     return struct.unpack(f"<{_DIGEST_WORDS}q", h.digest()[:8 * _DIGEST_WORDS])
 
 
@@ -231,6 +243,7 @@ class FullyShardedSparse(ExpertStrategy):
                                       "exposed_gather_s": 0.0})
         self._gap = None  # Interval from the previous MoE layer's exit (the non-MoE compute)
         self._token_comm = None  # (comm_device, group_ranks) of token_group, on first use
+        self._chunk_numels = {}  # ChunkLayout -> chunk_numel (_chunk_numel)
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -286,7 +299,7 @@ class FullyShardedSparse(ExpertStrategy):
         if self.overlap_degree is not None:
             return self.overlap_degree
         bw = self.bandwidth[1] if self._spans_nodes else self.bandwidth[0]
-        return overlap_degree(non_moe_s, bw, layout.chunk_numel * self._wire_itemsize())
+        return overlap_degree(non_moe_s, bw, self._chunk_numel(layout) * self._wire_itemsize())
 
     def _place_p1(self, layer, t: int) -> torch.Tensor:
         """Algorithm 1 on the layer's predicted load with overlap degree t: the holders
@@ -299,6 +312,29 @@ class FullyShardedSparse(ExpertStrategy):
         return torch.from_numpy(HecatePolicy.place(
             state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(), m, t))
 
+    def _owner_cache(self, state):
+        """(sha256 of owner_E's bytes, P0 as holders bool [W, E], and as a numpy copy), kept
+        until the owners change (re-shard replaces owner_E; an in-place write bumps its
+        version). Read-only: the hash is copied before use and P0 only goes into plan_layer
+        with a fit, which returns a new tensor."""
+        owner_E = state.owner_E
+        cached = state.owner_cache
+        if cached is None or cached[0] is not owner_E or cached[1] != owner_E._version:
+            h = hashlib.sha256()
+            h.update(_host_bytes(owner_E))
+            E = owner_E.numel()
+            p0 = torch.zeros(self.topology.world_size, E, dtype=torch.bool)
+            p0[owner_E.cpu(), torch.arange(E)] = True
+            cached = state.owner_cache = (owner_E, owner_E._version, h, p0, p0.numpy().copy())
+        return cached[2:]
+
+    def _state_digest(self, state) -> np.ndarray:
+        """_digest_words(owner_E, predicted load) as int64 [_DIGEST_WORDS] (the same words): the
+        owners' part of the hash is kept until they change, only the prediction is hashed."""
+        h = self._owner_cache(state)[0].copy()
+        h.update(_host_bytes(state.predictor.predict()))
+        return np.frombuffer(h.digest(), dtype="<i8", count=_DIGEST_WORDS)
+
     def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
 
@@ -306,7 +342,7 @@ class FullyShardedSparse(ExpertStrategy):
         in flight, off the critical path: the wait is mostly for the slowest peer to arrive.
         Returns (counts_WE, agreed non-MoE us, what meanwhile returned)."""
         state = layer.fssdp_state
-        words = _digest_words(state.owner_E, state.predictor.predict())
+        words = self._state_digest(state)
         from hecate.comm.all_to_all import all_gather_flat, comm_device, group_ranks
 
         if self._token_comm is None:  # the group's fixed facts, looked up once (not per layer and step)
@@ -324,7 +360,7 @@ class FullyShardedSparse(ExpertStrategy):
         else:
             # Assembled where the counts are (the host parts go up): the only read back from
             # the device in this layer's step is the gathered result below.
-            host = torch.tensor([state.non_moe_us, *words], dtype=torch.int64)
+            host = torch.tensor([state.non_moe_us, *words.tolist()], dtype=torch.int64)
             mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
         gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
         work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
@@ -373,7 +409,11 @@ class FullyShardedSparse(ExpertStrategy):
         load, fitted, and its spAG plan) is planned too while the counts travel; nothing it
         reads changes before `_issue_prefetch` issues it at the end of this forward."""
         state = layer.fssdp_state
-        early_p1 = self._early_p1(layer)
+        fit = self._replica_fit(layer.expert_layout, token_bytes) if self.fit_replicas else None
+        # Skip the early P1 when the last step's counts could keep no replica (ep's path under
+        # balanced routing): P1 is then likely not needed (below), and if it is, plan_layer
+        # places the same one from the agreed t.
+        early_p1 = None if fit is not None and state.fit_kept_none else self._early_p1(layer)
         meanwhile = None
         if early_p1 is not None or ahead is not None:
             def meanwhile():
@@ -384,10 +424,17 @@ class FullyShardedSparse(ExpertStrategy):
         self._staged_prefetch = (ahead, staged) if ahead is not None else None
         state.non_moe_agreed_s = non_moe_us * 1e-6
         m = self.capacity_m(layer.expert_layout.num_experts)
-        holders = load = t = fit = None
+        bound = self._fit_bound(fit, counts_WE.numpy(), state) if fit is not None else None
+        state.fit_kept_none = bound is not None and self._fit_keeps_none(fit, *bound[:2], counts_WE.numel())
+        holders = load = t = None
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
             holders = state.prefetched.holders_WE
+            fit = None
+        elif state.fit_kept_none:
+            # The fit keeps no replica of any P1 for these counts (_fit_keeps_none): P1 need not
+            # be placed; the fit of P0 gives the same P0.
+            holders = state.owner_cache[3]
         elif self._lean_p1():
             t = self._p1_degree(layer.expert_layout, non_moe_us * 1e-6)
             if early is not None and early[0] == t:
@@ -399,8 +446,6 @@ class FullyShardedSparse(ExpertStrategy):
             policy = self._policy(layer.expert_layout, non_moe_us * 1e-6, self.topology.num_nodes > 1)
             holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, m,
                                   counts_WE=counts_WE)
-        if state.prefetched is None and self.fit_replicas:
-            fit = self._replica_fit(layer.expert_layout, token_bytes)
         # P1 (unless given), its byte fit, the sparse routes with this rank's layout (O(W*E +
         # replicas), never a [W, E, W] array) and the counts' totals: one call (planner.py).
         history = history_buffer(state.rank_history, counts_WE)
@@ -416,6 +461,9 @@ class FullyShardedSparse(ExpertStrategy):
             self.timings["balanced_rows"] = self.timings.get("balanced_rows", 0) + routes.moved_tokens()
             plan = Plan(plan.owner_E, plan.holders_WE, routes)
         state.rank_history.append(history)
+        if state.history_fit is None or state.history_fit.maxlen != state.rank_history.maxlen:
+            state.history_fit = deque(maxlen=state.rank_history.maxlen)
+        state.history_fit.append(bound)  # None without a fit: the prefetch then fits as it did
         state.predictor.update_checked(laid.counts_E)
         state.observed_E = laid.counts_E
         state.last_plan = plan
@@ -442,6 +490,21 @@ class FullyShardedSparse(ExpertStrategy):
         state = layer.fssdp_state
         if not state.rank_history:
             return None
+        fits = state.history_fit
+        fit = self._replica_fit(layer.expert_layout, token_bytes) if self.fit_replicas else None
+        if fit is not None and fits is not None and len(fits) == len(state.rank_history) and None not in fits:
+            self._owner_cache(state)  # current for the owners now
+            same = all(b[2] is state.owner_cache and b[3] == fit for b in fits)
+        else:
+            same = False
+        if same:
+            # The predicted counts are the window's mean: each cell is at most the window's
+            # largest, and (the saving being convex in the count) the bytes a fit to them saves
+            # at most the mean of the entries' bounds (all under today's owners and prices).
+            # When the fit keeps nothing at those bounds, the result below is None.
+            most = max(b[0] for b in fits)
+            if self._fit_keeps_none(fit, most, sum(b[1] for b in fits) / len(fits), state.rank_history[-1].numel()):
+                return None
         E = layer.expert_layout.num_experts
         if self._lean_p1():  # always, as prefetch is on only for the hecate policy without calibration
             holders = self._place_p1(layer, self._p1_degree(layer.expert_layout, state.non_moe_agreed_s))
@@ -469,8 +532,44 @@ class FullyShardedSparse(ExpertStrategy):
         """The byte prices of the fit: chunks in the wire dtype (fp32, or bf16), one collective
         per pass: spAG, spRS (+ the re-gather)."""
         passes = 3 if self.rematerialize else 2
-        return ReplicaFit(chunk_bytes=layout.chunk_numel * self._wire_itemsize(), token_bytes=token_bytes,
+        return ReplicaFit(chunk_bytes=self._chunk_numel(layout) * self._wire_itemsize(), token_bytes=token_bytes,
                           chunk_passes=passes, fixed_bytes=self._replica_fixed_bytes(passes))
+
+    def _fit_bound(self, fit: ReplicaFit, counts: np.ndarray, state) -> tuple:
+        """(the largest cell of counts [W, E], the sum of every positive saving 4 x count x
+        token bytes - chunk cost over the cells a replica could take (not the owner's): the
+        most bytes any fit of any P1 to these counts can save, as it keeps a subset of those;
+        the owner cache entry of the placement and the prices this holds for)."""
+        top = counts.max()
+        cost = fit.chunk_passes * fit.chunk_bytes
+        self._owner_cache(state)
+        owners = state.owner_cache  # the placement the bound holds for (the prefetch checks it)
+        if 4.0 * top * fit.token_bytes <= cost:
+            return top, 0.0, owners, fit  # no cell saves anything
+        saving = 4.0 * counts * fit.token_bytes - cost  # the fit's own double operations
+        saving[owners[4]] = 0.0
+        return top, float(saving[saving > 0].sum()), owners, fit
+
+    @staticmethod
+    def _fit_keeps_none(fit: ReplicaFit, max_count, most_saved: float, cells: int) -> bool:
+        """Whether fitting any P1 (materialize.fit_holders, csrc/cpu/fit.cpp) to counts whose
+        largest cell is `max_count` and whose replicas could save `most_saved` bytes at most
+        (_fit_bound) returns P0: every cell is at or below the break-even the fit itself skips
+        on (its prefilter: the same double operations), or the most the replicas could save
+        does not repay the collectives they add (fixed_bytes), with margins far above the
+        rounding of the fit's sums (relative) and savings (absolute, per cell)."""
+        cost = fit.chunk_passes * fit.chunk_bytes
+        if fit.token_bytes > 0 and cost > 0 and max_count <= cost / (4 * fit.token_bytes) * (1 - 1e-9):
+            return True
+        slack = 1e-15 * cells * (4.0 * float(max_count) * fit.token_bytes + cost)
+        return fit.fixed_bytes > 0 and most_saved + slack <= fit.fixed_bytes * (1 - 1e-9)
+
+    def _chunk_numel(self, layout: ChunkLayout) -> int:
+        """layout.chunk_numel (a sum over its shapes per call), looked up once per layout."""
+        n = self._chunk_numels.get(layout)
+        if n is None:
+            n = self._chunk_numels[layout] = layout.chunk_numel
+        return n
 
     def _replica_fixed_bytes(self, collectives: int) -> float:
         """What a layer's replica collectives cost beyond their bytes, in bytes summed over the
