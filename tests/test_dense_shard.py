@@ -182,3 +182,22 @@ def test_gloo_all_to_all_reduce_scatter_sums_in_rank_order(world, dtype):
             # they differ by at most 2 * W * u * sum|a_r| / W = eps * sum|a_r|, element by element.
             diff = (out["all_to_all"].float() - out["reduce_scatter"].float()).abs()
             assert bool((diff <= torch.finfo(dtype).eps * out["abs_sum"]).all())
+
+
+def _missing_grad_case(rank, world):
+    from torch import nn
+
+    from hecate.parallel.dense_shard import DenseShard
+
+    params = [nn.Parameter(torch.zeros(n)) for n in (3, 4)]  # 7: one element of padding at W = 2
+    shard = DenseShard(params, rank, world)
+    params[1].grad = torch.full((4,), float(rank + 1))
+    params[0].grad = torch.ones(3) if rank == 0 else None  # rank 1 has no gradient for params[0]
+    shard.reduce_scatter_gradients()
+    return shard.shard.grad.tolist()
+
+
+def test_missing_dense_gradient_counts_as_zero():
+    """A dense parameter without a gradient on some rank contributes zeros, as in the replicated
+    all-reduce; the padding stays zero."""
+    assert run_distributed(_missing_grad_case, 2) == [[0.5, 0.5, 0.5, 1.5], [1.5, 1.5, 1.5, 0.0]]

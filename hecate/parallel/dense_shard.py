@@ -81,10 +81,14 @@ class DenseShard:
 
     def reduce_scatter_gradients(self, stats=None) -> None:
         """Sum every rank's dense gradients into the owners of their shards, divide by W."""
-        grad_flat = torch.zeros_like(self.flat)
-        for p, where in self.slices:
-            if p.grad is not None:
-                grad_flat[where].copy_(p.grad.reshape(-1))
+        # One pass (cat) instead of zeroing a buffer and copying into it: the padding is the only
+        # part that must be zeros.
+        pieces = [p.grad.reshape(-1) if p.grad is not None else self.flat.new_zeros(p.numel()) for p in self.params]
+        if self.flat.numel() > self.numel:
+            pieces.append(self.flat.new_zeros(self.flat.numel() - self.numel))
+        grad_flat = torch.cat(pieces)
+        del pieces
+        for p in self.params:
             p.grad = None  # the shard's gradient is all this rank keeps
         out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
         scatter = reduce_scatter_by_all_to_all if self.reduce_by_all_to_all else reduce_scatter_flat
