@@ -60,10 +60,26 @@ void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t 
     int64_t* __restrict ab = above.data();
     const T* __restrict r = row;
     int64_t n_above = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      ab[n_above] = e;
-      n_above += r[e] > bound;
+    auto scan = [&](int64_t from, int64_t to) {
+      for (int64_t e = from; e < to; ++e) {
+        ab[n_above] = e;
+        n_above += r[e] > bound;
+      }
+    };
+    int64_t e0 = 0;
+    if constexpr (std::is_integral_v<T>) {
+      // Blocks of 16 cells with none above are skipped after one test: for counts and a bound
+      // both >= 0, c > bound iff bound - c < 0, so the OR of the differences has its sign bit
+      // set iff a cell is above (a subtraction and an OR per cell, which vectorize).
+      if (bound >= 0) {
+        for (; e0 + 16 <= E; e0 += 16) {
+          T any = 0;
+          for (int64_t i = 0; i < 16; ++i) any |= bound - r[e0 + i];
+          if (any < 0) scan(e0, e0 + 16);
+        }
+      }
     }
+    scan(e0, E);
     if (n_above == 0) continue;
     int64_t held = 0;
     cand.clear();
@@ -131,9 +147,11 @@ at::Tensor fit_replicas(const at::Tensor& holders_WE, const at::Tensor& owner_E,
   bool* o = out.mutable_data_ptr<bool>();
   if (cc.scalar_type() == at::kLong) {
     const int64_t* c = cc.const_data_ptr<int64_t>();
-    int64_t lowest = 0;
-    for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, c[i]);
-    TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
+    int64_t sign = 0;  // OR of every count: negative iff one is (vectorizes, unlike a min of int64)
+    for (int64_t i = 0; i < W * E; ++i) sign |= c[i];
+    if (sign < 0) {
+      TORCH_CHECK_VALUE(false, "counts_WE must be non-negative, found ", *std::min_element(c, c + W * E));
+    }
     planner::fit(h, o, owner, c, W, E, cost, token_bytes, m, fixed_bytes);
     return out;
   }

@@ -8,6 +8,7 @@
 // tests/test_fssdp_planner_kernels.py compare them on random cases).
 #include <torch/library.h>
 
+#include <bit>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -46,32 +47,38 @@ HolderIndex index_holders(const bool* h, const int64_t* cnt, const int64_t* node
                       W, ")");
     ix.N = std::max(ix.N, node[d] + 1);
   }
+  // P1 is sparse (owners plus a few replicas): one scan lists its cells row by row, skipping
+  // 8 empty cells at a time, and the index is made from the list (no second scan, no division).
+  thread_local std::vector<int64_t> cell_d, cell_e;
+  cell_d.clear(), cell_e.clear();
   ix.ptr.assign(E + 1, 0);
-  const int64_t cells = W * E;
-  // P1 is sparse (owners plus a few replicas): skip 8 empty cells at a time.
-  auto for_each_holder = [&](auto&& fn) {
-    int64_t i = 0;
-    for (; i + 8 <= cells; i += 8) {
+  int64_t* ptr = ix.ptr.data();
+  for (int64_t d = 0; d < W; ++d) {
+    const bool* row = h + d * E;
+    auto hold = [&](int64_t x) { cell_d.push_back(d), cell_e.push_back(x), ++ptr[x + 1]; };
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
       uint64_t word;
-      std::memcpy(&word, h + i, 8);
-      if (!word) continue;
-      for (int64_t j = i; j < i + 8; ++j)
-        if (h[j]) fn(j);
+      std::memcpy(&word, row + e, 8);
+      while (word) {  // its nonzero bytes (true cells), lowest first
+        const int k = std::countr_zero(word) >> 3;
+        hold(e + k);
+        word &= ~(uint64_t{0xFF} << (8 * k));
+      }
     }
-    for (; i < cells; ++i)
-      if (h[i]) fn(i);
-  };
-  for_each_holder([&](int64_t j) { ++ix.ptr[j % E + 1]; });
-  for (int64_t e = 0; e < E; ++e) ix.ptr[e + 1] += ix.ptr[e];
-  ix.H = ix.ptr[E];
+    for (; e < E; ++e)
+      if (row[e]) hold(e);
+  }
+  for (int64_t e = 0; e < E; ++e) ptr[e + 1] += ptr[e];
+  ix.H = ptr[E];
   ix.ranks.resize(ix.H);
   ix.node_cnt.assign(E * ix.N, 0);
   std::vector<int64_t> fill(ix.ptr.begin(), ix.ptr.end() - 1);
-  for_each_holder([&](int64_t j) {  // row-major: ranks ascending within each expert
-    const int64_t d = j / E, e = j % E;
+  for (int64_t i = 0; i < ix.H; ++i) {  // row-major: ranks ascending within each expert
+    const int64_t d = cell_d[i], e = cell_e[i];
     ix.ranks[fill[e]++] = d;
     ++ix.node_cnt[e * ix.N + node[d]];
-  });
+  }
   for (int64_t e = 0; e < E; ++e) {
     if (ix.ptr[e + 1] > ix.ptr[e]) continue;
     for (int64_t s = 0; s < W; ++s) {
@@ -86,8 +93,10 @@ HolderIndex index_holders(const bool* h, const int64_t* cnt, const int64_t* node
 inline int64_t share_of(int64_t c, int64_t n, int64_t pos, int64_t src, int64_t e) {
   // Even share of c tokens over n replicas; the c % n remainder tokens go to the positions
   // [off, off + r) (circular) with off = (src + e) % n, as routes.TokenRoutes._split.
+  if (n == 1) return c;  // most groups: the owner alone (no division)
   const int64_t q = c / n, r = c % n, off = (src + e) % n;
-  const int64_t rel = ((pos - off) % n + n) % n;
+  int64_t rel = pos - off;  // pos and off are in [0, n)
+  if (rel < 0) rel += n;
   return q + (rel < r ? 1 : 0);
 }
 
@@ -105,9 +114,11 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
   auto nc = node_W.contiguous();
   const int64_t* cnt = cc.const_data_ptr<int64_t>();
   if (check_counts) {
-    int64_t lowest = 0;
-    for (int64_t i = 0; i < W * E; ++i) lowest = std::min(lowest, cnt[i]);
-    TORCH_CHECK_VALUE(lowest >= 0, "counts_WE must be non-negative, found ", lowest);
+    int64_t sign = 0;  // OR of every count: negative iff one is (vectorizes, unlike a min of int64)
+    for (int64_t i = 0; i < W * E; ++i) sign |= cnt[i];
+    if (sign < 0) {
+      TORCH_CHECK_VALUE(false, "counts_WE must be non-negative, found ", *std::min_element(cnt, cnt + W * E));
+    }
   }
   planner::Layout l = planner::route_layout(hc.const_data_ptr<bool>(), cnt, nc.const_data_ptr<int64_t>(), W, E,
                                             rank, counts_WE.options());
