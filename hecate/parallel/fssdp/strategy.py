@@ -82,6 +82,8 @@ class LayerState:
     history_fit: deque = None
     fit_kept_none: bool = False
     owner_cache: tuple = None  # (owner_E, its version, sha256 of its bytes, P0 [W, E]: tensor, numpy)
+    digest: tuple = None  # (prediction, its version, owner_cache, digest words): _state_digest's cache
+    agree_buffers: tuple = None  # (message array, it as a tensor, gathered table): reused each step
     # Measured non-MoE gaps before this layer not yet read (CUDA events complete later).
     gaps: deque = field(default_factory=lambda: deque(maxlen=4))
 
@@ -330,10 +332,28 @@ class FullyShardedSparse(ExpertStrategy):
 
     def _state_digest(self, state) -> np.ndarray:
         """_digest_words(owner_E, predicted load) as int64 [_DIGEST_WORDS] (the same words): the
-        owners' part of the hash is kept until they change, only the prediction is hashed."""
-        h = self._owner_cache(state)[0].copy()
-        h.update(_host_bytes(state.predictor.predict()))
-        return np.frombuffer(h.digest(), dtype="<i8", count=_DIGEST_WORDS)
+        owners' part of the hash is kept until they change, and the words until the prediction
+        changes (the predictor makes a new tensor at each update; an in-place write bumps its
+        version), so the plan before can compute them while its counts travel (plan)."""
+        prediction = state.predictor.predict()
+        self._owner_cache(state)
+        owners, cached = state.owner_cache, state.digest
+        if cached is not None and cached[0] is prediction and cached[1] == prediction._version \
+                and cached[2] is owners:
+            return cached[3]
+        h = owners[2].copy()
+        h.update(_host_bytes(prediction))
+        words = np.frombuffer(h.digest(), dtype="<i8", count=_DIGEST_WORDS)
+        state.digest = (prediction, prediction._version, owners, words)
+        return words
+
+    def _following(self, layer):
+        """The MoE layer whose plan comes after this one's: the next in forward order, or the
+        first (next step's) after the last; None when the layers carry no ids."""
+        i = getattr(layer, "layer_id", None)
+        if i is None or not self._layers or i >= len(self._layers) or self._layers[i] is not layer:
+            return None
+        return self._layers[(i + 1) % len(self._layers)]
 
     def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
@@ -349,20 +369,26 @@ class FullyShardedSparse(ExpertStrategy):
             self._token_comm = (comm_device(self.token_group), group_ranks(self.token_group))
         dev, peers = self._token_comm
         E, W = counts_E.numel(), self.topology.world_size
+        M = E + 1 + _DIGEST_WORDS
         if dev.type == "cpu" and not ops._device_path(counts_E.device):
             # Counts on the host: one host array, no small tensor ops (cast, cat):
-            # [counts | non-MoE us | digest].
-            message = np.empty(E + 1 + _DIGEST_WORDS, dtype=np.int64)
+            # [counts | non-MoE us | digest], in buffers kept from the last step (the table is
+            # read and its counts copied out before this returns).
+            buffers = state.agree_buffers
+            if buffers is None or buffers[2].numel() != W * M:
+                message = np.empty(M, dtype=np.int64)
+                buffers = state.agree_buffers = (message, torch.from_numpy(message),
+                                                 torch.empty(W * M, dtype=torch.int64))
+            message, mine, gathered = buffers
             message[:E] = counts_E.numpy()
             message[E] = state.non_moe_us
             message[E + 1:] = words
-            mine = torch.from_numpy(message)
         else:
             # Assembled where the counts are (the host parts go up): the only read back from
             # the device in this layer's step is the gathered result below.
             host = torch.tensor([state.non_moe_us, *words.tolist()], dtype=torch.int64)
             mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
-        gathered = torch.empty(W * mine.numel(), dtype=torch.int64, device=dev)
+            gathered = torch.empty(W * M, dtype=torch.int64, device=dev)
         work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
         try:
             early = meanwhile() if meanwhile is not None else None
@@ -372,18 +398,19 @@ class FullyShardedSparse(ExpertStrategy):
             crossing = (W - 1) * mine.numel() * mine.element_size()
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
         # The checks below on the host array: no small tensor ops.
-        table = gathered.cpu().numpy().reshape(W, mine.numel())
+        table = (gathered if gathered.device.type == "cpu" else gathered.cpu()).numpy().reshape(W, M)
         digests = table[:, E + 1:]
-        differs = (digests != digests[0]).any(1)  # one vector op, not a loop over W ranks
-        if differs.any():
+        if not (digests == digests[0]).all():  # one vector op, not a loop over W ranks
+            differs = (digests != digests[0]).any(1)
             bad = np.flatnonzero(differs).tolist()
             good = np.flatnonzero(~differs).tolist()
             raise AgreementError(
                 f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
                 f"placement/load state than ranks {good}; every rank must load the same checkpoint "
                 "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
-        # One contiguous copy that every planning stage reads (and the routes keep) as is.
-        return torch.from_numpy(np.ascontiguousarray(table[:, :E])), int(table[:, E].max()), early
+        # One contiguous copy (always a copy: the table is reused) that every planning stage
+        # reads (and the routes keep) as is.
+        return torch.from_numpy(table[:, :E].copy()), int(table[:, E].max()), early
 
     def _early_p1(self, layer):
         """A function that plans P1 from the predicted load while the counts travel, or None.
@@ -414,11 +441,13 @@ class FullyShardedSparse(ExpertStrategy):
         # balanced routing): P1 is then likely not needed (below), and if it is, plan_layer
         # places the same one from the agreed t.
         early_p1 = None if fit is not None and state.fit_kept_none else self._early_p1(layer)
-        meanwhile = None
-        if early_p1 is not None or ahead is not None:
-            def meanwhile():
-                return (early_p1() if early_p1 is not None else None,
-                        self._prefetch_plan(ahead, token_bytes) if ahead is not None else None)
+        following = self._following(layer)
+
+        def meanwhile():
+            if following is not None:  # its digest, cached until its prediction or owners change
+                self._state_digest(following.fssdp_state)
+            return (early_p1() if early_p1 is not None else None,
+                    self._prefetch_plan(ahead, token_bytes) if ahead is not None else None)
         counts_WE, non_moe_us, both = self._agree_on_counts(layer, counts_E, meanwhile)
         early, staged = both if both is not None else (None, None)
         self._staged_prefetch = (ahead, staged) if ahead is not None else None
