@@ -24,8 +24,15 @@
 namespace hecate::cpu {
 namespace {
 
-using PlanLayerResult =
-    std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+using Ints = std::vector<int64_t>;
+using PlanLayerResult = std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, Ints, Ints, std::vector<at::Tensor>, Ints, Ints>;
+
+// A 1-D int64 tensor's values as a list (returned to Python as a list: no tensor, no .tolist()).
+Ints as_ints(const at::Tensor& t) {
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  return Ints(p, p + t.numel());
+}
 
 // Algorithm 1's P1 when it is fitted right after: a buffer kept across calls (no [W, E] allocation).
 bool* scratch_holders(int64_t cells) {
@@ -36,9 +43,12 @@ bool* scratch_holders(int64_t cells) {
   return buf.get();
 }
 
-// Returns (holders_WE, H, counts_E, sends [3, S] (expert, destination, tokens), recv_WE,
-// splits [2, W] (send, receive), sparse): sparse is plan_sparse's nine tensors when `sparse` is
-// set and P1 has replicas, else empty.
+// Returns (holders_WE, H, counts_E, a copy of owner_E (the plan's P0), send_e, send_dst,
+// send_tokens (by expert, then destination), recv_WE, send_splits, recv_splits, sparse,
+// sparse_send_counts, sparse_recv_counts): sparse is plan_sparse's tensors but its two counts
+// (send_ids, recv_ids, owned_ids, held_ids, send_rows, recv_rows, owned_rows_M) when `sparse`
+// is set and P1 has replicas, else empty (and so are its counts). The splits and counts are
+// int lists: what the Python plan keeps (no tensor to make and convert).
 PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_E, const at::Tensor& node_W,
                            const std::optional<at::Tensor>& load_E, const std::optional<at::Tensor>& holders_WE,
                            int64_t m, int64_t t, bool fit, int64_t fit_cost, int64_t token_bytes,
@@ -137,8 +147,16 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
   const bool* h = holders.const_data_ptr<bool>();
   planner::Layout l = planner::route_layout(h, cnt, node, W, E, rank, opts);
   std::vector<at::Tensor> sp;
-  if (sparse && l.H > E) sp = planner::sparse_plan(owner, h, W, E, rank, opts);
-  return {holders, l.H, counts_E, l.sends, l.recv_WE, l.splits, std::move(sp)};
+  Ints sp_send, sp_recv;
+  if (sparse && l.H > E) {
+    std::vector<at::Tensor> all = planner::sparse_plan(owner, h, W, E, rank, opts);
+    sp_send = as_ints(all[1]), sp_recv = as_ints(all[3]);
+    sp = {all[0], all[2], all[4], all[5], all[6], all[7], all[8]};
+  }
+  auto owner_copy = at::empty({E}, opts);
+  std::copy(owner, owner + E, owner_copy.mutable_data_ptr<int64_t>());
+  return {holders, l.H, counts_E, owner_copy, l.sends[0], l.sends[1], l.sends[2], l.recv_WE,
+          as_ints(l.splits[0]), as_ints(l.splits[1]), std::move(sp), std::move(sp_send), std::move(sp_recv)};
 }
 
 }  // namespace
@@ -148,7 +166,7 @@ PlanLayerResult plan_layer(const at::Tensor& counts_WE, const at::Tensor& owner_
 TORCH_LIBRARY_FRAGMENT(hecate, m) {
   m.def("plan_layer(Tensor counts, Tensor owner, Tensor node, Tensor? load, Tensor? holders, int m, int t, "
         "bool fit, int fit_cost, int token_bytes, float fixed_bytes, int rank, bool sparse, Tensor(a!)? history_out) "
-        "-> (Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor[])");
+        "-> (Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int[], int[], Tensor[], int[], int[])");
 }
 
 TORCH_LIBRARY_IMPL(hecate, CPU, m) { m.impl("plan_layer", &hecate::cpu::plan_layer); }

@@ -34,6 +34,7 @@ from hecate.parallel.fssdp.plan import Plan
 from hecate.parallel.fssdp.routes import RankLayout, TokenRoutes, route_tokens
 
 
+_CPU = torch.device("cpu")
 _OP = []  # torch.ops.hecate.plan_layer.default, looked up once (the overload call skips the packet's resolution)
 
 
@@ -80,28 +81,28 @@ def plan_layer(counts_WE: torch.Tensor, owner_E: torch.Tensor, node_of_W: torch.
     W, E = counts_WE.shape
     nodes = node_array(node_of_W)  # cached per tensor: the runtime passes the same one every step
     if use_kernel is None:
-        use_kernel = use_extension("plan_layer", torch.device("cpu"))
+        use_kernel = use_extension("plan_layer", _CPU)
     if holders_WE is None and (load_E is None or overlap_degree is None):
         raise ValueError("plan_layer needs holders_WE (P1), or load_E and overlap_degree to place it")
     if use_kernel:
         cost, token_bytes, fixed = ((fit.chunk_passes * fit.chunk_bytes, fit.token_bytes, float(fit.fixed_bytes))
                                     if fit is not None else (0, 0, 0.0))
-        holders, H, counts_E, sends, recv_WE, splits, sp = _op()(
+        (holders, H, counts_E, owner, send_e, send_dst, send_tokens, recv_WE, send_splits, recv_splits, sp,
+         sp_send_counts, sp_recv_counts) = _op()(
             counts_WE, owner_E, node_of_W, load_E, holders_WE, int(capacity_m), int(overlap_degree or 0),
             fit is not None, int(cost), int(token_bytes), fixed, int(rank), bool(sparse), history_out)
-        send_e, send_dst, send_tokens = sends.numpy()
-        send_splits, recv_splits = splits.tolist()
-        layout = RankLayout(int(rank), send_e, send_dst, send_tokens, recv_WE.numpy(), send_splits, recv_splits)
+        # The sends stay tensors too: the destination bins' op reads them (RankLayout.sends).
+        layout = RankLayout(int(rank), send_e.numpy(), send_dst.numpy(), send_tokens.numpy(), recv_WE.numpy(),
+                            send_splits, recv_splits, sends=(send_e, send_dst, send_tokens))
         routes = TokenRoutes.from_layout(holders, counts_WE, node_of_W, H, layout)
         sparse_plan = None
         if sp:
-            (send_ids, send_counts, recv_ids, recv_counts, owned_ids, held_ids, send_rows, recv_rows,
-             owned_rows_M) = sp
-            sparse_plan = SparsePlan(rank=int(rank), world_size=W, num_chunks=E, send_counts=send_counts.tolist(),
-                                     recv_counts=recv_counts.tolist(), send_ids=send_ids, recv_ids=recv_ids,
+            send_ids, recv_ids, owned_ids, held_ids, send_rows, recv_rows, owned_rows_M = sp
+            sparse_plan = SparsePlan(rank=int(rank), world_size=W, num_chunks=E, send_counts=sp_send_counts,
+                                     recv_counts=sp_recv_counts, send_ids=send_ids, recv_ids=recv_ids,
                                      owned_ids=owned_ids, held_ids=held_ids, send_rows=send_rows,
                                      recv_rows=recv_rows, owned_rows_M=owned_rows_M)
-        return LayerPlan(Plan(owner_E.clone(), holders, routes), counts_E, sparse_plan)
+        return LayerPlan(Plan(owner, holders, routes), counts_E, sparse_plan)  # owner: the op's copy of owner_E
     # The staged functions, one after another (the plan the C++ op reproduces).
     counts = counts_WE.numpy()
     if counts.size and counts.min() < 0:
