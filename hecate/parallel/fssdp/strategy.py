@@ -81,7 +81,7 @@ class LayerState:
     # whether the last plan's counts could keep no replica (the early P1 is then skipped).
     history_fit: deque = None
     fit_kept_none: bool = False
-    owner_cache: tuple = None  # (owner_E, its version, sha256 of its bytes, P0 [W, E]: tensor, numpy)
+    owner_cache: tuple = None  # (owner_E, its version, sha256 of its bytes, P0 [W, E], not-P0 flat 0/1)
     digest: tuple = None  # (prediction, its version, owner_cache, digest words): _state_digest's cache
     agree_buffers: tuple = None  # (message array, it as a tensor, gathered table): reused each step
     # Measured non-MoE gaps before this layer not yet read (CUDA events complete later).
@@ -315,7 +315,8 @@ class FullyShardedSparse(ExpertStrategy):
             state.predictor.predict().numpy(), state.owner_E.numpy(), self.node_of_W.numpy(), m, t))
 
     def _owner_cache(self, state):
-        """(sha256 of owner_E's bytes, P0 as holders bool [W, E], and as a numpy copy), kept
+        """(sha256 of owner_E's bytes, P0 as holders bool [W, E], the cells P0 lacks as a flat
+        float64 0/1 array: a replica's possible places), kept
         until the owners change (re-shard replaces owner_E; an in-place write bumps its
         version). Read-only: the hash is copied before use and P0 only goes into plan_layer
         with a fit, which returns a new tensor."""
@@ -327,7 +328,8 @@ class FullyShardedSparse(ExpertStrategy):
             E = owner_E.numel()
             p0 = torch.zeros(self.topology.world_size, E, dtype=torch.bool)
             p0[owner_E.cpu(), torch.arange(E)] = True
-            cached = state.owner_cache = (owner_E, owner_E._version, h, p0, p0.numpy().copy())
+            cached = state.owner_cache = (owner_E, owner_E._version, h, p0,
+                                          (~p0).to(torch.float64).reshape(-1).numpy())
         return cached[2:]
 
     def _state_digest(self, state) -> np.ndarray:
@@ -575,9 +577,10 @@ class FullyShardedSparse(ExpertStrategy):
         owners = state.owner_cache  # the placement the bound holds for (the prefetch checks it)
         if 4.0 * top * fit.token_bytes <= cost:
             return top, 0.0, owners, fit  # no cell saves anything
-        saving = 4.0 * counts * fit.token_bytes - cost  # the fit's own double operations
-        saving[owners[4]] = 0.0
-        return top, float(saving[saving > 0].sum()), owners, fit
+        saving = counts * (4.0 * fit.token_bytes)  # = (4 x count) x token bytes: scaling by 4 is exact
+        saving -= cost
+        np.maximum(saving, 0.0, out=saving)
+        return top, float(np.dot(saving.reshape(-1), owners[4])), owners, fit
 
     @staticmethod
     def _fit_keeps_none(fit: ReplicaFit, max_count, most_saved: float, cells: int) -> bool:
