@@ -114,7 +114,7 @@ def _bits(t):
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-def _reduce_paths_case(rank, world, dtype):
+def _reduce_paths_case(rank, world, dtype, sizes):
     """The shard gradient reduced as on gloo (one all-to-all, then the W slices added in rank
     order), by the backend's reduce_scatter and by an all-reduce keeping the slice (the gloo
     path before), from the same gradients (magnitudes 1e-4..1e4, so the summation order would
@@ -125,7 +125,7 @@ def _reduce_paths_case(rank, world, dtype):
     from hecate.comm.all_to_all import reduce_scatter_by_all_to_all
     from hecate.parallel.dense_shard import DenseShard
 
-    params = [nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (7, 129, 33)]  # 169: padded for W = 2, 3
+    params = [nn.Parameter(torch.zeros(n, dtype=dtype)) for n in sizes]
 
     def grads_of(r):
         g = torch.Generator().manual_seed(r)
@@ -149,8 +149,8 @@ def _reduce_paths_case(rank, world, dtype):
         total += f
     rank_order = total[lo:hi] / world
     abs_sum = sum(f.abs().float() for f in flats)[lo:hi]
-    try:  # an out that is not 1/W of x: refused before any collective, on every rank alike
-        reduce_scatter_by_all_to_all(torch.empty(hi - lo + 1, dtype=dtype), flats[rank])
+    try:  # others that are not W - 1 slices of own's size: refused before any collective, on every rank
+        reduce_scatter_by_all_to_all(torch.zeros(hi - lo, dtype=dtype), flats[rank])
         refused = ""
     except ValueError as e:
         refused = str(e)
@@ -165,16 +165,19 @@ def _reduce_paths_case(rank, world, dtype):
             "refused": refused}
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.float32), (3, torch.bfloat16)])
-def test_gloo_all_to_all_reduce_scatter_sums_in_rank_order(world, dtype):
+# 169 elements: padded for W = 2, 3, 4; 5 at W = 4: shards of 2, the last one padding only.
+@pytest.mark.parametrize("world,dtype,sizes", [(2, torch.float32, (7, 129, 33)), (3, torch.float32, (7, 129, 33)),
+                                               (3, torch.bfloat16, (7, 129, 33)), (4, torch.float32, (7, 129, 33)),
+                                               (4, torch.float32, (2, 3))])
+def test_gloo_all_to_all_reduce_scatter_sums_in_rank_order(world, dtype, sizes):
     """On gloo the dense gradients are reduce-scattered by one all-to-all and a local sum
     (gloo's reduce_scatter reduces the whole input, at about twice an all-reduce's time). The
     shard's gradient must be the rank-order sum / W bit for bit on its owner (so every rank
     gathers the same weights), and for W = 2 also what reduce_scatter and the all-reduce give
     (a + b has one order); for W > 2 those sum in gloo's ring order, so only close."""
-    for out in run_distributed(_reduce_paths_case, world, dtype):
+    for out in run_distributed(_reduce_paths_case, world, dtype, sizes):
         assert out["gloo_picks_all_to_all"] and out["padded"] and out["rank_order_bits"]
-        assert f"1-D x of W = {world} equal slices" in out["refused"]
+        assert f"the W - 1 = {world - 1} other slices of own's size" in out["refused"]
         if world == 2:
             assert out["reduce_scatter_bits"] and out["all_reduce_bits"]
         else:

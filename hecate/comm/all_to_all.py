@@ -59,26 +59,40 @@ def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
     scatter(out, x, group=group)
 
 
-def reduce_scatter_by_all_to_all(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
-    """reduce_scatter_flat from one all_to_all_single: every rank sends each peer that peer's
-    slice of `x`, then adds the W slices of its own in rank order ((x_0 + x_1) + x_2 ...), on
-    every rank alike. The bytes of a ring reduce-scatter, (W - 1)/W of `x` per rank. For gloo,
-    whose reduce_scatter reduces the whole input and took longer than an all-reduce of it
-    (docs/results.md); for W = 2 the sum is the all-reduce's bit for bit (a + b == b + a)."""
-    world = dist.get_world_size(group)
-    if x.dim() != 1 or out.dim() != 1 or x.numel() != world * out.numel() or x.dtype != out.dtype:
-        raise ValueError(f"reduce_scatter_by_all_to_all needs a 1-D x of W = {world} equal slices of the "
-                         f"1-D out, in one dtype; got x {x.dtype} {tuple(x.shape)}, out {out.dtype} "
-                         f"{tuple(out.shape)}")
-    received = torch.empty_like(x)
-    dist.all_to_all_single(received, x.contiguous(), group=group)
-    parts = received.view(world, out.numel())  # row r: rank r's values of this rank's slice
+def reduce_scatter_by_all_to_all(own: torch.Tensor, others: torch.Tensor, group=None) -> None:
+    """A reduce-scatter from one all_to_all_single, for gloo, whose reduce_scatter reduces the
+    whole input and took longer than an all-reduce of it (docs/results.md).
+
+    The flat input x is given as this rank's slice `own` and the other W - 1 slices `others`
+    (x without `own`, in rank order). Each rank sends every peer that peer's slice and adds the
+    W - 1 slices it receives to `own` in rank order, ((x_0 + x_1) + x_2) + ..., so `own` ends as
+    the sum every rank would compute alike (for W = 2 the all-reduce's bits: a + b == b + a).
+    Neither this rank's slice nor its copy crosses: the bytes of a ring reduce-scatter,
+    (W - 1) * own.numel() elements each way per rank."""
+    rank, world = group_rank_and_size(group)
+    n = own.numel()
+    if own.dim() != 1 or others.dim() != 1 or others.numel() != (world - 1) * n or others.dtype != own.dtype:
+        raise ValueError(f"reduce_scatter_by_all_to_all needs 1-D own and others in one dtype, others holding "
+                         f"the W - 1 = {world - 1} other slices of own's size; got own {own.dtype} "
+                         f"{tuple(own.shape)}, others {others.dtype} {tuple(others.shape)}")
     if world == 1:
-        out.copy_(parts[0])
         return
-    torch.add(parts[0], parts[1], out=out)
-    for r in range(2, world):
-        out.add_(parts[r])
+    received = torch.empty_like(others)
+    splits = [0 if r == rank else n for r in range(world)]
+    dist.all_to_all_single(received, others.contiguous(), output_split_sizes=splits, input_split_sizes=splits,
+                           group=group)
+    rows = received.view(world - 1, n)  # x_0 .. x_{W-1} without x_rank, which is `own`
+    if rank >= 2:
+        partial = rows[0]  # x_0 + ... + x_{rank-1}, summed in the received buffer
+        for i in range(1, rank):
+            partial.add_(rows[i])
+        own.add_(partial)  # x_rank + partial == partial + x_rank bit for bit (one addition)
+        first = rank
+    else:
+        own.add_(rows[0])  # x_0 + x_1 (either way round: one addition)
+        first = 1
+    for i in range(first, world - 1):  # x_{i+1}
+        own.add_(rows[i])
 
 
 def exchange_splits(send_splits: list[int], group=None) -> list[int]:

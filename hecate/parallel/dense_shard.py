@@ -9,12 +9,14 @@ forward needs them) but AdamW state for only 1/W of them:
 * after backward the flat gradient is reduce-scattered (sum, then / W: the same
   average as the replicated all-reduce), so each rank holds its shard's gradient.
   On NCCL that is its reduce_scatter. On gloo it is one all_to_all_single: every rank
-  sends each peer that peer's slice of its flat gradient and adds the W slices it
-  receives in rank order (comm's reduce_scatter_by_all_to_all). gloo's own
+  sends each peer that peer's slice of its flat gradient and adds the W - 1 slices it
+  receives to its own in rank order (comm's reduce_scatter_by_all_to_all; its own slice
+  is copied apart and never crosses, so no full flat copy is received). gloo's own
   reduce_scatter reduces the whole input (it took ~2x an all-reduce of the same
   512 KiB on 2 ranks), and an all-reduce keeping the slice moves twice the bytes; the
-  all-to-all moves (W-1)/W of the buffer, and on 2 gloo ranks it plus the all-gather
-  below take about one all-reduce's time (docs/results.md). For W = 2 the sum is the
+  all-to-all moves (W-1)/W of the buffer, and on 2 gloo ranks the all-to-all, the sum
+  and the all-gather below take about one all-reduce's time (the whole sync, with
+  its buffers, still more than the replicated one: docs/results.md). For W = 2 the sum is the
   all-reduce's bit for bit (a + b); for W > 2 the rank order may differ from gloo's
   ring order in the last bits. Each shard is summed by its owner only and then
   all-gathered, so every rank still ends with the same weights;
@@ -81,21 +83,42 @@ class DenseShard:
 
     def reduce_scatter_gradients(self, stats=None) -> None:
         """Sum every rank's dense gradients into the owners of their shards, divide by W."""
-        # One pass (cat) instead of zeroing a buffer and copying into it: the padding is the only
-        # part that must be zeros.
-        pieces = [p.grad.reshape(-1) if p.grad is not None else self.flat.new_zeros(p.numel()) for p in self.params]
-        if self.flat.numel() > self.numel:
-            pieces.append(self.flat.new_zeros(self.flat.numel() - self.numel))
-        grad_flat = torch.cat(pieces)
-        del pieces
-        for p in self.params:
-            p.grad = None  # the shard's gradient is all this rank keeps
-        out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
-        scatter = reduce_scatter_by_all_to_all if self.reduce_by_all_to_all else reduce_scatter_flat
-        scatter(out, grad_flat, group=self.group)
+        lo, hi = self.shard_range
+        total = self.flat.numel()
+        if self.reduce_by_all_to_all:
+            # This rank's slice apart from the others (each one cat, no full flat copy): it is
+            # neither sent nor received, and the sum lands in it.
+            out = torch.cat(self._gradient_pieces(lo, hi))
+            others = (torch.cat(self._gradient_pieces(0, lo) + self._gradient_pieces(hi, total))
+                      if self.world_size > 1 else self.flat.new_empty(0))
+            self._drop_parameter_gradients()
+            reduce_scatter_by_all_to_all(out, others, group=self.group)
+            del others
+        else:
+            grad_flat = torch.cat(self._gradient_pieces(0, total))
+            self._drop_parameter_gradients()
+            out = torch.empty(self.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
+            reduce_scatter_flat(out, grad_flat, group=self.group)
         out /= self.world_size
         self.shard.grad = out
         self._record(stats, "dense.reduce_scatter")
+
+    def _gradient_pieces(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """Elements [lo, hi) of the flat gradient, in order: views of the parameters' gradients
+        (zeros for a parameter without one, as in the all-reduce) and zeros for the padding."""
+        pieces = []
+        for p, where in self.slices:
+            a, b = max(lo, where.start), min(hi, where.stop)
+            if a < b:
+                pieces.append(p.grad.reshape(-1)[a - where.start:b - where.start] if p.grad is not None
+                              else self.flat.new_zeros(b - a))
+        if hi > self.numel:
+            pieces.append(self.flat.new_zeros(hi - max(lo, self.numel)))
+        return pieces
+
+    def _drop_parameter_gradients(self) -> None:
+        for p in self.params:
+            p.grad = None  # the shard's gradient is all this rank keeps
 
     def all_gather_parameters(self, stats=None) -> None:
         """Every rank's updated shard into every rank's flat buffer (and so its dense params)."""
