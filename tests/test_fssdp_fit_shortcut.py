@@ -133,3 +133,20 @@ def test_state_digest_is_the_digest_of_owners_and_prediction():
     assert s._state_digest(state).tolist() == list(_digest_words(state.owner_E, state.predictor.predict()))
     state.owner_E[0] = (int(state.owner_E[0]) + 1) % 4  # in place: the cached owners' hash follows
     assert s._state_digest(state).tolist() == list(_digest_words(state.owner_E, state.predictor.predict()))
+
+
+def test_window_mean_is_the_stacked_mean_bit_for_bit():
+    """The prefetch's predicted counts: rank_history's mean without stacking it."""
+    from collections import deque
+
+    from hecate.parallel.fssdp.strategy import _window_mean
+
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        K, W, E = int(rng.integers(1, 12)), int(rng.integers(1, 40)), int(rng.integers(1, 70))
+        top = 10 ** int(rng.integers(0, 12))
+        history = deque(torch.from_numpy(rng.integers(0, top, (W, E)).astype(np.float64)) for _ in range(K))
+        want = torch.stack(list(history)).mean(0)
+        got = _window_mean(history)
+        assert torch.equal(got, want) and got.dtype == want.dtype
+        assert all(not np.shares_memory(got.numpy(), h.numpy()) for h in history)

@@ -94,6 +94,19 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
     return (t if t.device.type == "cpu" and t.is_contiguous() else t.cpu().contiguous()).numpy()
 
 
+def _window_mean(history) -> torch.Tensor:
+    """torch.stack(list(history)).mean(0) of rank_history's float64 [W, E] entries, bit for bit,
+    without the [K, W, E] stack (K x W x E copied at every prefetch plan): the entries hold
+    integer counts, so their sum is exact in any order, and torch's CPU mean divides that sum
+    by K (tests/test_fssdp_fit_shortcut.py checks both)."""
+    entries = iter(history)
+    total = next(entries).numpy().copy()
+    for entry in entries:
+        total += entry.numpy()
+    total /= len(history)
+    return torch.from_numpy(total)
+
+
 def _digest_words(*tensors: torch.Tensor) -> tuple[int, ...]:
     """The first _DIGEST_WORDS int64 words of the sha256 of the tensors' bytes (host ints: they
     go into the counts message with the non-MoE time as one small tensor, no tensor round trip).
@@ -543,7 +556,7 @@ class FullyShardedSparse(ExpertStrategy):
             policy = self._policy(layer.expert_layout, state.non_moe_agreed_s, self.topology.num_nodes > 1)
             holders = policy.plan(state.predictor.predict(), state.owner_E, self.node_of_W, self.capacity_m(E))
         if self.fit_replicas:
-            predicted_WE = torch.stack(list(state.rank_history)).mean(0)
+            predicted_WE = _window_mean(state.rank_history)
             holders = self._fit_holders(holders, state.owner_E, predicted_WE, layer.expert_layout,
                                           token_bytes)
         if int(holders.count_nonzero()) == E:
