@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -41,31 +42,43 @@ struct Key {
 // The free ranks in key order. Keys only grow (a pick adds expected tokens and a used slot), so
 // a pick leaves a stale key behind in `base` and its new key goes to the short sorted `extra`;
 // both are merged back into `base` once either grows past ~sqrt(W). Walking the free ranks is a
-// two-way merge that skips stale keys (key.used != used[rank]).
+// two-way merge that skips stale keys (key.used != used[rank]); stale keys at the front of
+// `base` (the ranks picked last, as picks come first in key order) are dropped for good.
+// Both lists end with a sentinel key (after every real key, never stale: rank W, whose `used`
+// is its own), so the merge needs no bounds checks.
 class FreeRanks {
  public:
-  FreeRanks(const std::vector<double>& dev, int64_t m) : used_(dev.size(), 0), m_(m) {
+  FreeRanks(const std::vector<double>& dev, int64_t m) : used_(dev.size() + 1, 0), m_(m) {
     const int64_t W = static_cast<int64_t>(dev.size());
-    base_.reserve(W);
+    sentinel_ = {std::numeric_limits<double>::infinity(), std::numeric_limits<int64_t>::max(), W};
+    used_[W] = sentinel_.used;
+    base_.reserve(W + 1);
     for (int64_t d = 0; d < W; ++d) base_.push_back({dev[d], 0, d});
     std::sort(base_.begin(), base_.end());
+    base_.push_back(sentinel_);
+    extra_.push_back(sentinel_);
     live_ = W;
     limit_ = std::max<int64_t>(16, static_cast<int64_t>(std::sqrt(static_cast<double>(W))));
   }
   bool empty() const { return live_ == 0; }
-  int64_t used(int64_t d) const { return used_[d]; }
 
   // Calls fn(key) on the live keys in order until it returns false.
   template <class Fn>
-  void walk(Fn&& fn) const {
-    size_t i = 0, j = 0;
+  void walk(Fn&& fn) {
+    while (stale(base_[head_])) ++head_;
+    const Key* b = base_.data() + head_;
+    const Key* x = extra_.data();
     while (true) {
-      while (i < base_.size() && stale(base_[i])) ++i;
-      while (j < extra_.size() && stale(extra_[j])) ++j;
-      const bool bi = i < base_.size(), bj = j < extra_.size();
-      if (!bi && !bj) return;
-      const Key& k = (bi && (!bj || base_[i] < extra_[j])) ? base_[i++] : extra_[j++];
-      if (!fn(k)) return;
+      while (stale(*b)) ++b;
+      while (stale(*x)) ++x;
+      const Key* k;
+      if (*b < *x) {
+        k = b++;
+      } else {
+        if (x->rank == sentinel_.rank) return;  // both at their sentinels
+        k = x++;
+      }
+      if (!fn(*k)) return;
     }
   }
 
@@ -74,28 +87,32 @@ class FreeRanks {
     ++stale_;
     if (++used_[d] < m_) {
       Key k{dev, used_[d], d};
-      extra_.insert(std::upper_bound(extra_.begin(), extra_.end(), k), k);
+      extra_.insert(std::upper_bound(extra_.begin(), extra_.end() - 1, k), k);
     } else {
       --live_;
     }
   }
 
   void settle() {
-    if (stale_ < limit_ && static_cast<int64_t>(extra_.size()) < limit_) return;
+    if (stale_ < limit_ && static_cast<int64_t>(extra_.size()) <= limit_) return;
     merged_.clear();
     walk([&](const Key& k) {
       merged_.push_back(k);
       return true;
     });
+    merged_.push_back(sentinel_);
     base_.swap(merged_);
-    extra_.clear();
+    extra_.assign(1, sentinel_);
+    head_ = 0;
     stale_ = 0;
   }
 
  private:
   bool stale(const Key& k) const { return k.used != used_[k.rank]; }
   std::vector<Key> base_, extra_, merged_;
-  std::vector<int64_t> used_;
+  std::vector<int64_t> used_;  // [W + 1]: the sentinel's last
+  Key sentinel_{};
+  size_t head_ = 0;
   int64_t m_, live_ = 0, stale_ = 0, limit_ = 16;
 };
 
