@@ -197,10 +197,19 @@ def _missing_grad_case(rank, world):
     params[1].grad = torch.full((4,), float(rank + 1))
     params[0].grad = torch.ones(3) if rank == 0 else None  # rank 1 has no gradient for params[0]
     shard.reduce_scatter_gradients()
-    return shard.shard.grad.tolist()
+    try:
+        DenseShard([nn.Parameter(torch.zeros(3))], 1 - rank, world)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return shard.shard.grad.tolist(), refused
 
 
 def test_missing_dense_gradient_counts_as_zero():
     """A dense parameter without a gradient on some rank contributes zeros, as in the replicated
     all-reduce; the padding stays zero."""
-    assert run_distributed(_missing_grad_case, 2) == [[0.5, 0.5, 0.5, 1.5], [1.5, 1.5, 1.5, 0.0]]
+    out = run_distributed(_missing_grad_case, 2)
+    assert [grad for grad, _ in out] == [[0.5, 0.5, 0.5, 1.5], [1.5, 1.5, 1.5, 0.0]]
+    # A rank numbered otherwise than in the group would pair one shard with another's gradient.
+    assert all(f"got rank {1 - r} of 2, but this process is rank {r} of 2" in refused
+               for r, (_, refused) in enumerate(out))

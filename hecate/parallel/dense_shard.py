@@ -56,6 +56,12 @@ class DenseShard:
             raise ValueError(f"parallel.dense_optimizer=sharded needs every dense parameter in one dtype on "
                              f"one device, got dtypes {sorted(map(str, dtypes))} on {sorted(map(str, devices))}; "
                              "cast the model first or use parallel.dense_optimizer=replicated")
+        if dist.is_initialized() and (rank, world_size) != (dist.get_rank(group), dist.get_world_size(group)):
+            # The collectives place shards by the group's ranks; another numbering would step one
+            # rank's shard with another's gradient.
+            raise ValueError(f"DenseShard got rank {rank} of {world_size}, but this process is rank "
+                             f"{dist.get_rank(group)} of {dist.get_world_size(group)} in the dense group; "
+                             "pass the group's own rank and size")
         self.params, self.rank, self.world_size, self.group = params, rank, world_size, group
         # gloo: reduce-scatter by one all-to-all and a local sum (module docstring); any other
         # backend (NCCL) uses its reduce_scatter.
