@@ -329,10 +329,9 @@ class FullyShardedSparse(ExpertStrategy):
 
     def _owner_cache(self, state):
         """(sha256 of owner_E's bytes, P0 as holders bool [W, E], the cells P0 lacks as a flat
-        float64 0/1 array: a replica's possible places), kept
-        until the owners change (re-shard replaces owner_E; an in-place write bumps its
-        version). Read-only: the hash is copied before use and P0 only goes into plan_layer
-        with a fit, which returns a new tensor."""
+        float64 0/1 array: a replica's possible places), kept until the owners change (re-shard
+        replaces owner_E; an in-place write bumps its version). Read-only: the hash is copied
+        before use and P0 only goes into plan_layer with a fit, which returns a new tensor."""
         owner_E = state.owner_E
         cached = state.owner_cache
         if cached is None or cached[0] is not owner_E or cached[1] != owner_E._version:
