@@ -135,7 +135,8 @@ class ExchangeSpec:
         through `_TokensIn` (not as a leaf), so the graph does not keep their buffer alive.
         """
         layout = self.layer.expert_layout
-        own = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(owned_OS.detach()).items()}
+        own = owned_leaves(self.layer, owned_OS) if grad and isinstance(owned_OS, torch.nn.Parameter) else \
+            {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(owned_OS.detach()).items()}
         # Without replicas anywhere (ep's path) there is no replica block: no empty leaves to
         # build, differentiate and flatten back every layer.
         rep = {n: t.detach().requires_grad_(grad) for n, t in layout.unflatten(replicas_RS).items()} \
@@ -154,6 +155,23 @@ class ExchangeSpec:
             blocks = [used(own), used(rep)] if rep else [used(own)]
             y = experts_on_received(self.layer, x_leaf, self.recv_WE, blocks, self.slot_of_E)
         return x_leaf, own, rep, y
+
+
+def owned_leaves(layer, owned_OS: torch.nn.Parameter) -> dict:
+    """The per-parameter leaves of the owned rows (views of them, requiring grad), kept on the
+    layer for as long as its rows are this Parameter and storage (re-sharding replaces it and
+    drops them):
+    not 2-3 slices, reshapes, detaches and a layout check per parameter every forward. They
+    share the rows' storage and version counter, so every forward sees the stepped weights
+    and saves them at their current version; nothing accumulates in them (backward asks
+    autograd.grad for their gradients)."""
+    key = (owned_OS.data_ptr(), owned_OS.shape)  # `.data` replaced (a dtype or device move): new views
+    cached = getattr(layer, "fssdp_owned_leaves", None)
+    if cached is None or cached[0] is not owned_OS or cached[1] != key:
+        leaves = {n: t.detach().requires_grad_()
+                  for n, t in layer.expert_layout.unflatten(owned_OS.detach()).items()}
+        cached = layer.fssdp_owned_leaves = (owned_OS, key, leaves)
+    return cached[2]
 
 
 class _TokensIn(torch.autograd.Function):

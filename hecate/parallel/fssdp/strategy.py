@@ -891,6 +891,7 @@ class FullyShardedSparse(ExpertStrategy):
                          for k in sorted(old_state)}
                 optimizer.state[new_p] = moved
         layer.expert_chunks = new_p
+        layer.fssdp_owned_leaves = None  # views of the old rows (expert_exchange.owned_leaves)
         state.owner_E = new_owner
 
     def persistent_bytes(self, layer, optimizer=None) -> int:
