@@ -259,6 +259,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._gap = None  # Interval from the previous MoE layer's exit (the non-MoE compute)
         self._token_comm = None  # (comm_device, group_ranks) of token_group, on first use
         self._chunk_numels = {}  # ChunkLayout -> chunk_numel (_chunk_numel)
+        self._fits = {}  # (ChunkLayout, token bytes, wire itemsize, ...) -> ReplicaFit (_replica_fit)
 
     # ---- sharding -----------------------------------------------------------------------------
     def attach(self, layer) -> None:
@@ -537,7 +538,7 @@ class FullyShardedSparse(ExpertStrategy):
         fit = self._replica_fit(layer.expert_layout, token_bytes) if self.fit_replicas else None
         if fit is not None and fits is not None and len(fits) == len(state.rank_history) and None not in fits:
             self._owner_cache(state)  # current for the owners now
-            same = all(b[2] is state.owner_cache and b[3] == fit for b in fits)
+            same = all(b[2] is state.owner_cache and (b[3] is fit or b[3] == fit) for b in fits)
         else:
             same = False
         if same:
@@ -573,10 +574,17 @@ class FullyShardedSparse(ExpertStrategy):
 
     def _replica_fit(self, layout: ChunkLayout, token_bytes: int) -> ReplicaFit:
         """The byte prices of the fit: chunks in the wire dtype (fp32, or bf16), one collective
-        per pass: spAG, spRS (+ the re-gather)."""
-        passes = 3 if self.rematerialize else 2
-        return ReplicaFit(chunk_bytes=self._chunk_numel(layout) * self._wire_itemsize(), token_bytes=token_bytes,
-                          chunk_passes=passes, fixed_bytes=self._replica_fixed_bytes(passes))
+        per pass: spAG, spRS (+ the re-gather). One object per set of prices, made once (the
+        prefetch's bound compares them by identity first)."""
+        key = (layout, token_bytes, self._wire_itemsize(), self.rematerialize, self.collective_latency_s,
+               self.bandwidth)
+        fit = self._fits.get(key)
+        if fit is None:
+            passes = 3 if self.rematerialize else 2
+            fit = self._fits[key] = ReplicaFit(
+                chunk_bytes=self._chunk_numel(layout) * key[2], token_bytes=token_bytes, chunk_passes=passes,
+                fixed_bytes=self._replica_fixed_bytes(passes))
+        return fit
 
     def _fit_bound(self, fit: ReplicaFit, counts: np.ndarray, state) -> tuple:
         """(the largest cell of counts [W, E], the sum of every positive saving 4 x count x
