@@ -231,9 +231,12 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
     }
     stop[e] = i + 1;
   }
+  int64_t n_split_experts = 0, last_split = -1;
+  bool shares_nonneg = true;  // a plan's are: then runs (pass 2) fill them as the general loop does
   for (int64_t e = 0; e < E; ++e) {
     if (lookup[e] != kSplit) continue;
-    for (int64_t i = cur[e]; i < stop[e]; ++i) split_tokens += ct[i];
+    ++n_split_experts, last_split = e;
+    for (int64_t i = cur[e]; i < stop[e]; ++i) split_tokens += ct[i], shares_nonneg &= ct[i] >= 0;
     left[e] = ct[cur[e]], bin[e] = cd[cur[e]] * E + e;
   }
   auto out = at::empty(indices.sizes(), indices.options());
@@ -257,7 +260,21 @@ at::Tensor destination_bins(const at::Tensor& indices, const at::Tensor& send_e,
   const int64_t n_valid = n - n_dropped;
   // Pass 2: the split experts' entries fill their cells' shares one after another.
   int64_t overflow_e = -1;
-  for (int64_t s = 0; s < n_split; ++s) {
+  const bool runs = n_split_experts == 1 && shares_nonneg;
+  if (runs) {
+    // One split expert (the usual case: the rank's hot expert): its listed entries, in order,
+    // take its cells' shares as runs, a store each (no per-entry state to carry); entries
+    // past its last cell get -1, as below.
+    const int64_t x = last_split;
+    int64_t s = 0;
+    for (int64_t c = cur[x]; c < stop[x] && s < n_split; ++c) {
+      const int64_t b = cd[c] * E + x, end = std::min(n_split, s + ct[c]);
+      for (; s < end; ++s) bins[sp[s]] = b;
+    }
+    if (s < n_split) overflow_e = x;
+    for (; s < n_split; ++s) bins[sp[s]] = -1;
+  }
+  for (int64_t s = 0; !runs && s < n_split; ++s) {
     const int64_t j = sp[s], x = idx[j];
     if (left[x] == 0) {  // this cell's share is full: the next cell with tokens
       int64_t c = cur[x] + 1;
