@@ -71,7 +71,6 @@ class LayerState:
     non_moe_us: int = 0
     last_plan: object = None
     last_sparse: object = None  # last_plan's SparsePlan on this rank (host tensors), None without replicas
-    owned_slots: tuple = None  # FullyShardedSparse._owned_slots' cache: (owner_E, its version, owned, slot_of_E)
     observed_E: torch.Tensor = field(default=None)
     rank_history: deque = field(default_factory=deque)  # recent counts_WE, for prefetch pruning
     prefetched: object = None  # PendingGather issued for this layer's next forward
@@ -81,7 +80,9 @@ class LayerState:
     # whether the last plan's counts could keep no replica (the early P1 is then skipped).
     history_fit: deque = None
     fit_kept_none: bool = False
-    owner_cache: tuple = None  # (owner_E, its version, sha256 of its bytes, P0 [W, E], not-P0 flat 0/1)
+    # _owner_cache: (owner_E, its version, sha256 of its bytes, P0 [W, E], not-P0 flat 0/1, the
+    # owned ids, slot_of_E without replicas)
+    owner_cache: tuple = None
     digest: tuple = None  # (prediction, its version, owner_cache, digest words): _state_digest's cache
     agree_buffers: tuple = None  # (message array, it as a tensor, gathered table): reused each step
     # Measured non-MoE gaps before this layer not yet read (CUDA events complete later).
@@ -330,9 +331,11 @@ class FullyShardedSparse(ExpertStrategy):
 
     def _owner_cache(self, state):
         """(sha256 of owner_E's bytes, P0 as holders bool [W, E], the cells P0 lacks as a flat
-        float64 0/1 array: a replica's possible places), kept until the owners change (re-shard
-        replaces owner_E; an in-place write bumps its version). Read-only: the hash is copied
-        before use and P0 only goes into plan_layer with a fit, which returns a new tensor."""
+        float64 0/1 array: a replica's possible places, the expert ids this rank owns ascending,
+        slot_of_E without replicas: owned expert -> its slot, 0 elsewhere), kept until the owners
+        change (re-shard replaces owner_E; an in-place write bumps its version). Read-only: the
+        hash is copied before use, P0 only goes into plan_layer with a fit, which returns a new
+        tensor, and ExchangeSpec only reads the slots."""
         owner_E = state.owner_E
         cached = state.owner_cache
         if cached is None or cached[0] is not owner_E or cached[1] != owner_E._version:
@@ -341,8 +344,11 @@ class FullyShardedSparse(ExpertStrategy):
             E = owner_E.numel()
             p0 = torch.zeros(self.topology.world_size, E, dtype=torch.bool)
             p0[owner_E.cpu(), torch.arange(E)] = True
+            owned = (owner_E == self.topology.rank).nonzero().flatten()
+            slot_of_E = torch.zeros(E, dtype=torch.int64)
+            slot_of_E[owned] = torch.arange(owned.numel())
             cached = state.owner_cache = (owner_E, owner_E._version, h, p0,
-                                          (~p0).to(torch.float64).reshape(-1).numpy())
+                                          (~p0).to(torch.float64).reshape(-1).numpy(), owned, slot_of_E)
         return cached[2:]
 
     def _state_digest(self, state) -> np.ndarray:
@@ -665,7 +671,7 @@ class FullyShardedSparse(ExpertStrategy):
                 planned=layer.fssdp_state.last_sparse)
         # Expert slots: the owned chunks (ascending) computed in place, then the received
         # replicas in arrival order (hecate.comm.sparse.start_replica_gather).
-        owned, slot_of_E = self._owned_slots(layer.fssdp_state, rank)  # plan.owner_E is state.owner_E's copy
+        owned, slot_of_E = self._owner_cache(layer.fssdp_state)[3:]  # plan.owner_E is state.owner_E's copy
         if sparse is not None:
             slot_ids = torch.cat([owned, sparse.recv_ids.cpu()])
             slot_of_E = torch.zeros(E, dtype=torch.int64)
@@ -696,20 +702,6 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_exit = time.perf_counter()
         self._gap = Interval(x_TD.device).start()  # on the device's clock: events on a GPU
         return out
-
-    @staticmethod
-    def _owned_slots(state, rank: int):
-        """(the expert ids `rank` owns, ascending; slot_of_E without replicas: owned expert ->
-        its slot, 0 elsewhere), kept until the owners change (re-shard replaces owner_E; an
-        in-place write bumps its version). Read-only: ExchangeSpec only reads them."""
-        owner_E = state.owner_E
-        cached = state.owned_slots
-        if cached is None or cached[0] is not owner_E or cached[1] != owner_E._version:
-            owned = (owner_E == rank).nonzero().flatten()
-            slot_of_E = torch.zeros(owner_E.numel(), dtype=torch.int64)
-            slot_of_E[owned] = torch.arange(owned.numel())
-            cached = state.owned_slots = (owner_E, owner_E._version, owned, slot_of_E)
-        return cached[2], cached[3]
 
     @staticmethod
     def _read_non_moe_time(state) -> None:
