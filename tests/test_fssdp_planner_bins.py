@@ -60,3 +60,19 @@ def test_bins_op_equals_the_numpy_bins(seed):
             assert "disagree" in str(got_err)
         split += bool((np.bincount(layout.send_e, minlength=E) > 1).any())
     assert split > 10 and refused > 3  # both kinds of layouts and the refusals were compared
+
+
+def test_scalar_pass_equals_the_numpy_bins_too():
+    # A CPU without AVX-512 runs the scalar first pass over every entry; HECATE_DISABLE_AVX512
+    # (read once per process) makes this one do so: the comparison above in a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import tests.test_fssdp_planner_bins as t\n"
+            "for seed in range(2):\n    t.test_bins_op_equals_the_numpy_bins(seed)\nprint('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HECATE_DISABLE_AVX512="1")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

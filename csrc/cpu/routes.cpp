@@ -8,6 +8,8 @@
 // tests/test_fssdp_planner_kernels.py compare them on random cases).
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include <bit>
 #include <cstring>
 #include <tuple>
@@ -190,7 +192,9 @@ __attribute__((target("avx512f"))) Pass1 lookup_pass_avx512(const int64_t* __res
 
 Pass1 lookup_pass(const int64_t* in, const int64_t* lk, int64_t* bo, int64_t* at, int64_t n, int64_t E) {
 #ifdef HECATE_BINS_AVX512
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  // HECATE_DISABLE_AVX512 (any value) runs the scalar pass on every CPU: what a CPU without
+  // AVX-512 runs, testable on one that has it (tests/test_fssdp_planner_bins.py).
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && std::getenv("HECATE_DISABLE_AVX512") == nullptr;
   if (avx512) return lookup_pass_avx512(in, lk, bo, at, n, E);
 #endif
   return lookup_pass_scalar(in, lk, bo, at, 0, n, E, {});
