@@ -52,3 +52,27 @@ def test_sparse_plan_row_maps_move_to_the_chunks_device_once():
     assert {plan.send_rows.device.type, plan.recv_rows.device.type, plan.owned_rows_M.device.type} == {"meta"}
     assert plan.recv_ids.device.type == "cpu" and plan.recv_ids.tolist() == [1]
     assert plan.send_counts == [0, 1] and plan.recv_counts == [0, 1]
+
+
+def test_owned_leaves_follow_an_empty_rows_device_move():
+    # A rank owning no expert has [0, S] rows, whose data_ptr is 0 on every device: after
+    # model.to(cuda) (a .data swap) the kept leaves must still be rebuilt on the new device,
+    # or the node's backward returns a CPU gradient for CUDA rows (autograd raises).
+    from hecate.parallel.chunks import ChunkLayout
+    from hecate.parallel.fssdp.expert_exchange import owned_leaves
+
+    layer = SimpleNamespace(expert_layout=ChunkLayout(("w1", "w2"), ((3, 2), (2, 3)), 4))
+    rows = torch.nn.Parameter(torch.empty(0, 12))
+    assert {t.device.type for t in owned_leaves(layer, rows).values()} == {"cpu"}
+    # Module.to keeps the Parameter object (a .data swap, or swap_tensors: the meta device
+    # stands in for CUDA, which .data cannot be set to from the CPU).
+    torch.utils.swap_tensors(rows, torch.nn.Parameter(torch.empty(0, 12, device="meta")))
+    leaves = owned_leaves(layer, rows)
+    assert {t.device.type for t in leaves.values()} == {"meta"}
+    assert [tuple(t.shape) for t in leaves.values()] == [(0, 3, 2), (0, 2, 3)]
+    cpu_rows = torch.nn.Parameter(torch.empty(0, 12))
+    owned_leaves(layer, cpu_rows)
+    cpu_rows.data = torch.empty(0, 12, dtype=torch.bfloat16)  # Module.to(dtype)
+    assert {t.dtype for t in owned_leaves(layer, cpu_rows).values()} == {torch.bfloat16}
+    # Rows that stay put keep their leaves (the cache still serves every forward).
+    assert owned_leaves(layer, rows) is owned_leaves(layer, rows)

@@ -165,7 +165,9 @@ def owned_leaves(layer, owned_OS: torch.nn.Parameter) -> dict:
     share the rows' storage and version counter, so every forward sees the stepped weights
     and saves them at their current version; nothing accumulates in them (backward asks
     autograd.grad for their gradients)."""
-    key = (owned_OS.data_ptr(), owned_OS.shape)  # `.data` replaced (a dtype or device move): new views
+    # `.data` replaced (a dtype or device move): new views. Rows of a rank owning no expert
+    # have data_ptr 0 on every device, so the device and dtype are part of the key too.
+    key = (owned_OS.data_ptr(), owned_OS.shape, owned_OS.dtype, owned_OS.device)
     cached = getattr(layer, "fssdp_owned_leaves", None)
     if cached is None or cached[0] is not owned_OS or cached[1] != key:
         leaves = {n: t.detach().requires_grad_()
