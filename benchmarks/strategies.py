@@ -240,6 +240,7 @@ def summarize(runs, a, label, name, options):
         # waits); less sensitive than wall time to other jobs on a shared machine.
         "step_cpu_s": median(per_cpu),
         "step_time_runs_s": [median(t) for t in per_run],
+        "step_times_runs_s": per_run,  # [repeat][step]: the slowest rank's time of each step
         "bytes_by_collective": by_name,
         "expert_bytes": expert,
         "dense_bytes": sum(v for n, v in by_name.items() if n.startswith("dense.")),
@@ -304,8 +305,29 @@ def run(world, a, skews, warmup, steps, timeout, repeats=1, compare_checkpointin
             if ep:
                 # Per repeat (paired: the same processes, steps alternating), and bytes against ep's.
                 row["time_vs_ep_runs"] = [t / e for t, e in zip(row["step_time_runs_s"], ep["step_time_runs_s"])]
+                row["time_vs_ep_paired"] = paired_ratio(row["step_times_runs_s"], ep["step_times_runs_s"]) \
+                    if paired else None
                 row["expert_bytes_vs_ep"] = row["expert_bytes"] / ep["expert_bytes"] if ep["expert_bytes"] else None
     return table
+
+
+def paired_ratio(case_runs, base_runs, resamples: int = 2000, seed: int = 0):
+    """(median, 2.5th, 97.5th percentile) of a case's step time over the baseline's, from
+    paired steps: step i of a repeat ran right after or before the baseline's step i in the same
+    processes (--paired), so their ratio cancels most of the machine's drift. The interval
+    resamples whole repeats (a repeat's steps share one pair of processes and its load, so they
+    are not independent) and takes the median ratio of each resample; a 3% difference is only
+    decided when the interval lies on one side of 1.03. None with fewer than 2 repeats."""
+    import numpy as np
+
+    ratios = [np.asarray(c) / np.asarray(b) for c, b in zip(case_runs, base_runs)]
+    if len(ratios) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ratios), size=(resamples, len(ratios)))
+    meds = [np.median(np.concatenate([ratios[i] for i in pick])) for pick in picks]
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(np.median(np.concatenate(ratios))), float(lo), float(hi)
 
 
 def _by_label(ranks_out):
@@ -335,7 +357,8 @@ def targets(table):
             })
     if u.get("fssdp") is not None and u["fssdp"]["time_vs_ep"] is not None:
         out.update({"uniform_fssdp_time_over_ep": u["fssdp"]["time_vs_ep"], "goal_uniform_fssdp_time_over_ep": 1.03,
-                    "uniform_fssdp_time_over_ep_runs": u["fssdp"]["time_vs_ep_runs"]})
+                    "uniform_fssdp_time_over_ep_runs": u["fssdp"]["time_vs_ep_runs"],
+                    "uniform_fssdp_time_over_ep_paired": u["fssdp"].get("time_vs_ep_paired")})
     return out
 
 
@@ -373,6 +396,9 @@ def format_table(world, table, timed):
                 line += "  runs " + "/".join(f"{t * 1e3:.0f}" for t in r["step_time_runs_s"])
                 if r.get("time_vs_ep_runs") and label != "ep":
                     line += " (t/ep " + "/".join(f"{x:.2f}" for x in r["time_vs_ep_runs"]) + ")"
+                if r.get("time_vs_ep_paired") and label != "ep":
+                    m, lo, hi = r["time_vs_ep_paired"]
+                    line += f" paired t/ep {m:.3f} [95% {lo:.3f}-{hi:.3f}]"
             lines.append(line)
         for label, r in rows.items():  # collectives by name, so the bytes can be compared side by side
             lines.append(f"  {key} {label} bytes: " + ", ".join(

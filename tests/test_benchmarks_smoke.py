@@ -78,6 +78,7 @@ def test_strategies_selected_paired_and_checkpointed():
     assert fssdp["time_vs_ep"] == pytest.approx(fssdp["step_time_s"] / ep["step_time_s"])
     assert fssdp["bytes_vs_fsdp"] is None  # fsdp was not run
     assert len(fssdp["time_vs_ep_runs"]) == 1 and fssdp["step_cpu_s"] > 0
+    assert fssdp["time_vs_ep_paired"] is None  # one repeat: no interval over repeats
     for r in rows.values():
         assert r["checkpointed"]["expert_bytes"] == r["expert_bytes"]  # recompute moves nothing more
         assert r["ckpt_peak_vs_off"] == pytest.approx(r["checkpointed"]["peak_bytes_per_rank"] / r["peak_bytes_per_rank"])
