@@ -6,8 +6,15 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from strategies import paired_ratio  # noqa: E402
+# benchmarks/ goes on sys.path only for this import: left there, it would shadow real packages
+# (benchmarks/grouped_gemm.py hid megatron's grouped_gemm from the test pool's spawned workers,
+# which inherit sys.path).
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, _BENCH)
+try:
+    from strategies import paired_ratio
+finally:
+    sys.path.remove(_BENCH)
 
 
 def test_a_steady_ratio_is_found_and_bracketed():
