@@ -8,6 +8,7 @@ find any weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class ChunkLayout:
     def sizes(self) -> list[int]:
         return [int(torch.Size(s).numel()) for s in self.shapes]
 
-    @property
+    @cached_property  # read per layer and step by fssdp's planning; the layout never changes
     def chunk_numel(self) -> int:
         return sum(self.sizes)
 

@@ -259,7 +259,6 @@ class FullyShardedSparse(ExpertStrategy):
                                       "exposed_gather_s": 0.0})
         self._gap = None  # Interval from the previous MoE layer's exit (the non-MoE compute)
         self._token_comm = None  # (comm_device, group_ranks) of token_group, on first use
-        self._chunk_numels = {}  # ChunkLayout -> chunk_numel (_chunk_numel)
         self._fits = {}  # (ChunkLayout, token bytes, wire itemsize, ...) -> ReplicaFit (_replica_fit)
 
     # ---- sharding -----------------------------------------------------------------------------
@@ -316,7 +315,7 @@ class FullyShardedSparse(ExpertStrategy):
         if self.overlap_degree is not None:
             return self.overlap_degree
         bw = self.bandwidth[1] if self._spans_nodes else self.bandwidth[0]
-        return overlap_degree(non_moe_s, bw, self._chunk_numel(layout) * self._wire_itemsize())
+        return overlap_degree(non_moe_s, bw, layout.chunk_numel * self._wire_itemsize())
 
     def _place_p1(self, layer, t: int) -> torch.Tensor:
         """Algorithm 1 on the layer's predicted load with overlap degree t: the holders
@@ -588,7 +587,7 @@ class FullyShardedSparse(ExpertStrategy):
         if fit is None:
             passes = 3 if self.rematerialize else 2
             fit = self._fits[key] = ReplicaFit(
-                chunk_bytes=self._chunk_numel(layout) * key[2], token_bytes=token_bytes, chunk_passes=passes,
+                chunk_bytes=layout.chunk_numel * key[2], token_bytes=token_bytes, chunk_passes=passes,
                 fixed_bytes=self._replica_fixed_bytes(passes))
         return fit
 
@@ -621,13 +620,6 @@ class FullyShardedSparse(ExpertStrategy):
             return True
         slack = 1e-15 * cells * (4.0 * float(max_count) * fit.token_bytes + cost)
         return fit.fixed_bytes > 0 and most_saved + slack <= fit.fixed_bytes * (1 - 1e-9)
-
-    def _chunk_numel(self, layout: ChunkLayout) -> int:
-        """layout.chunk_numel (a sum over its shapes per call), looked up once per layout."""
-        n = self._chunk_numels.get(layout)
-        if n is None:
-            n = self._chunk_numels[layout] = layout.chunk_numel
-        return n
 
     def _replica_fixed_bytes(self, collectives: int) -> float:
         """What a layer's replica collectives cost beyond their bytes, in bytes summed over the
