@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hecate import ops
+
 ACTIVATIONS = ("gelu", "swiglu")
 
 # Which implementation grouped_mlp uses per (device type, dtype) when torch._grouped_mm can
@@ -120,7 +122,9 @@ def _activate(h1: torch.Tensor, h3: Optional[torch.Tensor], activation: str) -> 
 
 def _mlp_grouped_mm(x_ND, counts_G, w1_GFD, w2_GDF, w3_GFD, activation):
     # Offsets computed where the counts live (host-known counts: no device read anywhere).
-    offs = torch.cumsum(counts_G, 0).to(torch.int32).to(x_ND.device, non_blocking=True)
+    # Host offsets go up through pinned memory: a non_blocking copy from pageable memory is
+    # staged by the driver synchronously, once per expert MLP call.
+    offs = ops.to_device(torch.cumsum(counts_G, 0).to(torch.int32), x_ND.device)
     h1 = _contiguous_grad(torch._grouped_mm(x_ND, w1_GFD.transpose(-2, -1), offs=offs))
     h3 = None
     if w3_GFD is not None:

@@ -1,0 +1,39 @@
+"""Host -> device uploads on the GPU path, checked on CPU: the 'meta' device stands in for
+CUDA and hecate.ops.to_device (pinned memory, non_blocking) is spied on. A non_blocking copy
+from pageable host memory is staged by the CUDA driver synchronously, so every host tensor
+the hot path sends up must go through to_device."""
+import torch
+
+from hecate import ops
+from hecate.moe import experts
+
+
+def _spy(monkeypatch):
+    calls = []
+    original = ops.to_device
+
+    def to_device(t, device):
+        calls.append((t.device.type, t.dtype, torch.device(device).type))
+        return original(t, device)
+
+    monkeypatch.setattr(ops, "to_device", to_device)
+    return calls
+
+
+def test_grouped_mm_offsets_go_up_through_to_device(monkeypatch):
+    calls = _spy(monkeypatch)
+    x = torch.empty(8, 16, device="meta", dtype=torch.bfloat16)
+    w1 = torch.empty(2, 32, 16, device="meta", dtype=torch.bfloat16)
+    w2 = torch.empty(2, 16, 32, device="meta", dtype=torch.bfloat16)
+    y = experts.grouped_mlp(x, torch.tensor([3, 5]), w1, w2, impl="grouped_mm")  # host counts
+    assert y.shape == (8, 16) and y.device.type == "meta"
+    assert calls == [("cpu", torch.int32, "meta")]
+
+
+def test_grouped_mm_on_the_host_is_unchanged():
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(7, 16), torch.randn(3, 32, 16), torch.randn(3, 16, 32)
+    counts = torch.tensor([2, 0, 5])
+    got = experts.grouped_mlp(x, counts, w1, w2, impl="grouped_mm")
+    want = experts.grouped_mlp(x, counts, w1, w2, impl="loop")
+    torch.testing.assert_close(got, want)
