@@ -7,9 +7,11 @@ Layout of a run directory:
 
 Each shard holds that rank's expert piece of every MoE layer with its identity (expert ids,
 or a flat range for fsdp) and the AdamW state of those rows; rank 0's shard also holds the
-dense parameters, buffers and their optimizer state. Loading reassembles full experts per
-layer from the shards and hands them to the current strategy, so any strategy and world
-size can load any checkpoint. See docs/checkpoints.md.
+dense parameters, buffers and their optimizer state. Loading reads only the shards holding
+what the rank needs (rank 0's, and those with expert rows it will own), reassembles those
+rows at their places in full-size expert tensors and hands them to the current strategy,
+which keeps its part, so any strategy and world size can load any checkpoint. See
+docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from hecate.train.checkpoint_io import (
     sha256_hex,
     tensor_to_digest,
 )
-from hecate.train.checkpoint_layout import assemble, full_layout, local_params_and_state, save_part
+from hecate.train.checkpoint_layout import assemble, check_covered, full_layout, local_params_and_state, save_part
+from hecate.train.checkpoint_reads import agree_on_failure, files_to_read, needed_elements, peek_shard
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
            "resolve_checkpoint", "read_manifest", "verify_checkpoint", "CheckpointError", "FORMAT_VERSION"]
@@ -375,8 +378,11 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
     """Load a checkpoint into `model` under `strategy` (collective) and return its step.
 
     `path` is a run directory (its `latest`, or the newest complete step) or a step directory.
-    Every shard is read and checked against the manifest's sha256 and size; a missing,
-    truncated or corrupted shard raises CheckpointError naming the file. Works across
+    Every rank checks every shard's size and reads its header; it reads whole, and checks
+    against the manifest's sha256, only the shards holding what it needs: the dense entries
+    (rank 0's shard) and the expert elements it owns under `strategy` (see checkpoint_reads).
+    A missing, truncated or corrupted shard that a rank needs raises CheckpointError naming the
+    file on every rank (verify_checkpoint checks every shard in full). Works across
     strategies and world sizes; with `engine`, the AdamW state is restored too (resliced for
     the new layout). Under fssdp with the saved world size, the saved placement is restored.
     """
@@ -394,23 +400,35 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     manifest = read_manifest(step_dir)
     rank, world = _rank_world(strategy, topology)
     optimizer = engine.optimizer if engine is not None else None
-    shards = []
-    for fname, meta in sorted(manifest["files"].items()):
-        fpath = os.path.join(step_dir, fname)
-        data = read_verified(fpath, meta["sha256"], meta["bytes"])
-        info = json.loads(safetensors_metadata(data, fpath).get("hecate.layers", "{}"))
-        shards.append((fname, info, safetensors.torch.load(data)))
-
     layers = moe_layers(model)
     saved_layers = manifest["layers"]
     if len(saved_layers) != len(layers):
         raise ValueError(f"checkpoint {step_dir} has {len(saved_layers)} MoE layers, the model has "
                          f"{len(layers)}; build the model from the checkpoint's config")
-    for i, (layer, entry) in enumerate(zip(layers, saved_layers)):
-        _check_layer(i, entry, full_layout(layer))
+    layouts = [full_layout(layer) for layer in layers]
+    for i, (layout, entry) in enumerate(zip(layouts, saved_layers)):
+        _check_layer(i, entry, layout)
+
+    # Every rank stats every file and reads its header (what it holds); it reads whole, and
+    # verifies, only the files it needs (hecate.train.checkpoint_reads).
+    names = sorted(manifest["files"])
+    holds = [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
+    shards: dict[str, tuple[dict, dict]] = {}  # file name -> (layer infos, tensors), verified
+
+    def read(fname: str) -> None:
+        fpath = os.path.join(step_dir, fname)
+        meta = manifest["files"][fname]
+        data = _read_shard(fpath, meta["sha256"], meta["bytes"])
+        info = json.loads(safetensors_metadata(data, fpath).get("hecate.layers", "{}"))
+        shards[fname] = (info, safetensors.torch.load(data))
+
+    # The dense entries (rank 0's shard) and any file whose header did not parse: every rank.
+    for h in holds:
+        if h.dense or not h.known:
+            read(h.fname)
     all_tensors = {}
-    for _, _, t in shards:
-        all_tensors.update(t)
+    for _, t in shards.values():
+        all_tensors.update({k: v for k, v in t.items() if not k.startswith("experts.")})
     _load_dense(model, layers, all_tensors, step_dir)
 
     saved = manifest["strategy"]["name"]
@@ -419,6 +437,29 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     if strategy.name == "fssdp_hybrid" and saved == "fssdp_hybrid":
         _restore_hybrid(strategy, layers, saved_layers, manifest, world)
 
+    # The owners are final now: read the files holding this rank's expert elements. Ranks read
+    # different files, so they agree on failure before anyone goes on (agree_on_failure).
+    sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
+    need = {i: needed_elements(strategy, layer, rank, world, *sizes[i]) for i, layer in enumerate(layers)}
+    error, current = None, None
+    parts = {}
+    try:
+        for fname in files_to_read(holds, need, sizes, dense=False):
+            if fname not in shards:
+                current = fname
+                read(fname)
+        current = None
+        for i, layout in enumerate(layouts):
+            # Every verified piece of the layer, needed or not: rank 0's shard has a piece of
+            # every layer, which gives a rank that owns none of its rows the state keys and step.
+            parts[i] = [(fname, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items()
+                                               if k.startswith(f"experts.{i}.")})
+                        for fname, (info, t) in sorted(shards.items()) if str(i) in info]
+            check_covered(parts[i], layout, i, need[i])
+    except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
+        error = e
+    agree_on_failure(error, current, names, world, step_dir)
+
     if optimizer is not None:
         optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
     restore_optim = optimizer is not None and bool((manifest.get("optimizer") or {}).get("has_state"))
@@ -426,12 +467,8 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
         warnings.warn(f"{step_dir} holds weights only (no optimizer state, e.g. written by `hecate prune`): "
                       f"training continues from step {manifest['step']} with a fresh optimizer", RuntimeWarning,
                       stacklevel=3)
-    for i, (layer, entry) in enumerate(zip(layers, saved_layers)):
-        layout = full_layout(layer)
-        parts = [(fname, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items()
-                                        if k.startswith(f"experts.{i}.")})
-                 for fname, info, t in shards if str(i) in info]
-        rows, state, step_t = assemble(parts, layout, i)
+    for i, (layer, layout) in enumerate(zip(layers, layouts)):
+        rows, state, step_t = assemble(parts.pop(i), layout, i, need[i])  # rows outside `need` are zero
         strategy.load_experts(layer, layout.unflatten(rows))
         if restore_optim and state and step_t is not None:
             for p, st in local_params_and_state(strategy, layer, state, rank, world):
@@ -440,6 +477,12 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     if restore_optim:
         _restore_dense_optimizer(model, layers, engine, all_tensors, manifest)
     return int(manifest["step"])
+
+
+def _read_shard(path: str, sha256: str, size: int) -> bytes:
+    """One whole shard file, size and sha256 checked (the one place a load reads a shard; tests
+    count its calls to see which files each rank reads)."""
+    return read_verified(path, sha256, size)
 
 
 def _check_layer(i: int, entry: dict, layout) -> None:

@@ -88,19 +88,61 @@ def _rows(ids, rows, elems, step):
     return {"kind": "rows"}, tensors
 
 
-def assemble(parts, layout: ChunkLayout, layer_index: int):
-    """Rebuild full rows [E, S], full per-element state {key: [E, S]} and step from every piece.
+def check_covered(parts, layout: ChunkLayout, layer_index: int, need=None) -> None:
+    """Raise CheckpointError unless the pieces hold every needed element of the layer's flat
+    [E*S] buffer: need = sorted [lo, hi) element ranges, None for all of it. Row pieces
+    cover whole rows (by id); flat pieces cover [start, start + numel)."""
+    E, S = layout.num_experts, layout.chunk_numel
+    kinds = {info["kind"] for _, info, _ in parts}
+    if len(kinds) > 1:
+        raise CheckpointError(f"MoE layer {layer_index}: shards mix layouts {sorted(kinds)}")
+    if need is None:
+        need = [(0, E * S)]
+    if kinds == {"flat"}:
+        ordered = sorted(parts, key=lambda p: p[1]["start"])
+        if need == [(0, E * S)]:  # everything: the pieces must tile [0, E*S) from 0
+            expect = 0
+            for fname, info, _ in ordered:
+                if info["start"] != expect:
+                    raise CheckpointError(f"MoE layer {layer_index}: flat shard in {fname} starts at "
+                                          f"{info['start']}, expected {expect} (a shard is missing)")
+                expect += info["numel"]
+            if expect < E * S:
+                raise CheckpointError(f"MoE layer {layer_index}: flat shards cover {expect} of {E * S} elements")
+            return
+        for lo, hi in need:
+            at = lo  # the first needed element not yet covered
+            for _, info, _ in ordered:
+                if info["start"] <= at < info["start"] + info["numel"]:
+                    at = info["start"] + info["numel"]
+            if at < hi:
+                raise CheckpointError(f"MoE layer {layer_index}: experts {list(range(at // S, (hi - 1) // S + 1))} "
+                                      f"are in no shard file (elements {at}..{hi} of the flat buffer)")
+        return
+    seen = torch.zeros(E, dtype=torch.bool)
+    for _, _, t in parts:
+        seen[t["ids"]] = True
+    wanted = torch.zeros(E, dtype=torch.bool)
+    for lo, hi in need:
+        if lo < hi:
+            wanted[lo // S:(hi - 1) // S + 1] = True
+    if bool((wanted & ~seen).any()):
+        missing = (wanted & ~seen).nonzero().flatten().tolist()
+        raise CheckpointError(f"MoE layer {layer_index}: experts {missing} are in no shard file")
+
+
+def assemble(parts, layout: ChunkLayout, layer_index: int, need=None):
+    """Rebuild full rows [E, S], full per-element state {key: [E, S]} and step from the pieces.
 
     parts: list of (file name, info, tensors). State is returned only when every piece has it.
+    need: the [lo, hi) ranges of the flat [E*S] buffer that must be present (None: all of it);
+    elements outside them are left zero (a rank that read only the files it needs).
     """
+    check_covered(parts, layout, layer_index, need)
     E, S = layout.num_experts, layout.chunk_numel
     rows = torch.zeros(E, S, dtype=torch.float32)
-    seen = torch.zeros(E, dtype=torch.bool)
     state_keys = None
     step = None
-    kinds = {info["kind"] for _, info, _ in parts}
-    if len(kinds) != 1:
-        raise CheckpointError(f"MoE layer {layer_index}: shards mix layouts {sorted(kinds)}")
     for _, _, t in parts:
         keys = {k[len("state."):] for k in t if k.startswith("state.")}
         state_keys = keys if state_keys is None else state_keys & keys
@@ -109,30 +151,20 @@ def assemble(parts, layout: ChunkLayout, layer_index: int):
     # Sorted: ranks iterate this dict in lockstep later (fssdp moves state key by key with
     # collectives), and set order differs between processes.
     state = {k: torch.zeros(E, S, dtype=torch.float32) for k in sorted(state_keys or ())}
+    kinds = {info["kind"] for _, info, _ in parts}
     if kinds == {"rows"}:
         for _, _, t in parts:
             ids = t["ids"]
             rows[ids] = t["rows"].float()
-            seen[ids] = True
             for k in state:
                 state[k][ids] = t[f"state.{k}"].float()
-        if not bool(seen.all()):
-            missing = (~seen).nonzero().flatten().tolist()
-            raise CheckpointError(f"MoE layer {layer_index}: experts {missing} are in no shard file")
-    else:
-        ordered = sorted(parts, key=lambda p: p[1]["start"])
-        flat_parts, expect = [], 0
-        for fname, info, t in ordered:
-            if info["start"] != expect:
-                raise CheckpointError(f"MoE layer {layer_index}: flat shard in {fname} starts at "
-                                      f"{info['start']}, expected {expect} (a shard is missing)")
-            flat_parts.append(t)
-            expect += info["numel"]
-        if expect < E * S:
-            raise CheckpointError(f"MoE layer {layer_index}: flat shards cover {expect} of {E * S} elements")
-        rows = torch.cat([t["flat"].float() for t in flat_parts])[:E * S].view(E, S).clone()
-        for k in state:
-            state[k] = torch.cat([t[f"state.{k}"].float() for t in flat_parts])[:E * S].view(E, S).clone()
+    elif kinds == {"flat"}:
+        for dst, key in [(rows, "flat")] + [(state[k], f"state.{k}") for k in state]:
+            flat = dst.view(-1)
+            for _, info, t in parts:  # the zero padding past E*S is dropped
+                start = int(info["start"])
+                n = max(0, min(int(info["numel"]), E * S - start))
+                flat[start:start + n] = t[key][:n].float()
     return rows, state, step
 
 
