@@ -77,10 +77,15 @@ __device__ bool tile_reachable(const AttnShape& s, int64_t pmin, int64_t pmax, i
 
 template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) { return to_acc(*p); }
 
+// Row stride of the K and V tiles in shared memory: d plus one padding element. In the Q·Kᵀ
+// (and dO·Vᵀ) loops the lanes of a warp read 16 different key rows at one column; with a
+// stride of d (a multiple of 32 for the usual head dims) all 16 fall in one bank.
+__host__ __device__ __forceinline__ int64_t kv_stride(int64_t d) { return d + 1; }
+
 // ---------------------------------------------------------------- forward
 
-// Grid (query tiles, H, B). Shared: q[kRowsQ][d], k[kRowsK][d], v[kRowsK][d], o[kRowsQ][d],
-// p[kRowsQ][kRowsK], m / l / corr[kRowsQ], all acc_t.
+// Grid (query tiles, H, B). Shared: q[kRowsQ][d], k[kRowsK][ks], v[kRowsK][ks], o[kRowsQ][d],
+// p[kRowsQ][kRowsK], m / l / corr[kRowsQ], all acc_t (ks = kv_stride(d)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -92,10 +97,10 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   using acc_t = typename Acc<scalar_t>::type;
   extern __shared__ unsigned char smem_raw[];
   acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t d = s.d;
+  const int64_t d = s.d, ks = kv_stride(d);
   acc_t* sk = sq + kRowsQ * d;
-  acc_t* sv = sk + kRowsK * d;
-  acc_t* so = sv + kRowsK * d;
+  acc_t* sv = sk + kRowsK * ks;
+  acc_t* so = sv + kRowsK * ks;
   acc_t* sp = so + kRowsQ * d;
   acc_t* sm = sp + kRowsQ * kRowsK;
   acc_t* sl = sm + kRowsQ;
@@ -136,8 +141,8 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < kRowsK * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       const bool in = r < keys;
-      sk[i] = in ? load(k + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
-      sv[i] = in ? load(v + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
+      sk[r * ks + c] = in ? load(k + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
+      sv[r * ks + c] = in ? load(v + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
     }
     __syncthreads();
     for (int i = tid; i < kRowsQ * kRowsK; i += kThreads) {
@@ -145,7 +150,7 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
       acc_t dot = neg_inf<acc_t>();
       if (r < rows && c < keys && visible(s, h, r0 + r, j0 + c)) {
         dot = 0;
-        for (int64_t e = 0; e < d; ++e) dot += sq[r * d + e] * sk[c * d + e];
+        for (int64_t e = 0; e < d; ++e) dot += sq[r * d + e] * sk[c * ks + e];
         dot *= scale;
       }
       sp[i] = dot;
@@ -173,7 +178,7 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < kRowsQ * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       acc_t acc = so[i] * scorr[r];
-      for (int j = 0; j < kRowsK; ++j) acc += sp[r * kRowsK + j] * sv[j * d + c];
+      for (int j = 0; j < kRowsK; ++j) acc += sp[r * kRowsK + j] * sv[j * ks + c];
       so[i] = acc;
     }
     __syncthreads();
@@ -198,7 +203,9 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
 
 // Grid (key tiles, H, B): one block owns the keys [j0, j0 + kRowsK) of query head h and walks
 // every query tile that can see them. dout and delta are in the math type (the wrapper folds the
-// MoH weights in); rows with lse = -inf contribute nothing.
+// MoH weights in); rows with lse = -inf contribute nothing. Shared: k[kRowsK][ks],
+// v[kRowsK][ks], dk[kRowsK][d], dv[kRowsK][d], q[kRowsQ][d], do[kRowsQ][d], p / ds[kRowsQ][kRowsK],
+// lse / delta[kRowsQ], all acc_t (ks = kv_stride(d)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -211,10 +218,10 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
                      typename Acc<scalar_t>::type* __restrict__ dv) {
   using acc_t = typename Acc<scalar_t>::type;
   extern __shared__ unsigned char smem_raw[];
-  const int64_t d = s.d;
+  const int64_t d = s.d, ks = kv_stride(d);
   acc_t* sk = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* sv = sk + kRowsK * d;
-  acc_t* sdk = sv + kRowsK * d;
+  acc_t* sv = sk + kRowsK * ks;
+  acc_t* sdk = sv + kRowsK * ks;
   acc_t* sdv = sdk + kRowsK * d;
   acc_t* sq = sdv + kRowsK * d;
   acc_t* sdo = sq + kRowsQ * d;
@@ -232,8 +239,8 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   for (int64_t i = tid; i < kRowsK * d; i += kThreads) {
     const int64_t r = i / d, c = i % d;
     const bool in = r < keys;
-    sk[i] = in ? load(k + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
-    sv[i] = in ? load(v + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
+    sk[r * ks + c] = in ? load(k + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
+    sv[r * ks + c] = in ? load(v + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
     sdk[i] = 0;
     sdv[i] = 0;
   }
@@ -258,8 +265,8 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
       if (r < rows && c < keys && slse[r] != neg_inf<acc_t>() && visible(s, h, r0 + r, j0 + c)) {
         acc_t dot = 0, dp = 0;
         for (int64_t e = 0; e < d; ++e) {
-          dot += sq[r * d + e] * sk[c * d + e];
-          dp += sdo[r * d + e] * sv[c * d + e];
+          dot += sq[r * d + e] * sk[c * ks + e];
+          dp += sdo[r * d + e] * sv[c * ks + e];
         }
         p = exp_acc(dot * scale - slse[r]);
         ds = p * (dp - sdelta[r]);
@@ -281,7 +288,7 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < rows * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       acc_t acc = 0;
-      for (int j = 0; j < kRowsK; ++j) acc += sds[r * kRowsK + j] * sk[j * d + c];
+      for (int j = 0; j < kRowsK; ++j) acc += sds[r * kRowsK + j] * sk[j * ks + c];
       if (acc != acc_t(0)) atomicAdd(dq + (bh * s.Sq + r0 + r) * d + c, acc * scale);
     }
     __syncthreads();
@@ -304,10 +311,11 @@ AttnShape make_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, in
 
 // Dynamic shared memory of each kernel (the layouts at the top of the kernels), in bytes.
 size_t fwd_smem(size_t acc_bytes, int64_t d) {
-  return acc_bytes * ((2 * kRowsQ + 2 * kRowsK) * d + kRowsQ * kRowsK + 3 * kRowsQ);
+  return acc_bytes * (2 * kRowsQ * d + 2 * kRowsK * kv_stride(d) + kRowsQ * kRowsK + 3 * kRowsQ);
 }
 size_t bwd_smem(size_t acc_bytes, int64_t d) {
-  return acc_bytes * ((4 * kRowsK + 2 * kRowsQ) * d + 2 * kRowsQ * kRowsK + 2 * kRowsQ);
+  return acc_bytes * (2 * kRowsK * kv_stride(d) + (2 * kRowsK + 2 * kRowsQ) * d + 2 * kRowsQ * kRowsK +
+                      2 * kRowsQ);
 }
 
 bool bad_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, int64_t d, int64_t block_size,
