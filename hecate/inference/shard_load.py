@@ -8,10 +8,13 @@ we avoid, so here:
   registration hook swaps them as the expert modules create them), so no rank ever allocates
   or initializes all experts; the strategy then attaches to the meta layer and keeps the
   meta shape of its own slice (ep: E/W experts, fssdp: the owned chunk rows);
-* every shard file is checked against the manifest (size and sha256, streamed: constant
-  memory), then opened with safetensors' lazy reader (safe_open), and only the rows of the
-  experts this rank keeps are read out of it: `get_slice(name)[a:b]` of a rows layout's
-  [E_held, S] matrix, or of an fsdp flat layout's 1-D range (which may start and end mid-row);
+* every shard file's size is checked against the manifest and its header (and expert-id
+  tensors) read, unverified, to learn what it holds (hecate.train.checkpoint_reads);
+* only the shards holding the dense entries (rank 0's) or rows of the experts this rank keeps
+  are checked in full (sha256, streamed: constant memory) and opened with safetensors' lazy
+  reader (safe_open); only those rows are read out of them: `get_slice(name)[a:b]` of a rows
+  layout's [E_held, S] matrix, or of an fsdp flat layout's 1-D range (which may start and
+  end mid-row); a rank that needs nothing from a shard never hashes it;
 * the dense parameters and buffers come from the file that holds them (rank 0's shard).
 
 Any strategy and world size may have written the checkpoint (rows or flat layouts, see
@@ -36,6 +39,7 @@ from hecate.parallel.chunks import ChunkLayout, mark_expert
 from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
 from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized
 from hecate.train.checkpoint_layout import full_layout
+from hecate.train.checkpoint_reads import agree_on_failure, files_to_read, peek_shard, rows_to_intervals
 
 # Routed-expert containers of MoELayer (hecate.moe.layer): their stacked [E, ...] parameters.
 EXPERT_MODULES = (GroupedExperts, ModuleExperts)
@@ -115,10 +119,11 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _open_all(step_dir: str, manifest: dict) -> list[ShardFile]:
+def _open(step_dir: str, manifest: dict, names: list[str]) -> list[ShardFile]:
     files: list[ShardFile] = []
     try:
-        for fname, meta in sorted(manifest["files"].items()):
+        for fname in names:
+            meta = manifest["files"][fname]
             files.append(ShardFile(os.path.join(step_dir, fname), meta["sha256"], meta["bytes"]))
     except BaseException:  # a bad file: close the ones already open, then report it
         for f in files:
@@ -239,11 +244,30 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
     world = getattr(getattr(strategy, "topology", None), "world_size", 1)
     if strategy.name == "fssdp":
         _restore_fssdp_placement(strategy, layers, manifest, world)
-    files = _open_all(step_dir, manifest)
+    # Every rank stats every shard and reads its header; it opens (hashing it whole) only the
+    # shards with the dense entries or rows it keeps (hecate.train.checkpoint_reads).
+    names = sorted(manifest["files"])
+    holds = [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
+    layouts = [full_layout(layer) for layer in layers]
+    sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
+    kept = [kept_expert_ids(strategy, layer) for layer in layers]
+    need = {i: rows_to_intervals(ids, sizes[i][1]) for i, ids in enumerate(kept)}
+    files: list[ShardFile] = []
+    error, current, rows = None, None, []
+    try:  # ranks open different files: they agree on a failure before anyone goes on
+        for fname in files_to_read(holds, need, sizes):
+            current = fname
+            files += _open(step_dir, manifest, [fname])
+        current = None
+        rows = [expert_rows(files, i, layouts[i], kept[i]) for i in range(len(layers))]
+    except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
+        error = e
+        for f in files:
+            f.close()
+    agree_on_failure(error, current, names, world, step_dir)
     try:
-        for i, layer in enumerate(layers):
-            ids = kept_expert_ids(strategy, layer)
-            install_expert_rows(strategy, layer, expert_rows(files, i, full_layout(layer), ids), device)
+        for layer, rows_MS in zip(layers, rows):
+            install_expert_rows(strategy, layer, rows_MS, device)
         left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if left:
             raise RuntimeError(f"parameters {left[:4]} are still on the meta device after loading; "
