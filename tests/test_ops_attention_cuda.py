@@ -78,3 +78,43 @@ def test_moh_attention_cuda_matches_cpu_kernel(dtype):
     torch.testing.assert_close(out_c.cpu(), out_r, **TOL[dtype])
     for a, b in zip(grads_c, grads_r):
         torch.testing.assert_close(a.cpu(), b.to(a.dtype), **TOL[dtype])
+
+
+def test_attention_ops_refuse_bad_saved_tensors():
+    # Through torch.ops directly (the autograd Functions always pass the forward's own tensors):
+    # the CUDA backward read a short lse, or a host tensor, out of bounds on the device; it now
+    # refuses them as the CPU op does. Unchecked before: block_cols without block_offsets (the
+    # list was silently ignored) and integer MoH weights.
+    g = torch.Generator().manual_seed(7)
+    B, H, G, S, d = 1, 2, 1, 20, 16
+    q, k, v = (torch.randn(B, n, S, d, generator=g).to(CUDA) for n in (H, G, G))
+    ops = torch.ops.hecate
+    out, lse = ops.flash_attention_fwd(q, k, v, 0.0, True, 0, 0, None, None, 0)
+    grad = torch.randn_like(out)
+
+    def bwd(grad_out=grad, out=out, lse=lse):
+        return ops.flash_attention_bwd(grad_out, q, k, v, out, lse, 0.0, True, 0, 0, None, None, 0)
+
+    dq, _, _ = bwd()
+    assert dq.shape == q.shape
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, H, Sq\]"):
+        bwd(lse=lse[..., :-1])
+    with pytest.raises(ValueError, match="lse is on cpu"):
+        bwd(lse=lse.cpu())
+    with pytest.raises(ValueError, match="grad_out is on cpu"):
+        bwd(grad_out=grad.cpu())
+    with pytest.raises(ValueError, match="(?<!grad_)out is on cpu"):
+        bwd(out=out.cpu())
+    with pytest.raises(ValueError, match="block_offsets and block_cols go together"):
+        ops.flash_attention_fwd(q, k, v, 0.0, True, 0, 0, None,
+                                torch.zeros(0, dtype=torch.int64, device=CUDA), 4)
+
+    idx = torch.tensor([[0, 1]] * S, device=CUDA).unsqueeze(0)  # [B, S, 2]: both heads
+    w = torch.rand(B, S, 2, generator=g).to(CUDA)
+    _, out_raw, lse = ops.moh_attention_fwd(q, k, v, idx, w, 0.0, True, 0, 0)
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, H, Sq\]"):
+        ops.moh_attention_bwd(grad, q, k, v, idx, w, out_raw, lse[:, :1], 0.0, True, 0, 0)
+    with pytest.raises(ValueError, match="out_raw is on cpu"):
+        ops.moh_attention_bwd(grad, q, k, v, idx, w, out_raw.cpu(), lse, 0.0, True, 0, 0)
+    with pytest.raises(ValueError, match="head_weight must be floating point"):
+        ops.moh_attention_fwd(q, k, v, idx, idx, 0.0, True, 0, 0)

@@ -309,9 +309,11 @@ AttnInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, d
   in.q = q.contiguous(); in.k = k.contiguous(); in.v = v.contiguous();
   in.scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(in.d));
   in.block_size = 0;
-  if (block_offsets.has_value() && block_offsets->defined()) {
-    TORCH_CHECK_VALUE(block_cols.has_value() && block_cols->defined() && block_size >= 1,
-                      "a block list needs block_offsets, block_cols and block_size >= 1");
+  const bool has_offsets = block_offsets.has_value() && block_offsets->defined();
+  TORCH_CHECK_VALUE(has_offsets == (block_cols.has_value() && block_cols->defined()),
+                    "block_offsets and block_cols go together");
+  if (has_offsets) {
+    TORCH_CHECK_VALUE(block_size >= 1, "a block list needs block_size >= 1, got ", block_size);
     const int64_t nqb = (in.Sq + block_size - 1) / block_size;
     in.offsets = block_offsets->to(q.device(), at::kLong).contiguous();
     in.cols = block_cols->to(q.device(), at::kLong).contiguous();
@@ -320,6 +322,19 @@ AttnInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, d
     in.block_size = block_size;
   }
   return in;
+}
+
+// The backward's saved tensors: the kernel reads lse [B, H, Sq] and the others by q's shape,
+// on q's device (a host pointer or a short lse would be read out of bounds on the device).
+void check_saved(const AttnInputs& in, const Tensor& q, const Tensor& grad_out, const Tensor& out,
+                 const char* out_name, const Tensor& lse) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and ", out_name,
+                    " must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({in.B, in.H, in.Sq}), "lse must have shape [B, H, Sq] = [",
+                    in.B, ", ", in.H, ", ", in.Sq, "], got ", lse.sizes());
+  check_device(grad_out, "grad_out", q, "q");
+  check_device(out, out_name, q, "q");
+  check_device(lse, "lse", q, "q");
 }
 
 const int64_t* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
@@ -379,8 +394,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attention_bwd(
     const Tensor& lse, double scale, bool causal, int64_t window, int64_t sinks,
     const std::optional<Tensor>& block_offsets, const std::optional<Tensor>& block_cols, int64_t block_size) {
   AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, block_offsets, block_cols, block_size);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "grad_out and out must have q's shape ", q.sizes());
+  check_saved(in, q, grad_out, out, "out", lse);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto math = math_dtype(q.scalar_type());
   auto dout = grad_out.to(math).contiguous();
@@ -396,6 +410,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> routing_maps(const AttnInputs& in, co
                         head_idx.scalar_type() == at::kLong,
                     "head_idx must be int64 [B, S, K], got ", head_idx.sizes());
   TORCH_CHECK_VALUE(head_weight.sizes() == head_idx.sizes(), "head_weight must have head_idx's shape");
+  TORCH_CHECK_VALUE(at::isFloatingType(head_weight.scalar_type()), "head_weight must be floating point, got ",
+                    head_weight.scalar_type());
   check_device(head_idx, "head_idx", in.q, "q");
   check_device(head_weight, "head_weight", in.q, "q");
   const auto math = math_dtype(in.q.scalar_type());
@@ -434,8 +450,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moh_attention_bwd(
     const Tensor& head_weight, const Tensor& out_raw, const Tensor& lse, double scale, bool causal,
     int64_t window, int64_t sinks) {
   AttnInputs in = attention_inputs(q, k, v, scale, window, sinks, std::nullopt, std::nullopt, 0);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out_raw.sizes() == q.sizes(),
-                    "grad_out and out_raw must have q's shape ", q.sizes());
+  check_saved(in, q, grad_out, out_raw, "out_raw", lse);
   const c10::cuda::CUDAGuard guard(q.device());
   auto [active, weight, selected, column] = routing_maps(in, head_idx, head_weight);
   const auto math = math_dtype(q.scalar_type());
