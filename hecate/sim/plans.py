@@ -34,11 +34,13 @@ class _PlanOnly(FullyShardedSparse):
     injected = None  # (counts_WE int64 [W, E], non_moe_us)
     overlapped_s = 0.0  # planning the runtime does while the counts travel (off the critical path)
 
-    def _agree_on_counts(self, layer, counts_E, meanwhile=None):
+    def _agree_on_counts(self, layer, counts_E, meanwhile=None, fit=None):
         start = time.perf_counter()
         early = meanwhile() if meanwhile is not None else None
         self.overlapped_s = time.perf_counter() - start
-        return (*self.injected, early)
+        counts_WE, non_moe_us = self.injected
+        bound = self._fit_bound(fit, counts_WE.numpy(), layer.fssdp_state) if fit is not None else None
+        return counts_WE, non_moe_us, early, bound
 
     def _move_layer(self, layer, new_owner, optimizer) -> None:
         self.moved_chunks = getattr(self, "moved_chunks", 0) + int((layer.fssdp_state.owner_E != new_owner).sum())

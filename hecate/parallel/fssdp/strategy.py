@@ -33,6 +33,7 @@ from torch import nn
 
 from hecate import ops
 from hecate.comm.agreement import AgreementError
+from hecate.comm.all_to_all import all_gather_flat, comm_device, group_ranks
 from hecate.comm.sparse import plan_sparse, sparse_all_gather
 from hecate.moe.experts import autocast_dtype
 from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_parameters
@@ -62,6 +63,14 @@ DEFAULT_BANDWIDTH = {"nccl": (150e9, 12.5e9), "gloo": (2e9, 1e9)}
 # 0.3-0.5 ms between 2 ranks on the shared 2-core CPU box; NCCL: launch + latency.
 DEFAULT_COLLECTIVE_LATENCY = {"nccl": 2e-5, "gloo": 2.5e-4}
 _DIGEST_WORDS = 4
+_CPU = torch.device("cpu")
+_AGREE = []  # torch.ops.hecate.agree_counts.default, looked up once
+
+
+def _agree_op():
+    if not _AGREE:
+        _AGREE.append(torch.ops.hecate.agree_counts.default)
+    return _AGREE[0]
 
 
 @dataclass
@@ -375,16 +384,15 @@ class FullyShardedSparse(ExpertStrategy):
             return None
         return self._layers[(i + 1) % len(self._layers)]
 
-    def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None):
+    def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None, fit: ReplicaFit | None = None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
 
         The all-gather is issued asynchronously and `meanwhile()` (if given) runs while it is
         in flight, off the critical path: the wait is mostly for the slowest peer to arrive.
-        Returns (counts_WE, agreed non-MoE us, what meanwhile returned)."""
+        Returns (counts_WE, agreed non-MoE us, what meanwhile returned, `_fit_bound(fit, counts)`
+        when `fit` is given, else None)."""
         state = layer.fssdp_state
         words = self._state_digest(state)
-        from hecate.comm.all_to_all import all_gather_flat, comm_device, group_ranks
-
         if self._token_comm is None:  # the group's fixed facts, looked up once (not per layer and step)
             self._token_comm = (comm_device(self.token_group), group_ranks(self.token_group))
         dev, peers = self._token_comm
@@ -417,20 +425,44 @@ class FullyShardedSparse(ExpertStrategy):
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
+        host = gathered if gathered.device.type == "cpu" else gathered.cpu()
+        if ops._backend.use_extension("agree_counts", _CPU):
+            # One C++ pass over the table (csrc/cpu/agree_counts.cpp): the same results as the
+            # numpy below, the fit's bound included where its sum is exact (else numpy's).
+            counts, non_moe_us, bad, top, saving, exact = _agree_op()(
+                host, W, E, state.owner_E if fit is not None else None,
+                fit.token_bytes if fit is not None else 0,
+                fit.chunk_passes * fit.chunk_bytes if fit is not None else 0)
+            if bad >= 0:
+                self._disagree(layer, host.numpy().reshape(W, M)[:, E + 1:])
+            bound = None
+            if fit is not None:
+                # _fit_bound's tuple (owner_cache is current: _state_digest refreshed it above).
+                bound = (top, saving, state.owner_cache, fit) if exact else \
+                    self._fit_bound(fit, counts.numpy(), state)
+            return counts, non_moe_us, early, bound
         # The checks below on the host array: no small tensor ops.
-        table = (gathered if gathered.device.type == "cpu" else gathered.cpu()).numpy().reshape(W, M)
+        table = host.numpy().reshape(W, M)
         digests = table[:, E + 1:]
         if not (digests == digests[0]).all():  # one vector op, not a loop over W ranks
-            differs = (digests != digests[0]).any(1)
-            bad = np.flatnonzero(differs).tolist()
-            good = np.flatnonzero(~differs).tolist()
-            raise AgreementError(
-                f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
-                f"placement/load state than ranks {good}; every rank must load the same checkpoint "
-                "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
+            self._disagree(layer, digests)
         # One contiguous copy (always a copy: the table is reused) that every planning stage
         # reads (and the routes keep) as is.
-        return torch.from_numpy(table[:, :E].copy()), int(table[:, E].max()), early
+        counts = torch.from_numpy(table[:, :E].copy())
+        bound = self._fit_bound(fit, counts.numpy(), state) if fit is not None else None
+        return counts, int(table[:, E].max()), early, bound
+
+    @staticmethod
+    def _disagree(layer, digests: np.ndarray):
+        """Raise the AgreementError naming the ranks whose state digest (rows of `digests`
+        [W, words]) differs from rank 0's, and the ranks that agree with it."""
+        differs = (digests != digests[0]).any(1)
+        bad = np.flatnonzero(differs).tolist()
+        good = np.flatnonzero(~differs).tolist()
+        raise AgreementError(
+            f"fssdp MoE layer {getattr(layer, 'layer_id', '?')}: ranks {bad} hold a different "
+            f"placement/load state than ranks {good}; every rank must load the same checkpoint "
+            "and run the same iterations", f"fssdp.layer{getattr(layer, 'layer_id', '?')}", bad, good)
 
     def _early_p1(self, layer):
         """A function that plans P1 from the predicted load while the counts travel, or None.
@@ -468,12 +500,11 @@ class FullyShardedSparse(ExpertStrategy):
                 self._state_digest(following.fssdp_state)
             return (early_p1() if early_p1 is not None else None,
                     self._prefetch_plan(ahead, token_bytes) if ahead is not None else None)
-        counts_WE, non_moe_us, both = self._agree_on_counts(layer, counts_E, meanwhile)
+        counts_WE, non_moe_us, both, bound = self._agree_on_counts(layer, counts_E, meanwhile, fit)
         early, staged = both if both is not None else (None, None)
         self._staged_prefetch = (ahead, staged) if ahead is not None else None
         state.non_moe_agreed_s = non_moe_us * 1e-6
         m = self.capacity_m(layer.expert_layout.num_experts)
-        bound = self._fit_bound(fit, counts_WE.numpy(), state) if fit is not None else None
         state.fit_kept_none = bound is not None and self._fit_keeps_none(fit, *bound[:2], counts_WE.numel())
         holders = load = t = None
         if state.prefetched is not None:
