@@ -6,6 +6,8 @@ Integer outputs (indices, row maps, counts, copies) must match exactly; float ou
 to a tolerance, since the GPU sums in a different order.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,6 +227,48 @@ def test_unpermute_backward_zeroes_unreferenced_rows():
     assert torch.equal(grad_y[[1, 2, 4]].cpu(), torch.zeros(3, 4))
     assert torch.equal(grad_y[[0, 3]].cpu(), torch.full((2, 4), 2.0))
     assert grad_w[0, 1].item() == 0.0 and grad_w[1, 1].item() == 0.0
+
+
+def test_unpermute_backward_refuses_a_row_referenced_twice(monkeypatch):
+    # The kernel writes grad_y's rows in parallel: a row named by two entries kept one entry's
+    # gradient (a race, silently wrong) where the CPU op raises. Under HECATE_SYNC_CHECKS=1 the
+    # CUDA op reads its device check back and raises the CPU op's ValueError.
+    y, grad = torch.randn(3, 4, device=CUDA), torch.ones(2, 4, device=CUDA)
+    twice = torch.tensor([[0, 2], [2, -1]], device=CUDA)
+    with pytest.raises(ValueError, match="more than once"):
+        hecate_op("unpermute_backward")(grad.cpu(), y.cpu(), twice.cpu(), None, False)
+    monkeypatch.setenv("HECATE_SYNC_CHECKS", "1")
+    with pytest.raises(ValueError, match="more than once"):
+        hecate_op("unpermute_backward")(grad, y, twice, None, False)
+    grad_y, _ = hecate_op("unpermute_backward")(grad, y, torch.tensor([[0, 2], [1, -1]], device=CUDA),
+                                                None, False)
+    assert torch.equal(grad_y.cpu(), torch.ones(3, 4))
+
+
+# Without HECATE_SYNC_CHECKS the check is a queued device assert, which leaves the process's
+# CUDA context unusable: it runs in a process of its own.
+_REPEAT_ASYNC = """
+import torch
+from hecate import _extension
+_extension.require()
+op = torch.ops.hecate.unpermute_backward
+y, grad = torch.randn(3, 4, device="cuda"), torch.ones(2, 4, device="cuda")
+op(grad, y, torch.tensor([[0, 2], [1, -1]], device="cuda"), None, False)
+torch.cuda.synchronize()
+print("permutation ok", flush=True)
+op(grad, y, torch.tensor([[0, 2], [2, -1]], device="cuda"), None, False)
+torch.cuda.synchronize()
+print("repeat passed", flush=True)
+"""
+
+
+def test_unpermute_backward_repeated_row_stops_at_the_next_sync():
+    env = {k: v for k, v in os.environ.items() if k != "HECATE_SYNC_CHECKS"}
+    proc = subprocess.run([sys.executable, "-c", _REPEAT_ASYNC], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "permutation ok" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "repeat passed" not in proc.stdout, proc.stdout
+    assert "assert" in proc.stderr.lower(), proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------- chunks

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -68,6 +69,12 @@ Tensor ids_on(const Tensor& chunk_ids_n, const Tensor& data) {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// HECATE_SYNC_CHECKS=1 (as in hecate/ops/_validate.py): data checks read values back and raise.
+bool sync_checks() {
+  const char* value = std::getenv("HECATE_SYNC_CHECKS");
+  return value != nullptr && std::string(value) != "" && std::string(value) != "0";
+}
 
 // Optional weights as a contiguous math-type tensor (or undefined).
 Tensor weights_as(const std::optional<Tensor>& weights_TK, const Tensor& row_map_TK, at::ScalarType math) {
@@ -213,6 +220,23 @@ std::tuple<Tensor, Tensor> unpermute_backward(const Tensor& grad_TD, const Tenso
   const hecate_dtype dtype = dtype_code(y, "y_ND");
   const auto math = math_dtype(y.scalar_type());
   auto weights = weights_as(weights_TK, row_map, math);
+  // Each row of y may be referenced once, as the CPU op checks: the kernel writes rows in
+  // parallel, so a row named twice would keep one entry's gradient (a race, silently wrong).
+  // Checked on the device with a queued assert (no host read: a repeat stops the program at the
+  // next synchronization), or read back and raised at once under HECATE_SYNC_CHECKS=1.
+  if (N > 0 && row_map.numel() > 0) {
+    auto refs_N = at::empty({N}, row_map.options());
+    C10_CUDA_CHECK(hecate_expert_histogram(row_map.const_data_ptr<int64_t>(), row_map.numel(), N,
+                                           refs_N.mutable_data_ptr<int64_t>(), current_stream()));
+    auto once = refs_N.max() <= 1;
+    constexpr const char* kTwice = "row_map_TK references a row of y_ND more than once; "
+                                   "unpermute_backward needs a permutation (as permute makes)";
+    if (sync_checks()) {
+      TORCH_CHECK_VALUE(once.item<bool>(), kTwice);
+    } else {
+      at::_assert_async(once, kTwice);
+    }
+  }
   auto grad_y_ND = at::zeros({N, D}, y.options());  // rows no entry maps to get zero gradient
   Tensor grad_weights;
   const bool want_weights = need_grad_weights && weights.defined();

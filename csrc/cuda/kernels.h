@@ -80,7 +80,8 @@ cudaError_t hecate_unpermute(const void* y_ND, hecate_dtype dtype, int64_t N,
 // grad_y_ND first: rows no entry maps to stay 0); grad_weights_TK[t, k] = <grad[t], y[row]>
 // (0 when dropped). weights_TK and grad_weights_TK are in the math type; weights_TK NULL
 // means 1; grad_weights_TK NULL means not wanted. row_map must not map two entries to one
-// row (permute never does; the rows are written in parallel).
+// row (permute never does; the rows are written in parallel): the torch op checks it on the
+// device first (a histogram of the rows and a queued assert).
 cudaError_t hecate_unpermute_backward(const void* grad_TD, const void* y_ND, hecate_dtype dtype,
                                       int64_t N, const int64_t* row_map_TK,
                                       const void* weights_TK, int64_t T, int64_t K, int64_t D,
