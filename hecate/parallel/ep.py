@@ -63,17 +63,21 @@ class ExpertParallel(ExpertStrategy):
         E = layer.config.num_experts
         ep, local = self.ep_size, E // self.ep_size
         group, stats = self.groups.ep_group, self.topology.stats
-        x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, E, -1)
-        # Each peer learns how many rows it gets for each of its experts.
-        send_counts = counts_E.to(comm_device(group))
+        # Each peer learns how many rows it gets for each of its experts. The counts are counted
+        # where the indices are; sent and received counts come back to the host in one read (on a
+        # GPU every read stalls the host until the stream catches up), and the permute is told its
+        # row count, so it reads nothing back itself.
+        send_counts = routing.kept_per_expert().to(comm_device(group))
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         if stats is not None:  # every peer's `local` counts cross; the own slice stays
             crossing = (ep - 1) * local * send_counts.element_size()
             stats.record("ep.counts", crossing, crossing, ranks=self.groups.ep_ranks)
-        recv_counts_PG = recv_counts.cpu().view(ep, local)
-        send_splits = counts_E.view(ep, local).sum(1).tolist()
+        counts = torch.cat([send_counts, recv_counts]).cpu()
+        send_PG, recv_counts_PG = counts[:E].view(ep, local), counts[E:].view(ep, local)
+        send_splits = send_PG.sum(1).tolist()
         recv_splits = recv_counts_PG.sum(1).tolist()
+        x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, E, -1, num_rows=sum(send_splits))
         x_recv = all_to_all_v(x_ND, send_splits, recv_splits, group=group, stats=stats, name="ep.dispatch")
         weights = {n: getattr(layer.experts, n) for n in ChunkLayout.of(layer.experts).names}
         # Local compute only (the all-to-alls stay outside): recomputed under activation checkpointing.
