@@ -1,0 +1,360 @@
+"""Each rank reads (and sha256-checks) only the checkpoint shards holding what it needs: rank 0's
+(dense entries) and those with expert elements it owns under its new layout, to the element
+for fsdp ranges that end mid-row. The loaded state still equals the saved one, a corrupted
+shard is caught by the rank that needs it (and its peers stop too), and one nobody needs is
+caught by verify_checkpoint. Worker functions run on every rank."""
+import os
+import shutil
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from hecate.comm.topology import Topology
+from hecate.models.transformer import MoETransformer
+from hecate.parallel import build_strategy, moe_layers, parallelize
+from hecate.testing import run_distributed
+from hecate.train.checkpoint import (
+    CheckpointError,
+    _dense_entries,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from hecate.train.checkpoint_layout import assemble, check_covered, full_layout
+from hecate.train.checkpoint_reads import peek_shard
+from hecate.train.engine import Engine
+from tests.test_checkpoint import FSSDP, _fixed_loss, _train
+from tests.training_cases import tiny_config
+
+STEP = "step_00000001"
+E_FLAT = 6  # the fsdp checkpoint: 6 rows over 4 ranks, so every saved range ends mid-row
+
+
+def _build(strategy, options, seed, num_experts=8, meta=False):
+    torch.manual_seed(seed)
+    topo = Topology()
+    strat = build_strategy(strategy, topo, **options)
+    if meta:
+        from hecate.inference.shard_load import experts_on_meta
+
+        with experts_on_meta():
+            model = MoETransformer(tiny_config(num_experts=num_experts))
+        return parallelize(model, strat), strat
+    model = parallelize(MoETransformer(tiny_config(num_experts=num_experts)), strat)
+    return model, strat, Engine(model, strat, topo, lr=3e-3, weight_decay=0.01, eps=1e-6), topo
+
+
+def _kept(strat, model, rank):
+    """Per MoE layer, the [lo, hi) element ranges of the flat [E*S] buffer this rank keeps,
+    read off the strategy's own state (the oracle the loader's choice is checked against)."""
+    out = []
+    for layer in moe_layers(model):
+        layout = full_layout(layer)
+        E, S = layout.num_experts, layout.chunk_numel
+        if strat.name == "fssdp":
+            out.append([(e * S, (e + 1) * S) for e in (layer.fssdp_state.owner_E == rank).nonzero().flatten().tolist()])
+        elif strat.name == "ep":
+            first, local = layer.expert_slice
+            out.append([(first * S, (first + local) * S)])
+        elif strat.name == "fsdp":
+            n = layer.expert_shard.numel()
+            out.append([(rank * n, min((rank + 1) * n, E * S))])
+        else:
+            out.append([(0, E * S)])
+    return out
+
+
+class _Spy:
+    """Records the shard files a load reads whole (and their bytes) and the header bytes it peeks."""
+
+    def __init__(self):
+        import hecate.train.checkpoint as ck
+
+        self.ck, self.real_read, self.real_peek = ck, ck._read_shard, ck.peek_shard
+        self.read, self.read_bytes, self.peek_bytes = [], 0, 0
+
+    def __enter__(self):
+        def read(path, sha256, size):
+            data = self.real_read(path, sha256, size)
+            self.read.append(os.path.basename(path))
+            self.read_bytes += len(data)
+            return data
+
+        def peek(*a):
+            h = self.real_peek(*a)
+            self.peek_bytes += h.peek_bytes
+            return h
+
+        self.ck._read_shard, self.ck.peek_shard = read, peek
+        return self
+
+    def __exit__(self, *exc):
+        self.ck._read_shard, self.ck.peek_shard = self.real_read, self.real_peek
+
+
+# ---- workers --------------------------------------------------------------------------------------
+def save_both(rank, world, fssdp_dir, fsdp_dir, dp_dir):
+    """One trained step each: fssdp (8 experts), fsdp (6 experts: ranges end mid-row), dp."""
+    model, strat, engine, _ = _build("fssdp", FSSDP, seed=0)
+    _train(model, engine, rank, world, 1)
+    save_checkpoint(fssdp_dir, model, strat, engine, 1)
+    losses = [_fixed_loss(model)]
+    for name, d, n in (("fsdp", fsdp_dir, E_FLAT), ("dp", dp_dir, 8)):
+        model, strat, engine, _ = _build(name, {}, seed=1, num_experts=n)
+        _train(model, engine, rank, world, 1)
+        save_checkpoint(d, model, strat, engine, 1)
+        losses.append(_fixed_loss(model))
+    return losses
+
+
+def load_record(rank, world, loads):
+    """loads: [(src, dst, strategy, options, num_experts)]: load each (with the optimizer),
+    record the files read, and save again to dst (to compare every row and moment)."""
+    out = []
+    for src, dst, name, options, n in loads:
+        model, strat, engine, _ = _build(name, options, seed=7, num_experts=n)
+        with _Spy() as spy:
+            load_checkpoint(src, model, strat, engine)
+        save_checkpoint(dst, model, strat, engine, 1)
+        out.append({"read": spy.read, "kept": _kept(strat, model, rank), "loss": _fixed_loss(model),
+                    "read_bytes": spy.read_bytes, "peek_bytes": spy.peek_bytes})
+    return out
+
+
+def load_failure(rank, world, src, name, options):
+    """A load that must fail on every rank: each rank's error message and the files it read."""
+    model, strat, engine, _ = _build(name, options, seed=7)
+    with _Spy() as spy:
+        try:
+            load_checkpoint(src, model, strat, engine)
+        except CheckpointError as e:
+            return {"error": str(e), "read": spy.read}
+    return {"error": None, "read": spy.read}
+
+
+def sharded_generation_record(rank, world, src, name, options):
+    """The inference loader (experts built on meta): the shard files it opens, and its rows."""
+    from hecate.inference import shard_load
+
+    opened, real = [], shard_load.ShardFile
+
+    class Recording(real):
+        def __init__(self, path, *a):
+            opened.append(os.path.basename(path))
+            super().__init__(path, *a)
+
+    model, strat = _build(name, options, seed=7, meta=True)
+    shard_load.ShardFile = Recording
+    try:
+        shard_load.load_sharded(src, model, strat, torch.device("cpu"))
+    finally:
+        shard_load.ShardFile = real
+    ids = [shard_load.kept_expert_ids(strat, layer) for layer in moe_layers(model)]
+    rows = [layer.expert_chunks.detach() if name == "fssdp" else
+            full_layout(layer).flatten({n: getattr(layer.experts, n) for n in full_layout(layer).names}).detach()
+            for layer in moe_layers(model)]
+    S = [full_layout(layer).chunk_numel for layer in moe_layers(model)]
+    return {"read": opened, "ids": [i.tolist() for i in ids], "rows": rows,
+            "kept": [[(e * s, (e + 1) * s) for e in i.tolist()] for i, s in zip(ids, S)],
+            "dense": {k: v.detach() for k, v in _dense_entries(model, moe_layers(model)).items()}}
+
+
+# ---- the oracle -----------------------------------------------------------------------------------
+def _holdings(step_dir):
+    """{file: (has dense entries, {layer: [element ranges]})} from the files' verified contents."""
+    out = {}
+    model = MoETransformer(tiny_config(num_experts=read_manifest(step_dir)["layers"][0]["num_experts"]))
+    S = [full_layout(layer).chunk_numel for layer in moe_layers(model)]
+    for fname in read_manifest(step_dir)["files"]:
+        path = os.path.join(step_dir, fname)
+        t = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, "pt") as f:
+            import json
+
+            layers = json.loads(f.metadata()["hecate.layers"])
+        ranges = {}
+        for key, info in layers.items():
+            i = int(key)
+            if info["kind"] == "flat":
+                ranges[i] = [(info["start"], info["start"] + info["numel"])]
+            else:
+                ranges[i] = [(e * S[i], (e + 1) * S[i]) for e in t[f"experts.{i}.ids"].tolist()]
+        out[fname] = (any(k.startswith("dense.") for k in t), ranges)
+    return out
+
+
+def _expected(holdings, kept):
+    """The files a rank keeping `kept` (per layer, element ranges) must read: the dense ones,
+    and those holding an element of what it keeps."""
+    def hit(a, b):
+        return any(lo < hi2 and lo2 < hi for lo, hi in a for lo2, hi2 in b)
+
+    return sorted(f for f, (dense, ranges) in holdings.items()
+                  if dense or any(hit(r, kept[i]) for i, r in ranges.items()))
+
+
+def _full_state(step_dir):
+    """{layer: (rows, state, step)} assembled from every file of a checkpoint (the model's
+    expert count taken from its manifest)."""
+    import json
+
+    manifest = read_manifest(step_dir)
+    model = MoETransformer(tiny_config(num_experts=manifest["layers"][0]["num_experts"]))
+    files = {}
+    for fname in manifest["files"]:
+        with safetensors.safe_open(os.path.join(step_dir, fname), "pt") as f:
+            files[fname] = json.loads(f.metadata()["hecate.layers"])
+        files[fname] = (files[fname], safetensors.torch.load_file(os.path.join(step_dir, fname)))
+    out = {}
+    for i, layer in enumerate(moe_layers(model)):
+        parts = [(f, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items() if k.startswith(f"experts.{i}.")})
+                 for f, (info, t) in files.items() if str(i) in info]
+        out[i] = assemble(parts, full_layout(layer), i)
+    return out
+
+
+def _same_state(src, dst):
+    """Every expert row and AdamW moment, and every dense entry, equal across two checkpoints."""
+    a, b = _full_state(os.path.join(src, STEP)), _full_state(os.path.join(dst, STEP))
+    for i in a:
+        torch.testing.assert_close(b[i][0], a[i][0], rtol=0, atol=0)
+        assert set(a[i][1]) == set(b[i][1]) == {"exp_avg", "exp_avg_sq"}
+        for k in a[i][1]:
+            torch.testing.assert_close(b[i][1][k], a[i][1][k], rtol=0, atol=0)
+    da = safetensors.torch.load_file(os.path.join(src, STEP, "rank_00000.safetensors"))
+    db = safetensors.torch.load_file(os.path.join(dst, STEP, "rank_00000.safetensors"))
+    dense = [k for k in da if k.startswith(("dense.", "optim."))]
+    assert dense and all(torch.equal(da[k], db[k]) for k in dense)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read_set")
+    dirs = {k: str(root / k) for k in ("fssdp4", "fsdp4", "dp4")}
+    losses = run_distributed(save_both, 4, dirs["fssdp4"], dirs["fsdp4"], dirs["dp4"])[0]
+    return root, dirs, dict(zip(("fssdp4", "fsdp4", "dp4"), losses))
+
+
+def _corrupt_tensor_bytes(path):
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 0xFF  # the last tensor's data
+    open(path, "wb").write(bytes(data))
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+def test_four_ranks_read_only_what_they_own(saved):
+    """fssdp W=4 -> fssdp W=4 (placement restored): rank r reads rank 0's shard and its own.
+    fsdp W=4 -> fsdp W=4, ranges ending mid-row: likewise, to the element. A corrupted shard
+    stops the rank that needs it with the file named, and every other rank with it."""
+    root, dirs, losses = saved
+    bad = str(root / "fssdp4_bad")
+    shutil.copytree(dirs["fssdp4"], bad)
+    _corrupt_tensor_bytes(os.path.join(bad, STEP, "rank_00002.safetensors"))
+    loads = [(dirs["fssdp4"], str(root / "re_fssdp4"), "fssdp", FSSDP, 8),
+             (dirs["fsdp4"], str(root / "re_fsdp4"), "fsdp", {}, E_FLAT)]
+    got = run_distributed(load_record, 4, loads)
+    for rank, per in enumerate(got):
+        mine = sorted({"rank_00000.safetensors", f"rank_{rank:05d}.safetensors"})
+        for (src, dst, *_), r in zip(loads, per):
+            assert sorted(r["read"]) == mine, (rank, src, r["read"])
+            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"])
+        assert per[0]["loss"] == pytest.approx(losses["fssdp4"], abs=1e-5)
+        assert per[1]["loss"] == pytest.approx(losses["fsdp4"], abs=1e-5)
+    for src, dst, *_ in loads:
+        _same_state(src, dst)
+
+    failed = run_distributed(load_failure, 4, bad, "fssdp", FSSDP)
+    assert "rank_00002.safetensors fails its sha256" in failed[2]["error"]
+    for rank in (0, 1, 3):
+        assert "rank_00002.safetensors" not in failed[rank]["read"]  # it never read the bad shard ...
+        assert "rank 2 could not load" in failed[rank]["error"]      # ... and still stops, naming it
+        assert "rank_00002.safetensors" in failed[rank]["error"]
+
+
+def test_two_ranks_read_the_shards_their_new_layout_needs(saved):
+    """W=4 checkpoints loaded at W=2 under other strategies: each rank reads the files its new
+    rows or range overlap (not all four), and the loaded rows and moments equal the saved ones.
+    A dp checkpoint's rows are all in rank 0's shard, so nobody reads the other three: a damaged
+    one passes the load unseen and verify_checkpoint (the --resume pre-flight) names it.
+    The generation loader (experts on meta) opens only the shards with rows it keeps."""
+    root, dirs, losses = saved
+    quiet = str(root / "dp4_bad")
+    shutil.copytree(dirs["dp4"], quiet)
+    victim = os.path.join(quiet, STEP, "rank_00003.safetensors")
+    data = open(victim, "rb").read()
+    assert b'"hecate.rank":"3"' in data
+    open(victim, "wb").write(data.replace(b'"hecate.rank":"3"', b'"hecate.rank":"7"'))
+    loads = [(dirs["fssdp4"], str(root / "fssdp4_fssdp2"), "fssdp", FSSDP, 8),
+             (dirs["fssdp4"], str(root / "fssdp4_ep2"), "ep", {}, 8),
+             (dirs["fsdp4"], str(root / "fsdp4_fsdp2"), "fsdp", {}, E_FLAT),
+             (dirs["fsdp4"], str(root / "fsdp4_fssdp2"), "fssdp", FSSDP, E_FLAT),
+             (quiet, str(root / "dp4_dp2"), "dp", {}, 8)]
+    got = run_distributed(load_record, 2, loads)
+    all_four = [f"rank_{r:05d}.safetensors" for r in range(4)]
+    for per in got:
+        for (src, dst, name, _, _), r in zip(loads, per):
+            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"]), (name, r)
+            assert len(set(r["read"])) == len(r["read"]) < 4, (name, r["read"])
+        assert per[-1]["read"] == ["rank_00000.safetensors"]
+    for (src, dst, *_), key, r in zip(loads, ("fssdp4", "fssdp4", "fsdp4", "fsdp4", "dp4"), got[0]):
+        assert r["loss"] == pytest.approx(losses[key], abs=1e-5)
+        _same_state(src, dst)
+    assert sorted(set(got[0][0]["read"]) | set(got[1][0]["read"])) == all_four  # between them, everything
+    with pytest.raises(CheckpointError, match="rank_00003.safetensors fails its sha256"):
+        verify_checkpoint(quiet)
+
+    full = _full_state(os.path.join(dirs["fssdp4"], STEP))
+    want_dense = safetensors.torch.load_file(os.path.join(dirs["fssdp4"], STEP, "rank_00000.safetensors"))
+    for name, options in (("ep", {}), ("fssdp", FSSDP)):
+        gen = run_distributed(sharded_generation_record, 2, dirs["fssdp4"], name, options)
+        for r in gen:
+            assert sorted(r["read"]) == _expected(_holdings(os.path.join(dirs["fssdp4"], STEP)), r["kept"])
+            assert len(r["read"]) < 4, (name, r["read"])
+            for i, (ids, rows) in enumerate(zip(r["ids"], r["rows"])):
+                assert torch.equal(rows, full[i][0][ids])
+            assert r["dense"] and all(torch.equal(v, want_dense[f"dense.{k}"]) for k, v in r["dense"].items())
+
+
+def test_peek_reads_headers_only_and_unreadable_headers_mean_read_it(tmp_path):
+    """A file's header (a few hundred bytes here) says what it holds; a header that does not
+    parse makes the file one to read in full (whose checksum then names it); a missing or
+    resized file fails at once."""
+    path = tmp_path / "rank_00000.safetensors"
+    ids = torch.tensor([5, 1, 2])
+    safetensors.torch.save_file({"experts.0.ids": ids, "experts.0.rows": torch.zeros(3, 1000),
+                                 "dense.w": torch.zeros(4)}, str(path),
+                                metadata={"hecate.layers": '{"0": {"kind": "rows"}, "1": {"kind": "flat", '
+                                                           '"start": 7, "numel": 9}}'})
+    size = path.stat().st_size
+    h = peek_shard(str(path), path.name, size)
+    assert h.known and h.dense and torch.equal(h.pieces[0][1], ids) and h.pieces[1] == ("flat", 7, 9)
+    assert h.peek_bytes < 1000 < size
+    data = bytearray(path.read_bytes())
+    data[9] = ord("#")  # inside the JSON header
+    path.write_bytes(bytes(data))
+    assert not peek_shard(str(path), path.name, size).known
+    with pytest.raises(CheckpointError, match="has .* bytes, the manifest says 3"):
+        peek_shard(str(path), path.name, 3)
+    with pytest.raises(CheckpointError, match="missing"):
+        peek_shard(str(tmp_path / "gone.safetensors"), "gone", size)
+
+
+def test_coverage_of_needed_elements_only():
+    """Flat pieces [0, 10) and [20, 30) of a 4 x 10 layer: a need inside them is covered, one
+    reaching into the gap names the experts it lacks; all of it still requires the full tiling."""
+    from hecate.parallel.chunks import ChunkLayout
+
+    layout = ChunkLayout(("w",), ((10,),), 4)
+    parts = [("a", {"kind": "flat", "start": 0, "numel": 10}, {}), ("c", {"kind": "flat", "start": 20, "numel": 10}, {})]
+    check_covered(parts, layout, 0, [(3, 10), (20, 25)])
+    with pytest.raises(CheckpointError, match=r"experts \[1\] are in no shard file"):
+        check_covered(parts, layout, 0, [(5, 15)])
+    with pytest.raises(CheckpointError, match="starts at 20, expected 10"):
+        check_covered(parts, layout, 0, None)
+    rows = [("r", {"kind": "rows"}, {"ids": torch.tensor([0, 2])})]
+    check_covered(rows, layout, 0, [(20, 30)])
+    with pytest.raises(CheckpointError, match=r"experts \[1, 3\] are in no shard file"):
+        check_covered(rows, layout, 0, [(15, 40)])
