@@ -44,8 +44,10 @@ def lr_at(step: int, optim, total_steps: int) -> float:
 
 
 def local_device_index(local_rank: int, device_count: int) -> int:
-    """The CUDA device of a local rank: LOCAL_RANK modulo the visible devices (CUDA_VISIBLE_DEVICES
-    may show fewer devices than ranks per node; ranks then share devices rather than fail)."""
+    """The CUDA device of a local rank: LOCAL_RANK modulo the visible devices (a launcher that gives
+    each rank its own CUDA_VISIBLE_DEVICES shows it one device, index 0). NCCL refuses two ranks
+    of one group on the same GPU ("Duplicate GPU detected" at init), so more ranks per node than
+    GPUs fail there, named by NCCL."""
     if device_count < 1:
         raise ValueError("no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
     return local_rank % device_count
