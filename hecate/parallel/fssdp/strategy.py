@@ -371,7 +371,7 @@ class FullyShardedSparse(ExpertStrategy):
                 and cached[2] is owners:
             return cached[3]
         h = owners[2].copy()
-        h.update(_host_bytes(prediction))
+        h.update(prediction.numpy())  # the predictor's own CPU float64 tensor: its bytes as they are
         words = np.frombuffer(h.digest(), dtype="<i8", count=_DIGEST_WORDS)
         state.digest = (prediction, prediction._version, owners, words)
         return words
@@ -544,7 +544,8 @@ class FullyShardedSparse(ExpertStrategy):
         if state.history_fit is None or state.history_fit.maxlen != state.rank_history.maxlen:
             state.history_fit = deque(maxlen=state.rank_history.maxlen)
         state.history_fit.append(bound)  # None without a fit: the prefetch then fits as it did
-        state.predictor.update_checked(laid.counts_E)
+        # Every total is at most W x the largest per-rank count: the predictor can keep its sum.
+        state.predictor.update_checked(laid.counts_E, None if bound is None else counts_WE.shape[0] * int(bound[0]))
         state.observed_E = laid.counts_E
         state.last_plan = plan
         return plan
