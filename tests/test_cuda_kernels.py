@@ -334,3 +334,33 @@ def test_bad_arguments_name_themselves():
         hecate_op("expert_histogram")(rows, 0)
     with pytest.raises(TypeError, match="y_ND has dtype"):
         hecate_op("unpermute")(torch.zeros(2, 4, dtype=torch.int32, device=CUDA), rows, None)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_run_on_their_tensors_device_not_the_current_one():
+    # Each op sets a CUDAGuard on its input's device and launches on that device's current
+    # stream: with cuda:0 current, cuda:1 tensors must not be touched by a cuda:0 launch.
+    dev = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(21)
+    logits, x = torch.randn(33, 8, generator=g), torch.randn(33, 16, generator=g)
+    bins = torch.randint(-1, 4, (33, 2), generator=g)
+    q, k, v = (torch.randn(1, n, 24, 32, generator=g) for n in (2, 1, 1))
+    with torch.cuda.device(0):
+        _, idx, _ = hecate_op("topk_gating")(logits.to(dev), 2, "softmax", True, None)
+        x_ND, row_map, counts = hecate_op("permute")(x.to(dev), bins.to(dev), 4, -1, None)
+        out = hecate_op("unpermute")(x_ND, row_map, None)
+        grad_y, _ = hecate_op("unpermute_backward")(out, x_ND, row_map, None, False)
+        packed = hecate_op("pack_chunks")(x.to(dev), torch.tensor([3, 0], device=dev))
+        att, lse = hecate_op("flash_attention_fwd")(*(t.to(dev) for t in (q, k, v)), 0.0, True, 0, 0,
+                                                    None, None, 0)
+        dq, _, _ = hecate_op("flash_attention_bwd")(att, *(t.to(dev) for t in (q, k, v)), att, lse, 0.0, True,
+                                                    0, 0, None, None, 0)
+        torch.cuda.synchronize(dev)
+    for t in (idx, x_ND, out, grad_y, packed, att, dq):
+        assert t.device == dev
+    assert torch.equal(idx.cpu(), hecate_op("topk_gating")(logits, 2, "softmax", True, None)[1])
+    x_ref, row_ref, counts_ref = hecate_op("permute")(x, bins, 4, -1, None)
+    assert torch.equal(x_ND.cpu(), x_ref) and torch.equal(row_map.cpu(), row_ref)
+    close(out, hecate_op("unpermute")(x_ref, row_ref, None), torch.float32)
+    assert torch.equal(packed.cpu(), x[[3, 0]])
+    close(att, hecate_op("flash_attention_fwd")(q, k, v, 0.0, True, 0, 0, None, None, 0)[0], torch.float32)
