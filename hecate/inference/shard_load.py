@@ -264,8 +264,8 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
         error = e
         for f in files:
             f.close()
-    agree_on_failure(error, current, names, world, step_dir)
     try:
+        agree_on_failure(error, current, names, world, step_dir)
         for layer, rows_MS in zip(layers, rows):
             install_expert_rows(strategy, layer, rows_MS, device)
         left = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -45,12 +45,14 @@ def peek_shard(path: str, fname: str, size: int) -> ShardHolds:
     with open_sized(path, size) as f:
         raw = f.read(8)
         read = len(raw)
-        unknown = ShardHolds(fname, known=False)
+
+        def unknown() -> ShardHolds:
+            return ShardHolds(fname, known=False, peek_bytes=read)
         if len(raw) < 8:
-            return unknown
+            return unknown()
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, _MAX_HEADER):
-            return unknown
+            return unknown()
         text = f.read(n)
         read += len(text)
         try:
@@ -63,14 +65,14 @@ def peek_shard(path: str, fname: str, size: int) -> ShardHolds:
                 if info["kind"] == "flat":
                     start, numel = int(info["start"]), int(info["numel"])
                     if start < 0 or numel < 0:
-                        return unknown
+                        return unknown()
                     pieces[i] = ("flat", start, numel)
                 elif info["kind"] == "rows":
                     entry = header[f"experts.{i}.ids"]
                     a, b = (int(x) for x in entry["data_offsets"])
                     count = int(entry["shape"][0]) if entry["shape"] else 1
                     if entry["dtype"] != "I64" or b - a != 8 * count or a < 0 or 8 + n + b > size:
-                        return unknown
+                        return unknown()
                     f.seek(8 + n + a)
                     blob = f.read(b - a)
                     read += len(blob)
@@ -78,9 +80,9 @@ def peek_shard(path: str, fname: str, size: int) -> ShardHolds:
                         torch.zeros(0, dtype=torch.int64)
                     pieces[i] = ("rows", ids.clone())
                 else:
-                    return unknown
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError):
-            return unknown
+                    return unknown()
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, OverflowError):
+            return unknown()
     return ShardHolds(fname, True, dense, pieces, read)
 
 
