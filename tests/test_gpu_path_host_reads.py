@@ -1,10 +1,14 @@
-"""Host reads of device data in the ep baseline's MoE layer, counted on CPU (tests/host_reads.py
-tells device data from host data; tests/test_host_syncs.py holds fssdp to the same budget).
+"""Host reads of device data in the baselines' MoE layers (ep, dp, fsdp), counted on CPU
+(tests/host_reads.py tells device data from host data; tests/test_host_syncs.py holds fssdp to
+the same budget).
 
-On a GPU each read stalls the host until the stream catches up. ep needs one per layer: the
-token counts its peers send it, read together with the counts it sends. Before, it read its
-permute's row count, the received counts and its own counts separately (three stalls per
-layer, against fssdp's one: a slower baseline than it has to be)."""
+On a GPU each read stalls the host until the stream catches up. One per layer is needed: ep
+reads the token counts its peers send it together with the counts it sends; dp and fsdp read
+their expert counts (the grouped MLP's splits). Before, ep read its permute's row count, the
+received counts and its own counts separately (three stalls per layer, against fssdp's one:
+a slower baseline than it has to be), and dp / fsdp read the permute's row count and then the
+counts again in the per-expert loop (fp32 on CUDA)."""
+import pytest
 import torch
 
 from hecate.comm.topology import Topology
@@ -18,13 +22,17 @@ from tests.test_host_syncs import _Patches, steer_to_device_paths
 HIDDEN, FFN, EXPERTS = 16, 32, 6
 
 
-def ep_reads_case(rank, world, ep_size):
+def reads_case(rank, world, name, options):
+    from hecate.moe import experts
+
     patches = _Patches()
     try:
         steer_to_device_paths(patches)
+        # The per-expert loop, as fp32 runs on CUDA (the CPU prefers torch._grouped_mm).
+        patches(experts, "auto_impl", lambda device, dtype: "loop")
         torch.manual_seed(0)
         cfg = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=EXPERTS, top_k=2)
-        layer = parallelize(MoELayer(cfg), build_strategy("ep", Topology(), ep_size=ep_size))
+        layer = parallelize(MoELayer(cfg), build_strategy(name, Topology(), **options))
         g = torch.Generator().manual_seed(rank)
 
         def step():
@@ -43,7 +51,7 @@ def ep_reads_case(rank, world, ep_size):
         patches.undo()
 
 
-def test_one_ep_layer_reads_the_host_once():
-    for ep_size in (3, 1):
-        for rank, (count, where) in enumerate(run_distributed(ep_reads_case, 3, ep_size)):
-            assert count <= 1, f"ep_size={ep_size} rank {rank}: {count} host reads (budget 1): {where}"
+@pytest.mark.parametrize("name, options", [("ep", {}), ("ep", {"ep_size": 1}), ("dp", {}), ("fsdp", {})])
+def test_one_baseline_layer_reads_the_host_once(name, options):
+    for rank, (count, where) in enumerate(run_distributed(reads_case, 3, name, options)):
+        assert count <= 1, f"{name} {options} rank {rank}: {count} host reads (budget 1): {where}"

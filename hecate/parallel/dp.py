@@ -21,7 +21,11 @@ class DataParallel(LocalStrategy):
 
     def forward(self, layer, x_TD, routing):
         """LocalStrategy's forward, with the expert MLP recomputed under activation checkpointing."""
-        x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, layer.config.num_experts, -1)
+        # One host read: the counts give the grouped MLP its splits and the permute its row count
+        # (each would read them back from the device on its own).
+        counts_E = routing.kept_per_expert().cpu()
+        x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, layer.config.num_experts, -1,
+                                          num_rows=int(counts_E.sum()))
         y_ND = recomputed(layer, lambda x: layer.experts(x, counts_E), x_ND)
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 

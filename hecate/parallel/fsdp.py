@@ -63,7 +63,10 @@ class FullySharded(ExpertStrategy):
 
     def forward(self, layer, x_TD: torch.Tensor, routing) -> torch.Tensor:
         E = layer.config.num_experts
-        x_ND, row_map_TK, counts_E = ops.permute(x_TD, routing.indices_TK, E, -1)
+        # One host read: the counts give the grouped MLP its splits and the permute its row count
+        # (each would read them back from the device on its own).
+        counts_E = routing.kept_per_expert().cpu()
+        x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, E, -1, num_rows=int(counts_E.sum()))
         weights = self.full_weights(layer)  # the all-gather stays outside the recomputed region
         y_ND = recomputed(layer, lambda x: run_experts(layer, x, counts_E, weights), x_ND)
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
