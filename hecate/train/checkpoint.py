@@ -458,7 +458,9 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
             check_covered(parts[i], layout, i, need[i])
     except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
         error = e
-    agree_on_failure(error, current, names, world, step_dir)
+    # A strategy without a topology (local) may be loaded on one rank of a larger job: no collective.
+    distributed = topology is not None or getattr(strategy, "topology", None) is not None
+    agree_on_failure(error, current, names, world if distributed else 1, step_dir)
 
     if optimizer is not None:
         optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
