@@ -1,8 +1,8 @@
 """Load a run's checkpoint into a sharded model: each rank reads only its own expert rows.
 
-`hecate.train.checkpoint.load_checkpoint` rebuilds every layer's full [E, S] expert rows on
-every rank and hands them to the strategy. For distributed generation that is the very gather
-we avoid, so here:
+`hecate.train.checkpoint.load_checkpoint` allocates every layer's full [E, S] expert rows on
+every rank (filled where the rank needs them) and hands them to the strategy. For distributed
+generation that full-size allocation is what we avoid, so here:
 
 * the model is built with its routed-expert parameters on the meta device (a parameter
   registration hook swaps them as the expert modules create them), so no rank ever allocates
