@@ -55,3 +55,36 @@ def reads_case(rank, world, name, options):
 def test_one_baseline_layer_reads_the_host_once(name, options):
     for rank, (count, where) in enumerate(run_distributed(reads_case, 3, name, options)):
         assert count <= 1, f"{name} {options} rank {rank}: {count} host reads (budget 1): {where}"
+
+
+def step_reads_case(rank, world, name):
+    from hecate.models.transformer import MoETransformer
+    from hecate.train.engine import Engine
+    from tests.training_cases import batch, tiny_config
+
+    patches = _Patches()
+    try:
+        steer_to_device_paths(patches)
+        torch.manual_seed(0)
+        strategy = build_strategy(name, Topology())
+        model = parallelize(MoETransformer(tiny_config()), strategy)
+        engine = Engine(model, strategy, Topology(), lr=1e-3, max_grad_norm=0.5)
+        for step in range(2):  # step 0 warms up (optimizer state, the fssdp planner's history)
+            x, y = batch(step, rank, True)
+            model.loss(x, y)[0].backward()
+            if step == 0:
+                engine.step()
+        with HostReadCounter() as counter:
+            counter.mark_host([strategy, engine.optimizer.state])
+            norm = engine.step()
+        return counter.count, dict(counter.where), norm
+    finally:
+        patches.undo()
+
+
+@pytest.mark.parametrize("name", ["ep", "fssdp"])  # replicated dense optimizer / sharded (ZeRO-1)
+def test_an_optimizer_step_reads_the_gradient_norm_once(name):
+    results = run_distributed(step_reads_case, 2, name)
+    for rank, (count, where, _) in enumerate(results):
+        assert count <= 1, f"{name} rank {rank}: {count} host reads (budget 1): {where}"
+    assert results[0][2] == results[1][2] > 0  # the global norm, the same on every rank

@@ -68,16 +68,19 @@ class Engine:
         expert_params = [p for layer in self.layers for p in self.strategy.expert_parameters(layer)]
         dense = [p.grad for p in self._dense_parameters() if p.grad is not None]
         experts = [p.grad for p in expert_params if p.grad is not None and p.grad.numel()]
-        # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64.
-        dense_sq = _sum_of_squares(dense)
-        sharded_sq = _sum_of_squares(experts) / self.strategy.expert_replication()
-        if self.dense_shard is not None and self.dense_shard.shard.grad is not None:
-            sharded_sq += _sum_of_squares([self.dense_shard.shard.grad])  # each element on one rank
-        sharded_sq = torch.tensor(sharded_sq, dtype=torch.float64,
-                                  device=comm_device(None) if self.distributed else "cpu")
+        # One fused norm per list (no fp64 copies of the gradients); squares summed in fp64, on
+        # the device until the one read of the total (each read stalls the host on a GPU).
+        shard_grad = self.dense_shard.shard.grad if self.dense_shard is not None else None
+        shard = [shard_grad] if shard_grad is not None else []
+        first = next(iter(dense + experts + shard), None)
+        device = comm_device(None) if self.distributed else first.device if first is not None else "cpu"
+        dense_sq = _sum_of_squares(dense, device)
+        sharded_sq = _sum_of_squares(experts, device) / self.strategy.expert_replication()
+        if shard:
+            sharded_sq += _sum_of_squares(shard, device)  # each element on one rank
         if self.distributed:
             dist.all_reduce(sharded_sq)
-        return math.sqrt(dense_sq + float(sharded_sq))
+        return math.sqrt(float(dense_sq + sharded_sq))
 
     def clip(self, norm: float | None = None) -> float:
         norm = self.grad_norm() if norm is None else norm
@@ -152,8 +155,9 @@ def build_adamw(params, impl: str = "fused", **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kwargs, foreach=False)
 
 
-def _sum_of_squares(tensors: list[torch.Tensor]) -> float:
+def _sum_of_squares(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """Sum of the squared elements of `tensors`, a float64 scalar on `device` (not read back)."""
     if not tensors:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64, device=device)
     norms = torch._foreach_norm(tensors)
-    return float(torch.stack([n.double() for n in norms]).pow(2).sum())
+    return torch.stack([n.double() for n in norms]).pow(2).sum().to(device)
