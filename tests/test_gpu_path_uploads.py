@@ -2,7 +2,9 @@
 CUDA and hecate.ops.to_device (pinned memory, non_blocking) is spied on. A non_blocking copy
 from pageable host memory is staged by the CUDA driver synchronously, so every host tensor
 the hot path sends up must go through to_device."""
+import pytest
 import torch
+import torch.distributed as dist
 
 from hecate import ops
 from hecate.moe import experts
@@ -37,3 +39,19 @@ def test_grouped_mm_on_the_host_is_unchanged():
     got = experts.grouped_mlp(x, counts, w1, w2, impl="grouped_mm")
     want = experts.grouped_mlp(x, counts, w1, w2, impl="loop")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="needs a fresh process group")
+def test_trainer_batches_go_up_through_to_device(tmp_path, monkeypatch):
+    from hecate.train.config import load_config
+    from hecate.train.trainer import train
+
+    calls = _spy(monkeypatch)
+    cfg = load_config("tiny_dp", ["parallel.strategy=local", "parallel.nproc=1", "train.steps=1",
+                                  "optim.grad_accum=2", "train.eval_every=1", "train.eval_batches=1",
+                                  "data.embedded_max_bytes=100000", f"data.cache_dir={tmp_path}/cache",
+                                  f"train.out_dir={tmp_path}/run", "logging.progress=false"])
+    train(cfg)
+    batches = [c for c in calls if c[1] == torch.int64]
+    # x and y of each of the 2 micro-batches and of the one validation batch
+    assert len(batches) == 6 and {c[2] for c in batches} == {"cpu"}, calls

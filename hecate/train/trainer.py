@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hecate import ops
 from hecate.comm.topology import Topology
 from hecate.models.transformer import MoETransformer
 from hecate.parallel import build_strategy, moe_layers, parallelize
@@ -327,7 +328,9 @@ class Trainer:
         for micro in range(A):
             self.where = f"step {step + 1}: forward"
             x, y = self.data.train_batch(step, micro, A, self.rank, self.world)
-            x, y = x.to(self.device), y.to(self.device)
+            # Up through pinned memory without blocking: a pageable copy would first wait for the
+            # GPU to finish the previous micro-batch's backward.
+            x, y = ops.to_device(x, self.device), ops.to_device(y, self.device)
             with self._autocast():
                 loss, out = tasks.train_loss(cfg, self.model, x, y)
             self.where = f"step {step + 1}: backward"
@@ -394,7 +397,7 @@ class Trainer:
         self.model.eval()
         total = 0.0
         for i, (x, y) in enumerate(self.val):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = ops.to_device(x, self.device), ops.to_device(y, self.device)
             with self._autocast():
                 total += float(tasks.eval_loss(self.cfg, self.model, x, y, i)) / len(self.val)
         self.model.train()
