@@ -176,7 +176,12 @@ class PendingExchange:
         return self
 
     def wait(self) -> tuple[torch.Tensor, float]:
-        """Block until the rows arrived; return (result, seconds spent blocked)."""
+        """Complete the exchange; return (result, seconds the host spent blocked).
+
+        gloo: blocks the host until the rows arrived. NCCL: makes the current CUDA stream wait
+        for the collective and returns at once (the result is ready for work queued on that
+        stream; a host read such as .cpu() synchronizes), so the seconds are ~0 there: time
+        the wait on the device (hecate.parallel.fssdp.clock)."""
         start = time.perf_counter()
         if self._work is not None:
             self._work.wait()

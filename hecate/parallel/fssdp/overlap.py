@@ -9,7 +9,9 @@ engine continues with layer l-1 while the transport (gloo's thread pool, or NCCL
 stream) moves the gradients; `finish_backward` waits for every pending reduce in issue
 order (identical on every rank) and adds the rows into the owners' gradients.
 PendingGather: an spAG issued early (forward prefetch, backward re-gather). Each `wait()`
-reports how long it blocked, i.e. the part of the exchange that compute did not hide.
+reports how long the host blocked, i.e. on gloo the part of the exchange that compute did not
+hide; on NCCL `wait()` only makes the current stream wait (the host does not block), and the
+callers time it with CUDA events instead (clock.timed).
 """
 from __future__ import annotations
 
