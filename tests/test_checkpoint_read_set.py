@@ -3,7 +3,9 @@
 for fsdp ranges that end mid-row. The loaded state still equals the saved one, a corrupted
 shard is caught by the rank that needs it (and its peers stop too), and one nobody needs is
 caught by verify_checkpoint. Worker functions run on every rank."""
+import json
 import os
+import re
 import shutil
 
 import pytest
@@ -172,8 +174,6 @@ def _holdings(step_dir):
         path = os.path.join(step_dir, fname)
         t = safetensors.torch.load_file(path)
         with safetensors.safe_open(path, "pt") as f:
-            import json
-
             layers = json.loads(f.metadata()["hecate.layers"])
         ranges = {}
         for key, info in layers.items():
@@ -199,8 +199,6 @@ def _expected(holdings, kept):
 def _full_state(step_dir):
     """{layer: (rows, state, step)} assembled from every file of a checkpoint (the model's
     expert count taken from its manifest)."""
-    import json
-
     manifest = read_manifest(step_dir)
     model = MoETransformer(tiny_config(num_experts=manifest["layers"][0]["num_experts"]))
     files = {}
@@ -250,18 +248,37 @@ def test_four_ranks_read_only_what_they_own(saved):
     fsdp W=4 -> fsdp W=4, ranges ending mid-row: likewise, to the element. A corrupted shard
     stops the rank that needs it with the file named, and every other rank with it."""
     root, dirs, losses = saved
+    for d in dirs.values():  # the manifest records what each shard holds, exactly
+        step_dir = os.path.join(d, STEP)
+        E = read_manifest(step_dir)["layers"][0]["num_experts"]
+        S = [full_layout(layer).chunk_numel for layer in moe_layers(MoETransformer(tiny_config(num_experts=E)))]
+        for fname, (dense, ranges) in _holdings(step_dir).items():
+            rec = read_manifest(step_dir)["files"][fname]["holds"]
+            said = {int(i): [(p["start"], p["start"] + p["numel"])] if p["kind"] == "flat" else
+                    [(e * S[int(i)], (e + 1) * S[int(i)]) for e in p["ids"]] for i, p in rec["experts"].items()}
+            assert rec["dense"] == dense and said == {i: sorted(r) for i, r in ranges.items()}, (d, fname)
     bad = str(root / "fssdp4_bad")
     shutil.copytree(dirs["fssdp4"], bad)
     _corrupt_tensor_bytes(os.path.join(bad, STEP, "rank_00002.safetensors"))
+    older = str(root / "fssdp4_older")  # as written before manifests recorded `holds`: headers say
+    shutil.copytree(dirs["fssdp4"], older)
+    manifest = read_manifest(os.path.join(older, STEP))
+    for meta in manifest["files"].values():
+        del meta["holds"]
+    with open(os.path.join(older, STEP, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
     loads = [(dirs["fssdp4"], str(root / "re_fssdp4"), "fssdp", FSSDP, 8),
-             (dirs["fsdp4"], str(root / "re_fsdp4"), "fsdp", {}, E_FLAT)]
+             (dirs["fsdp4"], str(root / "re_fsdp4"), "fsdp", {}, E_FLAT),
+             (older, str(root / "re_older"), "fssdp", FSSDP, 8)]
     got = run_distributed(load_record, 4, loads)
     for rank, per in enumerate(got):
         mine = sorted({"rank_00000.safetensors", f"rank_{rank:05d}.safetensors"})
         for (src, dst, *_), r in zip(loads, per):
             assert sorted(r["read"]) == mine, (rank, src, r["read"])
             assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"])
-        assert per[0]["loss"] == pytest.approx(losses["fssdp4"], abs=1e-5)
+        assert per[0]["peek_bytes"] == per[1]["peek_bytes"] == 0  # no header read: the manifest said
+        assert 0 < per[2]["peek_bytes"] < per[2]["read_bytes"]
+        assert per[0]["loss"] == per[2]["loss"] == pytest.approx(losses["fssdp4"], abs=1e-5)
         assert per[1]["loss"] == pytest.approx(losses["fsdp4"], abs=1e-5)
     for src, dst, *_ in loads:
         _same_state(src, dst)
@@ -358,3 +375,39 @@ def test_coverage_of_needed_elements_only():
     check_covered(rows, layout, 0, [(20, 30)])
     with pytest.raises(CheckpointError, match=r"experts \[1, 3\] are in no shard file"):
         check_covered(rows, layout, 0, [(15, 40)])
+
+
+def test_manifest_holds_are_checked(saved, tmp_path):
+    """A damaged `holds` record is a CheckpointError naming the manifest key; one that
+    understates what a shard holds makes the rank skip that shard, and the coverage check on
+    the files it did verify stops the load, naming the experts it lacks."""
+    from hecate.parallel.local import LocalStrategy
+
+    run = str(tmp_path / "run")
+    shutil.copytree(saved[1]["fssdp4"], run)
+    path = os.path.join(run, STEP, "manifest.json")
+    good = read_manifest(os.path.join(run, STEP))
+    held = good["files"]["rank_00002.safetensors"]["holds"]["experts"]["0"]["ids"]
+    assert held
+
+    def load_with(fname, edit):
+        manifest = json.loads(json.dumps(good))
+        edit(manifest["files"][fname]["holds"])
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        return load_checkpoint(run, MoETransformer(tiny_config()), LocalStrategy())
+
+    for edit, what in ((lambda h: h["experts"]["0"].update(ids=[8]), "ids that are not a list of expert ids"),
+                       (lambda h: h["experts"]["1"].update(kind="cols"), "kind 'cols'"),
+                       (lambda h: h["experts"].update({"9": {}}), "names MoE layer '9'"),
+                       (lambda h: h.update(dense=False), "no shard's 'holds' has the dense entries")):
+        with pytest.raises(CheckpointError, match=what):
+            load_with("rank_00000.safetensors", edit)
+
+    def hide(h):
+        for piece in h["experts"].values():
+            piece["ids"] = []
+
+    with pytest.raises(CheckpointError, match=re.escape(f"MoE layer 0: experts {held} are in no shard file")):
+        load_with("rank_00002.safetensors", hide)
+    assert load_with("rank_00002.safetensors", lambda h: None) == 1

@@ -39,7 +39,13 @@ from hecate.parallel.chunks import ChunkLayout, mark_expert
 from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
 from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized
 from hecate.train.checkpoint_layout import full_layout
-from hecate.train.checkpoint_reads import agree_on_failure, files_to_read, peek_shard, rows_to_intervals
+from hecate.train.checkpoint_reads import (
+    agree_on_failure,
+    files_to_read,
+    holds_from_manifest,
+    peek_shard,
+    rows_to_intervals,
+)
 
 # Routed-expert containers of MoELayer (hecate.moe.layer): their stacked [E, ...] parameters.
 EXPERT_MODULES = (GroupedExperts, ModuleExperts)
@@ -244,10 +250,11 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
     world = getattr(getattr(strategy, "topology", None), "world_size", 1)
     if strategy.name == "fssdp":
         _restore_fssdp_placement(strategy, layers, manifest, world)
-    # Every rank stats every shard and reads its header; it opens (hashing it whole) only the
-    # shards with the dense entries or rows it keeps (hecate.train.checkpoint_reads).
+    # What each shard holds: from the manifest, or (older checkpoints) every shard's header; a
+    # rank opens (hashing it whole) only the shards with the dense entries or rows it keeps.
     names = sorted(manifest["files"])
-    holds = [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
+    holds = holds_from_manifest(manifest, os.path.join(step_dir, "manifest.json")) or \
+        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
     layouts = [full_layout(layer) for layer in layers]
     sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
     kept = [kept_expert_ids(strategy, layer) for layer in layers]

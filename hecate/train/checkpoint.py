@@ -41,7 +41,15 @@ from hecate.train.checkpoint_io import (
     tensor_to_digest,
 )
 from hecate.train.checkpoint_layout import assemble, check_covered, full_layout, local_params_and_state, save_part
-from hecate.train.checkpoint_reads import agree_on_failure, files_to_read, needed_elements, peek_shard
+from hecate.train.checkpoint_reads import (
+    agree_on_failure,
+    decode_holdings,
+    encode_holdings,
+    files_to_read,
+    holds_from_manifest,
+    needed_elements,
+    peek_shard,
+)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
            "resolve_checkpoint", "read_manifest", "verify_checkpoint", "CheckpointError", "FORMAT_VERSION"]
@@ -168,14 +176,17 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
         "hecate.layers": json.dumps(layer_infos)})
     fname = f"rank_{rank:05d}.safetensors"
     atomic_write_bytes(os.path.join(step_dir, fname), data)
-    digests = _gather_digests(digest_to_tensor(sha256_hex(data), len(data)), world)
+    num_experts = [full_layout(layer).num_experts for layer in layers]
+    holds = encode_holdings(layer_infos, tensors, num_experts, any(k.startswith(("dense.", "optim.")) for k in tensors))
+    digests = _gather_digests(torch.cat([digest_to_tensor(sha256_hex(data), len(data)), holds]), world)
 
     if rank == 0:
         manifest = _manifest(model, strategy, optimizer, layers, step, world, config_dict, extra, topology)
         manifest["files"] = {}
         for r in range(world):
-            sha, size = tensor_to_digest(digests[r])
-            manifest["files"][f"rank_{r:05d}.safetensors"] = {"rank": r, "sha256": sha, "bytes": size}
+            sha, size = tensor_to_digest(digests[r][:5])
+            manifest["files"][f"rank_{r:05d}.safetensors"] = {"rank": r, "sha256": sha, "bytes": size,
+                                                               "holds": decode_holdings(digests[r][5:], num_experts)}
         atomic_write_json(manifest_path, manifest)
         atomic_write_bytes(os.path.join(path, LATEST), (step_name + "\n").encode())
         if keep is not None:
@@ -409,10 +420,11 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     for i, (layout, entry) in enumerate(zip(layouts, saved_layers)):
         _check_layer(i, entry, layout)
 
-    # Every rank stats every file and reads its header (what it holds); it reads whole, and
-    # verifies, only the files it needs (hecate.train.checkpoint_reads).
+    # What each file holds: from the manifest, or (older checkpoints) every file's header. A rank
+    # reads whole, and verifies, only the files it needs (hecate.train.checkpoint_reads).
     names = sorted(manifest["files"])
-    holds = [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
+    holds = holds_from_manifest(manifest, os.path.join(step_dir, MANIFEST)) or \
+        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
     shards: dict[str, tuple[dict, dict]] = {}  # file name -> (layer infos, tensors), verified
 
     def read(fname: str) -> None:

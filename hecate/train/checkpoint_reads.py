@@ -1,14 +1,15 @@
 """Which shard files of a checkpoint one rank reads: only those holding something it needs.
 
 A rank needs the dense parameters (and their optimizer state) and the expert elements it
-will own under its NEW layout. What each file holds is taken from its safetensors header
-and, for a rows layout, its expert-id tensor: a few kilobytes read without the rest of the
-file. Those bytes are UNVERIFIED and only choose files: every file whose tensors a rank
-uses is then read whole and checked against the manifest's size and sha256 before a byte of
-it is parsed, and the rank checks that the verified files cover everything it needs. A
-damaged header can therefore make a rank read more, or fail with "... in no shard file",
-never load wrong values. A file whose header cannot be read is read (and verified) in full.
-verify_checkpoint still reads and hashes every file.
+will own under its NEW layout. What each file holds is recorded in the manifest at save time
+(`files.<name>.holds`); for a checkpoint written before that, it is taken from each file's
+safetensors header and, for a rows layout, its expert-id tensor (a few kilobytes read without
+the rest of the file; a file whose header cannot be parsed is read in full). Either way these
+facts only CHOOSE files: every file whose tensors a rank uses is read whole and checked
+against the manifest's size and sha256 before a byte of it is parsed, and the rank checks
+that the verified files cover everything it needs. A wrong record or a damaged header can
+therefore make a rank read a file it did not need, or fail with "... in no shard file", never
+load wrong values. verify_checkpoint still reads and hashes every file.
 
 Elements are positions in a layer's flat [E * S] expert buffer (E chunk rows of S):
 whole rows for row strategies, a range that may start and end mid-row for fsdp.
@@ -19,6 +20,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,7 +32,7 @@ _MAX_HEADER = 100 << 20  # safetensors' own bound on a header (100 MB)
 
 @dataclass(frozen=True)
 class ShardHolds:
-    """What one shard file says it holds (from its unverified header)."""
+    """What one shard file holds, as the manifest records it or its header says (unverified)."""
     fname: str
     known: bool = True   # False: the header could not be read; read the whole file to know
     dense: bool = False  # dense.* / optim.* entries (rank 0's shard)
@@ -84,6 +86,94 @@ def peek_shard(path: str, fname: str, size: int) -> ShardHolds:
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, OverflowError):
             return unknown()
     return ShardHolds(fname, True, dense, pieces, read)
+
+
+# ---- what each shard holds, recorded in the manifest at save time ----------------------------------
+# Each rank encodes its pieces as int64 words, all-gathered with its digest (one collective):
+# per MoE layer [kind (0 none, 1 rows, 2 flat), start, numel, expert-id bitmask words], then
+# a dense flag. Rank 0 writes them as manifest["files"][name]["holds"], so a load needs no header.
+_NONE, _ROWS, _FLAT = 0, 1, 2
+
+
+def _mask_words(E: int) -> int:
+    return -(-E // 64)
+
+
+def encode_holdings(layer_infos: dict, tensors: dict, num_experts: list[int], dense: bool) -> torch.Tensor:
+    """This rank's shard contents as int64 [sum over layers of (3 + words)] + [1]."""
+    out = []
+    for i, E in enumerate(num_experts):
+        info = layer_infos.get(str(i))
+        words = torch.zeros(_mask_words(E) * 64, dtype=torch.bool)
+        if info is None:
+            head = [_NONE, 0, 0]
+        elif info["kind"] == "flat":
+            head = [_FLAT, int(info["start"]), int(info["numel"])]
+        else:
+            head = [_ROWS, 0, 0]
+            words[tensors[f"experts.{i}.ids"].cpu().to(torch.int64)] = True
+        packed = torch.from_numpy(np.packbits(words.numpy(), bitorder="little").view(np.int64).copy())
+        out += [torch.tensor(head, dtype=torch.int64), packed]
+    out.append(torch.tensor([int(dense)], dtype=torch.int64))
+    return torch.cat(out)
+
+
+def decode_holdings(t: torch.Tensor, num_experts: list[int]) -> dict:
+    """The manifest's JSON form of one shard's encode_holdings words:
+    {"dense": bool, "experts": {"i": {"kind": "rows", "ids": [...]} | {"kind": "flat", "start", "numel"}}}."""
+    t = t.cpu()
+    experts, at = {}, 0
+    for i, E in enumerate(num_experts):
+        kind, start, numel = (int(v) for v in t[at:at + 3])
+        n = _mask_words(E)
+        bits = np.unpackbits(t[at + 3:at + 3 + n].numpy().view(np.uint8), bitorder="little")[:E]
+        at += 3 + n
+        if kind == _ROWS:
+            experts[str(i)] = {"kind": "rows", "ids": np.flatnonzero(bits).tolist()}
+        elif kind == _FLAT:
+            experts[str(i)] = {"kind": "flat", "start": start, "numel": numel}
+    return {"dense": bool(t[at]), "experts": experts}
+
+
+def holds_from_manifest(manifest: dict, manifest_path: str) -> list[ShardHolds] | None:
+    """Every listed shard's contents as the manifest records them (sorted by name), or None when
+    a shard's entry has no `holds` (a checkpoint written before they were recorded: peek_shard).
+    Values are checked; a bad one is a CheckpointError naming the manifest key."""
+    files, layers = manifest["files"], manifest["layers"]
+    if not all(isinstance(meta, dict) and "holds" in meta for meta in files.values()):
+        return None
+    out = []
+    for fname in sorted(files):
+        def bad(what: str, fname=fname) -> CheckpointError:
+            return CheckpointError(f"{manifest_path}: key 'files.{fname}.holds' {what}; the manifest is "
+                                   "damaged (load an earlier step)")
+
+        holds = files[fname]["holds"]
+        if not isinstance(holds, dict) or not isinstance(holds.get("dense"), bool) \
+                or not isinstance(holds.get("experts"), dict):
+            raise bad("is not a mapping with dense (bool) and experts (mapping)")
+        pieces = {}
+        for k, info in holds["experts"].items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) < len(layers)) or not isinstance(info, dict):
+                raise bad(f"names MoE layer {k[:20]!r}, not one of 0..{len(layers) - 1}")
+            i, E = int(k), layers[int(k)]["num_experts"]
+            if info.get("kind") == "rows":
+                ids = info.get("ids")
+                if not isinstance(ids, list) or not all(type(e) is int and 0 <= e < E for e in ids):
+                    raise bad(f"has layer {i} ids that are not a list of expert ids in [0, {E})")
+                pieces[i] = ("rows", torch.tensor(ids, dtype=torch.int64))
+            elif info.get("kind") == "flat":
+                start, numel = info.get("start"), info.get("numel")
+                if not all(type(v) is int and v >= 0 for v in (start, numel)):
+                    raise bad(f"has layer {i} flat start / numel that are not non-negative ints")
+                pieces[i] = ("flat", start, numel)
+            else:
+                raise bad(f"has layer {i} kind {str(info.get('kind'))[:20]!r}, not 'rows' or 'flat'")
+        out.append(ShardHolds(fname, True, holds["dense"], pieces))
+    if not any(h.dense for h in out):  # rank 0's shard always has them
+        raise CheckpointError(f"{manifest_path}: no shard's 'holds' has the dense entries; the manifest is "
+                              "damaged (load an earlier step)")
+    return out
 
 
 def rows_to_intervals(ids: torch.Tensor, S: int) -> Intervals:
