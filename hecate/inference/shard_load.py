@@ -8,8 +8,8 @@ generation that full-size allocation is what we avoid, so here:
   registration hook swaps them as the expert modules create them), so no rank ever allocates
   or initializes all experts; the strategy then attaches to the meta layer and keeps the
   meta shape of its own slice (ep: E/W experts, fssdp: the owned chunk rows);
-* every shard file's size is checked against the manifest and its header (and expert-id
-  tensors) read, unverified, to learn what it holds (hecate.train.checkpoint_reads);
+* what each shard file holds comes from the manifest (or, for an older one, from every
+  shard's header and expert-id tensors, unverified; hecate.train.checkpoint_reads);
 * only the shards holding the dense entries (rank 0's) or rows of the experts this rank keeps
   are checked in full (sha256, streamed: constant memory) and opened with safetensors' lazy
   reader (safe_open); only those rows are read out of them: `get_slice(name)[a:b]` of a rows

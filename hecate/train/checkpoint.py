@@ -128,7 +128,8 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
     """Write checkpoint `path/step_{step:08d}/` (collective: call on every rank) and return its directory.
 
     Every rank writes its shard atomically; after a barrier rank 0 writes manifest.json (config,
-    step, world size, strategy and options, fssdp placement, sha256 and size of every shard),
+    step, world size, strategy and options, fssdp placement, sha256, size and contents of every
+    shard),
     then replaces `path/latest`, then deletes all but the newest `keep` complete checkpoints
     (keep=None keeps all). `engine` may be None (weights only). A crash at any point leaves the
     previous checkpoint loadable.
@@ -389,9 +390,10 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
     """Load a checkpoint into `model` under `strategy` (collective) and return its step.
 
     `path` is a run directory (its `latest`, or the newest complete step) or a step directory.
-    Every rank checks every shard's size and reads its header; it reads whole, and checks
-    against the manifest's sha256, only the shards holding what it needs: the dense entries
-    (rank 0's shard) and the expert elements it owns under `strategy` (see checkpoint_reads).
+    Each rank reads whole, and checks against the manifest's size and sha256, only the shards
+    holding what it needs (as the manifest records it, or older checkpoints' headers): the
+    dense entries (rank 0's shard) and the expert elements it owns under `strategy` (see
+    checkpoint_reads).
     A missing, truncated or corrupted shard that a rank needs raises CheckpointError naming the
     file on every rank (verify_checkpoint checks every shard in full). Works across
     strategies and world sizes; with `engine`, the AdamW state is restored too (resliced for
