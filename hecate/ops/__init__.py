@@ -14,7 +14,7 @@ import torch
 from hecate.ops import _validate as check
 from hecate.ops import reference
 from hecate.ops._autograd import GatherRows, Permute, TopkGating, Unpermute
-from hecate.ops._backend import extension_available, op, use_extension
+from hecate.ops._backend import extension_available, op, reference_runs, use_extension
 
 __all__ = [
     "extension_available", "reference", "topk_gating", "expert_histogram", "permute", "unpermute",
@@ -61,6 +61,7 @@ def topk_gating(logits_TE: torch.Tensor, k: int, score_func: str = "softmax",
         check.same_device(logits_TE=logits_TE, bias_E=bias_E)
     renormalize = bool(renormalize)
     if not use_extension("topk_gating", logits_TE.device):
+        reference_runs("topk_gating", logits_TE.device)
         return reference.topk_gating(logits_TE, k, score_func, renormalize, bias_E)
     if _needs_grad(logits_TE):
         return TopkGating.apply(logits_TE, k, score_func, renormalize, bias_E)
@@ -73,6 +74,7 @@ def expert_histogram(indices_TK: torch.Tensor, num_bins: int) -> torch.Tensor:
     check.integer("num_bins", num_bins, minimum=1)
     check.below("indices_TK", indices_TK, num_bins, "num_bins", allow_negative=True)
     if not use_extension("expert_histogram", indices_TK.device):
+        reference_runs("expert_histogram", indices_TK.device)
         return reference.expert_histogram(indices_TK, num_bins)
     return op("expert_histogram")(indices_TK, num_bins)
 
@@ -112,6 +114,7 @@ def permute(x_TD: torch.Tensor, bins_TK: torch.Tensor, num_bins: int, capacity: 
         if _device_path(x_TD.device):
             return permute_known_rows(x_TD, bins_TK, num_bins, num_rows)
     if not use_extension("permute", x_TD.device):
+        reference_runs("permute", x_TD.device)
         return reference.permute(x_TD, bins_TK, num_bins, capacity, priority_TK)
     if _needs_grad(x_TD):
         out = Permute.apply(x_TD, bins_TK, num_bins, capacity, priority_TK)
@@ -166,6 +169,7 @@ def unpermute(y_ND: torch.Tensor, row_map_TK: torch.Tensor,
     """
     _check_unpermute_args(y_ND, row_map_TK, weights_TK)
     if not use_extension("unpermute", y_ND.device):
+        reference_runs("unpermute", y_ND.device)
         return reference.unpermute(y_ND, row_map_TK, weights_TK)
     if _needs_grad(y_ND, weights_TK):
         return Unpermute.apply(y_ND, row_map_TK, weights_TK)
@@ -181,6 +185,7 @@ def unpermute_backward(grad_TD: torch.Tensor, y_ND: torch.Tensor, row_map_TK: to
                 "hidden size of y_ND)")
     check.same_device(y_ND=y_ND, grad_TD=grad_TD)
     if not use_extension("unpermute_backward", y_ND.device):
+        reference_runs("unpermute_backward", y_ND.device)
         return reference.unpermute_backward(grad_TD, y_ND, row_map_TK, weights_TK)
     return op("unpermute_backward")(grad_TD.to(y_ND.dtype), y_ND, row_map_TK, weights_TK,
                                     weights_TK is not None)
@@ -198,6 +203,7 @@ def pack_chunks(buffer_CS: torch.Tensor, chunk_ids_n: torch.Tensor) -> torch.Ten
     check.same_device(buffer_CS=buffer_CS, chunk_ids_n=chunk_ids_n)
     _check_chunk_ids(chunk_ids_n, buffer_CS.shape[0])
     if not use_extension("pack_chunks", buffer_CS.device):
+        reference_runs("pack_chunks", buffer_CS.device)
         return reference.pack_chunks(buffer_CS, chunk_ids_n)
     return op("pack_chunks")(buffer_CS, chunk_ids_n)
 
@@ -220,6 +226,7 @@ def unpack_chunks(recv_nS: torch.Tensor, chunk_ids_n: torch.Tensor, out_CS: torc
     """out_CS[chunk_ids_n[i]] = recv_nS[i], in place."""
     _check_unpack_args(recv_nS, chunk_ids_n, out_CS)
     if not use_extension("unpack_chunks", out_CS.device):
+        reference_runs("unpack_chunks", out_CS.device)
         return reference.unpack_chunks(recv_nS, chunk_ids_n, out_CS)
     op("unpack_chunks")(recv_nS, chunk_ids_n, out_CS)
 
@@ -228,6 +235,7 @@ def scatter_add_chunks(recv_nS: torch.Tensor, chunk_ids_n: torch.Tensor, out_CS:
     """out_CS[chunk_ids_n[i]] += recv_nS[i], in place; repeated ids accumulate in order of i."""
     _check_unpack_args(recv_nS, chunk_ids_n, out_CS)
     if not use_extension("scatter_add_chunks", out_CS.device):
+        reference_runs("scatter_add_chunks", out_CS.device)
         return reference.scatter_add_chunks(recv_nS, chunk_ids_n, out_CS)
     op("scatter_add_chunks")(recv_nS, chunk_ids_n, out_CS)
 

@@ -20,7 +20,7 @@ import torch
 
 from hecate.ops import _validate as check
 from hecate.ops import reference
-from hecate.ops._backend import op, use_extension
+from hecate.ops._backend import op, reference_runs, use_extension
 
 __all__ = ["BlockSparse", "flash_attention", "moh_attention", "lightning_attention", "MAX_HEAD_DIM"]
 
@@ -164,6 +164,7 @@ def flash_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Te
                                      to_device(block_sparse.cols, q_BHSd.device), block_sparse.block_size)
     scale_value = float(scale) if scale is not None else 0.0
     if not use_extension("flash_attention_fwd", q_BHSd.device):
+        reference_runs("flash_attention_fwd", q_BHSd.device)
         return reference.flash_attention(q_BHSd, k_BGSd, v_BGSd, scale=scale, causal=causal, window=window,
                                          sinks=sinks, block_offsets=offsets, block_cols=cols,
                                          block_size=block_size)
@@ -196,6 +197,7 @@ def moh_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tens
     _check_head_idx(head_idx_BSK)
     scale_value = float(scale) if scale is not None else 0.0
     if not use_extension("moh_attention_fwd", q_BHSd.device):
+        reference_runs("moh_attention_fwd", q_BHSd.device)
         return reference.moh_attention(q_BHSd, k_BGSd, v_BGSd, head_idx_BSK, head_weight_BSK, scale=scale,
                                        causal=causal, window=window, sinks=sinks)
     return MoHAttentionFn.apply(q_BHSd, k_BGSd, v_BGSd, head_idx_BSK, head_weight_BSK, scale_value,
