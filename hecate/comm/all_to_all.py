@@ -22,10 +22,14 @@ def group_rank_and_size(group) -> tuple[int, int]:
 
 
 def comm_device(group) -> torch.device:
-    """Where small control tensors must live for `group`'s backend (NCCL wants CUDA)."""
+    """Where small control tensors must live for `group`'s backend (NCCL wants CUDA): the device
+    the group is bound to (init_process_group(device_id=...), inherited by new groups), which
+    NCCL then requires, else the current CUDA device."""
     backend = dist.get_backend(group)
     if "nccl" in str(backend).lower():
-        return torch.device("cuda", torch.cuda.current_device())
+        pg = dist.distributed_c10d._get_default_group() if group is None else group
+        bound = getattr(pg, "bound_device_id", None)
+        return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
