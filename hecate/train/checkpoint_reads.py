@@ -50,6 +50,7 @@ def peek_shard(path: str, fname: str, size: int) -> ShardHolds:
 
         def unknown() -> ShardHolds:
             return ShardHolds(fname, known=False, peek_bytes=read)
+
         if len(raw) < 8:
             return unknown()
         (n,) = struct.unpack("<Q", raw)
