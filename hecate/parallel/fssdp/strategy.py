@@ -425,7 +425,7 @@ class FullyShardedSparse(ExpertStrategy):
         if self.topology.stats is not None:
             crossing = (W - 1) * mine.numel() * mine.element_size()
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
-        host = gathered if gathered.device.type == "cpu" else gathered.cpu()
+        host = gathered.cpu()  # the layer's one read back from a device (on the CPU: the same tensor)
         if ops._backend.use_extension("agree_counts", _CPU):
             # One C++ pass over the table (csrc/cpu/agree_counts.cpp): the same results as the
             # numpy below, the fit's bound included where its sum is exact (else numpy's).
