@@ -53,7 +53,7 @@ def reads_case(rank, world, name, options):
 
 @pytest.mark.parametrize("name, options", [("ep", {}), ("ep", {"ep_size": 1}), ("dp", {}), ("fsdp", {})])
 def test_one_baseline_layer_reads_the_host_once(name, options):
-    for rank, (count, where) in enumerate(run_distributed(reads_case, 3, name, options)):
+    for rank, (count, where) in enumerate(run_distributed(reads_case, 2, name, options)):
         assert count <= 1, f"{name} {options} rank {rank}: {count} host reads (budget 1): {where}"
 
 
