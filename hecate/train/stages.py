@@ -268,7 +268,7 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
     from hecate.train.trainer import init_distributed
 
     t0 = time.time()
-    _, owns_group = init_distributed()
+    device, owns_group = init_distributed()  # NCCL on a GPU machine: the model and batches go there
     lock = None
     stop = StopRequest().install()  # SIGTERM / SIGINT: finish the step, checkpoint it, leave together
     try:
@@ -347,7 +347,7 @@ def train_stages(cfg: StageConfig, resume: bool | str = False) -> dict:
         stopped_at = None
         try:
             run_stages(cfg, rank, world, topology, on_step_end=on_step_end,
-                       resume_from=(point.stage, point.stage_step, load) if point else None)
+                       resume_from=(point.stage, point.stage_step, load) if point else None, device=device)
         except _Stopped as e:
             stopped_at = e.step
         if rank == 0:
@@ -419,14 +419,25 @@ def _agreed(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
+def _to_device(batch, targets, device):
+    """((tokens, {modality: features}), targets) on `device` (pinned, non-blocking from the host)."""
+    from hecate import ops
+
+    tokens, features = batch
+    return ((ops.to_device(tokens, device), {k: ops.to_device(v, device) for k, v in features.items()}),
+            ops.to_device(targets, device))
+
+
 def run_stages(cfg: StageConfig, rank: int = 0, world: int = 1, topology=None, model=None,
-               on_stage_end=None, on_step_end=None, resume_from=None) -> list[dict]:
+               on_stage_end=None, on_step_end=None, resume_from=None, device=None) -> list[dict]:
     """Train every stage in order; returns one record per stage run here: name, trainable parameter
     names, losses. `on_stage_end(stage, model, engine)` (optional) sees the state after each stage;
     `on_step_end(stage_index, stage_step, step, loss, model, engine)` after every step (1-based
     stage_step and global step). `resume_from=(i, k, load)`: skip to k steps into stages[i], where
     `load(model, strategy, engine)` restores the checkpoint taken there (engine None when k is the
-    stage's last step: the next stage starts with a fresh optimizer)."""
+    stage's last step: the next stage starts with a fresh optimizer). `device`: where the model is
+    moved and trained (train_stages passes init_distributed's, the rank's GPU under NCCL); None
+    keeps the model where it is. The batches follow the model."""
     from hecate.data.multimodal import multimodal_batch
     from hecate.models.registry import build_model
     from hecate.parallel import build_strategy, parallelize
@@ -434,7 +445,11 @@ def run_stages(cfg: StageConfig, rank: int = 0, world: int = 1, topology=None, m
 
     if model is None:
         torch.manual_seed(cfg.seed)
-        model = build_model("uni_moe", cfg.model)
+        model = build_model("uni_moe", cfg.model)  # on the host: the same weights on any device
+    if device is not None:
+        model.to(device)
+    # Batches go where the model is (on a GPU the NCCL collectives take CUDA tensors only).
+    device = next(model.parameters()).device
     strategy = build_strategy(cfg.strategy, None if cfg.strategy == "local" else topology, **cfg.strategy_options)
     parallelize(model, strategy)
     first, skip, load = resume_from if resume_from is not None else (0, 0, None)
@@ -454,7 +469,7 @@ def run_stages(cfg: StageConfig, rank: int = 0, world: int = 1, topology=None, m
         losses = []
         for k in range(done + 1, st["steps"] + 1):
             batch, targets = multimodal_batch(cfg.seed, cfg.batch_size, start=(step * world + rank) * cfg.batch_size)
-            loss, _ = model.loss(batch, targets)
+            loss, _ = model.loss(*_to_device(batch, targets, device))
             loss.backward()
             engine.step()
             # fssdp computes expert gradients with its own autograd and writes them into the owned
