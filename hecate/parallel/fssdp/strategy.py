@@ -423,7 +423,7 @@ class FullyShardedSparse(ExpertStrategy):
         finally:  # never leave the collective in flight, even if meanwhile raised
             work.wait()
         if self.topology.stats is not None:
-            crossing = (W - 1) * mine.numel() * mine.element_size()
+            crossing = (W - 1) * M * 8  # `mine`: M int64 words
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
         host = gathered.cpu()  # the layer's one read back from a device (on the CPU: the same tensor)
         if ops._backend.use_extension("agree_counts", _CPU):
