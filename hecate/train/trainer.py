@@ -383,12 +383,14 @@ class Trainer:
         layers = [layer for layer in moe_layers(self.model) if layer.config.aux_free_bias]
         if not layers:
             return
-        load_LE = torch.stack([layer.load_since_update_E.to(torch.float64).cpu() for layer in layers])
+        # One flat vector where the loads are (layers may count different experts: PR-MoE pyramids),
+        # never read back: the biases move on the device.
+        loads = [layer.load_since_update_E.to(torch.float64) for layer in layers]
+        flat = torch.cat(loads)
         if self.world > 1:
-            load_LE = load_LE.to(self._comm_device())
-            dist.all_reduce(load_LE)
-            load_LE = load_LE.cpu()
-        for layer, load_E in zip(layers, load_LE):
+            flat = flat.to(self._comm_device())
+            dist.all_reduce(flat)
+        for layer, load_E in zip(layers, flat.split([load.numel() for load in loads])):
             layer.update_bias(load_E)
 
     @torch.no_grad()
