@@ -23,9 +23,9 @@ class DataParallel(LocalStrategy):
         """LocalStrategy's forward, with the expert MLP recomputed under activation checkpointing."""
         # One host read: the counts give the grouped MLP its splits and the permute its row count
         # (each would read them back from the device on its own).
-        counts_E = routing.kept_per_expert().cpu()
-        x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, layer.config.num_experts, -1,
-                                          num_rows=int(counts_E.sum()))
+        E = layer.config.num_experts
+        counts_E = ops.expert_histogram(routing.indices_TK, E).cpu()
+        x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, E, -1, num_rows=int(counts_E.sum()))
         y_ND = recomputed(layer, lambda x: layer.experts(x, counts_E), x_ND)
         return ops.unpermute(y_ND, row_map_TK, routing.weights_TK)
 

@@ -67,7 +67,7 @@ class ExpertParallel(ExpertStrategy):
         # where the indices are; sent and received counts come back to the host in one read (on a
         # GPU every read stalls the host until the stream catches up), and the permute is told its
         # row count, so it reads nothing back itself.
-        send_counts = routing.kept_per_expert().to(comm_device(group))
+        send_counts = ops.expert_histogram(routing.indices_TK, E).to(comm_device(group))
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         if stats is not None:  # every peer's `local` counts cross; the own slice stays

@@ -65,7 +65,7 @@ class FullySharded(ExpertStrategy):
         E = layer.config.num_experts
         # One host read: the counts give the grouped MLP its splits and the permute its row count
         # (each would read them back from the device on its own).
-        counts_E = routing.kept_per_expert().cpu()
+        counts_E = ops.expert_histogram(routing.indices_TK, E).cpu()
         x_ND, row_map_TK, _ = ops.permute(x_TD, routing.indices_TK, E, -1, num_rows=int(counts_E.sum()))
         weights = self.full_weights(layer)  # the all-gather stays outside the recomputed region
         y_ND = recomputed(layer, lambda x: run_experts(layer, x, counts_E, weights), x_ND)
