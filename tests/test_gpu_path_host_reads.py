@@ -122,3 +122,28 @@ def cuda_sync_case(rank, world, name):
 def test_one_baseline_layer_step_synchronizes_once_on_cuda(name):
     for syncs in run_distributed(cuda_sync_case, 1, name, backend="nccl"):
         assert len(syncs) <= 1, syncs  # the expert counts
+
+
+def edp_calls_case(rank, world):
+    from tests.collective_spy import spy_collectives
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=EXPERTS, top_k=2, activation="swiglu")
+    layers = [parallelize(MoELayer(cfg), build_strategy("ep", Topology(), ep_size=1)) for _ in range(2)]
+    x = torch.randn(24, HIDDEN, generator=torch.Generator().manual_seed(rank))
+    for layer in layers:
+        out = layer(x)
+        ((out.y * out.y).sum() + out.aux_loss).backward()
+    with spy_collectives() as calls:
+        layers[0].strategy.finish_backward(layers)
+    return calls, [p.grad.clone() for layer in layers for p in layer.experts.parameters()]
+
+
+def test_ep_expert_data_parallel_reduce_is_one_collective_per_layer():
+    # ep_size 1 on 2 ranks: every expert replicated over the expert-data-parallel group. Three
+    # parameters per layer (swiglu) took three all-reduces each; one per layer is enough.
+    results = run_distributed(edp_calls_case, 2)
+    for calls, _ in results:
+        assert calls == ["all_reduce", "all_reduce"], calls
+    for a, b in zip(results[0][1], results[1][1]):  # the same averaged gradients on both ranks
+        assert torch.equal(a, b)
