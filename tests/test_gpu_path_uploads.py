@@ -55,3 +55,29 @@ def test_trainer_batches_go_up_through_to_device(tmp_path, monkeypatch):
     batches = [c for c in calls if c[1] == torch.int64]
     # x and y of each of the 2 micro-batches and of the one validation batch
     assert len(batches) == 6 and {c[2] for c in batches} == {"cpu"}, calls
+
+
+def test_module_experts_grouped_linear_counts_go_up_through_to_device(monkeypatch):
+    # Bring-your-own experts (ModuleExperts) run grouped_linear: its offsets and the bias rows'
+    # counts are host ints and must not be copied up from pageable memory.
+    from hecate.moe import module_experts
+    calls = _spy(monkeypatch)
+    # Its eligibility check asks autocast about the device, which knows no 'meta'.
+    monkeypatch.setattr(module_experts, "_grouped_mm_ok", lambda x, w: True)
+    x = torch.empty(8, 16, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(2, 32, 16, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(2, 32, device="meta", dtype=torch.bfloat16)
+    y = module_experts.grouped_linear(x, [3, 5], w, b)
+    assert y.shape == (8, 32) and y.device.type == "meta"
+    assert calls == [("cpu", torch.int32, "meta"), ("cpu", torch.int64, "meta")]
+
+
+def test_module_experts_grouped_linear_on_the_host_is_unchanged():
+    from hecate.moe import module_experts
+    torch.manual_seed(0)
+    x, w, b = torch.randn(7, 16), torch.randn(3, 32, 16), torch.randn(3, 32)
+    counts = [2, 0, 5]
+    got = module_experts.grouped_linear(x, counts, w, b)
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    want = torch.einsum("nd,nod->no", x, w[rows]) + b[rows]
+    torch.testing.assert_close(got, want)

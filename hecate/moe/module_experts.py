@@ -34,6 +34,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from hecate import ops
+
 _WARNED = False
 
 # Modules and functions that act on each row independently and hold no parameters.
@@ -152,9 +154,12 @@ def grouped_linear(x_ND: torch.Tensor, counts: list, w_GOI: torch.Tensor,
                    b_GO: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows of block g times w_GOI[g]^T (+ b_GO[g]); blocks of counts[g] consecutive rows."""
     y = None
+    # The counts are host ints: built on the host and sent up through pinned memory, since
+    # torch.tensor(..., device=cuda) copies from pageable memory and stalls the host on a GPU.
+    counts_G = torch.tensor(counts, dtype=torch.int64)
     if _grouped_mm_ok(x_ND, w_GOI):
         try:
-            offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+            offs = ops.to_device(counts_G.cumsum(0).to(torch.int32), x_ND.device)
             y = torch._grouped_mm(x_ND, w_GOI.transpose(-2, -1), offs=offs)
             if y.requires_grad:  # its backward rejects expanded (stride-0) gradients
                 y.register_hook(lambda g: g.contiguous())
@@ -169,7 +174,7 @@ def grouped_linear(x_ND: torch.Tensor, counts: list, w_GOI: torch.Tensor,
             y = torch.cat([F.linear(pieces[g], w_GOI[g]) for g in used])
     if b_GO is not None:
         rows = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device),
-                                       torch.tensor(counts, device=x_ND.device), output_size=x_ND.shape[0])
+                                       ops.to_device(counts_G, x_ND.device), output_size=x_ND.shape[0])
         y = y + b_GO.to(y.dtype)[rows]
     return y
 
