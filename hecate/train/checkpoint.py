@@ -40,7 +40,17 @@ from hecate.train.checkpoint_io import (
     sha256_hex,
     tensor_to_digest,
 )
-from hecate.train.checkpoint_layout import assemble, check_covered, full_layout, local_params_and_state, save_part
+from hecate.train.checkpoint_layout import (
+    assemble,
+    assemble_kept,
+    check_covered,
+    full_layout,
+    install_kept,
+    kept_elements,
+    kept_params_and_state,
+    local_params_and_state,
+    save_part,
+)
 from hecate.train.checkpoint_reads import (
     agree_on_failure,
     decode_holdings,
@@ -454,7 +464,9 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     # The owners are final now: read the files holding this rank's expert elements. Ranks read
     # different files, so they agree on failure before anyone goes on (agree_on_failure).
     sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
-    need = {i: needed_elements(strategy, layer, rank, world, *sizes[i]) for i, layer in enumerate(layers)}
+    kept = [kept_elements(strategy, layer, rank) for layer in layers]  # None: a strategy loaded from full rows
+    need = {i: kept[i].intervals(*sizes[i]) if kept[i] is not None else
+            needed_elements(strategy, layer, rank, world, *sizes[i]) for i, layer in enumerate(layers)}
     error, current = None, None
     parts = {}
     try:
@@ -484,15 +496,31 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
                       f"training continues from step {manifest['step']} with a fresh optimizer", RuntimeWarning,
                       stacklevel=3)
     for i, (layer, layout) in enumerate(zip(layers, layouts)):
-        rows, state, step_t = assemble(parts.pop(i), layout, i, need[i])  # rows outside `need` are zero
-        strategy.load_experts(layer, layout.unflatten(rows))
+        if kept[i] is not None:
+            # Only the rows / range this rank keeps, and their moments: memory per rank shrinks
+            # with the number of ranks (the buffers are this load's own: no copy into the optimizer).
+            rows, state, step_t = assemble_kept(parts.pop(i), layout, i, kept[i])
+            install_kept(strategy, layer, kept[i], rows)
+            pairs = kept_params_and_state(strategy, layer, state) if restore_optim and state else []
+        else:
+            rows, state, step_t = assemble(parts.pop(i), layout, i, need[i])  # rows outside `need` are zero
+            strategy.load_experts(layer, layout.unflatten(rows))
+            pairs = local_params_and_state(strategy, layer, state, rank, world) if restore_optim and state else []
+        del rows
         if restore_optim and state and step_t is not None:
-            for p, st in local_params_and_state(strategy, layer, state, rank, world):
+            for p, st in pairs:
                 optimizer.state[p] = {"step": optimizer_step_tensor(step_t, p, optimizer),
-                                      **{k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in st.items()}}
+                                      **{k: _owned(v.to(device=p.device, dtype=p.dtype), v) for k, v in st.items()}}
+        del state, pairs
     if restore_optim:
         _restore_dense_optimizer(model, layers, engine, all_tensors, manifest)
     return int(manifest["step"])
+
+
+def _owned(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`t` (src moved with .to) as a tensor of its own: copied only when .to returned src itself
+    and src is a view (of full state, or a name's columns of a kept buffer)."""
+    return t.clone(memory_format=torch.contiguous_format) if t is src and t._base is not None else t
 
 
 def _read_shard(path: str, sha256: str, size: int) -> bytes:

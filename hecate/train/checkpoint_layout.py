@@ -10,10 +10,13 @@ full state like its parameters: that is what makes optimizer state survive resha
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hecate.parallel.chunks import ChunkLayout
 from hecate.train.checkpoint_io import CheckpointError
+from hecate.train.checkpoint_reads import rows_to_intervals
 
 ROW_STRATEGIES = ("local", "dp", "ep", "fssdp", "fssdp_hybrid")
 
@@ -191,3 +194,140 @@ def local_params_and_state(strategy, layer, state_ES: dict[str, torch.Tensor], r
         return [(p, {k: per_key[k][n][first:first + local] for k in per_key})
                 for n, p in _named_params(layer, layout).items()]
     raise ValueError(f"checkpoints do not know strategy {name!r}")
+
+
+# ---- what one rank keeps, assembled without the full rows -------------------------------------------
+@dataclass(frozen=True)
+class Kept:
+    """The expert elements of one layer's flat [E*S] buffer that one rank keeps, in the order and
+    shape it keeps them: ids given, whole chunk rows in that order ([len(ids), S]: fssdp owners,
+    an ep slice, all rows for dp / local); ids None, the range [start, start + numel) of the
+    zero-padded flat buffer ([numel]: an fsdp shard, which may start and end mid-row)."""
+    ids: torch.Tensor | None = None
+    start: int = 0
+    numel: int = 0
+
+    def shape(self, S: int) -> tuple[int, ...]:
+        return (self.ids.numel(), S) if self.ids is not None else (self.numel,)
+
+    def intervals(self, E: int, S: int) -> list[tuple[int, int]]:
+        """The [lo, hi) element ranges that must be in the checkpoint (padding past E*S is not)."""
+        if self.ids is not None:
+            return rows_to_intervals(self.ids, S)
+        lo, hi = self.start, min(self.start + self.numel, E * S)
+        return [(lo, hi)] if lo < hi else []
+
+
+def kept_elements(strategy, layer, rank: int) -> Kept | None:
+    """What `strategy` keeps of the layer's experts on this rank (after the owners are final), or
+    None for a strategy this module does not know (its load goes through full rows and
+    strategy.load_experts). Mirrors each strategy's load_experts and local_params_and_state."""
+    name, E = strategy.name, full_layout(layer).num_experts
+    if name == "fssdp_hybrid":  # owners are shard indices within the group
+        return Kept((layer.fssdp_state.owner_E == strategy.inner.topology.rank).nonzero().flatten())
+    if name == "fssdp":
+        return Kept((layer.fssdp_state.owner_E == rank).nonzero().flatten())
+    if name == "fsdp":
+        n = layer.expert_shard.numel()
+        return Kept(None, rank * n, n)
+    if name == "ep":
+        first, local = layer.expert_slice
+        return Kept(torch.arange(first, first + local))
+    if name in ("local", "dp"):
+        return Kept(torch.arange(E))
+    return None
+
+
+def expert_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed fp32 buffer for kept expert rows or one optimizer moment of them: every expert
+    buffer a checkpoint load allocates comes from here (tests and benchmarks count its bytes)."""
+    return torch.zeros(shape, dtype=torch.float32)
+
+
+def _row_runs(src_j: list[int], dst_j: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) runs where both positions advance by one: one copy each."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_j, dst_j):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def _fill(dst: torch.Tensor, kept: Kept, kind: str, info: dict, src_ids, src: torch.Tensor, E: int, S: int) -> None:
+    """Copy the kept elements one piece holds into dst (kept.shape(S)), in place, converting to
+    fp32 on the way: no temporary larger than a row."""
+    if kind == "rows" and kept.ids is not None:
+        pos_of_E = torch.full((E,), -1, dtype=torch.int64)
+        pos_of_E[kept.ids] = torch.arange(kept.ids.numel())
+        pos = pos_of_E[src_ids]
+        take = (pos >= 0).nonzero().flatten().tolist()
+        for s, d, n in _row_runs(take, pos[take].tolist()):
+            dst[d:d + n].copy_(src[s:s + n])
+    elif kind == "rows":  # whole rows into a flat range
+        lo, hi = kept.start, min(kept.start + kept.numel, E * S)
+        for j, e in enumerate(src_ids.tolist()):
+            a, b = max(lo, e * S), min(hi, (e + 1) * S)
+            if a < b:
+                dst[a - lo:b - lo].copy_(src[j, a - e * S:b - e * S])
+    else:  # a flat range (the zero padding past E*S dropped) into rows or a flat range
+        p_lo = int(info["start"])
+        p_hi = min(p_lo + int(info["numel"]), E * S)
+        if kept.ids is None:
+            a, b = max(p_lo, kept.start), min(p_hi, kept.start + kept.numel)
+            if a < b:
+                dst[a - kept.start:b - kept.start].copy_(src[a - p_lo:b - p_lo])
+            return
+        for j, e in enumerate(kept.ids.tolist()):
+            a, b = max(p_lo, e * S), min(p_hi, (e + 1) * S)
+            if a < b:
+                dst[j, a - e * S:b - e * S].copy_(src[a - p_lo:b - p_lo])
+
+
+def assemble_kept(parts, layout: ChunkLayout, layer_index: int, kept: Kept):
+    """Like assemble, but only what this rank keeps: (rows in kept.shape, {key: state in the same
+    shape}, step). Nothing of size [E, S] is allocated; check_covered names missing experts."""
+    E, S = layout.num_experts, layout.chunk_numel
+    check_covered(parts, layout, layer_index, kept.intervals(E, S))
+    state_keys, step = None, None
+    for _, _, t in parts:
+        keys = {k[len("state."):] for k in t if k.startswith("state.")}
+        state_keys = keys if state_keys is None else state_keys & keys
+        if "step" in t:
+            step = t["step"]
+    rows = expert_buffer(kept.shape(S))
+    state = {k: expert_buffer(kept.shape(S)) for k in sorted(state_keys or ())}  # sorted: see assemble
+    for _, info, t in parts:
+        kind = info["kind"]
+        src_ids = t["ids"] if kind == "rows" else None
+        for dst, key in [(rows, "rows" if kind == "rows" else "flat")] + [(state[k], f"state.{k}") for k in state]:
+            _fill(dst, kept, kind, info, src_ids, t[key], E, S)
+    return rows, state, step
+
+
+@torch.no_grad()
+def install_kept(strategy, layer, kept: Kept, rows: torch.Tensor) -> None:
+    """Copy the kept rows (assemble_kept) into the layer's expert parameters, the way the
+    strategy's load_experts would keep them out of full rows."""
+    for p, t in _kept_views(strategy, layer, rows):
+        p.copy_(t)
+
+
+def kept_params_and_state(strategy, layer, state: dict[str, torch.Tensor]):
+    """[(param, {key: tensor shaped like param})] from kept-shaped state (assemble_kept): what
+    local_params_and_state slices out of full [E, S] state."""
+    per_key = {k: _kept_views(strategy, layer, v) for k, v in state.items()}
+    params = [p for p, _ in _kept_views(strategy, layer, next(iter(state.values())))] if state else []
+    return [(p, {k: per_key[k][j][1] for k in sorted(per_key)}) for j, p in enumerate(params)]
+
+
+def _kept_views(strategy, layer, buf: torch.Tensor):
+    """[(param, the view of buf that goes into it)] for a kept-shaped buffer."""
+    name, layout = strategy.name, full_layout(layer)
+    if name in ("fssdp", "fssdp_hybrid"):
+        return [(layer.expert_chunks, buf)]
+    if name == "fsdp":
+        return [(layer.expert_shard, buf)]
+    views = layout.unflatten(buf)
+    return [(p, views[n]) for n, p in _named_params(layer, layout).items()]
