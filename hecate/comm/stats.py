@@ -38,6 +38,7 @@ class CommStats:
         self._received_inter: dict[str, int] = defaultdict(int)
         self.rank: int | None = None
         self.node_of: tuple[int, ...] | None = None
+        self._inter_cache: dict = {}  # record's group -> _inter_peers, for this layout
 
     # ---- layout -----------------------------------------------------------------------------
     def set_layout(self, rank: int, node_of: Sequence[int]) -> None:
@@ -46,6 +47,7 @@ class CommStats:
         if not 0 <= rank < len(node_of):
             raise ValueError(f"rank={rank} must be in [0, {len(node_of)}) (one node entry per rank)")
         self.rank, self.node_of = int(rank), node_of
+        self._inter_cache = {}
 
     def _is_inter(self, peer: int) -> bool:
         if self.node_of is None:
@@ -73,13 +75,23 @@ class CommStats:
             raise ValueError(f"byte counts must be >= 0, got sent={sent_bytes}, received={received_bytes}")
         sent_inter = received_inter = 0
         if self.node_of is not None:
-            members = range(len(self.node_of)) if ranks is None else ranks
-            peers = [int(r) for r in members if int(r) != self.rank]
+            inter, peers = self._inter_peers(ranks)
             if peers:
-                inter = sum(self._is_inter(p) for p in peers)
-                sent_inter = int(sent_bytes) * inter // len(peers)
-                received_inter = int(received_bytes) * inter // len(peers)
+                sent_inter = int(sent_bytes) * inter // peers
+                received_inter = int(received_bytes) * inter // peers
         self._add(name, sent_bytes, received_bytes, sent_inter, received_inter)
+
+    def _inter_peers(self, ranks: Sequence[int] | None) -> tuple[int, int]:
+        """(peers in `ranks` on another node, peers in `ranks`), this rank left out; kept per
+        group until the layout changes: a collective's group is the same every step, and the
+        walk over its members is O(W) Python per call at a thousand ranks."""
+        key = None if ranks is None else tuple(map(int, ranks))
+        hit = self._inter_cache.get(key)
+        if hit is None:
+            members = range(len(self.node_of)) if key is None else key
+            peers = [r for r in members if r != self.rank]
+            hit = self._inter_cache[key] = (sum(self._is_inter(p) for p in peers), len(peers))
+        return hit
 
     def record_peers(self, name: str, sent_P: Sequence[int], received_P: Sequence[int],
                      group_rank: int, ranks: Sequence[int] | None = None) -> None:

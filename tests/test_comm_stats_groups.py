@@ -1,0 +1,39 @@
+"""CommStats.record's inter-node share is kept per group: the same bytes as walking the
+group's members each call, for any group and layout, and a new layout is not served stale."""
+import random
+
+from hecate.comm.stats import CommStats
+
+
+def _walked(node_of, rank, ranks, sent):
+    peers = [r for r in (range(len(node_of)) if ranks is None else ranks) if r != rank]
+    inter = sum(node_of[p] != node_of[rank] for p in peers)
+    return sent * inter // len(peers) if peers else 0
+
+
+def test_record_inter_share_matches_the_walk_for_random_groups():
+    rng = random.Random(0)
+    for _ in range(200):
+        W = rng.randint(1, 12)
+        node_of = [rng.randint(0, 3) for _ in range(W)]
+        rank = rng.randrange(W)
+        s = CommStats()
+        s.set_layout(rank, node_of)
+        want = 0
+        for call in range(4):
+            ranks = None if rng.random() < 0.3 else sorted(rng.sample(range(W), rng.randint(1, W)))
+            sent = rng.randint(0, 10_000)
+            s.record("x", sent, sent, ranks=ranks)
+            s.record("x", sent, sent, ranks=None if ranks is None else tuple(ranks))  # same group, cached
+            want += 2 * _walked(node_of, rank, ranks, sent)
+        assert s.sent_inter("x") == s.received_inter("x") == want
+
+
+def test_a_new_layout_recomputes_the_share():
+    s = CommStats()
+    s.set_layout(0, [0, 0, 1, 1])
+    s.record("x", 300, 300, ranks=[0, 1, 2, 3])  # peers 1 (same node), 2, 3 (other node)
+    assert s.sent_inter("x") == 200
+    s.set_layout(0, [0, 0, 0, 0])  # one node now: nothing crosses
+    s.record("y", 300, 300, ranks=[0, 1, 2, 3])
+    assert s.sent_inter("y") == 0
