@@ -1,8 +1,8 @@
 """Load a run's checkpoint into a sharded model: each rank reads only its own expert rows.
 
-`hecate.train.checkpoint.load_checkpoint` allocates every layer's full [E, S] expert rows on
-every rank (filled where the rank needs them) and hands them to the strategy. For distributed
-generation that full-size allocation is what we avoid, so here:
+Like `hecate.train.checkpoint.load_checkpoint`, which allocates and fills only the expert
+rows (and moments) the rank keeps, no rank holds a layer's full [E, S] rows; here, for
+distributed generation, not even the model's initial experts:
 
 * the model is built with its routed-expert parameters on the meta device (a parameter
   registration hook swaps them as the expert modules create them), so no rank ever allocates
@@ -177,17 +177,23 @@ def expert_rows(files: list[ShardFile], layer_index: int, layout: ChunkLayout, i
     kinds = {f.layers()[key]["kind"] for f in files if key in f.layers()}
     if len(kinds) > 1:
         raise CheckpointError(f"MoE layer {layer_index}: shards mix layouts {sorted(kinds)}")
-    if kinds == {"flat"}:
-        covered = torch.zeros(E * S, dtype=torch.bool)
-        for f in files:
-            info = f.layers().get(key)
-            if info is not None:
-                covered[int(info["start"]):int(info["start"]) + int(info["numel"])] = True
-        seen = covered.view(E, S)[ids].all(1)
+    if kinds == {"flat"}:  # a kept row is there when the ranges cover all of it (no [E*S] mask)
+        ranges = sorted((int(f.layers()[key]["start"]), int(f.layers()[key]["numel"])) for f in files
+                        if key in f.layers())
+        seen = torch.tensor([_covers(ranges, e * S, (e + 1) * S) for e in ids.tolist()], dtype=torch.bool)
     if not bool(seen.all()):
         missing = ids[~seen].tolist()
         raise CheckpointError(f"MoE layer {layer_index}: experts {missing} are in no shard file")
     return out
+
+
+def _covers(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether (start, numel) ranges, sorted by start, cover every element of [lo, hi)."""
+    at = lo
+    for start, numel in ranges:
+        if start <= at < start + numel:
+            at = start + numel
+    return at >= hi
 
 
 def kept_expert_ids(strategy, layer) -> torch.Tensor:
