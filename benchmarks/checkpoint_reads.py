@@ -1,14 +1,23 @@
-"""Bytes each rank reads to load a checkpoint: whole shard files (read and sha256-checked) and
-header bytes (what a shard holds), per rank, against the checkpoint's total size.
+"""Bytes each rank reads to load a checkpoint, and the expert memory it allocates doing so:
+whole shard files (read and sha256-checked) and header bytes (what a shard holds), per rank,
+against the checkpoint's total size; the bytes of the expert rows and AdamW moments the load
+assembles, and the rise of the rank's peak resident memory over the load.
 
 A checkpoint is saved under fssdp at --save-world ranks (one AdamW step, so expert moments are
 in it too), then loaded under each --loads strategy@world on gloo workers, with
 hecate.train.checkpoint.read_verified (the whole-file read) and, where present, peek_shard
-(the header read) counted. Before hecate read only the shards a rank needs, every rank read the
-total; run this file against an older checkout to see that.
+(the header read) counted. Expert buffers are counted where a load creates them:
+checkpoint_layout.expert_buffer (kept rows and moments) and, where a load calls it, the
+full-size checkpoint.assemble (rows [E, S] and each moment [E, S]); "per layer" is the largest
+one layer's assembly, "total" the sum over the load. Peak RSS: /proc/self/status VmHWM after the
+load minus VmRSS before it (the high-water mark reset through /proc/self/clear_refs after
+malloc_trim; Linux only, includes the shard bytes read and every temporary, noisy by a few MB).
+Before hecate read only the shards a rank needs, every rank read the total; before it
+assembled only the rows a rank keeps, every rank allocated every layer's full rows and
+moments; run this file against an older checkout (PYTHONPATH) to see that.
 
     .venv/bin/python benchmarks/checkpoint_reads.py [--save-world 4] [--loads fssdp@4,fssdp@2,ep@2,dp@2]
-        [--experts 16] [--layers 4] [--json]
+        [--experts 16] [--layers 4] [--d-model 64] [--ffn 128] [--json]
 """
 from __future__ import annotations
 
@@ -27,37 +36,55 @@ from hecate.testing import run_distributed
 from hecate.train.engine import Engine
 
 
-def _model(experts: int, layers: int) -> MoETransformer:
+def _model(experts: int, layers: int, d_model: int, ffn: int) -> MoETransformer:
     torch.manual_seed(0)
-    return MoETransformer(TransformerConfig(vocab_size=256, d_model=64, n_layers=layers, n_heads=4, max_seq_len=32,
-                                            dense_ffn_hidden=128, moe_every=1,
-                                            moe=MoEConfig(hidden_size=64, ffn_hidden_size=128,
+    return MoETransformer(TransformerConfig(vocab_size=256, d_model=d_model, n_layers=layers, n_heads=4,
+                                            max_seq_len=32, dense_ffn_hidden=128, moe_every=1,
+                                            moe=MoEConfig(hidden_size=d_model, ffn_hidden_size=ffn,
                                                           num_experts=experts, top_k=2)))
 
 
-def _build(name: str, experts: int, layers: int):
+def _build(name: str, experts: int, layers: int, d_model: int, ffn: int):
     topo = Topology()
     strategy = build_strategy(name, topo)
-    model = parallelize(_model(experts, layers), strategy)
+    model = parallelize(_model(experts, layers, d_model, ffn), strategy)
     return model, strategy, Engine(model, strategy, topo, lr=1e-3), topo
 
 
-def save(rank, world, out, experts, layers):
+def save(rank, world, out, experts, layers, d_model, ffn):
     from hecate.train.checkpoint import save_checkpoint
 
-    model, strategy, engine, topo = _build("fssdp", experts, layers)
+    model, strategy, engine, topo = _build("fssdp", experts, layers, d_model, ffn)
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(rank))
     model.loss(tokens[:, :-1], tokens[:, 1:])[0].backward()
     engine.step()
     save_checkpoint(out, model, strategy, engine, 1, topology=topo)
 
 
-def load(rank, world, out, name, experts, layers):
-    import hecate.train.checkpoint as ck
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
-    model, strategy, engine, topo = _build(name, experts, layers)
-    counts = {"files": 0, "whole": 0, "header": 0}
+
+def _reset_peak() -> int:
+    """Return freed heap to the OS, reset VmHWM to the current RSS; the RSS in KiB."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_kib("VmRSS")
+
+
+def load(rank, world, out, name, experts, layers, d_model, ffn):
+    import hecate.train.checkpoint as ck
+    import hecate.train.checkpoint_layout as layout_mod
+
+    model, strategy, engine, topo = _build(name, experts, layers, d_model, ffn)
+    counts = {"files": 0, "whole": 0, "header": 0, "expert_total": 0, "expert_layer_max": 0}
     real_read, real_peek = ck.read_verified, getattr(ck, "peek_shard", None)
+    real_assemble, real_buffer = ck.assemble, getattr(layout_mod, "expert_buffer", None)
+    real_kept = getattr(ck, "assemble_kept", None)
 
     def read(path, sha256, size):
         data = real_read(path, sha256, size)
@@ -70,15 +97,39 @@ def load(rank, world, out, name, experts, layers):
         counts["header"] += h.peek_bytes
         return h
 
-    ck.read_verified = read
+    layer_bytes = [0]
+
+    def buffer(shape):
+        t = real_buffer(shape)
+        layer_bytes[0] += t.numel() * t.element_size()
+        return t
+
+    def assembled(real):
+        def run(*a, **k):
+            layer_bytes[0] = 0
+            rows, state, step = real(*a, **k)
+            if real is real_assemble:  # the full-size path: its rows and moments are the allocation
+                layer_bytes[0] = sum(t.numel() * t.element_size() for t in [rows, *state.values()])
+            counts["expert_total"] += layer_bytes[0]
+            counts["expert_layer_max"] = max(counts["expert_layer_max"], layer_bytes[0])
+            return rows, state, step
+        return run
+
+    ck.read_verified, ck.assemble = read, assembled(real_assemble)
     if real_peek is not None:
         ck.peek_shard = peek
+    if real_kept is not None:
+        ck.assemble_kept, layout_mod.expert_buffer = assembled(real_kept), buffer
     try:
+        before = _reset_peak()
         ck.load_checkpoint(out, model, strategy, engine, topo)
+        counts["rss_peak_rise"] = (_rss_kib("VmHWM") - before) * 1024
     finally:
-        ck.read_verified = real_read
+        ck.read_verified, ck.assemble = real_read, real_assemble
         if real_peek is not None:
             ck.peek_shard = real_peek
+        if real_kept is not None:
+            ck.assemble_kept, layout_mod.expert_buffer = real_kept, real_buffer
     return counts
 
 
@@ -88,27 +139,36 @@ def main() -> None:
     ap.add_argument("--loads", default="fssdp@4,fssdp@2,ep@2,dp@2", help="strategy@world, comma-separated")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128, help="expert hidden size")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        run_distributed(save, args.save_world, tmp, args.experts, args.layers, timeout=600)
+        shape = (args.experts, args.layers, args.d_model, args.ffn)
+        run_distributed(save, args.save_world, tmp, *shape, timeout=600)
         step_dir = os.path.join(tmp, "step_00000001")
         total = sum(os.path.getsize(os.path.join(step_dir, f)) for f in os.listdir(step_dir)
                     if f.endswith(".safetensors"))
         for spec in args.loads.split(","):
             name, world = spec.split("@")
-            per_rank = run_distributed(load, int(world), tmp, name, args.experts, args.layers, timeout=600)
+            per_rank = run_distributed(load, int(world), tmp, name, *shape, timeout=600)
             results.append({"load": spec, "per_rank": per_rank})
+    # fp32 rows and AdamW's two moments of every expert of every layer (what full-size assembly allocates)
+    model = _model(args.experts, args.layers, args.d_model, args.ffn)
+    expert_state = 3 * 4 * sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     if args.json:
-        print(json.dumps({"save": f"fssdp@{args.save_world}", "checkpoint_bytes": total, "loads": results}))
+        print(json.dumps({"save": f"fssdp@{args.save_world}", "checkpoint_bytes": total,
+                          "expert_state_bytes": expert_state, "loads": results}))
         return
     print(f"checkpoint: fssdp@{args.save_world}, {args.experts} experts x {args.layers} MoE layers, "
-          f"{total} bytes in {args.save_world} shard files")
+          f"{total} bytes in {args.save_world} shard files; expert rows + AdamW moments (fp32): {expert_state} bytes")
     for r in results:
         for rank, c in enumerate(r["per_rank"]):
             print(f"  load {r['load']:>8} rank {rank}: {c['files']} files read whole, {c['whole']:>9} bytes "
-                  f"({c['whole'] / total:.2f} of the checkpoint) + {c['header']} header bytes")
+                  f"({c['whole'] / total:.2f} of the checkpoint) + {c['header']} header bytes; expert buffers "
+                  f"{c['expert_total']:>9} bytes ({c['expert_total'] / expert_state:.2f} of the expert state), "
+                  f"largest layer {c['expert_layer_max']}; peak RSS rise {c['rss_peak_rise'] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from hecate.train.checkpoint_reads import (
     holds_from_manifest,
     needed_elements,
     peek_shard,
+    piece_needed,
 )
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
@@ -469,11 +470,32 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
             needed_elements(strategy, layer, rank, world, *sizes[i]) for i, layer in enumerate(layers)}
     error, current = None, None
     parts = {}
+
+    def drop_unneeded(fname: str) -> None:
+        # Free the data of this file's pieces that hold nothing the rank keeps (rank 0's shard
+        # is read by every rank for the dense entries); ids, step and which moments a piece has
+        # stay: they give a rank that owns no rows of a layer its state keys and step.
+        info, t = shards[fname]
+        for key, piece in info.items():
+            i = int(key) if key.isdigit() else len(kept)
+            if i >= len(kept) or kept[i] is None or not isinstance(piece, dict) \
+                    or piece.get("kind") not in ("rows", "flat"):
+                continue
+            held = ("flat", int(piece["start"]), int(piece["numel"])) if piece["kind"] == "flat" else \
+                ("rows", t[f"experts.{i}.ids"])
+            if not piece_needed(held, need[i], *sizes[i]):
+                for k in [k for k in t if k.startswith(f"experts.{i}.")]:
+                    if k.endswith((".rows", ".flat")) or k.startswith(f"experts.{i}.state."):
+                        t[k] = t[k].new_empty(0)
+
     try:
+        for fname in list(shards):
+            drop_unneeded(fname)
         for fname in files_to_read(holds, need, sizes, dense=False):
             if fname not in shards:
                 current = fname
                 read(fname)
+                drop_unneeded(fname)
         current = None
         for i, layout in enumerate(layouts):
             # Every verified piece of the layer, needed or not: rank 0's shard has a piece of
@@ -507,6 +529,9 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
             strategy.load_experts(layer, layout.unflatten(rows))
             pairs = local_params_and_state(strategy, layer, state, rank, world) if restore_optim and state else []
         del rows
+        for _, t in shards.values():  # this layer's pieces are copied out: free them
+            for k in [k for k in t if k.startswith(f"experts.{i}.")]:
+                del t[k]
         if restore_optim and state and step_t is not None:
             for p, st in pairs:
                 optimizer.state[p] = {"step": optimizer_step_tensor(step_t, p, optimizer),
