@@ -8,9 +8,10 @@ Layout of a run directory:
 Each shard holds that rank's expert piece of every MoE layer with its identity (expert ids,
 or a flat range for fsdp) and the AdamW state of those rows; rank 0's shard also holds the
 dense parameters, buffers and their optimizer state. Loading reads only the shards holding
-what the rank needs (rank 0's, and those with expert rows it will own), reassembles those
-rows at their places in full-size expert tensors and hands them to the current strategy,
-which keeps its part, so any strategy and world size can load any checkpoint. See
+what the rank needs (rank 0's, and those with expert rows it will own) and assembles only
+what the current strategy keeps on this rank (its rows or flat range, and their AdamW
+moments; never full [E, S] rows for the known strategies), so any strategy and world size
+can load any checkpoint with memory per rank that shrinks with the number of ranks. See
 docs/checkpoints.md.
 """
 from __future__ import annotations

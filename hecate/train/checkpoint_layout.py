@@ -7,6 +7,9 @@ On disk every MoE layer's experts are pieces of the same full matrix rows_ES
 Per-element optimizer state (AdamW exp_avg, exp_avg_sq) is stored in the same layout as
 the weights, so reassembling it is the same operation, and any strategy can slice the
 full state like its parameters: that is what makes optimizer state survive resharding.
+A load assembles only what the rank keeps (kept_elements, assemble_kept), never the full
+rows, for every strategy listed here; `assemble` (full rows) serves tools, tests and a
+strategy this module does not know.
 """
 from __future__ import annotations
 
