@@ -22,9 +22,15 @@ if str(REPO) not in sys.path:  # run from a checkout without install
 MMAP_THRESHOLD = "65536"
 
 
-def prepare_spawn_env() -> None:
-    """Call before the first rank is spawned (children read these at start-up)."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
+def prepare_spawn_env(mmap: bool = True) -> None:
+    """Call before the first rank is spawned (children read these at start-up). mmap=False
+    leaves glibc's default allocator (what a training job runs with): step times without the
+    page faults of mapping every large tensor afresh, but freed memory then stays in malloc's
+    arenas, so step peaks are not measured."""
+    if mmap:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
+    else:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

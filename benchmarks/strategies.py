@@ -366,6 +366,10 @@ def _num(x, fmt):
     return format(float("nan") if x is None else x, fmt)
 
 
+def _mib(n):
+    return None if n is None else n / 2**20
+
+
 def format_table(world, table, timed):
     lines = [f"== world {world} ({'timed' if timed else 'bytes and memory only'}) =="]
     head = f"{'routing':8} {'strategy':12} {'expert MB':>9} {'LB MB':>7} {'/LB':>6} {'/fsdp':>6} " \
@@ -381,7 +385,7 @@ def format_table(world, table, timed):
             line = (f"{key:8} {label:12} {r['expert_bytes'] / 1e6:9.3f} "
                     f"{(lb / 1e6 if lb is not None else float('nan')):7.3f} "
                     f"{_num(r['bytes_over_lower_bound'], '6.2f')} "
-                    f"{_num(r['bytes_vs_fsdp'], '6.2f')} {r['peak_bytes_per_rank'] / 2**20:8.2f} "
+                    f"{_num(r['bytes_vs_fsdp'], '6.2f')} {_num(_mib(r['peak_bytes_per_rank']), '8.2f')} "
                     f"{_num(r['peak_vs_ep'], '5.2f')} {r['imbalance']:5.2f}")
             if timed:
                 line += f" {r['step_time_s'] * 1e3:8.1f} {_num(r['time_vs_ep'], '5.2f')} {r['step_cpu_s'] * 1e3:7.1f}"
@@ -446,21 +450,31 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="also run every case with model.activation_checkpointing on; report both peaks")
+    ap.add_argument("--malloc", choices=("mmap", "default"), default="mmap",
+                    help="mmap (default): every tensor above 64 KiB mapped on its own, so step peaks are "
+                         "measured, at the price of a page fault per fresh page in every step; default: "
+                         "glibc's allocator as a training job runs it, for step times (peaks not measured)")
     preset = CONFIGS[ap.parse_known_args()[0].config]
     ap.set_defaults(**preset)
     args = ap.parse_args()
-    prepare_spawn_env()
+    if args.activation_checkpointing and args.malloc != "mmap":
+        ap.error("--activation-checkpointing compares step peaks, which only --malloc mmap measures")
+    prepare_spawn_env(mmap=args.malloc == "mmap")
     a = {"layers": args.layers, "experts": args.experts, "top_k": args.top_k, "d_model": args.d_model,
          "ffn": args.ffn, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
          "skew_scale": args.skew_scale, "threads": args.threads}
     cases = DEFAULT_CASES if args.strategies is None else [c for c in CASES if c[0] in args.strategies]
     skews = {"uniform": (False,), "skewed": (True,), "both": (False, True)}[args.routing]
     result = {"config": a, "preset": args.config, "cores": os.cpu_count(), "paired": args.paired,
-              "load_average": os.getloadavg(), "worlds": {}}
+              "malloc": args.malloc, "load_average": os.getloadavg(), "worlds": {}}
     texts = []
     for i, world in enumerate([args.nproc] + [w for w in args.mem_nprocs if w != args.nproc]):
         table = run(world, a, skews, args.warmup, args.steps, args.timeout,
                     args.repeats if i == 0 else 1, args.activation_checkpointing, cases, args.paired)
+        if args.malloc != "mmap":  # freed memory stays in malloc's arenas: no step peak to read
+            for row in (r for by_label in table.values() for r in by_label.values()):
+                for k in ("step_peak_bytes_per_rank", "peak_bytes_per_rank", "peak_vs_ep"):
+                    row[k] = None
         result["worlds"][str(world)] = {"timed": i == 0, "routing": table, "targets": targets(table)}
         texts.append(format_table(world, table, i == 0))
     result["load_average_after"] = os.getloadavg()

@@ -39,6 +39,10 @@ class FssdpOptions:
     prefetch: issue layer l+1's spAG at the end of layer l's forward (policy hecate only,
         without calibration).
     overlap_reduce: issue each layer's spRS asynchronously (complete in finish_backward).
+    overlap_counts: all-gather each layer's counts asynchronously and plan what does not need
+        them (the next layer's prefetch and state digest, the early P1) while they travel.
+        None (default): when they travel on a device (NCCL), not on the host (gloo), where
+        gloo's threads that move them compete with the rank's own thread for the cores.
     balance_compute: even out the expert rows ranks compute within a node (routes.balance_routes).
     """
 
@@ -55,6 +59,7 @@ class FssdpOptions:
     fit_replicas: bool = True
     prefetch: bool = True
     overlap_reduce: bool = True
+    overlap_counts: Optional[bool] = None
     balance_compute: bool = False
 
     def __post_init__(self) -> None:

@@ -253,6 +253,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._last_exit = None
         self._chunks_attached = 0
         self.overlap_reduce, self.fit_replicas = o.overlap_reduce, o.fit_replicas
+        self.overlap_counts = o.overlap_counts
         self.balance_compute = o.balance_compute
         self.prefetch = o.prefetch and o.policy == "hecate" and not o.calibrate
         self._layers: list = []
@@ -387,8 +388,9 @@ class FullyShardedSparse(ExpertStrategy):
     def _agree_on_counts(self, layer, counts_E: torch.Tensor, meanwhile=None, fit: ReplicaFit | None = None):
         """All-gather [counts | non-MoE time | state digest]; fail loudly if the state digests differ.
 
-        The all-gather is issued asynchronously and `meanwhile()` (if given) runs while it is
-        in flight, off the critical path: the wait is mostly for the slowest peer to arrive.
+        With `overlap_counts` (by default on a device backend) the all-gather is issued
+        asynchronously and `meanwhile()` (if given) runs while it is in flight, off the critical
+        path; otherwise `meanwhile()` runs first and the all-gather after it.
         Returns (counts_WE, agreed non-MoE us, what meanwhile returned, `_fit_bound(fit, counts)`
         when `fit` is given, else None)."""
         state = layer.fssdp_state
@@ -417,11 +419,18 @@ class FullyShardedSparse(ExpertStrategy):
             host = torch.tensor([state.non_moe_us, *words.tolist()], dtype=torch.int64)
             mine = torch.cat([counts_E.to(device=dev, dtype=torch.int64), ops.to_device(host, dev)])
             gathered = torch.empty(W * M, dtype=torch.int64, device=dev)
-        work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
-        try:
+        if self.overlap_counts if self.overlap_counts is not None else dev.type != "cpu":
+            work = all_gather_flat(gathered, mine, group=self.token_group, async_op=True)
+            try:
+                early = meanwhile() if meanwhile is not None else None
+            finally:  # never leave the collective in flight, even if meanwhile raised
+                work.wait()
+        else:
+            # On the host gloo's own threads move the message: overlapped, they and meanwhile
+            # compete for the rank's cores (2 ranks on 2 cores: fssdp went from ~1.06x to
+            # ~1.02x ep's step time without the overlap), so meanwhile runs first.
             early = meanwhile() if meanwhile is not None else None
-        finally:  # never leave the collective in flight, even if meanwhile raised
-            work.wait()
+            all_gather_flat(gathered, mine, group=self.token_group)
         if self.topology.stats is not None:
             crossing = (W - 1) * M * 8  # `mine`: M int64 words
             self.topology.stats.record("fssdp.counts", crossing, crossing, ranks=peers)
