@@ -59,8 +59,11 @@ CASES = [
     # fssdp's defaults with the dense optimizer replicated as under ep (one all-reduce instead of
     # ZeRO-1's reduce-scatter + all-gather): separates the MoE layers' cost from the dense sync's.
     ("fssdp_dense_repl", "fssdp", {"rematerialize": True, "dense_optimizer": "replicated"}),
+    # fssdp's defaults with the counts all-gather overlapped with the next layer's planning even
+    # on gloo (overlap_counts, on by default only on a device backend).
+    ("fssdp_overlap", "fssdp", {"rematerialize": True, "overlap_counts": True}),
 ]
-OPT_IN = ("fssdp_dense_repl",)  # run only when --strategies names them
+OPT_IN = ("fssdp_dense_repl", "fssdp_overlap")  # run only when --strategies names them
 DEFAULT_CASES = [c for c in CASES if c[0] not in OPT_IN]
 
 
@@ -423,7 +426,7 @@ def main():
                     help="model preset: tiny (default sizes) or compute (d_model 256, ffn 1024, batch 64, "
                          "skew 0.1, no extra worlds); explicit size flags override it")
     ap.add_argument("--strategies", nargs="+", choices=[label for label, _, _ in CASES], default=None,
-                    help="cases to run (default: all but the opt-in fssdp_dense_repl); ratios need ep "
+                    help="cases to run (default: all but the opt-in fssdp_dense_repl and fssdp_overlap); ratios need ep "
                          "(time, peak) and fsdp (bytes)")
     ap.add_argument("--routing", choices=("uniform", "skewed", "both"), default="both")
     ap.add_argument("--paired", action="store_true",

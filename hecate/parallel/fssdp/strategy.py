@@ -427,8 +427,7 @@ class FullyShardedSparse(ExpertStrategy):
                 work.wait()
         else:
             # On the host gloo's own threads move the message: overlapped, they and meanwhile
-            # compete for the rank's cores (2 ranks on 2 cores: fssdp went from ~1.06x to
-            # ~1.02x ep's step time without the overlap), so meanwhile runs first.
+            # compete for the rank's cores, so meanwhile runs first (docs/fssdp.md, Overlap).
             early = meanwhile() if meanwhile is not None else None
             all_gather_flat(gathered, mine, group=self.token_group)
         if self.topology.stats is not None:
