@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hecate import ops
-from hecate.comm.all_to_all import all_to_all_v, comm_device
+from hecate.comm.all_to_all import all_reduce_coalesced, all_to_all_v, comm_device
 from hecate.parallel.chunks import ChunkLayout, mark_expert
 from hecate.parallel.expert_compute import experts_on_received, recomputed
 from hecate.parallel.strategy import ExpertStrategy
@@ -99,18 +99,9 @@ class ExpertParallel(ExpertStrategy):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            if k > 1 and grads:
-                # One all-reduce per layer over its flat gradients, not one per parameter (each a
-                # collective launch and its latency on NCCL); the same sums.
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat, group=edp)
-                n = flat.numel() * flat.element_size()
-                self.topology.stats.record("ep.edp_all_reduce", 2 * (k - 1) * n // k, 2 * (k - 1) * n // k,
-                                           ranks=self.groups.edp_ranks)
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            if k > 1:  # one all-reduce per layer, not one per parameter
+                all_reduce_coalesced(grads, group=edp, stats=self.topology.stats, name="ep.edp_all_reduce",
+                                     ranks=self.groups.edp_ranks)
             for g in grads:
                 g /= world
 

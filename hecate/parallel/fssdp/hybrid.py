@@ -18,8 +18,8 @@ disagree; it is not supported here (`reshard_interval` must be 0, the default of
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from hecate.comm.all_to_all import all_reduce_coalesced
 from hecate.comm.topology import Topology
 from hecate.parallel.fssdp.strategy import FullyShardedSparse
 from hecate.parallel.strategy import ExpertStrategy
@@ -84,17 +84,10 @@ class HybridFullyShardedSparse(ExpertStrategy):
         if self.replicas == 1:
             return
         grads = [layer.expert_chunks.grad for layer in layers]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if flat.numel():
-            dist.all_reduce(flat, group=self.groups.edp_group)
-            flat /= self.replicas
-            k, n = self.replicas, flat.numel() * flat.element_size()
-            self.topology.stats.record("fssdp.replica_all_reduce", 2 * (k - 1) * n // k, 2 * (k - 1) * n // k,
-                                       ranks=self.groups.edp_ranks)
-        offset = 0
+        all_reduce_coalesced(grads, group=self.groups.edp_group, stats=self.topology.stats,
+                             name="fssdp.replica_all_reduce", ranks=self.groups.edp_ranks)
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+            g /= self.replicas
 
     def gather_experts(self, layer, grads: bool = False):
         return self.inner.gather_experts(layer, grads)
