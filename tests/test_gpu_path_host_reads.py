@@ -91,36 +91,12 @@ def test_an_optimizer_step_reads_the_gradient_norm_once(name):
 
 
 # ---- the same on CUDA (unverified here: no GPU on the machines this was written on) -----------
-def cuda_sync_case(rank, world, name):
-    import warnings
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=64, ffn_hidden_size=128, num_experts=8, top_k=2, aux_loss_coeff=0.01)
-    layer = parallelize(MoELayer(cfg).to(device), build_strategy(name, Topology()))
-
-    def step():
-        x = torch.randn(256, 64, device=device, requires_grad=True)
-        out = layer(x)
-        ((out.y * out.y).sum() + out.aux_loss).backward()
-        layer.strategy.finish_backward([layer])
-
-    step()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["ep", "dp", "fsdp"])
 def test_one_baseline_layer_step_synchronizes_once_on_cuda(name):
-    for syncs in run_distributed(cuda_sync_case, 1, name, backend="nccl"):
+    from tests.gpu.test_gpu_path import sync_case
+
+    for syncs in run_distributed(sync_case, 1, name, backend="nccl"):
         assert len(syncs) <= 1, syncs  # the expert counts
 
 

@@ -127,7 +127,9 @@ def test_resume_with_fused_adamw_matches_an_uninterrupted_run(tmp_path):
 
 
 # ---- 3: host syncs of one fssdp step ----------------------------------------------------------
-def sync_case(rank, world):
+def sync_case(rank, world, name="fssdp", **options):
+    """The host syncs CUDA reports in one MoE layer's second step under strategy `name` (fssdp
+    by default, with overlap degree 3); tests/test_gpu_path_host_reads.py runs the baselines."""
     from hecate.comm.topology import Topology
     from hecate.moe.config import MoEConfig
     from hecate.moe.layer import MoELayer
@@ -136,7 +138,9 @@ def sync_case(rank, world):
     device = _device(rank)
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=64, ffn_hidden_size=128, num_experts=8, top_k=2, aux_loss_coeff=0.01)
-    layer = parallelize(MoELayer(cfg).to(device), build_strategy("fssdp", Topology(), overlap_degree=3))
+    if name == "fssdp" and not options:
+        options = {"overlap_degree": 3}
+    layer = parallelize(MoELayer(cfg).to(device), build_strategy(name, Topology(), **options))
 
     def step():
         x = torch.randn(256, 64, device=device, requires_grad=True)
