@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/strategies.py [--config tiny|compute] [--strategies ep fssdp ...]
         [--routing uniform|skewed|both] [--paired] [--nproc 2] [--mem-nprocs 4 8] [--repeats 3]
-        [--json] [--activation-checkpointing]
+        [--json] [--activation-checkpointing] [--malloc mmap|default]
 
     # ep vs fssdp side by side, steps alternating in the same processes (what docs/results.md uses):
     .venv/bin/python benchmarks/strategies.py --strategies ep fssdp --paired --repeats 3 --mem-nprocs
@@ -28,7 +28,10 @@ changes which experts are chosen, never the gate weights. Per strategy and world
   wait sleeps for the most part but also spins some), median: on a machine shared with other
   jobs a steadier measure of the work a strategy does than wall time, though not free of load;
 * memory: state = params + AdamW state (exact tensor bytes); step peak = VmHWM - VmRSS
-  over a step (see benchmarks/_common.py); peak = state + step peak, max over ranks;
+  over a step (see benchmarks/_common.py); peak = state + step peak, max over ranks; measured
+  under --malloc mmap (the default), which maps every tensor above 64 KiB afresh (a page fault
+  per fresh page, in every case alike); --malloc default times steps under glibc's allocator
+  as a training job runs it, and reports no peaks;
 * --activation-checkpointing: every case runs a second time with model.activation_checkpointing
   on (same seed, same batches, right after the first); the table adds its peak and step peak
   and their ratio to the run without it (ckpt/off; < 1 is less memory), and its step time.
