@@ -85,17 +85,22 @@ def test_mixture_of_mamba_presets_have_the_authors_block(preset):
     assert mixer.dt_proj_MER.shape[-1] == dt_rank and mixer.x_proj_MPE.shape[1] == dt_rank + 2 * 16
 
 
-def test_mohd_preset_totals(capsys):
-    """mohd-355m: the 355M vanilla model plus, per layer, the router (d x routed groups) and the
-    fusion blocks (N w x w); a token skips the W1/W3 columns, W2 rows and fusion block of every
-    group it does not use (N - shared - top_k of N)."""
-    c = get_preset("mohd-355m").config
+@pytest.mark.parametrize("preset,vanilla_reported", [("mohd-355m", "355M"), ("mohd-495m", "495M"),
+                                                     ("mohd-1.13b", "1.13B")])
+def test_mohd_preset_totals(preset, vanilla_reported, capsys):
+    """The paper's vanilla model plus, per layer, the router (d x routed groups) and the fusion
+    blocks (N w x w); a token skips the W1/W3 columns, W2 rows and fusion block of every group it
+    does not use (N - shared - top_k of N). All on the meta device."""
+    c = get_preset(preset).config
     L, d, F = c["n_layers"], c["d_model"], c["dense_ffn_hidden"]
     N, S, K = c["mohd_sub_dims"], c["mohd_shared"], c["mohd_top_k"]
     w = F // N
     assert (N, S + K) == (16, 8)  # half the FFN's units per token (the paper's 50% setting)
-    vanilla = derived_total("mohd-355m", "vanilla_total")
-    info = _inspect("mohd-355m", capsys)
+    assert (c["vocab_size"], c["dense_activation"], c["rope"], c["tie_embeddings"]) == (32000, "swiglu", True, False)
+    vanilla = derived_total(preset, "vanilla_total")
+    # LLaMA layout with MoHD off: untied embedding and head, per layer q/k/v/o d x d, SwiGLU 3 d F, 2 RMSNorms
+    assert vanilla == 2 * c["vocab_size"] * d + d + L * (4 * d * d + 3 * d * F + 2 * d)
+    info = _inspect(preset, capsys)
     assert info["total_params"] == vanilla + L * (d * (N - S) + N * w * w)
     assert info["total_params"] - info["active_params"] == L * (N - S - K) * (3 * d * w + w * w)
-    assert within_rounding("355M", vanilla)
+    assert within_rounding(vanilla_reported, vanilla)

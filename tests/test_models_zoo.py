@@ -43,7 +43,7 @@ def test_every_lm_preset_builds_on_meta_and_counts_parameters():
     names = _lm_presets()
     for want in ("gpt-moe-s", "gpt-moe-l", "ds-350m-moe-128", "ds-350m-prmoe-32-64", "ds-1.3b-prmoe-64-128",
                  "deepseekmoe-2b", "deepseekmoe-16b", "moh-llm-s", "moh-llm-b", "moh-llama3-8b",
-                 "bam-small", "bam-large", *TINY):
+                 "bam-small", "bam-large", "mohd-355m", "mohd-495m", "mohd-1.13b", *TINY):
         assert want in names
     for name in names:
         p = get_preset(name)

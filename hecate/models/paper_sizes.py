@@ -68,6 +68,8 @@ PAPER_SIZES: tuple[PaperSize, ...] = (
               "no layout table was available to us; the layout is the Mamba paper's 1.4B"),
     PaperSize("mohd-355m", "vanilla_total", "355M", "MoHD (arXiv 2412.05644) Sec. 4: vanilla LLaMA-architecture "
               "baselines of 355M / 495M / 1.13B", "layout ours (the paper's layout table was not available to us)"),
+    PaperSize("mohd-495m", "vanilla_total", "495M", "MoHD Sec. 4", "layout ours"),
+    PaperSize("mohd-1.13b", "vanilla_total", "1.13B", "MoHD Sec. 4", "layout ours"),
 )
 
 

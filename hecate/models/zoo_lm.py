@@ -89,11 +89,17 @@ _register("deepseekmoe-145b", deepseek(4096, 62, 32, 102400, 4096, 128, 4, 12, 1
 
 
 # ---- MoHD: Mixture of Hidden Dimensions (Chen et al., ICML 2025, arXiv 2412.05644). The paper
-# pretrains vanilla LLaMA-architecture models of 355M / 495M / 1.13B and their MoHD versions; its
-# layout table was not available to us, so the layout below is ours, chosen so that the vanilla
-# model (MoHD off) has the paper's 355M: d 1024, 24 layers, 16 heads, SwiGLU FFN 2560, RoPE, LLaMA's
-# 32,000-token vocabulary, untied (hecate.models.paper_sizes checks it). MoHD: the paper's 50%
-# compression setting on the FFN: 16 sub-dimensions of 160 units, 4 shared + top-4 of 12 routed. ----
+# pretrains vanilla LLaMA-architecture models of 355M / 495M / 1.13B (Sheared-LLaMA codebase) and
+# their MoHD versions at compression (50%, 75%) and expansion (2x, 3x, 4x) settings; its layout
+# table was not available to us, so every layout below is ours: RoPE, SwiGLU, LLaMA's 32,000-token
+# vocabulary, untied, with d / layers / heads / FFN chosen so that the vanilla model (MoHD off) has
+# the paper's total (hecate.models.paper_sizes checks it):
+#   355M: d 1024, 24 layers, 16 heads x 64, FFN 2560      (354,993,152)
+#   495M: d 1152, 28 layers, 18 heads x 64, FFN 2816      (494,928,000)
+#   1.13B: d 2048, 20 layers, 16 heads x 128, FFN 5376    (1,127,303,168; Sheared-LLaMA-1.3B's width
+#          and heads, fewer layers and FFN 2.625 d)
+# MoHD on the FFN as in the paper's 50% compression setting: 16 sub-dimensions, 4 shared + top-4 of
+# 12 routed (the split into 16 and 4 + 4 is ours). ----
 def mohd_llama(d_model, n_layers, n_heads, ffn, sub_dims, shared, top_k) -> dict:
     return _lm(d_model, n_layers, n_heads, 32000, 2048, ffn, _moe(d_model, ffn, 1, 1), moe_every=NO_MOE,
                dense_activation="swiglu", rope=True, tie_embeddings=False, mohd_sub_dims=sub_dims,
@@ -105,6 +111,16 @@ _register("mohd-355m", mohd_llama(1024, 24, 16, 2560, 16, 4, 4),
           "d 1024, 24 layers, 16 heads, SwiGLU FFN 2560, vocab 32,000, untied): every FFN split into 16 "
           "sub-dimensions, 4 shared + top-4 of 12 routed (50% of the FFN units per token), activation "
           "scaling, group fusion")
+_register("mohd-495m", mohd_llama(1152, 28, 18, 2816, 16, 4, 4),
+          "MoHD on the paper's 495M vanilla LLaMA-architecture model (MoHD, arXiv 2412.05644; layout ours: "
+          "d 1152, 28 layers, 18 heads x 64, SwiGLU FFN 2816, vocab 32,000, untied): every FFN split into 16 "
+          "sub-dimensions of 176 units, 4 shared + top-4 of 12 routed (the paper's 50% setting; the split "
+          "is ours), activation scaling, group fusion")
+_register("mohd-1.13b", mohd_llama(2048, 20, 16, 5376, 16, 4, 4),
+          "MoHD on the paper's 1.13B vanilla LLaMA-architecture model (MoHD, arXiv 2412.05644; layout ours: "
+          "d 2048, 20 layers, 16 heads x 128, SwiGLU FFN 5376, vocab 32,000, untied): every FFN split into 16 "
+          "sub-dimensions of 336 units, 4 shared + top-4 of 12 routed (the paper's 50% setting; the split "
+          "is ours), activation scaling, group fusion")
 
 
 # ---- MoH: Mixture-of-Head attention (dense SwiGLU FFN, RoPE) ----
