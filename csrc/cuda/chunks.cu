@@ -6,8 +6,21 @@
 // deterministically: unpack keeps the last copy, scatter_add adds in order of i exactly like
 // the CPU kernel. Chunks are expert parameter buffers (S is large), so the columns give
 // plenty of parallelism.
+//
+// Chunk ids outside [0, C), which the CPU op rejects with a ValueError, are never copied (no
+// out-of-bounds access): one thread per bad row fails a device-side assert, which stops the
+// kernel and surfaces as a CUDA error at the next synchronization. Valid ids cost one compare,
+// as before: no extra launch, no host read. (HECATE_SYNC_CHECKS=1 makes the torch op check the
+// ids before the launch and raise the CPU op's ValueError instead: cuda_ops.cpp.)
+#include <cassert>
+
 #include "common.cuh"
 #include "row_copy.cuh"
+
+// What assert() calls on a failure (device code too), declared as the CUDA headers do, since
+// glibc's <assert.h> leaves it undeclared under NDEBUG: the id check must not compile away.
+extern "C" __host__ __device__ void __assert_fail(const char*, const char*, unsigned int,
+                                                  const char*) noexcept;
 
 namespace hecate::cuda {
 namespace {
@@ -15,7 +28,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr unsigned kMaxGridY = 65535;
 
-__device__ __forceinline__ bool valid_chunk(int64_t c, int64_t C) { return c >= 0 && c < C; }
+// True when chunk id c is in [0, C); otherwise the `reporter` thread asserts.
+__device__ __forceinline__ bool valid_chunk(int64_t c, int64_t C, bool reporter) {
+  if (c >= 0 && c < C) return true;
+  if (reporter) {
+    __assert_fail("chunk id in [0, C) (the CPU op raises ValueError; HECATE_SYNC_CHECKS=1 names it)",
+                  __FILE__, __LINE__, __func__);
+  }
+  return false;
+}
 
 #define HECATE_COLUMNS(v, count)                                                        \
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < (count); \
@@ -27,7 +48,7 @@ __global__ void pack_kernel(const V* __restrict__ buffer, int64_t C, const int64
                             int64_t n, int64_t row_vecs, V* __restrict__ out) {
   for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
     const int64_t c = ids[i];
-    if (!valid_chunk(c, C)) continue;
+    if (!valid_chunk(c, C, blockIdx.x == 0 && threadIdx.x == 0)) continue;
     HECATE_COLUMNS(v, row_vecs) out[i * row_vecs + v] = buffer[c * row_vecs + v];
   }
 }
@@ -38,7 +59,7 @@ __global__ void unpack_kernel(const V* __restrict__ recv, const int64_t* __restr
   HECATE_COLUMNS(v, row_vecs) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = ids[i];
-      if (valid_chunk(c, C)) out[c * row_vecs + v] = recv[i * row_vecs + v];
+      if (valid_chunk(c, C, v == 0)) out[c * row_vecs + v] = recv[i * row_vecs + v];
     }
   }
 }
@@ -52,7 +73,7 @@ __global__ void scatter_add_kernel(const T* __restrict__ recv, const int64_t* __
   HECATE_COLUMNS(v, row_vecs) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = ids[i];
-      if (!valid_chunk(c, C)) continue;
+      if (!valid_chunk(c, C, v == 0)) continue;
       Row acc = out_rows[c * row_vecs + v];  // this thread alone touches column v
       const Row add = recv_rows[i * row_vecs + v];
 #pragma unroll

@@ -2,8 +2,9 @@
 // Each function checks its inputs the way the CPU kernel does (csrc/cpu/), allocates outputs
 // and workspaces with the caching allocator, and calls the C launchers of kernels.h on the
 // current stream of the input's device. Data-dependent range checks that would need a
-// device-to-host sync (ids / rows out of range) are left to the Python face (hecate.ops);
-// the kernels skip such entries instead of touching memory out of bounds.
+// device-to-host sync (rows out of range) are left to the Python face (hecate.ops); the
+// kernels skip such entries instead of touching memory out of bounds. The chunk ops check
+// their ids on the device (see "Chunk ids" below), as unpermute_backward its rows.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -261,6 +262,27 @@ void check_recv(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tensor& 
   check_device(recv_nS, "recv_nS", out_CS, "out_CS");
 }
 
+// Chunk ids outside [0, C): the CPU op raises ValueError; so do these, without slowing valid
+// calls. By default the kernels check them (chunks.cu): a bad id is never copied and fails a
+// device-side assert (no extra launch, no host read; the error stops the program at the next
+// synchronization and, like any device assert, leaves the CUDA context unusable). Under
+// HECATE_SYNC_CHECKS=1 the ids are read back here before the launch, raising the CPU op's
+// ValueError at once with nothing written. Empty rows (S == 0) launch no kernel: their ids are
+// checked by a queued _assert_async instead.
+void check_chunk_ids(const Tensor& ids, int64_t C, int64_t S) {
+  const bool sync = sync_checks();
+  if (ids.numel() == 0 || (!sync && S > 0)) return;  // the hot path: the kernel checks
+  auto bad = (ids < 0) | (ids >= C);
+  if (sync) {
+    auto first = bad.nonzero();
+    if (first.size(0) == 0) return;
+    const int64_t i = first[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "chunk_ids_n[", i, "] = ", ids[i].item<int64_t>(), " is out of range for ",
+                      C, " chunks");
+  }
+  if (S == 0) at::_assert_async(bad.any().logical_not(), "chunk_ids_n has an entry outside [0, chunks)");
+}
+
 Tensor pack_chunks(const Tensor& buffer_CS, const Tensor& chunk_ids_n) {
   require_cuda(buffer_CS, "buffer_CS");
   TORCH_CHECK_VALUE(buffer_CS.dim() == 2, "buffer_CS must be 2-D, got ", buffer_CS.sizes());
@@ -268,6 +290,7 @@ Tensor pack_chunks(const Tensor& buffer_CS, const Tensor& chunk_ids_n) {
   auto buffer = buffer_CS.contiguous();
   auto ids = ids_on(chunk_ids_n, buffer);
   const int64_t n = ids.numel(), C = buffer.size(0), S = buffer.size(1);
+  check_chunk_ids(ids, C, S);
   auto out_nS = at::empty({n, S}, buffer.options());
   C10_CUDA_CHECK(hecate_pack_chunks(buffer.const_data_ptr(), C, S * buffer.element_size(),
                                     ids.const_data_ptr<int64_t>(), n, out_nS.mutable_data_ptr(),
@@ -280,6 +303,7 @@ void unpack_chunks(const Tensor& recv_nS, const Tensor& chunk_ids_n, const Tenso
   const c10::cuda::CUDAGuard guard(out_CS.device());
   auto ids = ids_on(chunk_ids_n, out_CS);
   auto recv = recv_nS.contiguous();
+  check_chunk_ids(ids, out_CS.size(0), out_CS.size(1));
   C10_CUDA_CHECK(hecate_unpack_chunks(recv.const_data_ptr(), ids.const_data_ptr<int64_t>(), ids.numel(),
                                       out_CS.size(1) * out_CS.element_size(), out_CS.mutable_data_ptr(),
                                       out_CS.size(0), current_stream()));
@@ -291,6 +315,7 @@ void scatter_add_chunks(const Tensor& recv_nS, const Tensor& chunk_ids_n, const 
   const hecate_dtype dtype = dtype_code(out_CS, "out_CS", /*allow_integers=*/true);
   auto ids = ids_on(chunk_ids_n, out_CS);
   auto recv = recv_nS.contiguous();
+  check_chunk_ids(ids, out_CS.size(0), out_CS.size(1));
   C10_CUDA_CHECK(hecate_scatter_add_chunks(recv.const_data_ptr(), dtype, ids.const_data_ptr<int64_t>(),
                                            ids.numel(), out_CS.size(1), out_CS.mutable_data_ptr(),
                                            out_CS.size(0), current_stream()));

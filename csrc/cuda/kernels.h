@@ -87,8 +87,11 @@ cudaError_t hecate_unpermute_backward(const void* grad_TD, const void* y_ND, hec
                                       const void* weights_TK, int64_t T, int64_t K, int64_t D,
                                       void* grad_y_ND, void* grad_weights_TK, cudaStream_t stream);
 
+// The three chunk launchers never copy a row whose id is outside [0, C): the kernel fails a
+// device-side assert instead (the stream's next synchronization raises a CUDA error). With
+// n == 0 or empty rows (row_bytes or S == 0) nothing is launched and nothing is checked.
+
 // pack_chunks: out_nS[i] = buffer_CS[chunk_ids[i]] (byte copy of row_bytes per chunk).
-// Ids outside [0, C) are skipped (the Python face validates them).
 cudaError_t hecate_pack_chunks(const void* buffer_CS, int64_t C, int64_t row_bytes,
                                const int64_t* chunk_ids_n, int64_t n, void* out_nS,
                                cudaStream_t stream);
