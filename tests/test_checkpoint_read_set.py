@@ -1,8 +1,10 @@
-"""Each rank reads (and sha256-checks) only the checkpoint shards holding what it needs: rank 0's
-(dense entries) and those with expert elements it owns under its new layout, to the element
-for fsdp ranges that end mid-row. The loaded state still equals the saved one, a corrupted
-shard is caught by the rank that needs it (and its peers stop too), and one nobody needs is
-caught by verify_checkpoint. Worker functions run on every rank."""
+"""Each rank reads (and sha256-checks) only the checkpoint files holding what it needs: the dense
+file (dense entries) and the shards with expert elements it owns under its new layout, to the
+element for fsdp ranges that end mid-row; from a format-version-1 checkpoint (dense entries in
+rank 0's shard), rank 0's shard instead of the dense file. The loaded state still equals the
+saved one, a corrupted shard is caught by the rank that needs it (and its peers stop too), a
+corrupted dense file by every rank, and a shard nobody needs by verify_checkpoint. Worker
+functions run on every rank."""
 import json
 import os
 import re
@@ -18,6 +20,7 @@ from hecate.models.transformer import MoETransformer
 from hecate.parallel import build_strategy, moe_layers, parallelize
 from hecate.testing import run_distributed
 from hecate.train.checkpoint import (
+    DENSE_FILE,
     CheckpointError,
     _dense_entries,
     load_checkpoint,
@@ -70,7 +73,7 @@ def _kept(strat, model, rank):
 
 
 class _Spy:
-    """Records the shard files a load reads whole (and their bytes) and the header bytes it peeks."""
+    """Records the files a load reads whole (and their bytes) and the header bytes it peeks."""
 
     def __init__(self):
         import hecate.train.checkpoint as ck
@@ -82,7 +85,7 @@ class _Spy:
         def read(path, sha256, size):
             data = self.real_read(path, sha256, size)
             self.read.append(os.path.basename(path))
-            self.read_bytes += len(data)
+            self.read_bytes += os.path.getsize(path)
             return data
 
         def peek(*a):
@@ -186,14 +189,16 @@ def _holdings(step_dir):
     return out
 
 
-def _expected(holdings, kept):
-    """The files a rank keeping `kept` (per layer, element ranges) must read: the dense ones,
-    and those holding an element of what it keeps."""
+def _expected(holdings, kept, step_dir):
+    """The files a rank keeping `kept` (per layer, element ranges) must read: the dense file (or,
+    in a version-1 checkpoint, the shard with the dense entries), and the shards holding an
+    element of what it keeps."""
     def hit(a, b):
         return any(lo < hi2 and lo2 < hi for lo, hi in a for lo2, hi2 in b)
 
-    return sorted(f for f, (dense, ranges) in holdings.items()
-                  if dense or any(hit(r, kept[i]) for i, r in ranges.items()))
+    dense_file = [DENSE_FILE] if os.path.isfile(os.path.join(step_dir, DENSE_FILE)) else []
+    return sorted(dense_file + [f for f, (dense, ranges) in holdings.items()
+                                if dense or any(hit(r, kept[i]) for i, r in ranges.items())])
 
 
 def _full_state(step_dir):
@@ -222,10 +227,49 @@ def _same_state(src, dst):
         assert set(a[i][1]) == set(b[i][1]) == {"exp_avg", "exp_avg_sq"}
         for k in a[i][1]:
             torch.testing.assert_close(b[i][1][k], a[i][1][k], rtol=0, atol=0)
-    da = safetensors.torch.load_file(os.path.join(src, STEP, "rank_00000.safetensors"))
-    db = safetensors.torch.load_file(os.path.join(dst, STEP, "rank_00000.safetensors"))
+    da, db = _dense_tensors(os.path.join(src, STEP)), _dense_tensors(os.path.join(dst, STEP))
     dense = [k for k in da if k.startswith(("dense.", "optim."))]
     assert dense and all(torch.equal(da[k], db[k]) for k in dense)
+
+
+def _dense_tensors(step_dir):
+    """The dense file's tensors, or (format version 1) rank 0's shard's."""
+    dense = os.path.join(step_dir, DENSE_FILE)
+    return safetensors.torch.load_file(dense if os.path.isfile(dense) else
+                                       os.path.join(step_dir, "rank_00000.safetensors"))
+
+
+def _as_version_1(src, dst, holds=True):
+    """Copy checkpoint run `src` to `dst` rewritten as format version 1 wrote it (the layout before
+    the dense file): the dense file's dense.* / optim.* entries inside rank 0's shard (its own
+    pieces and metadata kept), no dense file, the manifest at version 1 without its `dense` key,
+    rank 0's size, sha256 and holds.dense updated; holds=False also drops every `holds` (older)."""
+    import hashlib
+
+    shutil.copytree(src, dst)
+    step_dir = os.path.join(dst, STEP)
+    shard = os.path.join(step_dir, "rank_00000.safetensors")
+    tensors = safetensors.torch.load_file(shard)
+    with safetensors.safe_open(shard, "pt") as f:
+        metadata = dict(f.metadata())
+    tensors.update({k: v for k, v in safetensors.torch.load_file(os.path.join(step_dir, DENSE_FILE)).items()
+                    if k.startswith(("dense.", "optim."))})
+    metadata.pop("hecate.content", None)
+    data = safetensors.torch.save(tensors, metadata={**metadata, "hecate.version": "1"})
+    with open(shard, "wb") as f:
+        f.write(data)
+    os.remove(os.path.join(step_dir, DENSE_FILE))
+    manifest = read_manifest(step_dir)
+    manifest["version"] = 1
+    del manifest["dense"]
+    manifest["files"]["rank_00000.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    manifest["files"]["rank_00000.safetensors"]["holds"]["dense"] = True
+    for meta in manifest["files"].values():
+        if not holds:
+            del meta["holds"]
+    with open(os.path.join(step_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -267,21 +311,29 @@ def test_four_ranks_read_only_what_they_own(saved):
         del meta["holds"]
     with open(os.path.join(older, STEP, "manifest.json"), "w") as f:
         json.dump(manifest, f)
+    v1 = _as_version_1(dirs["fssdp4"], str(root / "fssdp4_v1"))  # dense entries in rank 0's shard
+    v1_older = _as_version_1(dirs["fssdp4"], str(root / "fssdp4_v1_older"), holds=False)
     loads = [(dirs["fssdp4"], str(root / "re_fssdp4"), "fssdp", FSSDP, 8),
              (dirs["fsdp4"], str(root / "re_fsdp4"), "fsdp", {}, E_FLAT),
-             (older, str(root / "re_older"), "fssdp", FSSDP, 8)]
+             (older, str(root / "re_older"), "fssdp", FSSDP, 8),
+             (v1, str(root / "re_v1"), "fssdp", FSSDP, 8),
+             (v1_older, str(root / "re_v1_older"), "fssdp", FSSDP, 8)]
     got = run_distributed(load_record, 4, loads)
     for rank, per in enumerate(got):
-        mine = sorted({"rank_00000.safetensors", f"rank_{rank:05d}.safetensors"})
+        own = f"rank_{rank:05d}.safetensors"
         for (src, dst, *_), r in zip(loads, per):
+            # the dense file and the rank's own shard; rank 0's shard only where it holds the dense entries
+            mine = sorted({"rank_00000.safetensors" if src in (v1, v1_older) else DENSE_FILE, own})
             assert sorted(r["read"]) == mine, (rank, src, r["read"])
-            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"])
-        assert per[0]["peek_bytes"] == per[1]["peek_bytes"] == 0  # no header read: the manifest said
-        assert 0 < per[2]["peek_bytes"] < per[2]["read_bytes"]
-        assert per[0]["loss"] == per[2]["loss"] == pytest.approx(losses["fssdp4"], abs=1e-5)
+            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"], os.path.join(src, STEP))
+        assert per[0]["peek_bytes"] == per[1]["peek_bytes"] == per[3]["peek_bytes"] == 0  # the manifest said
+        assert 0 < per[2]["peek_bytes"] < per[2]["read_bytes"] and 0 < per[4]["peek_bytes"] < per[4]["read_bytes"]
+        for j in (0, 2, 3, 4):
+            assert per[j]["loss"] == pytest.approx(losses["fssdp4"], abs=1e-5)
         assert per[1]["loss"] == pytest.approx(losses["fsdp4"], abs=1e-5)
     for src, dst, *_ in loads:
-        _same_state(src, dst)
+        _same_state(src, dst)  # every row, AdamW moment and dense entry: v1 and v2 alike
+        assert os.path.isfile(os.path.join(dst, STEP, DENSE_FILE))  # a re-save writes the current format
 
     failed = run_distributed(load_failure, 4, bad, "fssdp", FSSDP)
     assert "rank_00002.safetensors fails its sha256" in failed[2]["error"]
@@ -289,6 +341,32 @@ def test_four_ranks_read_only_what_they_own(saved):
         assert "rank_00002.safetensors" not in failed[rank]["read"]  # it never read the bad shard ...
         assert "rank 2 could not load" in failed[rank]["error"]      # ... and still stops, naming it
         assert "rank_00002.safetensors" in failed[rank]["error"]
+
+
+def test_a_corrupted_dense_file_stops_every_rank_naming_it(saved):
+    """Every rank reads the dense file: a flipped byte in it stops each rank with its own error
+    naming the file, before any collective (so no rank hangs); verify_checkpoint names it too,
+    and a manifest whose `dense` entry is damaged is refused, naming the key."""
+    root, dirs, _ = saved
+    bad = str(root / "fssdp4_bad_dense")
+    shutil.copytree(dirs["fssdp4"], bad)
+    _corrupt_tensor_bytes(os.path.join(bad, STEP, DENSE_FILE))
+    failed = run_distributed(load_failure, 4, bad, "fssdp", FSSDP)
+    for rank, r in enumerate(failed):
+        assert r["error"] and f"{DENSE_FILE} fails its sha256" in r["error"], (rank, r)
+        assert r["read"] == [], (rank, r)  # the dense file failed its check, and no shard was read after it
+    with pytest.raises(CheckpointError, match=f"{DENSE_FILE} fails its sha256"):
+        verify_checkpoint(bad)
+    os.remove(os.path.join(bad, STEP, DENSE_FILE))
+    with pytest.raises(CheckpointError, match=f"{DENSE_FILE} is missing"):
+        verify_checkpoint(bad)
+    manifest = read_manifest(os.path.join(dirs["fssdp4"], STEP))
+    manifest["dense"]["file"] = "../elsewhere.safetensors"
+    shutil.copytree(dirs["fssdp4"], str(root / "bad_manifest"))
+    with open(os.path.join(root, "bad_manifest", STEP, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointError, match="key 'dense' is missing or not a mapping with file"):
+        read_manifest(os.path.join(root, "bad_manifest", STEP))
 
 
 def test_two_ranks_read_the_shards_their_new_layout_needs(saved):
@@ -310,12 +388,13 @@ def test_two_ranks_read_the_shards_their_new_layout_needs(saved):
              (dirs["fsdp4"], str(root / "fsdp4_fssdp2"), "fssdp", FSSDP, E_FLAT),
              (quiet, str(root / "dp4_dp2"), "dp", {}, 8)]
     got = run_distributed(load_record, 2, loads)
-    all_four = [f"rank_{r:05d}.safetensors" for r in range(4)]
+    all_four = [DENSE_FILE] + [f"rank_{r:05d}.safetensors" for r in range(4)]
     for per in got:
         for (src, dst, name, _, _), r in zip(loads, per):
-            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"]), (name, r)
-            assert len(set(r["read"])) == len(r["read"]) < 4, (name, r["read"])
-        assert per[-1]["read"] == ["rank_00000.safetensors"]
+            assert sorted(r["read"]) == _expected(_holdings(os.path.join(src, STEP)), r["kept"],
+                                                  os.path.join(src, STEP)), (name, r)
+            assert len(set(r["read"])) == len(r["read"]) < 5, (name, r["read"])
+        assert per[-1]["read"] == [DENSE_FILE, "rank_00000.safetensors"]
     for (src, dst, *_), key, r in zip(loads, ("fssdp4", "fssdp4", "fsdp4", "fsdp4", "dp4"), got[0]):
         assert r["loss"] == pytest.approx(losses[key], abs=1e-5)
         _same_state(src, dst)
@@ -324,12 +403,13 @@ def test_two_ranks_read_the_shards_their_new_layout_needs(saved):
         verify_checkpoint(quiet)
 
     full = _full_state(os.path.join(dirs["fssdp4"], STEP))
-    want_dense = safetensors.torch.load_file(os.path.join(dirs["fssdp4"], STEP, "rank_00000.safetensors"))
+    want_dense = _dense_tensors(os.path.join(dirs["fssdp4"], STEP))
     for name, options in (("ep", {}), ("fssdp", FSSDP)):
         gen = run_distributed(sharded_generation_record, 2, dirs["fssdp4"], name, options)
         for r in gen:
-            assert sorted(r["read"]) == _expected(_holdings(os.path.join(dirs["fssdp4"], STEP)), r["kept"])
-            assert len(r["read"]) < 4, (name, r["read"])
+            step_dir = os.path.join(dirs["fssdp4"], STEP)
+            assert sorted(r["read"]) == _expected(_holdings(step_dir), r["kept"], step_dir)
+            assert len(r["read"]) < 5, (name, r["read"])
             for i, (ids, rows) in enumerate(zip(r["ids"], r["rows"])):
                 assert torch.equal(rows, full[i][0][ids])
             assert r["dense"] and all(torch.equal(v, want_dense[f"dense.{k}"]) for k, v in r["dense"].items())
@@ -400,9 +480,17 @@ def test_manifest_holds_are_checked(saved, tmp_path):
     for edit, what in ((lambda h: h["experts"]["0"].update(ids=[8]), "ids that are not a list of expert ids"),
                        (lambda h: h["experts"]["1"].update(kind="cols"), "kind 'cols'"),
                        (lambda h: h["experts"].update({"9": {}}), "names MoE layer '9'"),
-                       (lambda h: h.update(dense=False), "no shard's 'holds' has the dense entries")):
+                       (lambda h: h.update(dense="yes"), "is not a mapping with dense")):
         with pytest.raises(CheckpointError, match=what):
             load_with("rank_00000.safetensors", edit)
+    v1 = _as_version_1(run, str(tmp_path / "v1"))  # version 1: rank 0's shard must hold the dense entries
+    v1_manifest = os.path.join(v1, STEP, "manifest.json")
+    manifest = read_manifest(os.path.join(v1, STEP))
+    manifest["files"]["rank_00000.safetensors"]["holds"]["dense"] = False
+    with open(v1_manifest, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointError, match="no shard's 'holds' has the dense entries"):
+        load_checkpoint(v1, MoETransformer(tiny_config()), LocalStrategy())
 
     def hide(h):
         for piece in h["experts"].values():

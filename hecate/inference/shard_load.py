@@ -10,12 +10,13 @@ distributed generation, not even the model's initial experts:
   meta shape of its own slice (ep: E/W experts, fssdp: the owned chunk rows);
 * what each shard file holds comes from the manifest (or, for an older one, from every
   shard's header and expert-id tensors, unverified; hecate.train.checkpoint_reads);
-* only the shards holding the dense entries (rank 0's) or rows of the experts this rank keeps
-  are checked in full (sha256, streamed: constant memory) and opened with safetensors' lazy
+* only the file holding the dense entries (the checkpoint's dense file; in a format-version-1
+  checkpoint, rank 0's shard) and the shards with rows of the experts this rank keeps are
+  checked in full (sha256, streamed: constant memory) and opened with safetensors' lazy
   reader (safe_open); only those rows are read out of them: `get_slice(name)[a:b]` of a rows
   layout's [E_held, S] matrix, or of an fsdp flat layout's 1-D range (which may start and
   end mid-row); a rank that needs nothing from a shard never hashes it;
-* the dense parameters and buffers come from the file that holds them (rank 0's shard).
+* the dense parameters and buffers come from the file that holds them.
 
 Any strategy and world size may have written the checkpoint (rows or flat layouts, see
 hecate.train.checkpoint_layout).
@@ -36,7 +37,15 @@ from hecate.moe.experts import GroupedExperts
 from hecate.moe.module_experts import ModuleExperts
 from hecate.parallel import moe_layers
 from hecate.parallel.chunks import ChunkLayout, mark_expert
-from hecate.train.checkpoint import _check_layer, _dense_entries, _load_dense, read_manifest, resolve_checkpoint
+from hecate.train.checkpoint import (
+    DENSE_FILE,
+    _check_layer,
+    _dense_entries,
+    _listed_files,
+    _load_dense,
+    read_manifest,
+    resolve_checkpoint,
+)
 from hecate.train.checkpoint_io import CheckpointError, check_sha256, open_sized
 from hecate.train.checkpoint_layout import full_layout
 from hecate.train.checkpoint_reads import (
@@ -127,9 +136,10 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
 
 def _open(step_dir: str, manifest: dict, names: list[str]) -> list[ShardFile]:
     files: list[ShardFile] = []
+    listed = _listed_files(manifest)
     try:
         for fname in names:
-            meta = manifest["files"][fname]
+            meta = listed[fname]
             files.append(ShardFile(os.path.join(step_dir, fname), meta["sha256"], meta["bytes"]))
     except BaseException:  # a bad file: close the ones already open, then report it
         for f in files:
@@ -258,9 +268,10 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
         _restore_fssdp_placement(strategy, layers, manifest, world)
     # What each shard holds: from the manifest, or (older checkpoints) every shard's header; a
     # rank opens (hashing it whole) only the shards with the dense entries or rows it keeps.
-    names = sorted(manifest["files"])
-    holds = holds_from_manifest(manifest, os.path.join(step_dir, "manifest.json")) or \
-        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
+    names = list(_listed_files(manifest))  # the dense file (version 2) first, then the shards
+    separate = DENSE_FILE in names
+    holds = holds_from_manifest(manifest, os.path.join(step_dir, "manifest.json"), separate_dense=separate) or \
+        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in sorted(manifest["files"])]
     layouts = [full_layout(layer) for layer in layers]
     sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
     kept = [kept_expert_ids(strategy, layer) for layer in layers]
@@ -268,11 +279,12 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
     files: list[ShardFile] = []
     error, current, rows = None, None, []
     try:  # ranks open different files: they agree on a failure before anyone goes on
-        for fname in files_to_read(holds, need, sizes):
+        for fname in ([DENSE_FILE] if separate else []) + files_to_read(holds, need, sizes):
             current = fname
             files += _open(step_dir, manifest, [fname])
         current = None
-        rows = [expert_rows(files, i, layouts[i], kept[i]) for i in range(len(layers))]
+        shards = [f for f in files if os.path.basename(f.path) != DENSE_FILE]  # its pieces hold no rows
+        rows = [expert_rows(shards, i, layouts[i], kept[i]) for i in range(len(layers))]
     except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
         error = e
         for f in files:

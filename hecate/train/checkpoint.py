@@ -36,15 +36,14 @@ from hecate.train.checkpoint_io import (
     atomic_write_json,
     digest_to_tensor,
     fsync_dir,
-    read_verified,
+    read_verified_tensors,
     safetensors_metadata,
     sha256_hex,
     tensor_to_digest,
 )
 from hecate.train.checkpoint_layout import (
-    assemble,
-    assemble_kept,
-    check_covered,
+    Kept,
+    KeptAssembly,
     full_layout,
     install_kept,
     kept_elements,
@@ -58,9 +57,7 @@ from hecate.train.checkpoint_reads import (
     encode_holdings,
     files_to_read,
     holds_from_manifest,
-    needed_elements,
     peek_shard,
-    piece_needed,
 )
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_safetensors",
@@ -68,7 +65,10 @@ __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "import_s
 
 FORMAT = "hecate-checkpoint"
 EXPORT_FORMAT = "hecate-export"
-FORMAT_VERSION = 1
+EXPORT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the dense entries in their own file (DENSE_FILE); 1: in rank 0's shard (still read)
+READABLE_VERSIONS = (1, 2)
+DENSE_FILE = "dense.safetensors"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -176,25 +176,25 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
             tensors.update({f"experts.{i}.{k}": v for k, v in t.items()})
     # Collective when the dense optimizer is sharded: every rank gathers, rank 0 writes.
     dense_state = engine.dense_optimizer_state() if engine is not None else {}
-    if rank == 0:
-        for name, v in _dense_entries(model, layers).items():
-            tensors[f"dense.{name}"] = v.detach().clone().contiguous()
-            if isinstance(v, nn.Parameter) and v in dense_state:
-                for k, s in dense_state[v].items():
-                    if torch.is_tensor(s):
-                        tensors[f"optim.{name}.{k}"] = s.detach().clone().contiguous()
+    dense_meta = None
+    if rank == 0:  # the dense file first: a rank that needs no expert row of rank 0 never reads its shard
+        dense, dense_infos = _dense_file_tensors(model, layers, dense_state, layer_infos, tensors)
+        data = _serialize(dense, rank, dense_infos, content="dense")
+        del dense
+        atomic_write_bytes(os.path.join(step_dir, DENSE_FILE), data)
+        dense_meta = {"file": DENSE_FILE, "sha256": sha256_hex(data), "bytes": len(data)}
+        del data
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # NCCL runs keep them on GPU
-    data = safetensors.torch.save(tensors, metadata={
-        "hecate.format": FORMAT, "hecate.version": str(FORMAT_VERSION), "hecate.rank": str(rank),
-        "hecate.layers": json.dumps(layer_infos)})
+    data = _serialize(tensors, rank, layer_infos, content="experts")
     fname = f"rank_{rank:05d}.safetensors"
     atomic_write_bytes(os.path.join(step_dir, fname), data)
     num_experts = [full_layout(layer).num_experts for layer in layers]
-    holds = encode_holdings(layer_infos, tensors, num_experts, any(k.startswith(("dense.", "optim.")) for k in tensors))
+    holds = encode_holdings(layer_infos, tensors, num_experts, False)
     digests = _gather_digests(torch.cat([digest_to_tensor(sha256_hex(data), len(data)), holds]), world)
 
     if rank == 0:
         manifest = _manifest(model, strategy, optimizer, layers, step, world, config_dict, extra, topology)
+        manifest["dense"] = dense_meta
         manifest["files"] = {}
         for r in range(world):
             sha, size = tensor_to_digest(digests[r][:5])
@@ -206,6 +206,36 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
             _prune(path, keep, step_dir)
     _barrier(world)
     return step_dir
+
+
+def _serialize(tensors: dict, rank: int, layer_infos: dict, content: str) -> bytes:
+    return safetensors.torch.save(tensors, metadata={
+        "hecate.format": FORMAT, "hecate.version": str(FORMAT_VERSION), "hecate.rank": str(rank),
+        "hecate.content": content, "hecate.layers": json.dumps(layer_infos)})
+
+
+def _dense_file_tensors(model, layers, dense_state, layer_infos: dict, expert_tensors: dict):
+    """(tensors, layer infos) of the dense file: every non-expert state_dict entry (`dense.*`),
+    the AdamW state of the dense parameters (`optim.*`), and per MoE layer rank 0's piece with no
+    rows (ids / rows / moments of length 0, its `step`), so that a rank reading no expert shard
+    of a layer still learns which moments it has and their step (as a piece of rank 0's shard
+    told it when the dense entries were in that shard)."""
+    tensors = {}
+    for name, v in _dense_entries(model, layers).items():
+        tensors[f"dense.{name}"] = v.detach().cpu().clone().contiguous()
+        if isinstance(v, nn.Parameter) and v in dense_state:
+            for k, st in dense_state[v].items():
+                if torch.is_tensor(st):
+                    tensors[f"optim.{name}.{k}"] = st.detach().cpu().clone().contiguous()
+    infos = {}
+    for key, info in layer_infos.items():
+        infos[key] = {"kind": "flat", "start": 0, "numel": 0} if info["kind"] == "flat" else {"kind": "rows"}
+        prefix = f"experts.{key}."
+        for k, v in expert_tensors.items():
+            if k.startswith(prefix):
+                v = v.detach().cpu()
+                tensors[k] = v.clone() if k == prefix + "step" else v.new_empty((0, *v.shape[1:]))
+    return tensors, infos
 
 
 def _gather_digests(mine: torch.Tensor, world: int) -> torch.Tensor:
@@ -346,9 +376,9 @@ def read_manifest(step_dir: str) -> dict:
         raise CheckpointError(f"{mpath} is not a hecate checkpoint manifest (a JSON object is expected)")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not a hecate checkpoint manifest (format={manifest.get('format')!r})")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{mpath} has format version {manifest.get('version')}, this hecate reads "
-                              f"version {FORMAT_VERSION}")
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     _check_manifest_fields(manifest, mpath)
     return manifest
 
@@ -368,6 +398,11 @@ def _check_manifest_fields(manifest: dict, mpath: str) -> None:
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
                 or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool):
             bad(f"files.{fname}", "a mapping with sha256 (string) and bytes (int)")
+    dense = manifest.get("dense")
+    if manifest["version"] >= 2 and (not isinstance(dense, dict) or dense.get("file") != DENSE_FILE
+                                     or not isinstance(dense.get("sha256"), str)
+                                     or not isinstance(dense.get("bytes"), int) or isinstance(dense.get("bytes"), bool)):
+        bad("dense", f"a mapping with file ({DENSE_FILE!r}), sha256 (string) and bytes (int)")
     step = manifest.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         bad("step", "a non-negative int")
@@ -387,14 +422,23 @@ def _check_manifest_fields(manifest: dict, mpath: str) -> None:
         bad("optimizer", "a mapping or null")
 
 
+def _listed_files(manifest: dict) -> dict[str, dict]:
+    """Every file the manifest lists with its sha256 and bytes: the dense file (version 2) first,
+    then the rank shards."""
+    out = {DENSE_FILE: manifest["dense"]} if manifest.get("version", 1) >= 2 else {}
+    out.update(sorted(manifest["files"].items()))
+    return out
+
+
 def verify_checkpoint(path) -> int:
-    """Resolve the checkpoint `path` would load, read every shard it lists and check size, sha256 and
-    safetensors header (no tensors are built). Returns its step; raises CheckpointError naming the file."""
+    """Resolve the checkpoint `path` would load, read every file it lists (the dense file and
+    every shard) and check size, sha256 and safetensors header (no tensors are built). Returns its
+    step; raises CheckpointError naming the file."""
     step_dir = resolve_checkpoint(path)
     manifest = read_manifest(step_dir)
-    for fname, meta in sorted(manifest["files"].items()):
+    for fname, meta in _listed_files(manifest).items():
         fpath = os.path.join(step_dir, fname)
-        safetensors_metadata(read_verified(fpath, meta["sha256"], meta["bytes"]), fpath)
+        read_verified_tensors(fpath, meta["sha256"], meta["bytes"], materialize=False)
     return int(manifest["step"])
 
 
@@ -434,28 +478,50 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     for i, (layout, entry) in enumerate(zip(layouts, saved_layers)):
         _check_layer(i, entry, layout)
 
-    # What each file holds: from the manifest, or (older checkpoints) every file's header. A rank
+    # What each shard holds: from the manifest, or (older checkpoints) every shard's header. A rank
     # reads whole, and verifies, only the files it needs (hecate.train.checkpoint_reads).
-    names = sorted(manifest["files"])
-    holds = holds_from_manifest(manifest, os.path.join(step_dir, MANIFEST)) or \
-        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in names]
-    shards: dict[str, tuple[dict, dict]] = {}  # file name -> (layer infos, tensors), verified
+    mpath = os.path.join(step_dir, MANIFEST)
+    listed = _listed_files(manifest)  # the dense file (version 2) and every shard
+    holds = holds_from_manifest(manifest, mpath, separate_dense=DENSE_FILE in listed) or \
+        [peek_shard(os.path.join(step_dir, f), f, manifest["files"][f]["bytes"]) for f in sorted(manifest["files"])]
+    # A strategy without a topology (local) may be loaded on one rank of a larger job: no collective.
+    distributed = topology is not None or getattr(strategy, "topology", None) is not None
+    agree_world = world if distributed else 1
 
-    def read(fname: str) -> None:
+    def read(fname: str) -> tuple[dict, dict]:
+        """(layer infos, {name: tensor}) of one verified file, read once: each tensor's bytes go
+        straight into its own allocation (checkpoint_io.read_verified_tensors)."""
         fpath = os.path.join(step_dir, fname)
-        meta = manifest["files"][fname]
-        data = _read_shard(fpath, meta["sha256"], meta["bytes"])
-        info = json.loads(safetensors_metadata(data, fpath).get("hecate.layers", "{}"))
-        shards[fname] = (info, safetensors.torch.load(data))
+        meta = listed[fname]
+        metadata, tensors = _read_shard(fpath, meta["sha256"], meta["bytes"])
+        try:
+            infos = json.loads(metadata.get("hecate.layers", "{}"))
+            if not isinstance(infos, dict) or not all(isinstance(v, dict) for v in infos.values()):
+                raise ValueError("not a mapping of layer index to piece")
+        except ValueError as e:
+            raise CheckpointError(f"{fpath}: its hecate.layers metadata is malformed ({e}); load an earlier step") from e
+        return infos, tensors
 
-    # The dense entries (rank 0's shard) and any file whose header did not parse: every rank.
-    for h in holds:
-        if h.dense or not h.known:
-            read(h.fname)
-    all_tensors = {}
-    for _, t in shards.values():
-        all_tensors.update({k: v for k, v in t.items() if not k.startswith("experts.")})
-    _load_dense(model, layers, all_tensors, step_dir)
+    # Every rank reads the dense entries: the dense file (version 2; older checkpoints: rank 0's
+    # shard), and, from an older manifest, any shard whose header did not parse. They agree on
+    # failure before the collectives below (a rank whose read failed joins none of them).
+    dense_tensors: dict[str, torch.Tensor] = {}
+    pending: dict[str, tuple[dict, dict]] = {}  # verified files read here whose expert pieces are not used yet
+    error, current = None, None
+    try:
+        for fname in ([DENSE_FILE] if DENSE_FILE in listed else []) + \
+                [h.fname for h in holds if h.dense or not h.known]:
+            current = fname
+            infos, t = read(fname)
+            for k in [k for k in t if k.startswith(("dense.", "optim."))]:
+                dense_tensors[k] = t.pop(k)
+            pending[fname] = (infos, t)
+            del t
+        current = None
+    except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
+        error = e
+    agree_on_failure(error, current, list(listed), agree_world, step_dir)
+    _load_dense(model, layers, dense_tensors, step_dir)
 
     saved = manifest["strategy"]["name"]
     if strategy.name == "fssdp" and saved == "fssdp":
@@ -463,53 +529,46 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     if strategy.name == "fssdp_hybrid" and saved == "fssdp_hybrid":
         _restore_hybrid(strategy, layers, saved_layers, manifest, world)
 
-    # The owners are final now: read the files holding this rank's expert elements. Ranks read
-    # different files, so they agree on failure before anyone goes on (agree_on_failure).
+    # The owners are final now: what this rank keeps of each layer (a strategy this module does
+    # not know: every row, which its load_experts slices). One shard at a time is read, its kept
+    # elements copied into the rank's buffers and its bytes freed before the next is read.
     sizes = {i: (layout.num_experts, layout.chunk_numel) for i, layout in enumerate(layouts)}
-    kept = [kept_elements(strategy, layer, rank) for layer in layers]  # None: a strategy loaded from full rows
-    need = {i: kept[i].intervals(*sizes[i]) if kept[i] is not None else
-            needed_elements(strategy, layer, rank, world, *sizes[i]) for i, layer in enumerate(layers)}
+    kept = [kept_elements(strategy, layer, rank) for layer in layers]
+    targets = [k if k is not None else Kept(torch.arange(layout.num_experts)) for k, layout in zip(kept, layouts)]
+    need = {i: target.intervals(*sizes[i]) for i, target in enumerate(targets)}
+    assemblies = [KeptAssembly(layout, i, target) for i, (layout, target) in enumerate(zip(layouts, targets))]
+    results: list = []
     error, current = None, None
-    parts = {}
 
-    def drop_unneeded(fname: str) -> None:
-        # Free the data of this file's pieces that hold nothing the rank keeps (rank 0's shard
-        # is read by every rank for the dense entries); ids, step and which moments a piece has
-        # stay: they give a rank that owns no rows of a layer its state keys and step.
-        info, t = shards[fname]
-        for key, piece in info.items():
-            i = int(key) if key.isdigit() else len(kept)
-            if i >= len(kept) or kept[i] is None or not isinstance(piece, dict) \
-                    or piece.get("kind") not in ("rows", "flat"):
-                continue
-            held = ("flat", int(piece["start"]), int(piece["numel"])) if piece["kind"] == "flat" else \
-                ("rows", t[f"experts.{i}.ids"])
-            if not piece_needed(held, need[i], *sizes[i]):
-                for k in [k for k in t if k.startswith(f"experts.{i}.")]:
-                    if k.endswith((".rows", ".flat")) or k.startswith(f"experts.{i}.state."):
-                        t[k] = t[k].new_empty(0)
+    def add_pieces(fname: str, infos: dict, t: dict) -> None:
+        # Every verified piece a rank read, needed or not: the dense file (or rank 0's shard) has a
+        # piece of every layer, which gives a rank that keeps none of its rows the moments and step.
+        for key, piece in infos.items():
+            if key.isdigit() and int(key) < len(assemblies):
+                prefix = f"experts.{key}."
+                # popped: each tensor is freed as soon as its kept elements are copied out
+                assemblies[int(key)].add(fname, piece, {k[len(prefix):]: t.pop(k) for k in list(t)
+                                                        if k.startswith(prefix)})
 
     try:
-        for fname in list(shards):
-            drop_unneeded(fname)
+        for fname in list(pending):
+            current = fname
+            infos, t = pending.pop(fname)
+            add_pieces(fname, infos, t)
+            del t
+        done = set(listed) - set(manifest["files"]) | {h.fname for h in holds if h.dense or not h.known}
         for fname in files_to_read(holds, need, sizes, dense=False):
-            if fname not in shards:
+            if fname not in done:
                 current = fname
-                read(fname)
-                drop_unneeded(fname)
+                infos, t = read(fname)
+                add_pieces(fname, infos, t)
+                del t
         current = None
-        for i, layout in enumerate(layouts):
-            # Every verified piece of the layer, needed or not: rank 0's shard has a piece of
-            # every layer, which gives a rank that owns none of its rows the state keys and step.
-            parts[i] = [(fname, info[str(i)], {k[len(f"experts.{i}."):]: v for k, v in t.items()
-                                               if k.startswith(f"experts.{i}.")})
-                        for fname, (info, t) in sorted(shards.items()) if str(i) in info]
-            check_covered(parts[i], layout, i, need[i])
+        results = [assembly.finish() for assembly in assemblies]
     except Exception as e:  # noqa: BLE001 - re-raised by agree_on_failure, after the other ranks hear of it
         error = e
-    # A strategy without a topology (local) may be loaded on one rank of a larger job: no collective.
-    distributed = topology is not None or getattr(strategy, "topology", None) is not None
-    agree_on_failure(error, current, names, world if distributed else 1, step_dir)
+    pending.clear()
+    agree_on_failure(error, current, list(listed), agree_world, step_dir)
 
     if optimizer is not None:
         optimizer.state = defaultdict(dict)  # stale state from before the load must not survive
@@ -519,27 +578,24 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
                       f"training continues from step {manifest['step']} with a fresh optimizer", RuntimeWarning,
                       stacklevel=3)
     for i, (layer, layout) in enumerate(zip(layers, layouts)):
+        rows, state, step_t = results[i]
+        results[i] = None
         if kept[i] is not None:
             # Only the rows / range this rank keeps, and their moments: memory per rank shrinks
             # with the number of ranks (the buffers are this load's own: no copy into the optimizer).
-            rows, state, step_t = assemble_kept(parts.pop(i), layout, i, kept[i])
             install_kept(strategy, layer, kept[i], rows)
             pairs = kept_params_and_state(strategy, layer, state) if restore_optim and state else []
         else:
-            rows, state, step_t = assemble(parts.pop(i), layout, i, need[i])  # rows outside `need` are zero
             strategy.load_experts(layer, layout.unflatten(rows))
             pairs = local_params_and_state(strategy, layer, state, rank, world) if restore_optim and state else []
         del rows
-        for _, t in shards.values():  # this layer's pieces are copied out: free them
-            for k in [k for k in t if k.startswith(f"experts.{i}.")]:
-                del t[k]
         if restore_optim and state and step_t is not None:
             for p, st in pairs:
                 optimizer.state[p] = {"step": optimizer_step_tensor(step_t, p, optimizer),
                                       **{k: _owned(v.to(device=p.device, dtype=p.dtype), v) for k, v in st.items()}}
         del state, pairs
     if restore_optim:
-        _restore_dense_optimizer(model, layers, engine, all_tensors, manifest)
+        _restore_dense_optimizer(model, layers, engine, dense_tensors, manifest)
     return int(manifest["step"])
 
 
@@ -549,10 +605,11 @@ def _owned(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format) if t is src and t._base is not None else t
 
 
-def _read_shard(path: str, sha256: str, size: int) -> bytes:
-    """One whole shard file, size and sha256 checked (the one place a load reads a shard; tests
-    count its calls to see which files each rank reads)."""
-    return read_verified(path, sha256, size)
+def _read_shard(path: str, sha256: str, size: int) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of one whole checkpoint file (a shard or the dense file), size and
+    sha256 checked (the one place a load reads a file; tests and benchmarks count its calls to
+    see which files each rank reads)."""
+    return read_verified_tensors(path, sha256, size)
 
 
 def _check_layer(i: int, entry: dict, layout) -> None:
@@ -660,7 +717,7 @@ def export_safetensors(path_out, model, strategy, topology=None) -> None:
             for n in full_layout(layer).names:
                 tensors[f"{prefix}.experts.{n}"] = full[n].detach().cpu().contiguous()
         data = safetensors.torch.save(tensors, metadata={"hecate.format": EXPORT_FORMAT,
-                                                         "hecate.version": str(FORMAT_VERSION)})
+                                                         "hecate.version": str(EXPORT_VERSION)})
         parent = os.path.dirname(os.path.abspath(os.fspath(path_out)))
         os.makedirs(parent, exist_ok=True)
         atomic_write_bytes(os.fspath(path_out), data)

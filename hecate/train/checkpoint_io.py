@@ -95,6 +95,108 @@ def read_verified(path: str, sha256: str | None, size: int | None) -> bytes:
     return data
 
 
+# safetensors dtype names -> torch (those torch can hold; others are refused, named)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100 << 20  # safetensors' own bound on a header (100 MB)
+_BLOCK = 1 << 22
+
+
+def _tensor_entries(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
+    """(begin, end, name, dtype, shape) of every tensor of a parsed safetensors header, sorted by
+    offset, checked to fit the file's data section without overlapping (ValueError otherwise)."""
+    out = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        a, b = (int(x) for x in entry["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not 0 <= a <= b <= data_bytes or \
+                b - a != numel * torch.empty((), dtype=dtype).element_size():
+            raise ValueError(f"tensor {name[:80]!r}: offsets {a}..{b} do not fit shape {shape} of {entry['dtype']}")
+        out.append((a, b, name, dtype, shape))
+    out.sort(key=lambda e: e[:2])
+    for prev, nxt in zip(out, out[1:]):
+        if nxt[0] < prev[1]:
+            raise ValueError(f"tensors {prev[2][:80]!r} and {nxt[2][:80]!r} overlap")
+    return out
+
+
+def read_verified_tensors(path: str, sha256: str | None, size: int | None,
+                          materialize: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(`__metadata__`, {name: tensor}) of a safetensors file, its size and sha256 checked against
+    the manifest before anything is returned (errors name the file). The file is read once, in
+    file order: each tensor's bytes go straight into its own allocation (hashed as they arrive),
+    so memory is the file's size once (safetensors.torch.load of the bytes would be twice), and
+    a caller can free the tensors one by one. The header (unverified while reading) only sizes
+    those allocations, which must fit in the file. materialize=False: check only, no tensors
+    (constant memory). Nothing is unpickled."""
+    h = hashlib.sha256()
+    scratch = memoryview(bytearray(_BLOCK))
+
+    def skim(f, n: int) -> None:  # hash n bytes without keeping them
+        while n > 0:
+            got = f.readinto(scratch[:min(n, _BLOCK)])
+            if not got:
+                raise EOFError
+            h.update(scratch[:got])
+            n -= got
+
+    def fill(f, view: memoryview) -> None:
+        at = 0
+        while at < len(view):
+            got = f.readinto(view[at:at + _BLOCK])
+            if not got:
+                raise EOFError
+            h.update(view[at:at + got])
+            at += got
+
+    with open_sized(path, size) as f:
+        total = os.fstat(f.fileno()).st_size
+        tensors, problem, metadata = {}, None, {}
+        try:
+            head = f.read(8)
+            h.update(head)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if n is None or n > min(total - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit a file of {total} bytes")
+            text = f.read(n)
+            h.update(text)
+            header = json.loads(text)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            metadata = header.get("__metadata__") or {}
+            at = 0
+            for a, b, name, dtype, shape in _tensor_entries(header, total - 8 - n):
+                skim(f, a - at)
+                t = torch.empty(shape, dtype=dtype)
+                if materialize:
+                    if b > a:
+                        fill(f, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    tensors[name] = t
+                else:
+                    skim(f, b - a)
+                at = b
+            skim(f, total - 8 - n - at)
+        except EOFError:
+            raise CheckpointError(f"checkpoint file {path} ended early while being read (truncated meanwhile); "
+                                  "load an earlier step") from None
+        except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
+            problem, tensors = e, {}
+            skim(f, total - f.tell())  # the checksum still decides first what is wrong
+        if f.read(1):
+            raise CheckpointError(f"checkpoint file {path} grew while being read; load again once the writer is done")
+    check_sha256(path, h.hexdigest(), sha256)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {problem!r}")
+    return metadata, tensors
+
+
 def safetensors_header(data, path: str = "<bytes>") -> tuple[dict, int]:
     """The JSON header of a safetensors blob (u64 little-endian length, then JSON;
     `__metadata__` included) and the offset where its tensor data starts."""

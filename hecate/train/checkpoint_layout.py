@@ -309,6 +309,65 @@ def assemble_kept(parts, layout: ChunkLayout, layer_index: int, kept: Kept):
     return rows, state, step
 
 
+class KeptAssembly:
+    """One layer's kept rows and AdamW moments (assemble_kept's result), filled piece by piece as
+    verified shards are read, so a shard's bytes can be freed before the next one is read.
+
+    add() copies the kept elements out of one piece (nothing of its tensors is kept but copies of
+    its ids and step, so the caller can free them right after); finish()
+    checks that the pieces added cover every kept element and returns (rows, state, step) as
+    assemble_kept does: state holds the moments every piece added has, step the last piece's.
+    The buffers are allocated when the first piece holding a kept element arrives (or at
+    finish), so a shard's tensors of earlier layers are freed before later layers allocate."""
+
+    def __init__(self, layout: ChunkLayout, layer_index: int, kept: Kept):
+        self.layout, self.layer_index, self.kept = layout, layer_index, kept
+        self.rows: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.step: torch.Tensor | None = None
+        self.identities: list = []  # (file, info, {"ids": ...}): what check_covered needs
+        self.keys: set[str] | None = None  # the moments every piece so far has
+
+    def _allocate(self) -> None:
+        if self.rows is None:  # sorted keys: see assemble
+            S = self.layout.chunk_numel
+            self.rows = expert_buffer(self.kept.shape(S))
+            self.state = {k: expert_buffer(self.kept.shape(S)) for k in sorted(self.keys or ())}
+
+    def add(self, fname: str, info: dict, t: dict[str, torch.Tensor]) -> None:
+        E, S = self.layout.num_experts, self.layout.chunk_numel
+        kind = info["kind"]
+        if kind not in ("rows", "flat"):
+            raise CheckpointError(f"{fname}: MoE layer {self.layer_index} has unknown layout {kind!r}")
+        if "step" in t:
+            self.step = t["step"].detach().clone()
+        keys = {k[len("state."):] for k in t if k.startswith("state.")}
+        self.keys = keys if self.keys is None else self.keys & keys
+        for k in [k for k in self.state if k not in keys]:
+            del self.state[k]
+        src_ids = t["ids"].to(torch.int64) if kind == "rows" else None
+        if src_ids is not None and src_ids.numel() and (int(src_ids.min()) < 0 or int(src_ids.max()) >= E):
+            raise CheckpointError(f"{fname}: MoE layer {self.layer_index} lists expert ids outside [0, {E})")
+        self.identities.append((fname, info, {"ids": src_ids.clone()} if src_ids is not None else {}))
+        held = rows_to_intervals(src_ids, S) if src_ids is not None else \
+            [(int(info["start"]), int(info["start"]) + int(info["numel"]))]
+        if not any(a < d and c < b for a, b in held for c, d in self.kept.intervals(E, S)):
+            return  # nothing kept here (e.g. the dense file's empty piece): its moments and step only
+        self._allocate()
+        for dst, key in [(self.rows, "rows" if kind == "rows" else "flat")] + \
+                [(self.state[k], f"state.{k}") for k in self.state]:
+            _fill(dst, self.kept, kind, info, src_ids, t[key], E, S)
+
+    def finish(self):
+        """(rows, state, step); CheckpointError naming the experts no added piece held."""
+        E, S = self.layout.num_experts, self.layout.chunk_numel
+        check_covered(self.identities, self.layout, self.layer_index, self.kept.intervals(E, S))
+        self._allocate()  # no piece held a kept element (the rank keeps none of this layer)
+        out = self.rows, self.state, self.step
+        self.rows, self.state, self.identities = None, {}, []
+        return out
+
+
 @torch.no_grad()
 def install_kept(strategy, layer, kept: Kept, rows: torch.Tensor) -> None:
     """Copy the kept rows (assemble_kept) into the layer's expert parameters, the way the

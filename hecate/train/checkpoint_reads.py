@@ -1,7 +1,8 @@
 """Which shard files of a checkpoint one rank reads: only those holding something it needs.
 
-A rank needs the dense parameters (and their optimizer state) and the expert elements it
-will own under its NEW layout. What each file holds is recorded in the manifest at save time
+A rank needs the dense parameters (and their optimizer state: the checkpoint's dense file,
+read by every rank; in a format-version-1 checkpoint, rank 0's shard) and the expert elements
+it will own under its NEW layout. What each shard holds is recorded in the manifest at save time
 (`files.<name>.holds`); for a checkpoint written before that, it is taken from each file's
 safetensors header and, for a rows layout, its expert-id tensor (a few kilobytes read without
 the rest of the file; a file whose header cannot be parsed is read in full). Either way these
@@ -136,10 +137,12 @@ def decode_holdings(t: torch.Tensor, num_experts: list[int]) -> dict:
     return {"dense": bool(t[at]), "experts": experts}
 
 
-def holds_from_manifest(manifest: dict, manifest_path: str) -> list[ShardHolds] | None:
+def holds_from_manifest(manifest: dict, manifest_path: str, separate_dense: bool = False) -> list[ShardHolds] | None:
     """Every listed shard's contents as the manifest records them (sorted by name), or None when
     a shard's entry has no `holds` (a checkpoint written before they were recorded: peek_shard).
-    Values are checked; a bad one is a CheckpointError naming the manifest key."""
+    separate_dense: the dense entries are in their own file (format version 2), so no shard
+    holds them; otherwise (version 1) one shard, rank 0's, must. Values are checked; a bad one
+    is a CheckpointError naming the manifest key."""
     files, layers = manifest["files"], manifest["layers"]
     if not all(isinstance(meta, dict) and "holds" in meta for meta in files.values()):
         return None
@@ -171,7 +174,7 @@ def holds_from_manifest(manifest: dict, manifest_path: str) -> list[ShardHolds] 
             else:
                 raise bad(f"has layer {i} kind {str(info.get('kind'))[:20]!r}, not 'rows' or 'flat'")
         out.append(ShardHolds(fname, True, holds["dense"], pieces))
-    if not any(h.dense for h in out):  # rank 0's shard always has them
+    if not separate_dense and not any(h.dense for h in out):  # version 1: rank 0's shard has them
         raise CheckpointError(f"{manifest_path}: no shard's 'holds' has the dense entries; the manifest is "
                               "damaged (load an earlier step)")
     return out
