@@ -2,7 +2,7 @@
 // pass over the [W, E] counts instead of a dozen numpy calls.
 //
 // A replica of e on rank d saves 4 x tokens x token_bytes - cost bytes (cost = chunk bytes x
-// chunk passes). The policy's replicas are kept where they save; each rank's remaining slots
+// chunk passes; the rule and its break-even are fit_rule.h's). The policy's replicas are kept where they save; each rank's remaining slots
 // (m minus the kept ones) go to the replicas that save the most (ties: the lower expert); if
 // fixed_bytes > 0 and the summed saving does not exceed it, P1 = P0. The savings and their sums
 // are computed with the same double operations, in the same order, as numpy's (numpy_sum.h),
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fit_rule.h"
 #include "numpy_sum.h"
 #include "planner.h"
 
@@ -27,17 +28,14 @@ template <class T>
 void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t W, int64_t E, int64_t cost,
          int64_t token_bytes, int64_t m, double fixed_bytes) {
   const double tb = static_cast<double>(token_bytes), c0 = static_cast<double>(cost);
-  // Below the break-even count nothing can pay: one comparison per cell skips those (the
-  // threshold is lowered far beyond rounding, as fit_holders' own prefilter), and the exact
-  // saving decides for the rest.
-  const bool prefilter = token_bytes > 0 && cost > 0;
-  const double threshold = prefilter ? c0 / (4.0 * tb) * (1 - 1e-9) : 0.0;
-  // The same test in the counts' own type: an integer count exceeds the threshold iff it
-  // exceeds its floor (an integer comparison, no conversion per cell).
+  // At or below the break-even count nothing can pay (fit_rule.h): one comparison per cell
+  // skips those, and the exact saving decides for the rest. In the counts' own type: an integer
+  // count exceeds the threshold iff it exceeds its floor (no conversion per cell).
   T bound = std::numeric_limits<T>::lowest();
-  if (prefilter) {
+  if (has_break_even(cost, token_bytes)) {
+    const double threshold = break_even_count(cost, token_bytes);
     if constexpr (std::is_integral_v<T>) {
-      bound = threshold >= 9.2e18 ? std::numeric_limits<T>::max() : static_cast<T>(std::floor(threshold));
+      bound = break_even_floor(threshold);
     } else {
       bound = threshold;
     }
@@ -85,10 +83,7 @@ void fit(const bool* h, bool* o, const int64_t* owner, const T* counts, int64_t 
     cand.clear();
     for (int64_t i = 0; i < n_above; ++i) {
       const int64_t e = ab[i];
-      // volatile: the product is rounded before the subtraction, as numpy's is (a fused
-      // multiply-add, which some targets' default contraction would emit, rounds once).
-      volatile double bytes = 4.0 * static_cast<double>(row[e]) * tb;
-      const double saving = bytes - c0;
+      const double saving = replica_saving(static_cast<double>(row[e]), tb, c0);
       if (!(saving > 0) || owned_by[e] == d) continue;
       if (hold[e]) {
         o[d * E + e] = true;

@@ -418,14 +418,15 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     counts = _counts_array(counts_WE, W, E)
     m = check_positive_int(capacity_m, "capacity_m")
     cost = chunk_passes * chunk_bytes
-    # Only entries above the break-even count can pay; a scalar comparison finds them (with a
-    # margin far above rounding), and the exact saving is computed for those alone.
-    if token_bytes > 0:
-        maybe = counts > cost / (4 * token_bytes) * (1 - 1e-9) if cost > 0 else counts >= 0
+    # Only entries above the break-even count can pay; a scalar comparison finds them, and the
+    # exact saving is computed for those alone (break_even_count, replica_savings).
+    even = break_even_count(cost, token_bytes)
+    if even is not None:
+        maybe = counts > even
     else:
-        maybe = np.full(counts.shape, cost < 0)
+        maybe = counts >= 0 if token_bytes > 0 else np.full(counts.shape, cost < 0)
     d, e = sparse_nonzero(maybe)  # row-major: rank, then expert
-    saving = 4 * counts[d, e].astype(np.float64) * token_bytes - cost
+    saving = replica_savings(counts[d, e], token_bytes, cost)
     pays = saving > 0
     d, e, saving = d[pays], e[pays], saving[pays]
     owned = owner_holders(owner, W)
@@ -447,6 +448,76 @@ def fit_holders(holders_WE, owner_E, counts_WE, *, chunk_bytes: int, token_bytes
     if fixed_bytes > 0 and not saved > fixed_bytes:
         return torch.from_numpy(owned)  # the replicas would not repay their collectives: P1 = P0
     return torch.from_numpy(out)
+
+
+# The fit's rule, which the no-replica shortcut bounds (FullyShardedSparse._fit_keeps_none). The
+# C++ ops apply csrc/cpu/fit_rule.h; these are its twin for builds without hecate._C, the same
+# double operations (tests/test_fssdp_fit_rule.py compares them).
+
+def replica_savings(counts, token_bytes: int, cost: int) -> np.ndarray:
+    """The bytes a replica saves per cell of counts: 4 x count x token_bytes - cost, float64
+    (the tokens no longer cross 4 times; the chunk crosses `cost` = chunk bytes x passes).
+    4 x count is exact, so the result is the same double as (4 x count) x token_bytes - cost."""
+    saving = np.multiply(counts, 4.0, dtype=np.float64)
+    saving *= float(token_bytes)
+    saving -= float(cost)
+    return saving
+
+
+def break_even_count(cost: int, token_bytes: int) -> float | None:
+    """The count at or below which a replica saves nothing, lowered by 1e-9 relative (far beyond
+    the savings' rounding, so no cell it rules out could save); None when token_bytes or cost is
+    not positive (no such count: the fit then computes every saving)."""
+    if token_bytes > 0 and cost > 0:
+        return float(cost) / (4.0 * float(token_bytes)) * (1 - 1e-9)
+    return None
+
+
+def fit_bound(counts_WE, owner_E, *, token_bytes: int, cost: int, not_owned: np.ndarray | None = None,
+              use_kernel: bool | None = None) -> tuple[int, float]:
+    """(largest cell, most saved) of int64 counts [W, E]: the sum of every positive saving over the
+    cells a replica could take (not the owner's), the most bytes any fit of any P1 to these
+    counts can save (it keeps a subset of them). Summed as np.add.reduce sums the [W * E] savings
+    with 0.0 at the owners' and at non-saving cells (pairwise), the C++ op fit_bound too.
+    `not_owned`: that 0/1 float64 mask, flat, when the caller keeps one."""
+    if use_kernel is None:
+        use_kernel = use_extension("fit_bound", torch.device("cpu"))
+    if use_kernel:
+        counts_t = counts_WE if isinstance(counts_WE, torch.Tensor) else torch.from_numpy(np.asarray(counts_WE))
+        top, saved = torch.ops.hecate.fit_bound(counts_t, owner_E, int(token_bytes), int(cost))
+        return top, saved
+    counts = counts_WE.numpy() if isinstance(counts_WE, torch.Tensor) else np.asarray(counts_WE)
+    top = int(counts.max())
+    if not replica_savings(np.int64(top), token_bytes, cost) > 0:
+        return top, 0.0  # no cell saves anything
+    if not_owned is None:
+        owner = owner_E.numpy() if isinstance(owner_E, torch.Tensor) else np.asarray(owner_E)
+        not_owned = (~owner_holders(owner, counts.shape[0])).astype(np.float64).reshape(-1)
+    saving = replica_savings(counts, token_bytes, cost)
+    np.maximum(saving, 0.0, out=saving)
+    saving = saving.reshape(-1)
+    saving *= not_owned
+    return top, float(np.add.reduce(saving))
+
+
+def fit_keeps_none(max_count: int, most_saved: float, cells: int, *, token_bytes: int, cost: int,
+                   fixed_bytes: float, use_kernel: bool | None = None) -> bool:
+    """Whether fit_holders returns P0 for any P1 and any counts of `cells` cells whose largest is
+    max_count and whose replicas could save most_saved bytes at most (fit_bound; or a mean of such
+    bounds, which bounds the fit to the mean counts, the saving being convex in the count): every
+    cell is at or below the break-even count, or the most the replicas could save does not repay
+    the collectives they add (fixed_bytes), with margins far above the rounding of the fit's sums
+    (relative) and savings (absolute, per cell). The C++ op fit_keeps_none where hecate._C is built."""
+    if use_kernel is None:
+        use_kernel = use_extension("fit_bound", torch.device("cpu"))
+    if use_kernel:
+        return torch.ops.hecate.fit_keeps_none(int(max_count), float(most_saved), int(cells), int(token_bytes),
+                                               int(cost), float(fixed_bytes))
+    even = break_even_count(cost, token_bytes)
+    if even is not None and int(max_count) <= even:  # an exact int-float comparison
+        return True
+    slack = 1e-15 * cells * (4.0 * float(max_count) * float(token_bytes) + float(cost))
+    return fixed_bytes > 0 and most_saved + slack <= fixed_bytes * (1 - 1e-9)
 
 
 def _kernel_fit_inputs(holders_WE, owner_E, counts_WE, *ints) -> bool:

@@ -46,7 +46,9 @@ from hecate.parallel.fssdp.materialize import (
     HecatePolicy,
     NoReplicationPolicy,
     ShadowingPolicy,
+    fit_bound,
     fit_holders,
+    fit_keeps_none,
 )
 from hecate.parallel.fssdp.options import FssdpOptions
 from hecate.parallel.fssdp.plan import Plan
@@ -436,18 +438,16 @@ class FullyShardedSparse(ExpertStrategy):
         host = gathered.cpu()  # the layer's one read back from a device (on the CPU: the same tensor)
         if ops._backend.use_extension("agree_counts", _CPU):
             # One C++ pass over the table (csrc/cpu/agree_counts.cpp): the same results as the
-            # numpy below, the fit's bound included where its sum is exact (else numpy's).
-            counts, non_moe_us, bad, top, saving, exact = _agree_op()(
+            # numpy below, the fit's bound and its decision included (fit_rule.h).
+            counts, non_moe_us, bad, top, saving, none = _agree_op()(
                 host, W, E, state.owner_E if fit is not None else None,
                 fit.token_bytes if fit is not None else 0,
-                fit.chunk_passes * fit.chunk_bytes if fit is not None else 0)
+                fit.chunk_passes * fit.chunk_bytes if fit is not None else 0,
+                fit.fixed_bytes if fit is not None else 0.0)
             if bad >= 0:
                 self._disagree(layer, host.numpy().reshape(W, M)[:, E + 1:])
-            bound = None
-            if fit is not None:
-                # _fit_bound's tuple (owner_cache is current: _state_digest refreshed it above).
-                bound = (top, saving, state.owner_cache, fit) if exact else \
-                    self._fit_bound(fit, counts.numpy(), state)
+            # _fit_bound's tuple (owner_cache is current: _state_digest refreshed it above).
+            bound = (top, saving, state.owner_cache, fit, none) if fit is not None else None
             return counts, non_moe_us, early, bound
         # The checks below on the host array: no small tensor ops.
         table = host.numpy().reshape(W, M)
@@ -513,7 +513,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._staged_prefetch = (ahead, staged) if ahead is not None else None
         state.non_moe_agreed_s = non_moe_us * 1e-6
         m = self.capacity_m(layer.expert_layout.num_experts)
-        state.fit_kept_none = bound is not None and self._fit_keeps_none(fit, *bound[:2], counts_WE.numel())
+        state.fit_kept_none = bound is not None and bound[4]
         holders = load = t = None
         if state.prefetched is not None:
             # P1 was fixed when the gather was issued; only the routes follow the real counts.
@@ -632,34 +632,23 @@ class FullyShardedSparse(ExpertStrategy):
         return fit
 
     def _fit_bound(self, fit: ReplicaFit, counts: np.ndarray, state) -> tuple:
-        """(the largest cell of counts [W, E], the sum of every positive saving 4 x count x
-        token bytes - chunk cost over the cells a replica could take (not the owner's): the
-        most bytes any fit of any P1 to these counts can save, as it keeps a subset of those;
-        the owner cache entry of the placement and the prices this holds for)."""
-        top = counts.max()
-        cost = fit.chunk_passes * fit.chunk_bytes
+        """(the largest cell of counts [W, E], the most bytes any fit of any P1 to them can save
+        (materialize.fit_bound), the owner cache entry of the placement and the prices this holds
+        for, whether the fit keeps no replica (_fit_keeps_none)). agree_counts returns the same
+        tuple's values from the gathered table in its one pass."""
         self._owner_cache(state)
         owners = state.owner_cache  # the placement the bound holds for (the prefetch checks it)
-        if 4.0 * top * fit.token_bytes <= cost:
-            return top, 0.0, owners, fit  # no cell saves anything
-        saving = counts * (4.0 * fit.token_bytes)  # = (4 x count) x token bytes: scaling by 4 is exact
-        saving -= cost
-        np.maximum(saving, 0.0, out=saving)
-        return top, float(np.dot(saving.reshape(-1), owners[4])), owners, fit
+        top, saved = fit_bound(counts, state.owner_E, token_bytes=fit.token_bytes,
+                               cost=fit.chunk_passes * fit.chunk_bytes, not_owned=owners[4])
+        return top, saved, owners, fit, self._fit_keeps_none(fit, top, saved, counts.size)
 
     @staticmethod
     def _fit_keeps_none(fit: ReplicaFit, max_count, most_saved: float, cells: int) -> bool:
-        """Whether fitting any P1 (materialize.fit_holders, csrc/cpu/fit.cpp) to counts whose
-        largest cell is `max_count` and whose replicas could save `most_saved` bytes at most
-        (_fit_bound) returns P0: every cell is at or below the break-even the fit itself skips
-        on (its prefilter: the same double operations), or the most the replicas could save
-        does not repay the collectives they add (fixed_bytes), with margins far above the
-        rounding of the fit's sums (relative) and savings (absolute, per cell)."""
-        cost = fit.chunk_passes * fit.chunk_bytes
-        if fit.token_bytes > 0 and cost > 0 and max_count <= cost / (4 * fit.token_bytes) * (1 - 1e-9):
-            return True
-        slack = 1e-15 * cells * (4.0 * float(max_count) * fit.token_bytes + cost)
-        return fit.fixed_bytes > 0 and most_saved + slack <= fit.fixed_bytes * (1 - 1e-9)
+        """Whether fitting any P1 (materialize.fit_holders, csrc/cpu/fit.cpp) to counts of `cells`
+        cells whose largest is `max_count` and whose replicas could save `most_saved` bytes at
+        most (_fit_bound) returns P0: materialize.fit_keeps_none (the rule is fit_rule.h's)."""
+        return fit_keeps_none(max_count, most_saved, cells, token_bytes=fit.token_bytes,
+                              cost=fit.chunk_passes * fit.chunk_bytes, fixed_bytes=fit.fixed_bytes)
 
     def _replica_fixed_bytes(self, collectives: int) -> float:
         """What a layer's replica collectives cost beyond their bytes, in bytes summed over the
