@@ -106,8 +106,9 @@ print("bad id passed", flush=True)
 """
 
 
-@pytest.mark.parametrize("name, S", [("pack_chunks", 3), ("unpack_chunks", 1000), ("scatter_add_chunks", 3),
-                                     ("unpack_chunks", 0)])
+# One process each (a few seconds of CUDA start-up): the pack kernel, a column kernel, and the
+# op-side check of empty rows (unpack_chunks' column kernel is scatter_add's loop with a copy).
+@pytest.mark.parametrize("name, S", [("pack_chunks", 3), ("scatter_add_chunks", 1000), ("unpack_chunks", 0)])
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_op_bad_id_stops_at_the_next_sync(name, S):
