@@ -5,18 +5,20 @@ assembles, and the rise of the rank's peak resident memory over the load.
 
 A checkpoint is saved under fssdp at --save-world ranks (one AdamW step, so expert moments are
 in it too), then loaded under each --loads strategy@world on gloo workers, with
-hecate.train.checkpoint.read_verified (the whole-file read) and, where present, peek_shard
-(the header read) counted. Expert buffers are counted where a load creates them:
-checkpoint_layout.expert_buffer (kept rows and moments) and, where a load calls it, the
-full-size checkpoint.assemble (rows [E, S] and each moment [E, S]); "per layer" is the largest
-one layer's assembly, "total" the sum over the load. Peak RSS: /proc/self/status VmHWM after the
-load minus VmRSS before it (the high-water mark reset through /proc/self/clear_refs after
-malloc_trim; Linux only, includes the shard bytes read and every temporary, noisy by a few MB).
+hecate.train.checkpoint._read_shard (the whole-file read: which files, their bytes, the largest)
+and, where present, peek_shard (the header read) counted. Expert buffers are counted where a
+load creates them: checkpoint_layout.expert_buffer (kept rows and moments) and, where an older
+tree's load calls it, the full-size checkpoint.assemble (rows [E, S] and each moment [E, S]);
+"largest layer" is the most one layer's buffers took, "total" the sum over the load. Peak RSS:
+/proc/self/status VmHWM after the load minus VmRSS before it (the high-water mark reset through
+/proc/self/clear_refs after malloc_trim; Linux only, noisy by a few MB); what it holds beyond the
+expert buffers (file bytes read, dense state, temporaries) is also printed as a multiple of the
+largest file read, the figure reading a file once instead of twice lowers.
 Before hecate read only the shards a rank needs, every rank read the total; before it
 assembled only the rows a rank keeps, every rank allocated every layer's full rows and
 moments; run this file against an older checkout (PYTHONPATH) to see that.
 
-    .venv/bin/python benchmarks/checkpoint_reads.py [--save-world 4] [--loads fssdp@4,fssdp@2,ep@2,dp@2]
+    .venv/bin/python benchmarks/checkpoint_reads.py [--save-world 4] [--loads fssdp@4,fssdp@2,ep@2,fsdp@2,dp@2]
         [--experts 16] [--layers 4] [--d-model 64] [--ffn 128] [--json]
 """
 from __future__ import annotations
@@ -81,15 +83,20 @@ def load(rank, world, out, name, experts, layers, d_model, ffn):
     import hecate.train.checkpoint_layout as layout_mod
 
     model, strategy, engine, topo = _build(name, experts, layers, d_model, ffn)
-    counts = {"files": 0, "whole": 0, "header": 0, "expert_total": 0, "expert_layer_max": 0}
-    real_read, real_peek = ck.read_verified, getattr(ck, "peek_shard", None)
-    real_assemble, real_buffer = ck.assemble, getattr(layout_mod, "expert_buffer", None)
-    real_kept = getattr(ck, "assemble_kept", None)
+    counts = {"files": 0, "whole": 0, "largest": 0, "header": 0, "expert_total": 0, "expert_layer_max": 0,
+              "read": []}
+    real_read, real_peek = ck._read_shard, getattr(ck, "peek_shard", None)
+    real_buffer = getattr(layout_mod, "expert_buffer", None)
+    real_assemble, real_kept = getattr(ck, "assemble", None), getattr(ck, "assemble_kept", None)
+    assembly = getattr(layout_mod, "KeptAssembly", None)
+    real_allocate = assembly._allocate if assembly is not None else None
 
     def read(path, sha256, size):
         data = real_read(path, sha256, size)
         counts["files"] += 1
-        counts["whole"] += len(data)
+        counts["whole"] += os.path.getsize(path)
+        counts["largest"] = max(counts["largest"], os.path.getsize(path))
+        counts["read"].append(os.path.basename(path))
         return data
 
     def peek(*a):
@@ -102,41 +109,63 @@ def load(rank, world, out, name, experts, layers, d_model, ffn):
     def buffer(shape):
         t = real_buffer(shape)
         layer_bytes[0] += t.numel() * t.element_size()
+        counts["expert_total"] += t.numel() * t.element_size()
         return t
 
-    def assembled(real):
+    def layer_done():
+        counts["expert_layer_max"] = max(counts["expert_layer_max"], layer_bytes[0])
+        layer_bytes[0] = 0
+
+    def assembled(real):  # an older tree: one layer's buffers per call (full-size: its result)
         def run(*a, **k):
             layer_bytes[0] = 0
             rows, state, step = real(*a, **k)
-            if real is real_assemble:  # the full-size path: its rows and moments are the allocation
-                layer_bytes[0] = sum(t.numel() * t.element_size() for t in [rows, *state.values()])
-            counts["expert_total"] += layer_bytes[0]
-            counts["expert_layer_max"] = max(counts["expert_layer_max"], layer_bytes[0])
+            if real is real_assemble:
+                full = sum(t.numel() * t.element_size() for t in [rows, *state.values()])
+                layer_bytes[0], counts["expert_total"] = full, counts["expert_total"] + full
+            layer_done()
             return rows, state, step
         return run
 
-    ck.read_verified, ck.assemble = read, assembled(real_assemble)
+    def allocate(self):  # this tree: one layer's buffers per allocation
+        layer_bytes[0] = 0
+        real_allocate(self)
+        layer_done()
+
+    ck._read_shard = read
     if real_peek is not None:
         ck.peek_shard = peek
+    if real_buffer is not None:
+        layout_mod.expert_buffer = buffer
+    if real_assemble is not None:
+        ck.assemble = assembled(real_assemble)
     if real_kept is not None:
-        ck.assemble_kept, layout_mod.expert_buffer = assembled(real_kept), buffer
+        ck.assemble_kept = assembled(real_kept)
+    if assembly is not None:
+        assembly._allocate = allocate
     try:
         before = _reset_peak()
         ck.load_checkpoint(out, model, strategy, engine, topo)
         counts["rss_peak_rise"] = (_rss_kib("VmHWM") - before) * 1024
     finally:
-        ck.read_verified, ck.assemble = real_read, real_assemble
+        ck._read_shard = real_read
         if real_peek is not None:
             ck.peek_shard = real_peek
+        if real_buffer is not None:
+            layout_mod.expert_buffer = real_buffer
+        if real_assemble is not None:
+            ck.assemble = real_assemble
         if real_kept is not None:
-            ck.assemble_kept, layout_mod.expert_buffer = real_kept, real_buffer
+            ck.assemble_kept = real_kept
+        if assembly is not None:
+            assembly._allocate = real_allocate
     return counts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--save-world", type=int, default=4)
-    ap.add_argument("--loads", default="fssdp@4,fssdp@2,ep@2,dp@2", help="strategy@world, comma-separated")
+    ap.add_argument("--loads", default="fssdp@4,fssdp@2,ep@2,fsdp@2,dp@2", help="strategy@world, comma-separated")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=64)
@@ -148,8 +177,9 @@ def main() -> None:
         shape = (args.experts, args.layers, args.d_model, args.ffn)
         run_distributed(save, args.save_world, tmp, *shape, timeout=600)
         step_dir = os.path.join(tmp, "step_00000001")
-        total = sum(os.path.getsize(os.path.join(step_dir, f)) for f in os.listdir(step_dir)
-                    if f.endswith(".safetensors"))
+        sizes = {f: os.path.getsize(os.path.join(step_dir, f)) for f in sorted(os.listdir(step_dir))
+                 if f.endswith(".safetensors")}
+        total = sum(sizes.values())
         for spec in args.loads.split(","):
             name, world = spec.split("@")
             per_rank = run_distributed(load, int(world), tmp, name, *shape, timeout=600)
@@ -158,17 +188,21 @@ def main() -> None:
     model = _model(args.experts, args.layers, args.d_model, args.ffn)
     expert_state = 3 * 4 * sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     if args.json:
-        print(json.dumps({"save": f"fssdp@{args.save_world}", "checkpoint_bytes": total,
+        print(json.dumps({"save": f"fssdp@{args.save_world}", "checkpoint_bytes": total, "files": sizes,
                           "expert_state_bytes": expert_state, "loads": results}))
         return
     print(f"checkpoint: fssdp@{args.save_world}, {args.experts} experts x {args.layers} MoE layers, "
-          f"{total} bytes in {args.save_world} shard files; expert rows + AdamW moments (fp32): {expert_state} bytes")
+          f"{total} bytes in {len(sizes)} files ({', '.join(f'{f} {n}' for f, n in sizes.items())}); "
+          f"expert rows + AdamW moments (fp32): {expert_state} bytes")
     for r in results:
         for rank, c in enumerate(r["per_rank"]):
-            print(f"  load {r['load']:>8} rank {rank}: {c['files']} files read whole, {c['whole']:>9} bytes "
-                  f"({c['whole'] / total:.2f} of the checkpoint) + {c['header']} header bytes; expert buffers "
-                  f"{c['expert_total']:>9} bytes ({c['expert_total'] / expert_state:.2f} of the expert state), "
-                  f"largest layer {c['expert_layer_max']}; peak RSS rise {c['rss_peak_rise'] / 2**20:.1f} MiB")
+            beyond = c["rss_peak_rise"] - c["expert_total"]
+            print(f"  load {r['load']:>8} rank {rank}: {c['files']} files read whole ({' '.join(c['read'])}), "
+                  f"{c['whole']:>9} bytes ({c['whole'] / total:.2f} of the checkpoint) + {c['header']} header bytes; "
+                  f"expert buffers {c['expert_total']:>9} bytes ({c['expert_total'] / expert_state:.2f} of the expert "
+                  f"state), largest layer {c['expert_layer_max']}; peak RSS rise {c['rss_peak_rise'] / 2**20:.1f} MiB, "
+                  f"beyond the expert buffers {beyond / 2**20:.1f} MiB = {beyond / max(1, c['largest']):.2f} x the "
+                  f"largest file read ({c['largest']})")
 
 
 if __name__ == "__main__":

@@ -137,9 +137,12 @@ def read_verified_tensors(path: str, sha256: str | None, size: int | None,
     those allocations, which must fit in the file. materialize=False: check only, no tensors
     (constant memory). Nothing is unpickled."""
     h = hashlib.sha256()
-    scratch = memoryview(bytearray(_BLOCK))
+    scratch = memoryview(bytearray(0))
 
-    def skim(f, n: int) -> None:  # hash n bytes without keeping them
+    def skim(f, n: int) -> None:  # hash n bytes without keeping them (a block at a time)
+        nonlocal scratch
+        if len(scratch) < min(n, _BLOCK):
+            scratch = memoryview(bytearray(min(n, _BLOCK)))
         while n > 0:
             got = f.readinto(scratch[:min(n, _BLOCK)])
             if not got:
