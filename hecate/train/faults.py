@@ -196,6 +196,101 @@ def read_worker_errors(error_dir: str) -> dict[int, dict]:
     return out
 
 
+# ---- NCCL collective timeouts ----------------------------------------------------------------------
+# On gloo a collective that runs past train.collective_timeout_s raises in the waiting rank, and the
+# trainer turns it into a CollectiveTimeoutError naming the step, the layer and the missing ranks. On
+# NCCL, torch's watchdog thread finds the overdue collective instead: it logs "[Rank r] Watchdog caught
+# collective operation timeout: WorkNCCL(SeqNum=.., OpType=.., .., Timeout(ms)=..)" and, under
+# TORCH_NCCL_ASYNC_ERROR_HANDLING 1 or 3 (3 is torch's default: tear the process down without aborting
+# the communicators), rethrows in that thread, which ends the process with SIGABRT. No Python code of the
+# rank runs after it, so the rank records its timeout for its launcher at start-up, and the launcher,
+# seeing the rank die of SIGABRT, prints the named message (launch.py).
+TIMEOUT_KEY = "train.collective_timeout_s"
+NCCL_RECORD = "nccl_rank_{rank:05d}.json"
+
+
+def nccl_watchdog_env(environ: dict, trace_prefix: str | None = None) -> list[str]:
+    """Set, where the user has not, what ProcessGroupNCCL reads when it is created; returns warnings.
+
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a timed-out collective ends the process (torch's default,
+      made explicit); 0 (no handling) leaves the rank hanging forever, 2 (abort the communicators
+      only) lets it run on with the data of an unfinished collective: both are warned about.
+    - TORCH_NCCL_DUMP_ON_TIMEOUT=1 with TORCH_NCCL_TRACE_BUFFER_SIZE=2000 (the dump needs a buffer):
+      before the abort the watchdog writes torch's flight recorder (the last collectives of the rank)
+      to TORCH_NCCL_DEBUG_INFO_TEMP_FILE + rank, here `trace_prefix` + rank when given. The newer
+      spellings TORCH_FR_BUFFER_SIZE / TORCH_FR_DUMP_TEMP_FILE take precedence in torch when set.
+    """
+    warnings = []
+    environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    mode = environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"].strip()
+    if mode in ("0", "2"):
+        what = ("a collective that never completes hangs the rank forever" if mode == "0" else
+                "a timed-out collective aborts the communicators but the rank runs on with its unfinished data")
+        warnings.append(f"TORCH_NCCL_ASYNC_ERROR_HANDLING={mode}: {what}; unset it (or set 3) so that a "
+                        f"collective past {TIMEOUT_KEY} ends the run with a named error")
+    environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    if "TORCH_FR_BUFFER_SIZE" not in environ:
+        environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    if trace_prefix and "TORCH_FR_DUMP_TEMP_FILE" not in environ:
+        environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", trace_prefix)
+    return warnings
+
+
+def record_nccl_rank(rank: int, timeout_s: float, environ: dict | None = None) -> str | None:
+    """Tell the launcher (HECATE_ERROR_DIR) that this rank runs NCCL collectives bounded by timeout_s,
+    and where its flight-recorder dump would go. Returns the record's path (None without a launcher)."""
+    environ = os.environ if environ is None else environ
+    error_dir = environ.get("HECATE_ERROR_DIR")
+    if not error_dir:
+        return None
+    trace = environ.get("TORCH_FR_DUMP_TEMP_FILE") or environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    record = {"rank": rank, "collective_timeout_s": timeout_s, "trace": f"{trace}{rank}" if trace else None,
+              "started": time.time()}
+    path = os.path.join(error_dir, NCCL_RECORD.format(rank=rank))
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_nccl_records(error_dir: str) -> dict[int, dict]:
+    """{rank: record} written by record_nccl_rank."""
+    out = {}
+    if not os.path.isdir(error_dir):
+        return out
+    for name in os.listdir(error_dir):
+        if name.startswith("nccl_rank_") and name.endswith(".json"):
+            try:
+                with open(os.path.join(error_dir, name)) as f:
+                    rec = json.load(f)
+                out[int(rec["rank"])] = rec
+            except (OSError, ValueError, KeyError):
+                continue
+    return out
+
+
+def nccl_abort_message(rank: int, record: dict, still_running: list[int] = ()) -> str:
+    """The launcher's line for a rank of an NCCL run that died of SIGABRT (see the note above)."""
+    timeout = record.get("collective_timeout_s")
+    setting = f"{TIMEOUT_KEY}={timeout:g}s" if isinstance(timeout, (int, float)) else TIMEOUT_KEY
+    trace = record.get("trace")
+    dumped = bool(trace) and os.path.isfile(trace) and os.path.getmtime(trace) >= record.get("started", 0)
+    if dumped:
+        # The watchdog writes the dump only when it caught a timeout or an NCCL error.
+        head = (f"rank {rank}: NCCL's watchdog ended the process (SIGABRT): a collective did not complete "
+                f"within {setting} or NCCL failed")
+        where = f"its 'Watchdog caught collective operation timeout' line above names the collective; " \
+                f"flight recorder: {trace}"
+    else:
+        head = (f"rank {rank} was killed by SIGABRT: on NCCL that is how torch's watchdog ends a rank whose "
+                f"collective did not complete within {setting}")
+        where = "look above for its 'Watchdog caught collective operation timeout' line, which names the collective"
+    running = (f"; ranks {list(still_running)} were still running when the launcher stopped the group"
+               if still_running else "")
+    return (f"{head} ({where}){running}. If a step legitimately takes longer, raise {TIMEOUT_KEY}; "
+            "otherwise a rank stopped, hung or died before the collective")
+
+
 # ---- fault injection for tests -------------------------------------------------------------------
 def injected_fault(rank: int, step: int) -> None:
     """HECATE_FAULT="ACTION:RANK:STEP" (tests only): at the start of STEP on RANK, ACTION is

@@ -12,8 +12,10 @@ agent. This launcher:
   is not on sys.path, so a stray `yaml.py` there is never imported);
 * workers die with the launcher (hecate.train.faults.die_with_parent);
 * on the first failure it stops the others and prints the first failing rank's error once,
-  as one line naming the rank, and exits 2; with `max_restarts` a group that lost a rank
-  (killed, crashed, timed out) is restarted from the newest checkpoint;
+  as one line naming the rank, and exits 2 (a rank of an NCCL run killed by SIGABRT, the NCCL
+  watchdog's end for a collective past train.collective_timeout_s, is named as such); with
+  `max_restarts` a group that lost a rank (killed, crashed, timed out) is restarted from the
+  newest checkpoint;
 * SIGTERM/SIGINT are forwarded as SIGTERM: the ranks finish the step, save a checkpoint and
   exit; the launcher exits 128 + the signal number.
 """
@@ -30,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hecate.train.faults import EXIT_ERROR, EXIT_STOPPED, read_worker_errors
+from hecate.train.faults import (EXIT_ERROR, EXIT_STOPPED, nccl_abort_message, read_nccl_records,
+                                 read_worker_errors)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESUME_IF_ANY = "--resume-if-any"
@@ -261,6 +264,14 @@ class Launcher:
         errors = read_worker_errors(error_dir)
         signaled = [i for i, c in enumerate(codes) if c is not None and c < 0 and i not in killed_by_us]
         if signaled:
+            # A rank of an NCCL run that died of SIGABRT: how torch's watchdog ends a collective past
+            # train.collective_timeout_s (faults.py, "NCCL collective timeouts"). Name that.
+            nccl = read_nccl_records(error_dir)
+            aborted = [i for i in signaled if codes[i] == -signal.SIGABRT and rank0 + i in nccl]
+            if aborted:
+                i = aborted[0]
+                running = sorted(rank0 + j for j in killed_by_us)
+                return Outcome("failed", nccl_abort_message(rank0 + i, nccl[rank0 + i], running), restartable=True)
             i = signaled[0]
             return Outcome("failed", f"rank {rank0 + i} was killed by {_signal_name(codes[i])}", restartable=True)
         if errors:

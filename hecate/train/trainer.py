@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from hecate.train.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer
 from hecate.train import checkpoint, tasks
 from hecate.train.engine import Engine
 from hecate.train.faults import (CollectiveTimeoutError, NonFiniteError, PeerFailedError, RunLock, StopRequest,
-                                 injected_fault)
+                                 injected_fault, nccl_watchdog_env, record_nccl_rank)
 from hecate.train.run_agreement import check_run_agreement, config_entries, model_entries
 from hecate.train.metrics import (MetricsLogger, ProgressDisplay, default_peak_tflops, flops_per_token,
                                   write_heatmaps)
@@ -70,10 +71,13 @@ def _rendezvous_store(world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"hecate/attempt{os.environ.get('HECATE_ATTEMPT', '0')}", store)
 
 
-def init_distributed(timeout_s: float = 300.0) -> tuple[torch.device, bool]:
+def init_distributed(timeout_s: float = 300.0, nccl_trace_dir: str | None = None) -> tuple[torch.device, bool]:
     """Init the default process group (NCCL on CUDA, gloo on CPU) from hecate's launcher or the
     torchrun env, with every collective bounded by `timeout_s`; a lone process without RANK gets
-    a world of one. Returns (device, whether we created the group)."""
+    a world of one. On NCCL a timeout ends the rank with SIGABRT (torch's watchdog): the env for
+    that is set first, with the flight-recorder dump in `nccl_trace_dir` (faults.nccl_watchdog_env),
+    and the rank is recorded for hecate's launcher, which names the timeout when the rank dies.
+    Returns (device, whether we created the group)."""
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = (torch.device("cuda", local_device_index(local_rank, torch.cuda.device_count())) if use_cuda
@@ -84,6 +88,10 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[torch.device, bool]:
         return device, False
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    if use_cuda:
+        trace_prefix = os.path.join(os.path.abspath(nccl_trace_dir), "nccl_trace_rank_") if nccl_trace_dir else None
+        for warning in nccl_watchdog_env(os.environ, trace_prefix):
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
     # device_id binds the NCCL communicator to this rank's device at init (eager, no guessing).
     extra = {"device_id": device} if use_cuda else {}
     if "RANK" in os.environ:
@@ -98,6 +106,8 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[torch.device, bool]:
     # Groups made later with dist.new_group (nodes, expert-parallel groups) take torch's default
     # timeout (30 min gloo, 10 min NCCL), not the world's: make this run's timeout that default.
     _set_default_group_timeout(timeout)
+    if use_cuda:
+        record_nccl_rank(int(os.environ.get("RANK", "0")), timeout_s)
     return device, True
 
 
@@ -160,7 +170,7 @@ class Trainer:
         the newest checkpoint if there is one, else step 0)."""
         self.lock = None
         self.where = "start-up"
-        self.device, self._owns_group = init_distributed(cfg.train.collective_timeout_s)
+        self.device, self._owns_group = init_distributed(cfg.train.collective_timeout_s, cfg.train.out_dir)
         try:
             self._setup(cfg, resume)
         except BaseException:
