@@ -60,8 +60,8 @@ class ExchangeSpec:
     token_group: Any = None
     weight_group: Any = None
     stats: Any = None
-    # A list to queue asynchronous spRS on (overlap on), or None for a blocking spRS.
-    pending: list | None = None
+    # The queue of asynchronous spRS (overlap on: overlap.ReduceQueue), or None for a blocking spRS.
+    pending: Any = None
     timings: dict = field(default_factory=lambda: {"blocking_reduce_s": 0.0})
     sparse_plan: SparsePlan | None = None
     # Under autocast the experts only ever use a bf16 (fp16) cast of the rows, so replicas
@@ -250,6 +250,8 @@ class FssdpExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_ND):
         spec = ctx.spec
+        if spec.pending is not None:
+            spec.pending.reap()  # free the buffers of later layers' finished spRS before allocating
         tokens, own, rep, edges, replicas = ctx.graph
         layout = spec.layer.expert_layout
         grad_y_recv = spec.exchange_tokens(grad_y_ND, spec.send_splits, spec.recv_splits,
@@ -295,9 +297,10 @@ class FssdpExperts(torch.autograd.Function):
         if not spec.replicated:
             return grad_x_ND, grad_owned, None
         if spec.pending is not None:
-            # The other holders' rows arrive asynchronously; finish_backward adds the sum.
-            spec.pending.append(PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
-                                              spec.weight_group, spec.stats))
+            # The other holders' rows arrive asynchronously; the queue adds the sum (by the end
+            # of this backward pass at the latest: overlap.ReduceQueue).
+            spec.pending.add(PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,
+                                           spec.weight_group, spec.stats))
             return grad_x_ND, None, None
         with timed(spec.timings, "blocking_reduce_s", grad_owned.device):
             grad_owned, _ = PendingReduce(spec.layer, grad_replicas, grad_owned, spec.sparse_plan,

@@ -40,7 +40,7 @@ from hecate.parallel.chunks import ChunkLayout, mark_expert, take_expert_paramet
 from hecate.parallel.fssdp.clock import DeviceTimings, Interval, timed
 from hecate.parallel.fssdp.cost import CostModel, overlap_degree
 from hecate.parallel.fssdp.expert_exchange import ExchangeSpec, fssdp_experts
-from hecate.parallel.fssdp.overlap import PendingGather
+from hecate.parallel.fssdp.overlap import PendingGather, ReduceQueue
 from hecate.parallel.fssdp.load import LoadPredictor
 from hecate.parallel.fssdp.materialize import (
     HecatePolicy,
@@ -260,7 +260,7 @@ class FullyShardedSparse(ExpertStrategy):
         self.prefetch = o.prefetch and o.policy == "hecate" and not o.calibrate
         self._layers: list = []
         self._last_spec = None
-        self._pending: list = []
+        self._pending = ReduceQueue(self._complete_reduce)
         self._staged_prefetch = None  # (next layer, its prefetch plan) made during plan()
         self._wire = None  # replicas' dtype on the wire in the current forward (None: fp32 rows)
         self._token_bytes = None  # bytes of one token row on the wire in the current forward
@@ -668,7 +668,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._wire = self._wire_dtype(x_TD)
         self._token_bytes = self._token_wire_bytes(x_TD)
         if self._pending and (not self._layers or layer is self._layers[0]):
-            self.drain_reduces()  # the previous micro-batch's (gradient accumulation)
+            self.drain_reduces()  # what a backward that raised left queued (its end drains the rest)
         if self._layers and layer is self._layers[0]:
             self._drop_stale_prefetches()
             self._last_spec = None
@@ -811,16 +811,16 @@ class FullyShardedSparse(ExpertStrategy):
     # ---- backward / optimizer ---------------------------------------------------------------
     def drain_reduces(self) -> None:
         """Complete the pending spRS of earlier backwards, in issue order (the same on every
-        rank), and add them into the owners' gradients. finish_backward calls it, and so does
-        the first MoE layer's forward: under gradient accumulation each micro-batch's reduces
-        (their send and receive buffers) are freed at the next forward, not all kept alive
-        until the optimizer step."""
-        pending, self._pending[:] = list(self._pending), []
-        for reduce in pending:
-            with timed(self.timings, "exposed_reduce_s", reduce.layer.expert_chunks.device) as interval:
-                rows, interval.host_seconds = reduce.wait()
-            p = reduce.layer.expert_chunks
-            p.grad = rows if p.grad is None else p.grad + rows
+        rank), and add them into the owners' gradients. Each backward pass does that already
+        when it ends (ReduceQueue); finish_backward calls it, and so does the first MoE layer's
+        forward, for what a backward that raised left behind."""
+        self._pending.drain()
+
+    def _complete_reduce(self, reduce) -> None:
+        with timed(self.timings, "exposed_reduce_s", reduce.layer.expert_chunks.device) as interval:
+            rows, interval.host_seconds = reduce.wait()
+        p = reduce.layer.expert_chunks
+        p.grad = rows if p.grad is None else p.grad + rows
 
     def finish_backward(self, layers) -> None:
         """spRS summed every rank's contribution into the owners; average like dense DP grads."""
