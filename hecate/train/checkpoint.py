@@ -1,18 +1,20 @@
 """Sharded, atomic, reshardable checkpoints (safetensors only, never pickle).
 
-Layout of a run directory:
-    RUN/step_00000100/rank_00000.safetensors   one shard file per rank
+Layout of a run directory (format version 2):
+    RUN/step_00000100/dense.safetensors        the dense parameters, buffers and their AdamW state (rank 0)
+    RUN/step_00000100/rank_00000.safetensors   one shard file per rank: its expert pieces
     RUN/step_00000100/manifest.json            written LAST by rank 0: the checkpoint exists iff it does
     RUN/latest                                 "step_00000100", replaced atomically after the manifest
 
 Each shard holds that rank's expert piece of every MoE layer with its identity (expert ids,
-or a flat range for fsdp) and the AdamW state of those rows; rank 0's shard also holds the
-dense parameters, buffers and their optimizer state. Loading reads only the shards holding
-what the rank needs (rank 0's, and those with expert rows it will own) and assembles only
-what the current strategy keeps on this rank (its rows or flat range, and their AdamW
-moments; never full [E, S] rows for the known strategies), so any strategy and world size
-can load any checkpoint with memory per rank that shrinks with the number of ranks. See
-docs/checkpoints.md.
+or a flat range for fsdp) and the AdamW state of those rows. Version 1 (still loaded) had no
+dense file: rank 0's shard held the dense entries. Loading reads only the files holding what
+the rank needs (the dense file, and the shards with expert rows it will own), each once with
+its tensors read straight into their own allocations (checksum verified before any is used),
+and copies out of them, file by file, only what the current strategy keeps on this rank (its
+rows or flat range, and their AdamW moments; never full [E, S] rows), so any strategy and
+world size can load any checkpoint with memory per rank that shrinks with the number of
+ranks. See docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -139,10 +141,10 @@ def save_checkpoint(path, model, strategy, engine, step: int, config_dict=None, 
                     keep: int | None = None) -> str:
     """Write checkpoint `path/step_{step:08d}/` (collective: call on every rank) and return its directory.
 
-    Every rank writes its shard atomically; after a barrier rank 0 writes manifest.json (config,
-    step, world size, strategy and options, fssdp placement, sha256, size and contents of every
-    shard),
-    then replaces `path/latest`, then deletes all but the newest `keep` complete checkpoints
+    Rank 0 writes the dense file and every rank its shard, atomically; once the shards' digests
+    are all-gathered rank 0 writes manifest.json (config, step, world size, strategy and
+    options, fssdp placement, sha256 and size of the dense file and of every shard, what each
+    shard holds), then replaces `path/latest`, then deletes all but the newest `keep` complete checkpoints
     (keep=None keeps all). `engine` may be None (weights only). A crash at any point leaves the
     previous checkpoint loadable.
     """
@@ -446,12 +448,12 @@ def load_checkpoint(path, model, strategy, engine=None, topology=None) -> int:
     """Load a checkpoint into `model` under `strategy` (collective) and return its step.
 
     `path` is a run directory (its `latest`, or the newest complete step) or a step directory.
-    Each rank reads whole, and checks against the manifest's size and sha256, only the shards
+    Each rank reads whole, and checks against the manifest's size and sha256, only the files
     holding what it needs (as the manifest records it, or older checkpoints' headers): the
-    dense entries (rank 0's shard) and the expert elements it owns under `strategy` (see
-    checkpoint_reads).
-    A missing, truncated or corrupted shard that a rank needs raises CheckpointError naming the
-    file on every rank (verify_checkpoint checks every shard in full). Works across
+    dense file (version 1: rank 0's shard) and the shards with the expert elements it owns
+    under `strategy` (see checkpoint_reads).
+    A missing, truncated or corrupted file that a rank needs raises CheckpointError naming the
+    file on every rank (verify_checkpoint checks every file in full). Works across
     strategies and world sizes; with `engine`, the AdamW state is restored too (resliced for
     the new layout). Under fssdp with the saved world size, the saved placement is restored.
     """

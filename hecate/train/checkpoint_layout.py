@@ -7,9 +7,9 @@ On disk every MoE layer's experts are pieces of the same full matrix rows_ES
 Per-element optimizer state (AdamW exp_avg, exp_avg_sq) is stored in the same layout as
 the weights, so reassembling it is the same operation, and any strategy can slice the
 full state like its parameters: that is what makes optimizer state survive resharding.
-A load assembles only what the rank keeps (kept_elements, assemble_kept), never the full
-rows, for every strategy listed here; `assemble` (full rows) serves tools, tests and a
-strategy this module does not know.
+A load assembles only what the rank keeps (kept_elements, KeptAssembly), never the full
+rows, for every strategy listed here (a strategy this module does not know: every row, which
+its load_experts slices); `assemble` (full rows from pieces in memory) serves tools and tests.
 """
 from __future__ import annotations
 
@@ -288,35 +288,16 @@ def _fill(dst: torch.Tensor, kept: Kept, kind: str, info: dict, src_ids, src: to
                 dst[j, a - e * S:b - e * S].copy_(src[a - p_lo:b - p_lo])
 
 
-def assemble_kept(parts, layout: ChunkLayout, layer_index: int, kept: Kept):
-    """Like assemble, but only what this rank keeps: (rows in kept.shape, {key: state in the same
-    shape}, step). Nothing of size [E, S] is allocated; check_covered names missing experts."""
-    E, S = layout.num_experts, layout.chunk_numel
-    check_covered(parts, layout, layer_index, kept.intervals(E, S))
-    state_keys, step = None, None
-    for _, _, t in parts:
-        keys = {k[len("state."):] for k in t if k.startswith("state.")}
-        state_keys = keys if state_keys is None else state_keys & keys
-        if "step" in t:
-            step = t["step"]
-    rows = expert_buffer(kept.shape(S))
-    state = {k: expert_buffer(kept.shape(S)) for k in sorted(state_keys or ())}  # sorted: see assemble
-    for _, info, t in parts:
-        kind = info["kind"]
-        src_ids = t["ids"] if kind == "rows" else None
-        for dst, key in [(rows, "rows" if kind == "rows" else "flat")] + [(state[k], f"state.{k}") for k in state]:
-            _fill(dst, kept, kind, info, src_ids, t[key], E, S)
-    return rows, state, step
-
-
 class KeptAssembly:
-    """One layer's kept rows and AdamW moments (assemble_kept's result), filled piece by piece as
-    verified shards are read, so a shard's bytes can be freed before the next one is read.
+    """One layer's kept rows and AdamW moments, in kept.shape, filled piece by piece as verified
+    files are read, so a file's tensors can be freed before the next one is read. Nothing of
+    size [E, S] is allocated (unless the rank keeps every row).
 
     add() copies the kept elements out of one piece (nothing of its tensors is kept but copies of
     its ids and step, so the caller can free them right after); finish()
-    checks that the pieces added cover every kept element and returns (rows, state, step) as
-    assemble_kept does: state holds the moments every piece added has, step the last piece's.
+    checks that the pieces added cover every kept element (check_covered names the missing
+    experts) and returns (rows, {key: moment}, step): the moments every piece added has (as
+    assemble), step the last piece's.
     The buffers are allocated when the first piece holding a kept element arrives (or at
     finish), so a shard's tensors of earlier layers are freed before later layers allocate."""
 
@@ -370,14 +351,14 @@ class KeptAssembly:
 
 @torch.no_grad()
 def install_kept(strategy, layer, kept: Kept, rows: torch.Tensor) -> None:
-    """Copy the kept rows (assemble_kept) into the layer's expert parameters, the way the
+    """Copy the kept rows (KeptAssembly.finish) into the layer's expert parameters, the way the
     strategy's load_experts would keep them out of full rows."""
     for p, t in _kept_views(strategy, layer, rows):
         p.copy_(t)
 
 
 def kept_params_and_state(strategy, layer, state: dict[str, torch.Tensor]):
-    """[(param, {key: tensor shaped like param})] from kept-shaped state (assemble_kept): what
+    """[(param, {key: tensor shaped like param})] from kept-shaped state (KeptAssembly.finish): what
     local_params_and_state slices out of full [E, S] state."""
     per_key = {k: _kept_views(strategy, layer, v) for k, v in state.items()}
     params = [p for p, _ in _kept_views(strategy, layer, next(iter(state.values())))] if state else []

@@ -204,25 +204,6 @@ def rows_touched(need: Intervals, E: int, S: int) -> torch.Tensor:
     return mask
 
 
-def needed_elements(strategy, layer, rank: int, world: int, E: int, S: int) -> Intervals:
-    """The expert elements this rank keeps under `strategy` after loading: exactly what
-    hecate.train.checkpoint_layout.local_params_and_state and each strategy's load_experts
-    slice out of the full rows (call after the owners are final, e.g. after a fssdp restore)."""
-    name = strategy.name
-    if name == "fssdp_hybrid":  # owners are shard indices within the group
-        return rows_to_intervals((layer.fssdp_state.owner_E == strategy.inner.topology.rank).nonzero().flatten(), S)
-    if name == "fssdp":
-        return rows_to_intervals((layer.fssdp_state.owner_E == rank).nonzero().flatten(), S)
-    if name == "fsdp":
-        n = layer.expert_shard.numel()
-        lo, hi = rank * n, min((rank + 1) * n, E * S)
-        return [(lo, hi)] if lo < hi else []
-    if name == "ep":
-        first, local = layer.expert_slice
-        return [(first * S, (first + local) * S)] if local else []
-    return [(0, E * S)]  # dp, local and any strategy that keeps every expert
-
-
 def piece_needed(piece: tuple, need: Intervals, E: int, S: int) -> bool:
     """Whether a file's piece of one layer holds a needed element. Ids outside [0, E) (a
     damaged id tensor) count as needed: reading the file then names the damage."""
