@@ -77,15 +77,20 @@ __device__ bool tile_reachable(const AttnShape& s, int64_t pmin, int64_t pmax, i
 
 template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) { return to_acc(*p); }
 
-// Row stride of the K and V tiles in shared memory: d plus one padding element. In the Q·Kᵀ
-// (and dO·Vᵀ) loops the lanes of a warp read 16 different key rows at one column; with a
-// stride of d (a multiple of 32 for the usual head dims) all 16 fall in one bank.
-__host__ __device__ __forceinline__ int64_t kv_stride(int64_t d) { return d + 1; }
+// Row stride of the Q, dO, K and V tiles in shared memory: d made odd (d + 1 for even d). The
+// Q·Kᵀ and dO·Vᵀ loops read, at one column e, 16 key rows (the backward's lanes) or 16 query rows
+// (the forward's) per warp, and two rows of the other operand; with an even stride such rows share
+// banks (a multiple of 32, the usual head dims: all 16 in one bank; before Q had stride d, two Q
+// rows 2-way; K had d + 1, which for d = 31 mod 32 was a multiple of 32 again). An odd stride
+// puts 16 consecutive rows in 16 banks (32 for 4-byte words; 16 bank pairs for fp64's 8-byte
+// words), whatever d. tests/test_gpu_path_attention_banks.py counts every access of both kernels.
+__host__ __device__ __forceinline__ int64_t smem_stride(int64_t d) { return d | 1; }
 
 // ---------------------------------------------------------------- forward
 
-// Grid (query tiles, H, B). Shared: q[kRowsQ][d], k[kRowsK][ks], v[kRowsK][ks], o[kRowsQ][d],
-// p[kRowsQ][kRowsK], m / l / corr[kRowsQ], all acc_t (ks = kv_stride(d)).
+// Grid (query tiles, H, B). Shared: q[kRowsQ][ss], k[kRowsK][ss], v[kRowsK][ss], o[kRowsQ][d],
+// p[kRowsK][kRowsQ] (key-major: see the Q·Kᵀ loop), m / l / corr[kRowsQ], all acc_t
+// (ss = smem_stride(d)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -97,10 +102,10 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   using acc_t = typename Acc<scalar_t>::type;
   extern __shared__ unsigned char smem_raw[];
   acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t d = s.d, ks = kv_stride(d);
-  acc_t* sk = sq + kRowsQ * d;
-  acc_t* sv = sk + kRowsK * ks;
-  acc_t* so = sv + kRowsK * ks;
+  const int64_t d = s.d, ss = smem_stride(d);
+  acc_t* sk = sq + kRowsQ * ss;
+  acc_t* sv = sk + kRowsK * ss;
+  acc_t* so = sv + kRowsK * ss;
   acc_t* sp = so + kRowsQ * d;
   acc_t* sm = sp + kRowsQ * kRowsK;
   acc_t* sl = sm + kRowsQ;
@@ -121,7 +126,7 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   }
   for (int64_t i = tid; i < kRowsQ * d; i += kThreads) {
     const int64_t r = i / d, c = i % d;
-    sq[i] = r < rows ? load(q + (bh * s.Sq + r0 + r) * d + c) : acc_t(0);
+    sq[r * ss + c] = r < rows ? load(q + (bh * s.Sq + r0 + r) * d + c) : acc_t(0);
     so[i] = 0;
   }
   if (tid < kRowsQ) {
@@ -141,33 +146,37 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < kRowsK * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       const bool in = r < keys;
-      sk[r * ks + c] = in ? load(k + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
-      sv[r * ks + c] = in ? load(v + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
+      sk[r * ss + c] = in ? load(k + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
+      sv[r * ss + c] = in ? load(v + ((b * s.G + g) * s.Sk + j0 + r) * d + c) : acc_t(0);
     }
     __syncthreads();
+    // Query row r = i % kRowsQ, key c = i / kRowsQ: a warp's lanes take 16 query rows of 2 keys
+    // (odd stride: 16 banks; the 2 key rows: 2 banks) and store p key-major at sp[c][r] = sp[i],
+    // 32 consecutive words. Row-major p (sp[r][c], the layout before) made the softmax below, one
+    // thread per row walking its 16 scores, put 8 rows in each bank: 8-way.
     for (int i = tid; i < kRowsQ * kRowsK; i += kThreads) {
-      const int r = i / kRowsK, c = i % kRowsK;
+      const int r = i % kRowsQ, c = i / kRowsQ;
       acc_t dot = neg_inf<acc_t>();
       if (r < rows && c < keys && visible(s, h, r0 + r, j0 + c)) {
         dot = 0;
-        for (int64_t e = 0; e < d; ++e) dot += sq[r * d + e] * sk[c * ks + e];
+        for (int64_t e = 0; e < d; ++e) dot += sq[r * ss + e] * sk[c * ss + e];
         dot *= scale;
       }
       sp[i] = dot;
     }
     __syncthreads();
-    if (tid < kRowsQ) {  // online softmax, one thread per row
-      acc_t* p = sp + tid * kRowsK;
+    if (tid < kRowsQ) {  // online softmax, one thread per row; key c of row tid at p[c * kRowsQ]
+      acc_t* p = sp + tid;
       acc_t mx = sm[tid];
-      for (int c = 0; c < kRowsK; ++c) mx = p[c] > mx ? p[c] : mx;
+      for (int c = 0; c < kRowsK; ++c) mx = p[c * kRowsQ] > mx ? p[c * kRowsQ] : mx;
       acc_t corr = 1, sum = 0;
       if (mx == neg_inf<acc_t>()) {
-        for (int c = 0; c < kRowsK; ++c) p[c] = 0;
+        for (int c = 0; c < kRowsK; ++c) p[c * kRowsQ] = 0;
       } else {
         corr = sm[tid] == neg_inf<acc_t>() ? acc_t(0) : exp_acc(sm[tid] - mx);
         for (int c = 0; c < kRowsK; ++c) {
-          p[c] = p[c] == neg_inf<acc_t>() ? acc_t(0) : exp_acc(p[c] - mx);
-          sum += p[c];
+          p[c * kRowsQ] = p[c * kRowsQ] == neg_inf<acc_t>() ? acc_t(0) : exp_acc(p[c * kRowsQ] - mx);
+          sum += p[c * kRowsQ];
         }
         sm[tid] = mx;
       }
@@ -178,7 +187,7 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < kRowsQ * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       acc_t acc = so[i] * scorr[r];
-      for (int j = 0; j < kRowsK; ++j) acc += sp[r * kRowsK + j] * sv[j * ks + c];
+      for (int j = 0; j < kRowsK; ++j) acc += sp[j * kRowsQ + r] * sv[j * ss + c];
       so[i] = acc;
     }
     __syncthreads();
@@ -203,9 +212,9 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
 
 // Grid (key tiles, H, B): one block owns the keys [j0, j0 + kRowsK) of query head h and walks
 // every query tile that can see them. dout and delta are in the math type (the wrapper folds the
-// MoH weights in); rows with lse = -inf contribute nothing. Shared: k[kRowsK][ks],
-// v[kRowsK][ks], dk[kRowsK][d], dv[kRowsK][d], q[kRowsQ][d], do[kRowsQ][d], p / ds[kRowsQ][kRowsK],
-// lse / delta[kRowsQ], all acc_t (ks = kv_stride(d)).
+// MoH weights in); rows with lse = -inf contribute nothing. Shared: k[kRowsK][ss],
+// v[kRowsK][ss], dk[kRowsK][d], dv[kRowsK][d], q[kRowsQ][ss], do[kRowsQ][ss],
+// p / ds[kRowsQ][kRowsK], lse / delta[kRowsQ], all acc_t (ss = smem_stride(d)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -218,14 +227,14 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
                      typename Acc<scalar_t>::type* __restrict__ dv) {
   using acc_t = typename Acc<scalar_t>::type;
   extern __shared__ unsigned char smem_raw[];
-  const int64_t d = s.d, ks = kv_stride(d);
+  const int64_t d = s.d, ss = smem_stride(d);
   acc_t* sk = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* sv = sk + kRowsK * ks;
-  acc_t* sdk = sv + kRowsK * ks;
+  acc_t* sv = sk + kRowsK * ss;
+  acc_t* sdk = sv + kRowsK * ss;
   acc_t* sdv = sdk + kRowsK * d;
   acc_t* sq = sdv + kRowsK * d;
-  acc_t* sdo = sq + kRowsQ * d;
-  acc_t* sp = sdo + kRowsQ * d;
+  acc_t* sdo = sq + kRowsQ * ss;
+  acc_t* sp = sdo + kRowsQ * ss;
   acc_t* sds = sp + kRowsQ * kRowsK;
   acc_t* slse = sds + kRowsQ * kRowsK;
   acc_t* sdelta = slse + kRowsQ;
@@ -239,8 +248,8 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   for (int64_t i = tid; i < kRowsK * d; i += kThreads) {
     const int64_t r = i / d, c = i % d;
     const bool in = r < keys;
-    sk[r * ks + c] = in ? load(k + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
-    sv[r * ks + c] = in ? load(v + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
+    sk[r * ss + c] = in ? load(k + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
+    sv[r * ss + c] = in ? load(v + (bg * s.Sk + j0 + r) * d + c) : acc_t(0);
     sdk[i] = 0;
     sdv[i] = 0;
   }
@@ -251,22 +260,24 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < kRowsQ * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       const bool in = r < rows;
-      sq[i] = in ? load(q + (bh * s.Sq + r0 + r) * d + c) : acc_t(0);
-      sdo[i] = in ? dout[(bh * s.Sq + r0 + r) * d + c] : acc_t(0);
+      sq[r * ss + c] = in ? load(q + (bh * s.Sq + r0 + r) * d + c) : acc_t(0);
+      sdo[r * ss + c] = in ? dout[(bh * s.Sq + r0 + r) * d + c] : acc_t(0);
     }
     if (tid < kRowsQ) {
       slse[tid] = tid < rows ? lse[bh * s.Sq + r0 + tid] : neg_inf<acc_t>();
       sdelta[tid] = tid < rows ? delta[bh * s.Sq + r0 + tid] : acc_t(0);
     }
     __syncthreads();
+    // Query row r = i / kRowsK, key c = i % kRowsK: a warp reads 16 key rows (odd stride: 16
+    // banks) and 2 query rows (2 banks) at each column e.
     for (int i = tid; i < kRowsQ * kRowsK; i += kThreads) {
       const int r = i / kRowsK, c = i % kRowsK;
       acc_t p = 0, ds = 0;
       if (r < rows && c < keys && slse[r] != neg_inf<acc_t>() && visible(s, h, r0 + r, j0 + c)) {
         acc_t dot = 0, dp = 0;
         for (int64_t e = 0; e < d; ++e) {
-          dot += sq[r * d + e] * sk[c * ks + e];
-          dp += sdo[r * d + e] * sv[c * ks + e];
+          dot += sq[r * ss + e] * sk[c * ss + e];
+          dp += sdo[r * ss + e] * sv[c * ss + e];
         }
         p = exp_acc(dot * scale - slse[r]);
         ds = p * (dp - sdelta[r]);
@@ -279,8 +290,8 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
       const int64_t j = i / d, c = i % d;
       acc_t accv = 0, acck = 0;
       for (int r = 0; r < kRowsQ; ++r) {
-        accv += sp[r * kRowsK + j] * sdo[r * d + c];
-        acck += sds[r * kRowsK + j] * sq[r * d + c];
+        accv += sp[r * kRowsK + j] * sdo[r * ss + c];
+        acck += sds[r * kRowsK + j] * sq[r * ss + c];
       }
       sdv[i] += accv;
       sdk[i] += acck * scale;
@@ -288,7 +299,7 @@ attention_bwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
     for (int64_t i = tid; i < rows * d; i += kThreads) {
       const int64_t r = i / d, c = i % d;
       acc_t acc = 0;
-      for (int j = 0; j < kRowsK; ++j) acc += sds[r * kRowsK + j] * sk[j * ks + c];
+      for (int j = 0; j < kRowsK; ++j) acc += sds[r * kRowsK + j] * sk[j * ss + c];
       if (acc != acc_t(0)) atomicAdd(dq + (bh * s.Sq + r0 + r) * d + c, acc * scale);
     }
     __syncthreads();
@@ -311,10 +322,10 @@ AttnShape make_shape(int64_t B, int64_t H, int64_t G, int64_t Sq, int64_t Sk, in
 
 // Dynamic shared memory of each kernel (the layouts at the top of the kernels), in bytes.
 size_t fwd_smem(size_t acc_bytes, int64_t d) {
-  return acc_bytes * (2 * kRowsQ * d + 2 * kRowsK * kv_stride(d) + kRowsQ * kRowsK + 3 * kRowsQ);
+  return acc_bytes * ((kRowsQ + 2 * kRowsK) * smem_stride(d) + kRowsQ * d + kRowsQ * kRowsK + 3 * kRowsQ);
 }
 size_t bwd_smem(size_t acc_bytes, int64_t d) {
-  return acc_bytes * (2 * kRowsK * kv_stride(d) + (2 * kRowsK + 2 * kRowsQ) * d + 2 * kRowsQ * kRowsK +
+  return acc_bytes * ((2 * kRowsK + 2 * kRowsQ) * smem_stride(d) + 2 * kRowsK * d + 2 * kRowsQ * kRowsK +
                       2 * kRowsQ);
 }
 
