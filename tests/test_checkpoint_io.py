@@ -47,7 +47,8 @@ def test_checksum_first_then_format(tmp_path):
     for edit in (lambda h: h["a"].update(data_offsets=[0, 60]),
                  lambda h: h["a"].update(data_offsets=[0, 10 ** 12]),
                  lambda h: h["a"].update(dtype="F8_E4M3"),
-                 lambda h: h.update(x="y")):
+                 lambda h: h.update(x="y"),
+                 lambda h: h.update(__metadata__=["not", "a", "mapping"])):
         bad = json.loads(json.dumps(header))
         edit(bad)
         text = json.dumps(bad).encode()

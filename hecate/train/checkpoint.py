@@ -509,10 +509,10 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
     # failure before the collectives below (a rank whose read failed joins none of them).
     dense_tensors: dict[str, torch.Tensor] = {}
     pending: dict[str, tuple[dict, dict]] = {}  # verified files read here whose expert pieces are not used yet
+    first = ([DENSE_FILE] if DENSE_FILE in listed else []) + [h.fname for h in holds if h.dense or not h.known]
     error, current = None, None
     try:
-        for fname in ([DENSE_FILE] if DENSE_FILE in listed else []) + \
-                [h.fname for h in holds if h.dense or not h.known]:
+        for fname in first:
             current = fname
             infos, t = read(fname)
             for k in [k for k in t if k.startswith(("dense.", "optim."))]:
@@ -558,9 +558,8 @@ def _load(step_dir, model, strategy, engine, topology) -> int:
             infos, t = pending.pop(fname)
             add_pieces(fname, infos, t)
             del t
-        done = set(listed) - set(manifest["files"]) | {h.fname for h in holds if h.dense or not h.known}
         for fname in files_to_read(holds, need, sizes, dense=False):
-            if fname not in done:
+            if fname not in first:
                 current = fname
                 infos, t = read(fname)
                 add_pieces(fname, infos, t)

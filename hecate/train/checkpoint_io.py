@@ -174,6 +174,8 @@ def read_verified_tensors(path: str, sha256: str | None, size: int | None,
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
             metadata = header.get("__metadata__") or {}
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise ValueError("__metadata__ is not a mapping of strings")
             at = 0
             for a, b, name, dtype, shape in _tensor_entries(header, total - 8 - n):
                 skim(f, a - at)
