@@ -20,7 +20,8 @@ NON_DEFAULT_YAML = {
     "bandwidth": "[1e9, 2.5e8]", "token_compute_s": "3e-7", "collective_latency_s": "0.001",
     "rematerialize": "false",
     "reshard_interval": "7", "calibrate": "true", "fit_replicas": "false", "prefetch": "false",
-    "overlap_reduce": "false", "overlap_counts": "true", "balance_compute": "true",
+    "overlap_reduce": "false", "overlap_counts": "true", "overlap_dense_gather": "true",
+    "balance_compute": "true",
 }
 
 

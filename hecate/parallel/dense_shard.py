@@ -21,7 +21,10 @@ forward needs them) but AdamW state for only 1/W of them:
   ring order in the last bits. Each shard is summed by its owner only and then
   all-gathered, so every rank still ends with the same weights;
 * after the optimizer step the shards are all-gathered back into the flat buffer,
-  so every rank's dense weights are current again.
+  so every rank's dense weights are current again. With `async_op` the gather is only
+  issued and `wait_parameters()` completes it; nothing may read or write the dense
+  parameters in between (the Engine steps the expert rows meanwhile and waits before its
+  step returns: docs/fssdp.md, `overlap_dense_gather`).
 
 Bytes are those of the replicated all-reduce (a ring all-reduce is a reduce-scatter
 plus an all-gather), and the dense optimizer state shrinks from 2x to 2x/W of the
@@ -81,6 +84,7 @@ class DenseShard:
         lo = rank * self.shard_numel
         # A Parameter over the rank's slice of the flat buffer: the optimizer updates it in place.
         self.shard = nn.Parameter(self.flat[lo:lo + self.shard_numel], requires_grad=True)
+        self._gather = None  # (work, its input) of an all-gather issued with async_op, not waited on
 
     @property
     def shard_range(self) -> tuple[int, int]:
@@ -126,11 +130,28 @@ class DenseShard:
         for p in self.params:
             p.grad = None  # the shard's gradient is all this rank keeps
 
-    def all_gather_parameters(self, stats=None) -> None:
-        """Every rank's updated shard into every rank's flat buffer (and so its dense params)."""
+    def all_gather_parameters(self, stats=None, async_op: bool = False) -> None:
+        """Every rank's updated shard into every rank's flat buffer (and so its dense params).
+        async_op: issue it and return; wait_parameters() completes it (the flat buffer, the
+        parameters and the shard must not be read or written before)."""
+        self.wait_parameters()  # never two in flight on one buffer
         mine = self.shard.detach().clone()  # input and output of the gather must not alias
-        all_gather_flat(self.flat, mine, group=self.group)
+        work = all_gather_flat(self.flat, mine, group=self.group, async_op=async_op)
+        if async_op:
+            self._gather = (work, mine)  # `mine` stays alive until the gather has read it
         self._record(stats, "dense.all_gather")
+
+    @property
+    def gather_pending(self) -> bool:
+        return self._gather is not None
+
+    def wait_parameters(self) -> None:
+        """Complete an all-gather issued with async_op (nothing to do otherwise). On NCCL this
+        makes the current stream wait for it (the host does not block). The handle is dropped
+        first, so a gather that failed raises here once and is never waited on again."""
+        pending, self._gather = self._gather, None
+        if pending is not None:
+            pending[0].wait()
 
     def _record(self, stats, name: str) -> None:
         # A ring reduce-scatter's (all-gather's) bytes: what NCCL moves, and what gloo's

@@ -22,6 +22,7 @@ class Engine:
                  max_grad_norm: float | None = None, optimizer_impl: str = "fused",
                  dense_optimizer: str = "auto", skip_nonfinite: bool = False):
         self.model, self.strategy, self.topology = model, strategy, topology
+        self.async_dense_gather = False  # set below under a sharded dense optimizer (_step_dense_first)
         # With skip_nonfinite, a step whose global gradient norm (or the caller's loss) is NaN/inf
         # leaves parameters and optimizer state untouched: `last_step_skipped` says so.
         self.skip_nonfinite = skip_nonfinite
@@ -42,6 +43,10 @@ class Engine:
                 self.dense_shard = DenseShard(dense, self.topology.rank, self.topology.world_size)
                 dense_ids = {id(p) for p in dense}
                 params = [p for p in params if id(p) not in dense_ids] + [self.dense_shard.shard]
+                # fssdp's overlap_dense_gather (None elsewhere): on a device backend by default.
+                overlap = getattr(strategy, "overlap_dense_gather", None)
+                self.async_dense_gather = (comm_device(self.dense_shard.group).type != "cpu"
+                                           if overlap is None else bool(overlap))
         # Every rank steps only what it keeps: expert rows it owns, and the dense parameters
         # (replicated) or its 1/W shard of them (sharded).
         self.optimizer = build_adamw(params, optimizer_impl, lr=lr, weight_decay=weight_decay,
@@ -92,6 +97,35 @@ class Engine:
                         p.grad.mul_(scale)
         return norm
 
+    def _step_dense_first(self) -> None:
+        """The optimizer step with the ZeRO-1 all-gather overlapped (overlap_dense_gather): AdamW
+        steps the dense shard alone, the gather of the shards is issued, AdamW steps every other
+        parameter (the expert rows) while it travels, and the gather is waited for before this
+        returns, even if that step raises (so nothing reads the dense parameters early, and no
+        handle outlives the step). AdamW skips parameters without a gradient and updates each
+        parameter from its own gradient and state, so the two calls give the one call's values.
+        On NCCL the wait makes the stream wait (the host does not block): the expert step's
+        kernels, queued before it, run while the gather does."""
+        shard = self.dense_shard.shard
+        others = [p for group in self.optimizer.param_groups for p in group["params"]
+                  if p is not shard and p.grad is not None]
+        held = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        try:
+            self.optimizer.step()  # the dense shard only
+        finally:
+            for p, g in zip(others, held):
+                p.grad = g
+        self.dense_shard.all_gather_parameters(stats=self.topology.stats, async_op=True)
+        shard_grad, shard.grad = shard.grad, None
+        try:
+            if others:
+                self.optimizer.step()  # the rest, while the gather travels
+        finally:
+            shard.grad = shard_grad
+            self.dense_shard.wait_parameters()
+
     def dense_optimizer_state(self) -> dict:
         """{dense parameter: its AdamW state} in per-parameter form (collective when sharded)."""
         if self.dense_shard is None:
@@ -121,9 +155,12 @@ class Engine:
         self.last_step_skipped = self.skip_nonfinite and not (loss_finite and math.isfinite(norm))
         if not self.last_step_skipped:
             self.clip(norm)
-            self.optimizer.step()
-            if self.dense_shard is not None:
-                self.dense_shard.all_gather_parameters(stats=self.topology.stats)
+            if self.dense_shard is not None and self.async_dense_gather:
+                self._step_dense_first()
+            else:
+                self.optimizer.step()
+                if self.dense_shard is not None:
+                    self.dense_shard.all_gather_parameters(stats=self.topology.stats)
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.strategy, "step_end"):
             self.strategy.step_end(self.layers, self.optimizer)

@@ -38,11 +38,15 @@ class FssdpOptions:
     fit_replicas: keep a replica only where it moves fewer bytes than the tokens it saves.
     prefetch: issue layer l+1's spAG at the end of layer l's forward (policy hecate only,
         without calibration).
-    overlap_reduce: issue each layer's spRS asynchronously (complete in finish_backward).
+    overlap_reduce: issue each layer's spRS asynchronously (completed by the end of backward).
     overlap_counts: all-gather each layer's counts asynchronously and plan what does not need
         them (the next layer's prefetch and state digest, the early P1) while they travel.
         None (default): when they travel on a device (NCCL), not on the host (gloo), where
         gloo's threads that move them compete with the rank's own thread for the cores.
+    overlap_dense_gather: the Engine's ZeRO-1 step (parallel.dense_optimizer sharded) steps the
+        dense shard first, issues the all-gather of the dense shards asynchronously, steps the
+        expert rows while it travels and waits for it before Engine.step returns. None
+        (default): on a device backend (NCCL) yes, on the host (gloo) no, as overlap_counts.
     balance_compute: even out the expert rows ranks compute within a node (routes.balance_routes).
     """
 
@@ -60,6 +64,7 @@ class FssdpOptions:
     prefetch: bool = True
     overlap_reduce: bool = True
     overlap_counts: Optional[bool] = None
+    overlap_dense_gather: Optional[bool] = None
     balance_compute: bool = False
 
     def __post_init__(self) -> None:

@@ -256,6 +256,7 @@ class FullyShardedSparse(ExpertStrategy):
         self._chunks_attached = 0
         self.overlap_reduce, self.fit_replicas = o.overlap_reduce, o.fit_replicas
         self.overlap_counts = o.overlap_counts
+        self.overlap_dense_gather = o.overlap_dense_gather  # read by the Engine (its ZeRO-1 gather)
         self.balance_compute = o.balance_compute
         self.prefetch = o.prefetch and o.policy == "hecate" and not o.calibrate
         self._layers: list = []
