@@ -267,7 +267,8 @@ def load_sharded(ckpt_path, model: nn.Module, strategy, device) -> int:
     if strategy.name == "fssdp":
         _restore_fssdp_placement(strategy, layers, manifest, world)
     # What each shard holds: from the manifest, or (older checkpoints) every shard's header; a
-    # rank opens (hashing it whole) only the shards with the dense entries or rows it keeps.
+    # rank opens (hashing it whole) only the dense file (version 1: the shard with the dense
+    # entries, rank 0's) and the shards with rows it keeps.
     names = list(_listed_files(manifest))  # the dense file (version 2) first, then the shards
     separate = DENSE_FILE in names
     holds = holds_from_manifest(manifest, os.path.join(step_dir, "manifest.json"), separate_dense=separate) or \
