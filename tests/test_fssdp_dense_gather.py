@@ -4,8 +4,6 @@ waits before returning (default on NCCL, off on gloo; forced on here). Both path
 process and like each other bit for bit; a checkpoint written right after a step holds the
 gathered weights; an exception in the expert step leaves no gather in flight, so the next
 collective and the next steps run."""
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -2,9 +2,10 @@
 // pass over the [W, E] counts instead of a dozen numpy calls.
 //
 // A replica of e on rank d saves 4 x tokens x token_bytes - cost bytes (cost = chunk bytes x
-// chunk passes; the rule and its break-even are fit_rule.h's). The policy's replicas are kept where they save; each rank's remaining slots
-// (m minus the kept ones) go to the replicas that save the most (ties: the lower expert); if
-// fixed_bytes > 0 and the summed saving does not exceed it, P1 = P0. The savings and their sums
+// chunk passes; the saving and the break-even count are fit_rule.h's). The policy's replicas
+// are kept where they save; each rank's remaining slots (m minus the kept ones) go to the
+// replicas that save the most (ties: the lower expert); if fixed_bytes > 0 and the summed
+// saving does not exceed it, P1 = P0. The savings and their sums
 // are computed with the same double operations, in the same order, as numpy's (numpy_sum.h),
 // so the result is bit-identical (tests/test_fssdp_planner_kernels.py).
 #include <torch/library.h>
