@@ -482,11 +482,10 @@ def fit_bound(counts_WE, owner_E, *, token_bytes: int, cost: int, not_owned: np.
     `not_owned`: that 0/1 float64 mask, flat, when the caller keeps one."""
     if use_kernel is None:
         use_kernel = use_extension("fit_bound", torch.device("cpu"))
-    if use_kernel:
-        counts_t = counts_WE if isinstance(counts_WE, torch.Tensor) else torch.from_numpy(np.asarray(counts_WE))
-        top, saved = torch.ops.hecate.fit_bound(counts_t, owner_E, int(token_bytes), int(cost))
-        return top, saved
-    counts = counts_WE.numpy() if isinstance(counts_WE, torch.Tensor) else np.asarray(counts_WE)
+    counts_t = counts_WE if isinstance(counts_WE, torch.Tensor) else torch.from_numpy(np.asarray(counts_WE))
+    if use_kernel and counts_t.dtype == torch.int64 and counts_t.device.type == "cpu":
+        return torch.ops.hecate.fit_bound(counts_t, owner_E, int(token_bytes), int(cost))
+    counts = counts_t.cpu().numpy()
     top = int(counts.max())
     if not replica_savings(np.int64(top), token_bytes, cost) > 0:
         return top, 0.0  # no cell saves anything
