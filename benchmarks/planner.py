@@ -14,8 +14,8 @@ Algorithm 1 inside the fused op, replicas fitted to bytes):
 
 (stages "plan", "bins", "sparse"); not the rest of forward (permute, expert slots, exchange),
 nor the counts' all-gather, nor plan()'s own check of the fit's bound before the op
-(FullyShardedSparse._fit_bound / _fit_keeps_none: numpy passes over the counts, ~0.03 ms at
-W = 64, E = 256; when they show that no replica can pay, plan() hands P0 to the op instead of
+(materialize.fit_bound / fit_keeps_none: the C++ ops of csrc/cpu/fit_rule.h, one pass over the
+counts; when they show that no replica can pay, plan() hands P0 to the op instead of
 placing P1, which this benchmark does not do). `fused_ms` splits "plan" into the C++ op alone (`op`, its
 dispatch included) and the Python around it (`wrap`: the result's RankLayout, TokenRoutes,
 Plan and SparsePlan, the load update); `op_stages_us` times the op's stages as their own ops
