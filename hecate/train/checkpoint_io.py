@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import torch
 
@@ -106,18 +107,23 @@ _BLOCK = 1 << 22
 def _tensor_entries(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
     """(begin, end, name, dtype, shape) of every tensor of a parsed safetensors header, sorted by
     offset, checked to fit the file's data section without overlapping (ValueError otherwise)."""
+    def ints(value, count=None) -> bool:  # a JSON list of non-negative ints below 2**63 (not bools / floats)
+        return type(value) is list and (count is None or len(value) == count) and \
+            all(type(x) is int and 0 <= x < 1 << 63 for x in value)
+
     out = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(entry, dict) or not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
+            raise ValueError(f"tensor {name[:80]!r}: shape and data_offsets must be lists of non-negative ints")
         dtype = _DTYPES[entry["dtype"]]
-        shape = [int(d) for d in entry["shape"]]
-        a, b = (int(x) for x in entry["data_offsets"])
-        numel = 1
+        shape, (a, b) = entry["shape"], entry["data_offsets"]
+        numel, extent = 1, 1  # extent: torch's storage arithmetic, which counts a 0 dim as 1
         for d in shape:
-            numel *= d
-        if min(shape, default=0) < 0 or not 0 <= a <= b <= data_bytes or \
-                b - a != numel * torch.empty((), dtype=dtype).element_size():
+            numel, extent = numel * d, extent * max(d, 1)
+        size = torch.empty((), dtype=dtype).element_size()
+        if extent * size >= 1 << 63 or not a <= b <= data_bytes or b - a != numel * size:
             raise ValueError(f"tensor {name[:80]!r}: offsets {a}..{b} do not fit shape {shape} of {entry['dtype']}")
         out.append((a, b, name, dtype, shape))
     out.sort(key=lambda e: e[:2])
@@ -136,6 +142,9 @@ def read_verified_tensors(path: str, sha256: str | None, size: int | None,
     a caller can free the tensors one by one. The header (unverified while reading) only sizes
     those allocations, which must fit in the file. materialize=False: check only, no tensors
     (constant memory). Nothing is unpickled."""
+    if materialize and sys.byteorder != "little":  # tensors are filled with the file's bytes as they are
+        raise CheckpointError(f"cannot read {path}: safetensors data is little-endian and this host is "
+                              f"{sys.byteorder}-endian (no byte swapping is implemented)")
     h = hashlib.sha256()
     scratch = memoryview(bytearray(0))
 
@@ -191,7 +200,7 @@ def read_verified_tensors(path: str, sha256: str | None, size: int | None,
         except EOFError:
             raise CheckpointError(f"checkpoint file {path} ended early while being read (truncated meanwhile); "
                                   "load an earlier step") from None
-        except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError, struct.error, RecursionError) as e:
             problem, tensors = e, {}
             skim(f, total - f.tell())  # the checksum still decides first what is wrong
         if f.read(1):
