@@ -42,7 +42,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
             # mode draws nothing), keep the host-side sampler's tokens; the argmax runs here, on
             # the device. One upload for the whole call.
             k = min(top_k, logits_V.numel())
-            race_TK = _upload(torch.stack([torch.empty(k).exponential_(1, generator=generator)
+            probs_dtype = logits_V.dtype  # float32 (as multinomial's draws), whatever the default dtype
+            race_TK = _upload(torch.stack([torch.empty(k, dtype=probs_dtype).exponential_(1, generator=generator)
                                            for _ in range(max_new_tokens)]), device)
         vals, idx = torch.topk(logits_V, k)
         probs = torch.softmax(vals, -1)
