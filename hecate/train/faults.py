@@ -213,20 +213,25 @@ def nccl_watchdog_env(environ: dict, trace_prefix: str | None = None) -> list[st
     """Set, where the user has not, what ProcessGroupNCCL reads when it is created; returns warnings.
 
     - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a timed-out collective ends the process (torch's default,
-      made explicit); 0 (no handling) leaves the rank hanging forever, 2 (abort the communicators
-      only) lets it run on with the data of an unfinished collective: both are warned about.
+      made explicit; a value under the older name NCCL_ASYNC_ERROR_HANDLING, which torch still
+      reads, is left alone); 0 (no handling) leaves the rank hanging forever, 2 (abort the
+      communicators only) lets it run on with the data of an unfinished collective: both are warned about.
     - TORCH_NCCL_DUMP_ON_TIMEOUT=1 with TORCH_NCCL_TRACE_BUFFER_SIZE=2000 (the dump needs a buffer):
       before the abort the watchdog writes torch's flight recorder (the last collectives of the rank)
       to TORCH_NCCL_DEBUG_INFO_TEMP_FILE + rank, here `trace_prefix` + rank when given. The newer
       spellings TORCH_FR_BUFFER_SIZE / TORCH_FR_DUMP_TEMP_FILE take precedence in torch when set.
     """
     warnings = []
-    environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-    mode = environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"].strip()
+    # torch reads the older spelling NCCL_ASYNC_ERROR_HANDLING when the new one is unset: a user's
+    # value there is their setting, which setting the new name would silently override.
+    name = next((n for n in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING") if n in environ),
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    environ.setdefault(name, "3")
+    mode = environ[name].strip()
     if mode in ("0", "2"):
         what = ("a collective that never completes hangs the rank forever" if mode == "0" else
                 "a timed-out collective aborts the communicators but the rank runs on with its unfinished data")
-        warnings.append(f"TORCH_NCCL_ASYNC_ERROR_HANDLING={mode}: {what}; unset it (or set 3) so that a "
+        warnings.append(f"{name}={mode}: {what}; unset it (or set 3) so that a "
                         f"collective past {TIMEOUT_KEY} ends the run with a named error")
     environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     if "TORCH_FR_BUFFER_SIZE" not in environ:
