@@ -289,7 +289,9 @@ def nccl_abort_message(rank: int, record: dict, still_running: list[int] = ()) -
     else:
         head = (f"rank {rank} was killed by SIGABRT: on NCCL that is how torch's watchdog ends a rank whose "
                 f"collective did not complete within {setting}")
-        where = "look above for its 'Watchdog caught collective operation timeout' line, which names the collective"
+        where = ("look above for its 'Watchdog caught collective operation timeout' line, which names the "
+                 "collective; without that line the abort had another cause, named in the rank's output above "
+                 "(the watchdog also rethrows CUDA errors, such as a device-side assert)")
     running = (f"; ranks {list(still_running)} were still running when the launcher stopped the group"
                if still_running else "")
     return (f"{head} ({where}){running}. If a step legitimately takes longer, raise {TIMEOUT_KEY}; "
