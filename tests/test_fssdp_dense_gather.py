@@ -154,3 +154,16 @@ def _default_case(rank, world):
 
 def test_the_default_is_off_on_gloo():
     assert run_distributed(_default_case, 2) == [False, False]
+
+
+def _hybrid_case(rank, world, overlap):
+    topo = Topology()
+    strat = build_strategy("fssdp_hybrid", topo, shard_group_size=2, overlap_dense_gather=overlap)
+    model = parallelize(MoETransformer(tiny_config()), strat)
+    return Engine(model, strat, topo, lr=3e-3, dense_optimizer="sharded").async_dense_gather
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fssdp_hybrid_passes_the_option_to_the_engine(overlap):
+    # The option lives on fssdp_hybrid's inner strategy; an explicit value must not be ignored.
+    assert run_distributed(_hybrid_case, 4, overlap) == [overlap] * 4

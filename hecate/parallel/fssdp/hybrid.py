@@ -61,6 +61,11 @@ class HybridFullyShardedSparse(ExpertStrategy):
     def timings(self) -> dict:
         return self.inner.timings
 
+    @property
+    def overlap_dense_gather(self):
+        # The Engine reads this for its ZeRO-1 gather; the option lives on the inner strategy.
+        return self.inner.overlap_dense_gather
+
     def expert_replication(self) -> int:
         return self.replicas
 
