@@ -182,11 +182,17 @@ def report_worker_error(exc: BaseException) -> int:
 
 def read_worker_errors(error_dir: str) -> dict[int, dict]:
     """{rank: record} of the error files written by report_worker_error."""
+    return _read_rank_records(error_dir, "rank_")
+
+
+def _read_rank_records(error_dir: str, prefix: str) -> dict[int, dict]:
+    """{rank: record} of the `prefix`*.json files in error_dir; a file half-written or unreadable
+    (a rank killed while writing) is skipped, as if absent."""
     out = {}
     if not os.path.isdir(error_dir):
         return out
     for name in os.listdir(error_dir):
-        if name.startswith("rank_") and name.endswith(".json"):
+        if name.startswith(prefix) and name.endswith(".json"):
             try:
                 with open(os.path.join(error_dir, name)) as f:
                     rec = json.load(f)
@@ -260,18 +266,7 @@ def record_nccl_rank(rank: int, timeout_s: float, environ: dict | None = None) -
 
 def read_nccl_records(error_dir: str) -> dict[int, dict]:
     """{rank: record} written by record_nccl_rank."""
-    out = {}
-    if not os.path.isdir(error_dir):
-        return out
-    for name in os.listdir(error_dir):
-        if name.startswith("nccl_rank_") and name.endswith(".json"):
-            try:
-                with open(os.path.join(error_dir, name)) as f:
-                    rec = json.load(f)
-                out[int(rec["rank"])] = rec
-            except (OSError, ValueError, KeyError):
-                continue
-    return out
+    return _read_rank_records(error_dir, "nccl_rank_")
 
 
 def nccl_abort_message(rank: int, record: dict, still_running: list[int] = ()) -> str:
