@@ -24,9 +24,11 @@ moments; run this file against an older checkout (PYTHONPATH) to see that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
+from unittest import mock
 
 import torch
 
@@ -132,33 +134,19 @@ def load(rank, world, out, name, experts, layers, d_model, ffn):
         real_allocate(self)
         layer_done()
 
-    ck._read_shard = read
-    if real_peek is not None:
-        ck.peek_shard = peek
-    if real_buffer is not None:
-        layout_mod.expert_buffer = buffer
-    if real_assemble is not None:
-        ck.assemble = assembled(real_assemble)
-    if real_kept is not None:
-        ck.assemble_kept = assembled(real_kept)
-    if assembly is not None:
-        assembly._allocate = allocate
-    try:
+    # Each spy replaces its function for this load only; a tree without the function skips it.
+    spies = [(ck, "_read_shard", read), (ck, "peek_shard", peek if real_peek else None),
+             (layout_mod, "expert_buffer", buffer if real_buffer else None),
+             (ck, "assemble", assembled(real_assemble) if real_assemble else None),
+             (ck, "assemble_kept", assembled(real_kept) if real_kept else None),
+             (assembly, "_allocate", allocate if assembly is not None else None)]
+    with contextlib.ExitStack() as stack:
+        for owner, attr, spy in spies:
+            if spy is not None:
+                stack.enter_context(mock.patch.object(owner, attr, spy))
         before = _reset_peak()
         ck.load_checkpoint(out, model, strategy, engine, topo)
         counts["rss_peak_rise"] = (_rss_kib("VmHWM") - before) * 1024
-    finally:
-        ck._read_shard = real_read
-        if real_peek is not None:
-            ck.peek_shard = real_peek
-        if real_buffer is not None:
-            layout_mod.expert_buffer = real_buffer
-        if real_assemble is not None:
-            ck.assemble = real_assemble
-        if real_kept is not None:
-            ck.assemble_kept = real_kept
-        if assembly is not None:
-            assembly._allocate = real_allocate
     return counts
 
 
