@@ -13,14 +13,20 @@ def _walked(node_of, rank, ranks, sent):
     return sent * inter // len(peers) if peers else 0
 
 
+def _random_stats(rng):
+    """(W, node_of, rank, CommStats on that layout) of up to 12 ranks on up to 4 nodes."""
+    W = rng.randint(1, 12)
+    node_of = [rng.randint(0, 3) for _ in range(W)]
+    rank = rng.randrange(W)
+    s = CommStats()
+    s.set_layout(rank, node_of)
+    return W, node_of, rank, s
+
+
 def test_record_inter_share_matches_the_walk_for_random_groups():
     rng = random.Random(0)
     for _ in range(200):
-        W = rng.randint(1, 12)
-        node_of = [rng.randint(0, 3) for _ in range(W)]
-        rank = rng.randrange(W)
-        s = CommStats()
-        s.set_layout(rank, node_of)
+        W, node_of, rank, s = _random_stats(rng)
         want = 0
         for call in range(4):
             ranks = None if rng.random() < 0.3 else sorted(rng.sample(range(W), rng.randint(1, W)))
@@ -44,17 +50,13 @@ def test_a_new_layout_recomputes_the_share():
 def test_record_peers_matches_the_per_member_walk():
     rng = random.Random(1)
     for _ in range(200):
-        W = rng.randint(1, 12)
-        node_of = [rng.randint(0, 3) for _ in range(W)]
-        rank = rng.randrange(W)
+        W, node_of, rank, s = _random_stats(rng)
         group = sorted(rng.sample(range(W), rng.randint(1, W)))
         if rank not in group:
             group = sorted(group + [rank])
         ranks = None if rng.random() < 0.3 else group
         members = list(range(W)) if ranks is None else ranks
         group_rank = members.index(rank)
-        s = CommStats()
-        s.set_layout(rank, node_of)
         want = [0, 0, 0, 0]
         for call in range(3):
             sent = [rng.randint(0, 1000) for _ in members]
